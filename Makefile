@@ -1,0 +1,40 @@
+# Targets bootstrap a virtual environment in $(VENV) on first use.
+#   make train            train configs/tiny_cpu.yaml on 2 CPU ranks (torchx local_cwd)
+#   make test             install (if needed) and run the test suite
+#   make install VARIANT=cuda   the same environment with the CUDA fbgemm-gpu
+VENV ?= .venv
+VARIANT ?= cpu
+PYTHON ?= python3
+TORCHREC_VERSION ?= 1.8.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(VARIANT)
+export PATH := $(abspath $(VENV))/bin:$(PATH)
+
+.PHONY: install train test test-all lint bench clean
+
+$(STAMP): requirements/$(VARIANT).txt requirements/common.txt requirements/dev.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/$(VARIANT).txt -r requirements/dev.txt
+	# torchrec declares the CUDA fbgemm-gpu as a dependency; its real ones are in common.txt
+	$(PY) -m pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(STAMP)
+
+train: install
+	torchx run -s local_cwd dist.ddp -j 1x2 -m dlrm_torchrec.train -- --config configs/tiny_cpu.yaml
+
+test: install
+	$(PY) -m ruff check dlrm_torchrec launch tests bench
+	$(PY) -m pytest -q -m "not slow" tests
+
+test-all: install
+	$(PY) -m pytest -q tests
+
+bench: install
+	$(PY) bench/bench_cpu.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,109 @@
+"""The batch that flows from every data source through TorchRec's train pipeline."""
+
+from dataclasses import dataclass
+from typing import List, Sequence
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """One rank's share of a global batch.
+
+    Attributes:
+        dense_features: B x D float32.
+        sparse_features: KJT with F keys and stride B (one bag per sample and feature).
+        labels: B float32 in {0, 1}.
+        weights: B float32; 1 for a real sample, 0 for padding. The tail of an epoch is
+            padded to the full per-rank batch with weight-0 samples whose bags are empty, so
+            every rank runs the same shapes and every real sample is used exactly once.
+    """
+
+    dense_features: torch.Tensor
+    sparse_features: KeyedJaggedTensor
+    labels: torch.Tensor
+    weights: torch.Tensor
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
+        return Batch(
+            dense_features=self.dense_features.to(device=device, non_blocking=non_blocking),
+            sparse_features=self.sparse_features.to(device=device, non_blocking=non_blocking),
+            labels=self.labels.to(device=device, non_blocking=non_blocking),
+            weights=self.weights.to(device=device, non_blocking=non_blocking),
+        )
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        self.dense_features.record_stream(stream)
+        self.sparse_features.record_stream(stream)
+        self.labels.record_stream(stream)
+        self.weights.record_stream(stream)
+
+    def pin_memory(self) -> "Batch":
+        return Batch(
+            dense_features=self.dense_features.pin_memory(),
+            sparse_features=self.sparse_features.pin_memory(),
+            labels=self.labels.pin_memory(),
+            weights=self.weights.pin_memory(),
+        )
+
+    @property
+    def num_real(self) -> int:
+        """Samples that are not padding."""
+        return int(self.weights.sum().item())
+
+
+def rank_slice(batch_index: int, global_batch: int, world_size: int, rank: int,
+               num_samples: int) -> slice:
+    """Sample range of `rank`'s share of global batch `batch_index` in an epoch of
+    `num_samples`: contiguous, rank-major, clipped to the epoch (may be empty)."""
+    per_rank = global_batch // world_size
+    start = batch_index * global_batch + rank * per_rank
+    stop = min(start + per_rank, num_samples)
+    start = min(start, num_samples)
+    return slice(start, stop)
+
+
+def num_batches(num_samples: int, global_batch: int) -> int:
+    """Global batches per epoch: the last, partial one is kept (padded), never dropped."""
+    return -(-num_samples // global_batch)
+
+
+def make_batch(dense: np.ndarray, sparse_ids: Sequence[np.ndarray],
+               sparse_lengths: Sequence[np.ndarray], labels: np.ndarray,
+               feature_names: List[str], batch_size: int) -> Batch:
+    """Assemble a Batch from numpy arrays of n <= batch_size real samples, padding to
+    `batch_size`.
+
+    Args:
+        dense: n x D float32.
+        sparse_ids: per feature, the concatenated ids of its n bags (int64).
+        sparse_lengths: per feature, n bag lengths (int32 or int64).
+        labels: n labels.
+        feature_names: the F KJT keys, in order.
+        batch_size: the padded per-rank batch B.
+    """
+    n = len(labels)
+    pad = batch_size - n
+    if pad < 0:
+        raise ValueError(f"{n} samples exceed the batch size {batch_size}")
+    dense_t = torch.zeros(batch_size, dense.shape[1], dtype=torch.float32)
+    dense_t[:n] = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
+    labels_t = torch.zeros(batch_size, dtype=torch.float32)
+    labels_t[:n] = torch.from_numpy(np.asarray(labels, dtype=np.float32))
+    weights_t = torch.zeros(batch_size, dtype=torch.float32)
+    weights_t[:n] = 1.0
+    lengths = []
+    for lens in sparse_lengths:
+        lengths.append(np.asarray(lens, dtype=np.int64))
+        if pad:
+            lengths.append(np.zeros(pad, dtype=np.int64))  # padding: empty bags
+    values = torch.from_numpy(np.concatenate([np.asarray(v, dtype=np.int64) for v in sparse_ids]))
+    kjt = KeyedJaggedTensor.from_lengths_sync(
+        keys=list(feature_names),
+        values=values,
+        lengths=torch.from_numpy(np.concatenate(lengths)),
+    )
+    return Batch(dense_t, kjt, labels_t, weights_t)
