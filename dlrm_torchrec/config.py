@@ -16,7 +16,9 @@ INTERACTIONS = ("dot", "cat", "dcn")
 LOSSES = ("bce", "mse", "wbce")
 DENSE_OPTIMIZERS = ("sgd", "adagrad", "adam")
 SPARSE_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad", "adam")
-SHARDING_TYPES = ("table_wise", "row_wise", "column_wise", "table_row_wise", "data_parallel")
+SHARDING_TYPES = (
+    "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel",
+)
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 DATA_SOURCES = ("random", "synthetic", "criteo_kaggle", "criteo_terabyte")
 QR_OPERATIONS = ("mult", "add", "concat")

@@ -1,0 +1,241 @@
+"""DLRM on TorchRec: EmbeddingBagCollection + bottom MLP + interaction + top MLP.
+
+Shapes: B batch, D dense features, F sparse features, d embedding dimension.
+"""
+
+import math
+from typing import List, Optional, Tuple
+
+import torch
+import torch.nn.functional as nnf
+from torch import nn
+from torchrec.modules.crossnet import LowRankCrossNet
+from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
+from torchrec.modules.embedding_modules import EmbeddingBagCollection
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from dlrm_torchrec.config import Config, feature_names, sparse_output_dim
+from dlrm_torchrec.data.batch import Batch
+
+# --------------------------------------------------------------------------- init
+
+
+def _block_generator(seed: int, *keys: int) -> torch.Generator:
+    g = torch.Generator()
+    h = seed & 0x7FFFFFFF
+    for k in keys:  # a small integer hash; only needs to separate streams
+        h = (h * 1000003 + k + 0x9E3779B9) % (2**61 - 1)
+    g.manual_seed(h)
+    return g
+
+
+INIT_BLOCK_ROWS = 4096
+
+
+def embedding_init_rows(seed: int, table_index: int, num_rows: int, dim: int,
+                        row_start: int, row_end: int) -> torch.Tensor:
+    """Rows [row_start, row_end) of table `table_index`'s initial weights, uniform in
+    +-sqrt(1 / num_rows) as the reference. Generated in fixed blocks of rows, each from its
+    own seeded stream, so any shard computes its rows without materialising the table and
+    the values do not depend on how the table is sharded. Returns (row_end - row_start) x dim.
+    """
+    bound = math.sqrt(1.0 / num_rows)
+    out = torch.empty(row_end - row_start, dim)
+    first, last = row_start // INIT_BLOCK_ROWS, (row_end - 1) // INIT_BLOCK_ROWS
+    for block in range(first, last + 1):
+        b0 = block * INIT_BLOCK_ROWS
+        b1 = min(b0 + INIT_BLOCK_ROWS, num_rows)
+        g = _block_generator(seed, 17, table_index, block)
+        vals = torch.rand(b1 - b0, dim, generator=g) * (2 * bound) - bound
+        lo, hi = max(b0, row_start), min(b1, row_end)
+        out[lo - row_start: hi - row_start] = vals[lo - b0: hi - b0]
+    return out
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class MLP(nn.Module):
+    """Linear layers with ReLU between them; the last layer has no activation when
+    `last_activation` is False (the top MLP's sigmoid is applied with the loss).
+
+    Input B x in_features, output B x layers[-1].
+    """
+
+    def __init__(self, in_features: int, layers: List[int], last_activation: bool = True):
+        super().__init__()
+        mods: List[nn.Module] = []
+        for i, width in enumerate(layers):
+            mods.append(nn.Linear(in_features, width))
+            if last_activation or i < len(layers) - 1:
+                mods.append(nn.ReLU())
+            in_features = width
+        self.layers = nn.Sequential(*mods)
+
+    def reset_parameters(self, generator: torch.Generator) -> None:
+        """The reference's init: W ~ N(0, sqrt(2 / (fan_in + fan_out))), b ~ N(0, sqrt(1 / fan_out))."""
+        with torch.no_grad():
+            for m in self.layers:
+                if isinstance(m, nn.Linear):
+                    fan_out, fan_in = m.weight.shape
+                    m.weight.normal_(0.0, math.sqrt(2.0 / (fan_in + fan_out)), generator=generator)
+                    m.bias.normal_(0.0, math.sqrt(1.0 / fan_out), generator=generator)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def dot_interaction_pairs(num_vectors: int, self_interaction: bool) -> Tuple[List[int], List[int]]:
+    """(i, j) pairs of the reference's layout: j < i (j <= i with self-interaction), ordered
+    by i then j: (1,0), (2,0), (2,1), (3,0), ..."""
+    offset = 0 if self_interaction else 1
+    rows = [i for i in range(num_vectors) for j in range(i + 1 - offset)]
+    cols = [j for i in range(num_vectors) for j in range(i + 1 - offset)]
+    return rows, cols
+
+
+class Interaction(nn.Module):
+    """Combines the bottom-MLP output x (B x d) with the pooled embeddings (KeyedTensor of
+    F features, each B x d) into the top MLP's input.
+
+    - dot: [x, Z(i, j) for the lower-triangle pairs of Z = T T'], T = [x, e_1..e_F] (B x (F+1) x d).
+    - cat: [x, e_1, ..., e_F] (B x d(F+1)).
+    - dcn: a DCNv2 low-rank cross net over [x, e_1, ..., e_F] (B x d(F+1)).
+
+    With W ranks each rank's loss is its share's mean; DDP averages the dense gradients and
+    TorchRec's all-to-alls divide the embedding gradients by W (comm_ops gradient division),
+    so both are gradients of the global-batch mean loss.
+    """
+
+    def __init__(self, kind: str, num_features: int, dim: int, self_interaction: bool = False,
+                 dcn_num_layers: int = 3, dcn_low_rank_dim: int = 512):
+        super().__init__()
+        self.kind = kind
+        self.num_features = num_features
+        self.dim = dim
+        if kind == "dot":
+            rows, cols = dot_interaction_pairs(num_features + 1, self_interaction)
+            self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
+            self.register_buffer("cols", torch.tensor(cols, dtype=torch.long), persistent=False)
+        self.crossnet: Optional[LowRankCrossNet] = None
+        if kind == "dcn":
+            self.crossnet = LowRankCrossNet(
+                in_features=dim * (num_features + 1), num_layers=dcn_num_layers,
+                low_rank=dcn_low_rank_dim,
+            )
+
+    @property
+    def output_dim(self) -> int:
+        if self.kind == "dot":
+            return self.dim + len(self.rows)
+        return self.dim * (self.num_features + 1)
+
+    def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """dense: B x d; sparse: B x (F * d) (the KeyedTensor's values) -> B x output_dim."""
+        if self.kind == "dot":
+            t = torch.cat([dense.unsqueeze(1), sparse.view(-1, self.num_features, self.dim)], dim=1)
+            z = torch.bmm(t, t.transpose(1, 2))  # B x (F+1) x (F+1)
+            return torch.cat([dense, z[:, self.rows, self.cols]], dim=1)
+        flat = torch.cat([dense, sparse], dim=1)
+        if self.crossnet is not None:
+            return self.crossnet(flat)
+        return flat
+
+
+class DLRM(nn.Module):
+    """The model. forward(dense B x D, KJT of F features) -> logits B."""
+
+    def __init__(self, cfg: Config, device: torch.device = torch.device("meta")):
+        super().__init__()
+        e, m = cfg.embeddings, cfg.model
+        names = feature_names(e)
+        self.tables = [
+            EmbeddingBagConfig(
+                name=f"t_{name}", embedding_dim=e.dim, num_embeddings=rows,
+                feature_names=[name], pooling=PoolingType.SUM,
+            )
+            for name, rows in zip(names, e.table_sizes())
+        ]
+        self.sparse_arch = EmbeddingBagCollection(tables=self.tables, device=device)
+        self.dense_arch = MLP(m.dense_in_features, m.bottom_mlp, last_activation=True)
+        width = sparse_output_dim(cfg)
+        self.interaction = Interaction(
+            m.interaction, len(names), width, m.interaction_itself, m.dcn_num_layers,
+            m.dcn_low_rank_dim,
+        )
+        self.over_arch = MLP(self.interaction.output_dim, m.top_mlp, last_activation=False)
+
+    def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
+        x = self.dense_arch(dense_features)
+        pooled: KeyedTensor = self.sparse_arch(sparse_features)
+        r = self.interaction(x, pooled.values())
+        return self.over_arch(r).squeeze(-1)
+
+    def reset_dense_parameters(self, seed: int) -> None:
+        """Seeded init of every non-embedding parameter (same on every rank)."""
+        g = _block_generator(seed, 1)
+        self.dense_arch.reset_parameters(g)
+        self.over_arch.reset_parameters(g)
+        if self.interaction.crossnet is not None:
+            with torch.no_grad():
+                for name, p in self.interaction.crossnet.named_parameters():
+                    if "bias" in name:
+                        p.zero_()
+                    else:
+                        bound = math.sqrt(6.0 / (p.shape[-1] + p.shape[-2]))
+                        p.uniform_(-bound, bound, generator=g)
+
+
+class Loss(nn.Module):
+    """Per-sample losses on logits, weighted and summed, divided by the per-rank batch.
+
+    Batch weights are 1 (or B / n_real in an epoch's padded last batch) for real samples and 0
+    for padding, so the result is this rank's share of the global-batch mean.
+    """
+
+    def __init__(self, kind: str, class_weights: List[float], round_targets: bool):
+        super().__init__()
+        self.kind = kind
+        self.round_targets = round_targets
+        self.register_buffer("class_weights", torch.tensor(class_weights, dtype=torch.float32),
+                             persistent=False)
+
+    def per_sample(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.round_targets:
+            labels = torch.round(labels)
+        if self.kind == "mse":
+            return (torch.sigmoid(logits) - labels) ** 2
+        bce = nnf.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+        if self.kind == "wbce":
+            return bce * self.class_weights[labels.long()]
+        return bce
+
+    def forward(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        return (self.per_sample(logits, labels) * weights).sum() / weights.numel()
+
+
+class DLRMTrain(nn.Module):
+    """The module given to DistributedModelParallel and the train pipeline.
+
+    forward(batch) -> (loss, (loss, logits, labels, weights)), all detached but the first.
+    """
+
+    def __init__(self, model: DLRM, loss: Loss):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss
+
+    def forward(self, batch: Batch):
+        logits = self.model(batch.dense_features, batch.sparse_features)
+        loss = self.loss_fn(logits, batch.labels, batch.weights)
+        return loss, (loss.detach(), logits.detach(), batch.labels, batch.weights)
+
+
+def build_train_module(cfg: Config, device: torch.device = torch.device("meta")) -> DLRMTrain:
+    """The model with embedding tables on `device` (meta: sharding materialises them) and
+    seeded dense layers."""
+    torch.manual_seed(cfg.training.seed)
+    model = DLRM(cfg, device=device)
+    model.reset_dense_parameters(cfg.training.seed)
+    t = cfg.training
+    return DLRMTrain(model, Loss(t.loss, t.loss_weights, t.round_targets))

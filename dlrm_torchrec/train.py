@@ -1,0 +1,53 @@
+"""Entry point: `python -m dlrm_torchrec.train --config FILE key=value ...`.
+
+Works as a plain single process (world size 1) and under torchrun / torchx dist.ddp.
+"""
+
+import argparse
+import sys
+from typing import List, Optional
+
+from dlrm_torchrec.config import Config, ConfigError, describe, load_config, validate
+
+DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dlrm_torchrec.train",
+        description="Train DLRM with TorchRec sharding. Settings: a YAML file, then "
+                    "key=value overrides (dotted keys, e.g. data.batch_size=256).",
+        epilog="keys:\n" + "\n".join(describe()),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--config", default=None, help=f"YAML config file (default {DEFAULT_CONFIG})")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def train(cfg: Config) -> dict:
+    """Train with `cfg` in this process (rank and world size from the environment)."""
+    from dlrm_torchrec.distributed import init_distributed, shutdown
+    from dlrm_torchrec.trainer import Trainer
+
+    info = init_distributed(cfg.sharding)
+    try:
+        validate(cfg, world_size=info.world_size)
+        return Trainer(cfg, info).fit()
+    finally:
+        shutdown()
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
+        train(cfg)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,108 @@
+"""An independent, plain-PyTorch DLRM for checking the sharded trainer: nn-free tensors,
+embedding bags as explicit sums, the interaction written from the reference's formula, and
+the optimizers written out by hand."""
+
+import math
+from typing import Dict, List
+
+import torch
+
+
+class ReferenceDLRM:
+    """Parameters are plain tensors: tables[f] (n_f x d), bottom/top lists of (W, b)."""
+
+    def __init__(self, tables: List[torch.Tensor], bottom, top, interaction: str,
+                 self_interaction: bool = False):
+        self.tables = [t.clone().double().requires_grad_() for t in tables]
+        self.bottom = [(w.clone().double().requires_grad_(), b.clone().double().requires_grad_())
+                       for w, b in bottom]
+        self.top = [(w.clone().double().requires_grad_(), b.clone().double().requires_grad_())
+                    for w, b in top]
+        self.interaction = interaction
+        self.self_interaction = self_interaction
+        self.state: Dict[int, torch.Tensor] = {}
+
+    def dense_params(self):
+        return [p for layer in self.bottom + self.top for p in layer]
+
+    @staticmethod
+    def _mlp(x, layers, last_relu):
+        for i, (w, b) in enumerate(layers):
+            x = x @ w.T + b
+            if last_relu or i < len(layers) - 1:
+                x = torch.relu(x)
+        return x
+
+    def forward(self, dense, ids: List[List[List[int]]]):
+        """dense: B x D; ids[f][i]: the bag of sample i for feature f. Returns logits B."""
+        x = self._mlp(dense.double(), self.bottom, True)
+        B = x.shape[0]
+        pooled = []
+        for f, table in enumerate(self.tables):
+            rows = []
+            for i in range(B):
+                bag = ids[f][i]
+                rows.append(table[bag].sum(0) if bag else torch.zeros(table.shape[1], dtype=table.dtype))
+            pooled.append(torch.stack(rows))
+        if self.interaction == "cat":
+            r = torch.cat([x] + pooled, dim=1)
+        else:
+            t = [x] + pooled
+            feats = [x]
+            for i in range(len(t)):
+                for j in range(i + (1 if self.self_interaction else 0)):
+                    feats.append((t[i] * t[j]).sum(1, keepdim=True))
+            r = torch.cat(feats, dim=1)
+        return self._mlp(r, self.top, False).squeeze(-1)
+
+    def sgd_step(self, loss, lr):
+        params = self.tables + self.dense_params()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for p, g in zip(params, grads):
+                p -= lr * g
+
+    def rowwise_adagrad_tables_adagrad_dense_step(self, loss, lr, eps):
+        """Row-wise Adagrad on tables (state: mean of squared row gradient), Adagrad on
+        dense parameters: w -= lr * g / (sqrt(G) + eps)."""
+        params = self.tables + self.dense_params()
+        grads = torch.autograd.grad(loss, params)
+        with torch.no_grad():
+            for k, (p, g) in enumerate(zip(params, grads)):
+                if k < len(self.tables):
+                    touched = g.abs().sum(1) > 0  # the fused kernel skips absent rows
+                    st = self.state.setdefault(k, torch.zeros(p.shape[0], dtype=p.dtype))
+                    st += (g * g).mean(1) * touched
+                    denom = st.sqrt().unsqueeze(1) + eps
+                    p -= lr * g / denom
+                else:
+                    st = self.state.setdefault(k, torch.zeros_like(p))
+                    st += g * g
+                    p -= lr * g / (st.sqrt() + eps)
+
+
+def bce_mean(logits, labels):
+    p = torch.sigmoid(logits)
+    return -(labels * torch.log(p) + (1 - labels) * torch.log(1 - p)).mean()
+
+
+def unpack_kjt(kjt, keys) -> List[List[List[int]]]:
+    out = []
+    for key in keys:
+        jt = kjt[key]
+        vals = jt.values().tolist()
+        offs = [0] + torch.cumsum(jt.lengths(), 0).tolist()
+        out.append([vals[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)])
+    return out
+
+
+def assemble(pieces_per_rank, shape):
+    """Full tensor from every rank's (row, col, piece) list."""
+    full = torch.full(shape, math.nan, dtype=torch.float64)
+    for pieces in pieces_per_rank:
+        for r, c, t in pieces:
+            if t.dim() == 1:
+                full[r:r + t.shape[0]] = t.double()
+            else:
+                full[r:r + t.shape[0], c:c + t.shape[1]] = t.double()
+    return full
