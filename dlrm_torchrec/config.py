@@ -373,6 +373,17 @@ def sparse_output_dim(cfg: Config) -> int:
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Cross-field checks. `world_size` adds the batch-divisibility check."""
     m, e, d, o, s, t = cfg.model, cfg.embeddings, cfg.data, cfg.optimizer, cfg.sharding, cfg.training
+    _require(e.dim > 0, "embeddings.dim", e.dim, "must be > 0")
+    _require(len(e.num_embeddings_per_feature) > 0, "embeddings.num_embeddings_per_feature",
+             e.num_embeddings_per_feature, "needs at least one table")
+    for i, n in enumerate(e.num_embeddings_per_feature):
+        _require(n > 0, f"embeddings.num_embeddings_per_feature[{i}]", n, "table sizes must be > 0")
+    _require(e.max_ind_range >= 0, "embeddings.max_ind_range", e.max_ind_range, "must be >= 0")
+    _require(e.qr_threshold >= 0, "embeddings.qr_threshold", e.qr_threshold, "must be >= 0")
+    _require(e.qr_collisions >= 1, "embeddings.qr_collisions", e.qr_collisions, "must be >= 1")
+    _one_of("embeddings.qr_operation", e.qr_operation, QR_OPERATIONS)
+    _require(e.md_alpha >= 0, "embeddings.md_alpha", e.md_alpha, "must be >= 0")
+
     _one_of("model.interaction", m.interaction, INTERACTIONS)
     _require(m.dense_in_features > 0, "model.dense_in_features", m.dense_in_features, "must be > 0")
     for name in ("bottom_mlp", "top_mlp"):
@@ -394,17 +405,6 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         _require(m.dcn_low_rank_dim > 0, "model.dcn_low_rank_dim", m.dcn_low_rank_dim, "must be > 0")
     if m.interaction_itself:
         _require(m.interaction == "dot", "model.interaction_itself", True, "only applies to dot")
-
-    _require(e.dim > 0, "embeddings.dim", e.dim, "must be > 0")
-    _require(len(e.num_embeddings_per_feature) > 0, "embeddings.num_embeddings_per_feature",
-             e.num_embeddings_per_feature, "needs at least one table")
-    for i, n in enumerate(e.num_embeddings_per_feature):
-        _require(n > 0, f"embeddings.num_embeddings_per_feature[{i}]", n, "table sizes must be > 0")
-    _require(e.max_ind_range >= 0, "embeddings.max_ind_range", e.max_ind_range, "must be >= 0")
-    _require(e.qr_threshold >= 0, "embeddings.qr_threshold", e.qr_threshold, "must be >= 0")
-    _require(e.qr_collisions >= 1, "embeddings.qr_collisions", e.qr_collisions, "must be >= 1")
-    _one_of("embeddings.qr_operation", e.qr_operation, QR_OPERATIONS)
-    _require(e.md_alpha >= 0, "embeddings.md_alpha", e.md_alpha, "must be >= 0")
 
     _one_of("data.source", d.source, DATA_SOURCES)
     _require(d.batch_size > 0, "data.batch_size", d.batch_size, "must be > 0")

@@ -19,7 +19,7 @@ from torchrec.distributed.types import ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from dlrm_torchrec.config import SHARDING_TYPES, ShardingConfig
+from dlrm_torchrec.config import SHARDING_TYPES, ConfigError, ShardingConfig
 
 GB = 1024**3
 CPU_DEFAULT_CAP_GB = 32.0
@@ -36,12 +36,33 @@ def constraints_for(cfg: ShardingConfig, tables: List[EmbeddingBagConfig]) -> Di
             types = list(tcfg.sharding_types)
         elif cfg.sharding_type:
             types = [cfg.sharding_type]
-        else:  # planner's choice among the types the kernels support
-            types = [t for t in SHARDING_TYPES if t != "data_parallel" or "dense" in kernels]
+        else:  # the planner's choice (data-parallel only with the dense kernel)
+            types = None if "dense" in kernels else [t for t in SHARDING_TYPES if t != "data_parallel"]
         if types == ["data_parallel"]:
             kernels = ["dense"]
         out[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
     return out
+
+
+def check_supported(cfg: ShardingConfig, device_type: str) -> None:
+    """Reject sharding types and kernels TorchRec's sharder does not offer on this device,
+    naming the config key, before the planner fails with a less direct message."""
+    sharder = EmbeddingBagCollectionSharder()
+    types = set(sharder.sharding_types(device_type))
+    wanted = [("sharding.sharding_type", cfg.sharding_type)] if cfg.sharding_type else []
+    wanted += [(f"sharding.tables.{name}.sharding_types", st)
+               for name, t in cfg.tables.items() for st in t.sharding_types]
+    for key, st in wanted:
+        if st not in types:
+            raise ConfigError(f"{key}={st!r}: not supported by TorchRec on {device_type} "
+                              f"(supported there: {', '.join(sorted(types))})")
+    if device_type == "cpu":
+        kernels = [("sharding.compute_kernel", cfg.compute_kernel)]
+        kernels += [(f"sharding.tables.{name}.compute_kernels", ck)
+                    for name, t in cfg.tables.items() for ck in t.compute_kernels]
+        for key, ck in kernels:
+            if ck not in ("fused", "dense"):
+                raise ConfigError(f"{key}={ck!r}: UVM kernels need a GPU (use fused or dense on CPU)")
 
 
 def build_topology(cfg: ShardingConfig, world_size: int, local_world_size: int,
@@ -92,6 +113,7 @@ def shard_model(module: nn.Module, ebc: nn.Module, tables: List[EmbeddingBagConf
                 plan: Optional[ShardingPlan] = None):
     """Fuse the sparse optimizer into `ebc`'s backward, plan (collectively), wrap `module`
     in DistributedModelParallel and initialise the embedding shards. Returns (dmp, plan)."""
+    check_supported(cfg, device.type)
     apply_optimizer_in_backward(sparse_opt_cls, ebc.parameters(), sparse_opt_kwargs)
     if plan is None:
         planner = build_planner(cfg, tables, world_size, local_world_size, device.type, per_rank_batch)

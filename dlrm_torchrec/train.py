@@ -38,8 +38,20 @@ def train(cfg: Config) -> dict:
         shutdown()
 
 
+def quiet_libraries() -> None:
+    """TorchRec and DDP log advice meant for their developers on every start; keep errors."""
+    import logging
+    import warnings
+
+    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(rec)?\.")
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    quiet_libraries()
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         train(cfg)

@@ -17,9 +17,11 @@ class Batch(Pipelineable):
         dense_features: B x D float32.
         sparse_features: KJT with F keys and stride B (one bag per sample and feature).
         labels: B float32 in {0, 1}.
-        weights: B float32; 1 for a real sample, 0 for padding. The tail of an epoch is
-            padded to the full per-rank batch with weight-0 samples whose bags are empty, so
-            every rank runs the same shapes and every real sample is used exactly once.
+        weights: B float32; 0 for padding, else the sample's weight in the global-batch mean
+            loss: 1, or B / n in the last global batch of an epoch when it holds only n < B
+            real samples. That tail is padded to the full per-rank batch with weight-0
+            samples whose bags are empty, so every rank runs the same shapes, every real
+            sample is used exactly once, and the last step averages over its n samples.
     """
 
     dense_features: torch.Tensor
@@ -52,7 +54,7 @@ class Batch(Pipelineable):
     @property
     def num_real(self) -> int:
         """Samples that are not padding."""
-        return int(self.weights.sum().item())
+        return int((self.weights > 0).sum().item())
 
 
 def rank_slice(batch_index: int, global_batch: int, world_size: int, rank: int,
@@ -71,9 +73,15 @@ def num_batches(num_samples: int, global_batch: int) -> int:
     return -(-num_samples // global_batch)
 
 
+def sample_weight(batch_index: int, global_batch: int, num_samples: int) -> float:
+    """Loss weight of the real samples of global batch `batch_index`: B / n_real."""
+    real = min(global_batch, num_samples - batch_index * global_batch)
+    return global_batch / real if real > 0 else 0.0
+
+
 def make_batch(dense: np.ndarray, sparse_ids: Sequence[np.ndarray],
                sparse_lengths: Sequence[np.ndarray], labels: np.ndarray,
-               feature_names: List[str], batch_size: int) -> Batch:
+               feature_names: List[str], batch_size: int, weight: float = 1.0) -> Batch:
     """Assemble a Batch from numpy arrays of n <= batch_size real samples, padding to
     `batch_size`.
 
@@ -84,6 +92,7 @@ def make_batch(dense: np.ndarray, sparse_ids: Sequence[np.ndarray],
         labels: n labels.
         feature_names: the F KJT keys, in order.
         batch_size: the padded per-rank batch B.
+        weight: loss weight of the real samples (see `sample_weight`).
     """
     n = len(labels)
     pad = batch_size - n
@@ -94,7 +103,7 @@ def make_batch(dense: np.ndarray, sparse_ids: Sequence[np.ndarray],
     labels_t = torch.zeros(batch_size, dtype=torch.float32)
     labels_t[:n] = torch.from_numpy(np.asarray(labels, dtype=np.float32))
     weights_t = torch.zeros(batch_size, dtype=torch.float32)
-    weights_t[:n] = 1.0
+    weights_t[:n] = weight
     lengths = []
     for lens in sparse_lengths:
         lengths.append(np.asarray(lens, dtype=np.int64))

@@ -9,7 +9,7 @@ from typing import Iterator, List, Optional
 
 import numpy as np
 
-from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice
+from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
 
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
@@ -102,7 +102,7 @@ class GeneratedSource:
         for b in range(start_batch, num_batches(n, gb)):
             sl = rank_slice(b, gb, self.world_size, self.rank, n)
             idx = np.arange(sl.start, sl.stop, dtype=np.uint64)
-            yield self.make(split, stream_epoch, idx, per_rank)
+            yield self.make(split, stream_epoch, idx, per_rank, sample_weight(b, gb, n))
 
     # ----------------------------------------------------------------- samples
     def _key(self, split: str, epoch: int, idx: np.ndarray) -> np.ndarray:
@@ -166,9 +166,10 @@ class GeneratedSource:
             logit += 0.5 * sum(a * b for a, b in zip(first, second))
         return 1.0 / (1.0 + np.exp(-logit))
 
-    def make(self, split: str, epoch: int, idx: np.ndarray, per_rank: int) -> Batch:
+    def make(self, split: str, epoch: int, idx: np.ndarray, per_rank: int,
+             weight: float = 1.0) -> Batch:
         dense, ids, lengths, labels, _ = self.sample_arrays(split, epoch, idx)
-        return make_batch(dense, ids, lengths, labels, self.feature_names, per_rank)
+        return make_batch(dense, ids, lengths, labels, self.feature_names, per_rank, weight)
 
     def oracle_probabilities(self, split: str, limit: Optional[int] = None):
         """Labels and the click model's own probabilities for a whole split (synthetic only):
