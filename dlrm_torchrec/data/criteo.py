@@ -1,0 +1,254 @@
+"""Preprocessed Criteo data (Kaggle or Terabyte) as a data source.
+
+The folder `data.path` holds the output of `python -m dlrm_torchrec.data.preprocess`; its
+layout is documented in `dlrm_torchrec.data.preprocess`. Every day file is memory-mapped and
+each rank copies only the rows of its own share of each global batch (`rank_slice`), so no
+rank reads the whole data set.
+
+Splits: "train" is days 0 .. eval_day - 1 in order; the evaluation day is halved, the first
+ceil(n / 2) rows "test", the rest "val" (the DLRM reference's order).
+
+Shuffling (train only, data.shuffle_window = W > 0): the epoch's sample order is the
+concatenation of consecutive windows of W samples, each permuted by a generator seeded with
+(data.seed, epoch, window index). The order is a function of the global position only, so
+it is the same whatever the world size, and each rank then takes its slice of it.
+
+Ids: stored ids are below the stored table sizes (meta.json); a feature whose configured
+table (embeddings.table_sizes(), i.e. after max_ind_range) is smaller gets id mod its size
+at load time, as the reference applies --max-ind-range.
+
+Multi-hot (data.multi_hot_sizes, the MLPerf DCNv2 setup): feature f's bag is the one-hot id
+followed by k_f - 1 ids derived from it, so a given id always expands to the same bag (the
+MLPerf reference draws a lookup table of k - 1 ids per id; here each entry is a counter-based
+hash of (seed, feature, id, position), so no table is stored): uniform over the table, or
+floor of a Pareto(a = 0.25) draw (numpy's Lomax form, (1 - u)^(-1/a) - 1) mod the table
+size, as the reference's `np.random.pareto(a=0.25)`.
+"""
+
+import json
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import numpy as np
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
+from dlrm_torchrec.data.batch import Batch, num_batches, rank_slice
+from dlrm_torchrec.data.synthetic import hash_keys, uniform01
+
+NUM_DENSE = 13
+NUM_SPARSE = 26
+PARETO_A = 0.25
+_MULTI_HOT_KEY = 0x4D48  # separates multi-hot hashes from other uses of the seed
+SPLITS = ("train", "val", "test")
+
+
+def read_meta(path: str) -> dict:
+    """meta.json of a preprocessed folder; ConfigError when absent or incomplete."""
+    meta_path = os.path.join(path, "meta.json")
+    if not os.path.isfile(meta_path):
+        raise ConfigError(f"data.path={path!r}: no meta.json there; preprocess the raw data "
+                          "first: python -m dlrm_torchrec.data.preprocess")
+    with open(meta_path) as f:
+        meta = json.load(f)
+    if meta.get("format_version") != 1:
+        raise ConfigError(f"data.path={path!r}: unknown format_version "
+                          f"{meta.get('format_version')!r}")
+    if not meta.get("complete"):
+        raise ConfigError(f"data.path={path!r}: preprocessing did not finish; rerun the same "
+                          "preprocess command to complete it")
+    return meta
+
+
+class CriteoSource:
+    """This rank's batches of preprocessed Criteo data (see the module docstring)."""
+
+    def __init__(self, data: DataConfig, embeddings: EmbeddingsConfig, rank: int = 0,
+                 world_size: int = 1, pin_memory: Optional[bool] = None):
+        self.path = data.path
+        self.meta = read_meta(data.path)
+        want = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}.get(data.source)
+        have = self.meta["settings"]["dataset"]
+        if want and want != have:
+            raise ConfigError(f"data.source={data.source!r} but data.path={data.path!r} holds "
+                              f"preprocessed {have} data")
+        self.rank, self.world_size = rank, world_size
+        self.batch_size = data.batch_size
+        self.eval_batch_size = data.eval_batch_size or data.batch_size
+        self.shuffle_window = data.shuffle_window
+        self.seed = data.seed
+        self.table_sizes = np.asarray(embeddings.table_sizes(), dtype=np.int64)
+        if len(self.table_sizes) != NUM_SPARSE:
+            raise ConfigError(f"embeddings.num_embeddings_per_feature: Criteo has {NUM_SPARSE} "
+                              f"categorical features, got {len(self.table_sizes)} tables")
+        stored = np.asarray(self.meta["table_sizes"], dtype=np.int64)
+        self.mod_features = [f for f in range(NUM_SPARSE) if stored[f] > self.table_sizes[f]]
+        self.multi_hot = list(data.multi_hot_sizes)
+        self.pareto = data.multi_hot_distribution == "pareto"
+        self.feature_names = [f"cat_{i}" for i in range(NUM_SPARSE)]
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+
+        self.days: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for d in range(self.meta["num_days"]):
+            arrs = []
+            for part in ("dense", "sparse", "labels"):
+                fp = os.path.join(data.path, f"day_{d}_{part}.npy")
+                if not os.path.isfile(fp):
+                    raise ConfigError(f"data.path={data.path!r}: {os.path.basename(fp)} missing")
+                arrs.append(np.load(fp, mmap_mode="r"))
+            self.days.append(tuple(arrs))
+        ev = self.meta["eval_day"]
+        n_ev = len(self.days[ev][2])
+        n_test = -(-n_ev // 2)
+        # split -> segments (day, first row, rows)
+        self.segments: Dict[str, List[Tuple[int, int, int]]] = {
+            "train": [(d, 0, len(self.days[d][2])) for d in range(ev)],
+            "test": [(ev, 0, n_test)],
+            "val": [(ev, n_test, n_ev - n_test)],
+        }
+        self.offsets = {k: np.cumsum([0] + [s[2] for s in v]) for k, v in self.segments.items()}
+        self._perm_cache: Dict[Tuple[int, int], np.ndarray] = {}
+
+    # ----------------------------------------------------------------- layout
+    def num_samples(self, split: str) -> int:
+        return int(self.offsets[split][-1])
+
+    def global_batch_size(self, split: str) -> int:
+        return self.batch_size if split == "train" else self.eval_batch_size
+
+    def num_batches(self, split: str) -> int:
+        return num_batches(self.num_samples(split), self.global_batch_size(split))
+
+    def batches(self, split: str, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+        """This rank's batches of one epoch of `split`, from global batch `start_batch`."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r}")
+        n = self.num_samples(split)
+        gb = self.global_batch_size(split)
+        per_rank = gb // self.world_size
+        shuffle = split == "train" and self.shuffle_window > 0
+        for b in range(start_batch, num_batches(n, gb)):
+            sl = rank_slice(b, gb, self.world_size, self.rank, n)
+            if shuffle:
+                dense, sparse, labels = self._take(split, self.order(epoch, sl.start, sl.stop))
+            else:
+                dense, sparse, labels = self._range(split, sl.start, sl.stop)
+            batch = self.make(dense, sparse, labels, per_rank)
+            yield batch.pin_memory() if self.pin_memory else batch
+
+    # ----------------------------------------------------------------- reading
+    def order(self, epoch: int, start: int, stop: int) -> np.ndarray:
+        """Training sample indices at shuffled positions start..stop of `epoch`."""
+        w = self.shuffle_window
+        n = self.num_samples("train")
+        out = []
+        pos = start
+        while pos < stop:
+            win = pos // w
+            lo = win * w
+            perm = self._perm(epoch, win, min(w, n - lo))
+            end = min(stop, lo + len(perm))
+            out.append(lo + perm[pos - lo:end - lo])
+            pos = end
+        return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+    def _perm(self, epoch: int, win: int, size: int) -> np.ndarray:
+        key = (epoch, win)
+        p = self._perm_cache.get(key)
+        if p is None:
+            if len(self._perm_cache) >= 2:
+                self._perm_cache.pop(next(iter(self._perm_cache)))
+            p = np.random.default_rng([self.seed, epoch, win]).permutation(size)
+            self._perm_cache[key] = p
+        return p
+
+    def _range(self, split: str, start: int, stop: int):
+        parts = []
+        off = self.offsets[split]
+        for i, (d, first, rows) in enumerate(self.segments[split]):
+            lo, hi = max(start, off[i]), min(stop, off[i] + rows)
+            if lo < hi:
+                dense, sparse, labels = self.days[d]
+                a, b = first + lo - off[i], first + hi - off[i]
+                parts.append((dense[a:b], sparse[a:b], labels[a:b]))
+        return self._concat(parts)
+
+    def _take(self, split: str, idx: np.ndarray):
+        off = self.offsets[split]
+        seg = np.searchsorted(off, idx, side="right") - 1
+        if len(idx) and (seg == seg[0]).all():  # the usual case: one day
+            d, first, _ = self.segments[split][seg[0]]
+            rows = np.sort(idx - off[seg[0]] + first)  # sorted: sequential page access
+            dense, sparse, labels = self.days[d]
+            return dense[rows], sparse[rows], labels[rows]
+        parts = []
+        for s in np.unique(seg):
+            d, first, _ = self.segments[split][s]
+            rows = np.sort(idx[seg == s] - off[s] + first)
+            dense, sparse, labels = self.days[d]
+            parts.append((dense[rows], sparse[rows], labels[rows]))
+        return self._concat(parts)
+
+    @staticmethod
+    def _concat(parts):
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return (np.zeros((0, NUM_DENSE), np.float32), np.zeros((0, NUM_SPARSE), np.int32),
+                    np.zeros((0, 1), np.int32))
+        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+    # ----------------------------------------------------------------- batches
+    def ids(self, sparse: np.ndarray) -> np.ndarray:
+        """(n, 26) stored ids -> (26, n) int64 ids below the configured table sizes."""
+        ids = np.ascontiguousarray(sparse.T, dtype=np.int64)
+        for f in self.mod_features:
+            ids[f] %= self.table_sizes[f]
+        return ids
+
+    def expand(self, f: int, ids: np.ndarray) -> np.ndarray:
+        """Multi-hot bags of feature f: (n,) one-hot ids -> (n * k) ids, bag by bag."""
+        k = self.multi_hot[f]
+        if k == 1:
+            return ids
+        size = np.uint64(self.table_sizes[f])
+        pos = np.arange(1, k, dtype=np.uint64)
+        h = hash_keys(self.seed, _MULTI_HOT_KEY, f, ids.astype(np.uint64)[:, None], pos[None, :])
+        if self.pareto:
+            u = uniform01(h)
+            x = np.minimum((1.0 - u) ** (-1.0 / PARETO_A) - 1.0, 2.0 ** 62)
+            extra = x.astype(np.uint64) % size
+        else:
+            extra = h % size
+        return np.concatenate([ids[:, None], extra.astype(np.int64)], axis=1).ravel()
+
+    def make(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray,
+             per_rank: int) -> Batch:
+        """The same Batch as `batch.make_batch` (padding: weight 0, empty bags), built
+        with the per-key lengths known up front (no length reduction per batch)."""
+        n = len(labels)
+        if n > per_rank:
+            raise ValueError(f"{n} samples exceed the batch size {per_rank}")
+        ids = self.ids(sparse)
+        sizes = self.multi_hot or [1] * NUM_SPARSE
+        if self.multi_hot:
+            values = np.concatenate([self.expand(f, ids[f]) for f in range(NUM_SPARSE)])
+        else:
+            values = ids.ravel()
+        lengths = np.zeros((NUM_SPARSE, per_rank), dtype=np.int64)
+        lengths[:, :n] = np.asarray(sizes, dtype=np.int64)[:, None]
+        length_per_key = [n * k for k in sizes]
+        dense_t = torch.zeros(per_rank, NUM_DENSE, dtype=torch.float32)
+        dense_t.numpy()[:n] = dense
+        labels_t = torch.zeros(per_rank, dtype=torch.float32)
+        labels_t.numpy()[:n] = np.asarray(labels).reshape(-1)
+        weights_t = torch.zeros(per_rank, dtype=torch.float32)
+        weights_t[:n] = 1.0
+        kjt = KeyedJaggedTensor(
+            keys=self.feature_names, values=torch.from_numpy(values),
+            lengths=torch.from_numpy(lengths.ravel()), stride=per_rank,
+            length_per_key=length_per_key,
+            offset_per_key=[0] + np.cumsum(length_per_key).tolist(),
+        )
+        return Batch(dense_t, kjt, labels_t, weights_t)
