@@ -396,4 +396,6 @@ def read_chunks(path: str, chunk_bytes: int, end: List[StreamEnd]) -> Iterator[C
         n = data.count(b"\n", 0, cut)
         yield Chunk(data[:cut], line, n)
         line += n
+    if len(data) - cut > MAX_LINE_BYTES:
+        raise ValueError(f"line {line} is longer than {MAX_LINE_BYTES} bytes")
     end.append(StreamEnd(line, data[cut:], error))
