@@ -175,20 +175,23 @@ class CriteoSource:
         return self._concat(parts)
 
     def _take(self, split: str, idx: np.ndarray):
+        """Samples `idx` of `split`, in that order."""
         off = self.offsets[split]
         seg = np.searchsorted(off, idx, side="right") - 1
         if len(idx) and (seg == seg[0]).all():  # the usual case: one day
             d, first, _ = self.segments[split][seg[0]]
-            rows = np.sort(idx - off[seg[0]] + first)  # sorted: sequential page access
+            rows = idx - off[seg[0]] + first
             dense, sparse, labels = self.days[d]
             return dense[rows], sparse[rows], labels[rows]
-        parts = []
+        d0 = self.days[0]
+        out = [np.empty((len(idx),) + a.shape[1:], a.dtype) for a in d0]
         for s in np.unique(seg):
             d, first, _ = self.segments[split][s]
-            rows = np.sort(idx[seg == s] - off[s] + first)
-            dense, sparse, labels = self.days[d]
-            parts.append((dense[rows], sparse[rows], labels[rows]))
-        return self._concat(parts)
+            sel = seg == s
+            rows = idx[sel] - off[s] + first
+            for o, a in zip(out, self.days[d]):
+                o[sel] = a[rows]
+        return tuple(out)
 
     @staticmethod
     def _concat(parts):

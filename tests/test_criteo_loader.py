@@ -1,0 +1,159 @@
+"""CriteoSource over a hand-written preprocessed folder: per-rank slices, padding,
+windowed shuffling, splits, id folding and multi-hot bags."""
+
+import json
+
+import numpy as np
+import pytest
+
+from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
+from dlrm_torchrec.data.criteo import CriteoSource
+
+DAY_ROWS = [23, 17, 30, 25]  # three training days, then the evaluation day
+
+
+def make_folder(path, stored_size=1000):
+    """Day d row i: dense[:, 0] = a unique sample number, ids random below stored_size."""
+    rng = np.random.default_rng(0)
+    uid = 0
+    for d, n in enumerate(DAY_ROWS):
+        dense = rng.random((n, 13), dtype=np.float32)
+        dense[:, 0] = np.arange(uid, uid + n)
+        uid += n
+        np.save(path / f"day_{d}_dense.npy", dense)
+        np.save(path / f"day_{d}_sparse.npy",
+                rng.integers(0, stored_size, (n, 26)).astype(np.int32))
+        np.save(path / f"day_{d}_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
+    meta = {"format_version": 1, "settings": {"dataset": "kaggle"}, "complete": True,
+            "num_days": len(DAY_ROWS), "eval_day": len(DAY_ROWS) - 1,
+            "rows_per_day": DAY_ROWS, "table_sizes": [stored_size] * 26,
+            "sparse_dtype": "int32"}
+    (path / "meta.json").write_text(json.dumps(meta))
+    return path
+
+
+def source(path, rank=0, world=1, table=1000, **data_kw):
+    data_kw.setdefault("batch_size", 8)
+    data = DataConfig(source="criteo_kaggle", path=str(path), **data_kw)
+    emb = EmbeddingsConfig(num_embeddings_per_feature=[table] * 26)
+    return CriteoSource(data, emb, rank=rank, world_size=world, pin_memory=False)
+
+
+def real(batch):
+    """(uids, ids (26, n), labels) of a batch's real samples."""
+    n = batch.num_real
+    kjt = batch.sparse_features
+    ids = np.stack([kjt[f"cat_{f}"].values().numpy() for f in range(26)])
+    return batch.dense_features[:n, 0].numpy().astype(int), ids, batch.labels[:n].numpy()
+
+
+@pytest.mark.parametrize("window", [0, 11])
+def test_rank_slices_concatenate_to_single_rank_data(tmp_path, window):
+    make_folder(tmp_path)
+    single = [real(b) for b in source(tmp_path, shuffle_window=window).batches("train", 1)]
+    for world in (2, 4):
+        per_rank = [list(source(tmp_path, r, world, shuffle_window=window).batches("train", 1))
+                    for r in range(world)]
+        assert all(len(p) == len(single) for p in per_rank)
+        for b, want in enumerate(single):
+            parts = [real(per_rank[r][b]) for r in range(world)]
+            np.testing.assert_array_equal(np.concatenate([p[0] for p in parts]), want[0])
+            np.testing.assert_array_equal(np.concatenate([p[1] for p in parts], axis=1), want[1])
+            np.testing.assert_array_equal(np.concatenate([p[2] for p in parts]), want[2])
+
+
+def test_epoch_reads_every_training_row_once_and_pads_the_last_batch(tmp_path):
+    make_folder(tmp_path)
+    src = source(tmp_path, batch_size=8)
+    n_train = sum(DAY_ROWS[:-1])
+    assert src.num_samples("train") == n_train and src.num_batches("train") == 9
+    batches = list(src.batches("train"))
+    uids = np.concatenate([real(b)[0] for b in batches])
+    np.testing.assert_array_equal(uids, np.arange(n_train))
+    sparse = np.concatenate([np.load(tmp_path / f"day_{d}_sparse.npy") for d in range(3)])
+    np.testing.assert_array_equal(np.concatenate([real(b)[1] for b in batches], axis=1),
+                                  sparse.T)
+    last = batches[-1]
+    assert last.dense_features.shape == (8, 13) and last.num_real == n_train % 8
+    assert last.weights.tolist() == [1.0] * 6 + [0.0] * 2
+    assert last.sparse_features.lengths().view(26, 8)[:, 6:].sum() == 0
+    assert last.sparse_features.stride() == 8
+
+
+def test_start_batch_resumes_mid_epoch(tmp_path):
+    make_folder(tmp_path)
+    src = source(tmp_path, shuffle_window=10)
+    full = [real(b)[0] for b in src.batches("train", 3)]
+    tail = [real(b)[0] for b in src.batches("train", 3, start_batch=4)]
+    assert all((a == b).all() for a, b in zip(full[4:], tail)) and len(tail) == len(full) - 4
+
+
+def test_shuffle_is_seeded_windowed_and_changes_per_epoch(tmp_path):
+    make_folder(tmp_path)
+    n_train = sum(DAY_ROWS[:-1])
+
+    def order(epoch, seed=0):
+        src = source(tmp_path, shuffle_window=16, seed=seed)
+        return np.concatenate([real(b)[0] for b in src.batches("train", epoch)])
+
+    a = order(0)
+    np.testing.assert_array_equal(np.sort(a), np.arange(n_train))
+    assert not (a == np.arange(n_train)).all()
+    np.testing.assert_array_equal(a, order(0))
+    assert not (a == order(1)).all() and not (a == order(0, seed=1)).all()
+    for w in range(0, n_train, 16):  # samples stay inside their window
+        assert set(a[w:w + 16]) == set(range(w, min(w + 16, n_train)))
+    val = [real(b)[0] for b in source(tmp_path, shuffle_window=16).batches("val", 2)]
+    assert (np.concatenate(val) == np.sort(np.concatenate(val))).all()  # eval not shuffled
+
+
+def test_evaluation_day_is_halved_test_first_then_val(tmp_path):
+    make_folder(tmp_path)
+    src = source(tmp_path, eval_batch_size=4)
+    first = sum(DAY_ROWS[:-1])
+    assert src.num_samples("test") == 13 and src.num_samples("val") == 12
+    assert src.global_batch_size("val") == 4 and src.num_batches("test") == 4
+    test = np.concatenate([real(b)[0] for b in src.batches("test")])
+    val = np.concatenate([real(b)[0] for b in src.batches("val")])
+    np.testing.assert_array_equal(test, np.arange(first, first + 13))
+    np.testing.assert_array_equal(val, np.arange(first + 13, first + 25))
+
+
+def test_ids_above_the_configured_table_are_folded_at_load(tmp_path):
+    make_folder(tmp_path, stored_size=1000)
+    ids = np.concatenate([real(b)[1] for b in source(tmp_path, table=97).batches("train")],
+                         axis=1)
+    sparse = np.concatenate([np.load(tmp_path / f"day_{d}_sparse.npy") for d in range(3)])
+    np.testing.assert_array_equal(ids, sparse.T % 97)
+
+
+@pytest.mark.parametrize("dist", ["uniform", "pareto"])
+def test_multi_hot_bags_start_with_the_one_hot_id_and_are_a_function_of_it(tmp_path, dist):
+    make_folder(tmp_path)
+    sizes = [3] * 13 + [1] * 12 + [5]
+    src = source(tmp_path, multi_hot_sizes=sizes, multi_hot_distribution=dist, batch_size=32)
+    batch = next(iter(src.batches("train")))
+    sparse = np.load(tmp_path / "day_0_sparse.npy")
+    bags_of = {}
+    for f, k in enumerate(sizes):
+        jt = batch.sparse_features[f"cat_{f}"]
+        assert jt.lengths().tolist() == [k] * 23 + [k] * 9  # 23 rows of day 0, then day 1
+        vals = jt.values().numpy().reshape(32, k)
+        assert (vals >= 0).all() and (vals < 1000).all()
+        np.testing.assert_array_equal(vals[:23, 0], sparse[:, f])
+        for row in vals:
+            assert bags_of.setdefault((f, row[0]), tuple(row)) == tuple(row)
+    again = next(iter(src.batches("train", epoch=5)))
+    assert (again.sparse_features.values() == batch.sparse_features.values()).all()
+    if dist == "pareto":  # heavy head: small ids dominate the derived ids
+        extra = batch.sparse_features["cat_0"].values().numpy().reshape(32, 3)[:, 1:]
+        assert np.median(extra) < 50
+
+
+def test_unprepared_folder_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="preprocess"):
+        source(tmp_path)
+    make_folder(tmp_path)
+    with pytest.raises(ConfigError, match="terabyte|kaggle"):
+        CriteoSource(DataConfig(source="criteo_terabyte", path=str(tmp_path)),
+                     EmbeddingsConfig(num_embeddings_per_feature=[10] * 26))
