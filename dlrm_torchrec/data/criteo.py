@@ -242,12 +242,16 @@ class CriteoSource:
         lengths = np.zeros((NUM_SPARSE, per_rank), dtype=np.int64)
         lengths[:, :n] = np.asarray(sizes, dtype=np.int64)[:, None]
         length_per_key = [n * k for k in sizes]
-        dense_t = torch.zeros(per_rank, NUM_DENSE, dtype=torch.float32)
-        dense_t.numpy()[:n] = dense
-        labels_t = torch.zeros(per_rank, dtype=torch.float32)
-        labels_t.numpy()[:n] = np.asarray(labels).reshape(-1)
-        weights_t = torch.zeros(per_rank, dtype=torch.float32)
-        weights_t[:n] = 1.0
+        # numpy allocations: torch's parallel fill wakes its thread pool per call, which
+        # costs milliseconds when the cores are busy
+        dense_np = np.zeros((per_rank, NUM_DENSE), dtype=np.float32)
+        dense_np[:n] = dense
+        labels_np = np.zeros(per_rank, dtype=np.float32)
+        labels_np[:n] = np.asarray(labels).reshape(-1)
+        weights_np = np.zeros(per_rank, dtype=np.float32)
+        weights_np[:n] = 1.0
+        dense_t, labels_t = torch.from_numpy(dense_np), torch.from_numpy(labels_np)
+        weights_t = torch.from_numpy(weights_np)
         kjt = KeyedJaggedTensor(
             keys=self.feature_names, values=torch.from_numpy(values),
             lengths=torch.from_numpy(lengths.ravel()), stride=per_rank,

@@ -364,17 +364,13 @@ def _tasks(s: Settings, plans: List[DayPlan], skip_done: bool, kind: str) -> Ite
         ends: List[ct.StreamEnd] = []
         pending = {p.day for p in todo}
         started = False
-
-        def active(p: DayPlan) -> bool:
-            return p.day in pending
-
         try:
             for chunk in ct.read_chunks(path, s.chunk_bytes, ends):
                 data, line = chunk.data, chunk.first_line
                 while data:
                     p = days[di]
                     if not started:
-                        if active(p):
+                        if p.day in pending:
                             yield ("start", p)
                         started = True
                     if p.stop_line is not None and line + data.count(b"\n") > p.stop_line:
@@ -384,11 +380,11 @@ def _tasks(s: Settings, plans: List[DayPlan], skip_done: bool, kind: str) -> Ite
                         part, data = data[:cut], data[cut:]
                     else:
                         part, data = data, b""
-                    if part and active(p):
+                    if part and p.day in pending:
                         yield ("chunk", p, (kind, p.day, p.train, line, part))
                     line += part.count(b"\n")
                     if p.stop_line is not None and line >= p.stop_line:
-                        if active(p):
+                        if p.day in pending:
                             yield ("finish", p)
                         di += 1
                         started = False
@@ -398,7 +394,7 @@ def _tasks(s: Settings, plans: List[DayPlan], skip_done: bool, kind: str) -> Ite
         yield ("end", i, ends[0] if ends else ct.StreamEnd(1))
         while di < len(days):
             p = days[di]
-            if active(p):
+            if p.day in pending:
                 if not started:
                     yield ("start", p)
                 yield ("finish", p)

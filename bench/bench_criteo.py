@@ -1,0 +1,135 @@
+"""Criteo pipeline benchmark: preprocessing rows/s, MB/s and peak memory, and loader
+samples/s per process, each beside a plain line-by-line Python baseline, on a generated
+Kaggle-shaped file.
+
+    python bench/bench_criteo.py [--rows 1000000] [--workers N] [--dir /tmp/criteo_bench]
+"""
+
+import argparse
+import math
+import os
+import resource
+import shutil
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+from dlrm_torchrec.config import DataConfig, EmbeddingsConfig  # noqa: E402
+from dlrm_torchrec.data import preprocess as pp  # noqa: E402
+from dlrm_torchrec.data.criteo import CriteoSource  # noqa: E402
+
+N_IDS = 10_000_000
+
+
+def generate(path: str, rows: int, seed: int = 0) -> None:
+    """Criteo-like rows: skewed ids, ~20% missing values, some negative integers."""
+    rng = np.random.default_rng(seed)
+    hex_pool = np.array([f"{v:08x}" for v in rng.integers(0, 2 ** 32, 200_000)] + [""],
+                        dtype=object)
+    dec_pool = np.array([str(v) for v in range(-2, 5000)] + [""] * 1500, dtype=object)
+    with open(path, "w") as f:
+        for start in range(0, rows, 100_000):
+            m = min(100_000, rows - start)
+            cols = np.concatenate([
+                rng.integers(0, 2, (m, 1)).astype(str).astype(object),
+                dec_pool[rng.zipf(1.2, (m, 13)) % len(dec_pool)],
+                hex_pool[rng.zipf(1.1, (m, 26)) % len(hex_pool)],
+            ], axis=1)
+            f.write("\n".join("\t".join(r) for r in cols.tolist()) + "\n")
+
+
+def baseline_preprocess(path: str, limit: int) -> float:
+    """The straightforward approach: one line at a time in Python. Returns rows/s."""
+    t = time.perf_counter()
+    labels, dense, sparse = [], [], []
+    with open(path) as f:
+        for i, line in enumerate(f):
+            if i == limit:
+                break
+            x = line.rstrip("\n").split("\t")
+            labels.append(int(x[0]))
+            dense.append([math.log1p(max(int(v or 0), 0)) for v in x[1:14]])
+            sparse.append([int(v or "0", 16) % N_IDS for v in x[14:]])
+    np.array(dense, np.float32), np.array(sparse, np.int32), np.array(labels, np.int32)
+    return limit / (time.perf_counter() - t)
+
+
+def baseline_loader(src: CriteoSource, limit: int, batch: int) -> float:
+    """Sample by sample from the memory maps into Python lists, then tensors."""
+    import torch
+
+    dense_m, sparse_m, labels_m = src.days[0]
+    t = time.perf_counter()
+    for start in range(0, limit, batch):
+        d, s, lab = [], [[] for _ in range(26)], []
+        for i in range(start, min(start + batch, limit)):
+            d.append(dense_m[i].tolist())
+            for f, v in enumerate(sparse_m[i].tolist()):
+                s[f].append(v)
+            lab.append(int(labels_m[i, 0]))
+        torch.tensor(d), torch.tensor(s), torch.tensor(lab)
+    return limit / (time.perf_counter() - t)
+
+
+def loader_rate(out: str, batch: int, window: int, multi_hot=None) -> float:
+    data = DataConfig(source="criteo_kaggle", path=out, batch_size=batch,
+                      shuffle_window=window, multi_hot_sizes=multi_hot or [])
+    src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26),
+                       pin_memory=False)
+    n = 0
+    t = time.perf_counter()
+    for b in src.batches("train"):
+        n += b.labels.shape[0]
+    return n / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rows", type=int, default=1_000_000)
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--dir", default="/tmp/criteo_bench")
+    ap.add_argument("--batch", type=int, default=4096)
+    a = ap.parse_args()
+    os.makedirs(a.dir, exist_ok=True)
+    raw = os.path.join(a.dir, "train.txt")
+    if not os.path.exists(raw) or sum(1 for _ in open(raw, "rb")) != a.rows:
+        t = time.perf_counter()
+        generate(raw, a.rows)
+        print(f"generated {a.rows:,} rows in {time.perf_counter() - t:.1f} s")
+    size_mb = os.path.getsize(raw) / 1e6
+    with open(raw, "rb") as f:  # warm the page cache, as for a file just downloaded
+        while f.read(1 << 24):
+            pass
+    out = os.path.join(a.dir, "out")
+    shutil.rmtree(out, ignore_errors=True)
+    s = pp.Settings(inputs=[raw], output=out, dataset="kaggle", max_ind_range=N_IDS,
+                    workers=a.workers, progress=False)
+    t = time.perf_counter()
+    report = pp.run(s)
+    dt = time.perf_counter() - t
+    main_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    base_rows = min(a.rows, 200_000)
+    base = baseline_preprocess(raw, base_rows)
+    print(f"machine: {os.cpu_count()} CPUs; input {a.rows:,} rows, {size_mb:.0f} MB")
+    print(f"preprocess ({a.workers} workers): {dt:.2f} s, {report.lines / dt:,.0f} rows/s, "
+          f"{size_mb / dt:.0f} MB/s (line count + parse + write, fsync included)")
+    print(f"  peak RSS: main {main_mb:.0f} MB (torch import included), worker "
+          f"{report.worker_maxrss_kb / 1024:.0f} MB (inherited by fork)")
+    print(f"baseline line-by-line Python ({base_rows:,} rows): {base:,.0f} rows/s -> "
+          f"{report.lines / dt / base:.1f}x")
+    for window, mh, label in ((0, None, "sequential"), (1 << 20, None, "shuffle window 1M"),
+                              (0, [10] * 26, "multi-hot 10/feature")):
+        r = loader_rate(out, a.batch, window, mh)
+        print(f"loader {label}, batch {a.batch}: {r:,.0f} samples/s per process")
+    src = CriteoSource(DataConfig(source="criteo_kaggle", path=out, batch_size=a.batch),
+                       EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26),
+                       pin_memory=False)
+    print(f"baseline loader sample by sample: {baseline_loader(src, 50_000, a.batch):,.0f} "
+          "samples/s")
+
+
+if __name__ == "__main__":
+    main()
