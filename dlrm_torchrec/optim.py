@@ -28,14 +28,17 @@ _DENSE: Dict[str, Type[torch.optim.Optimizer]] = {
 
 
 def sparse_optimizer(cfg: OptimizerConfig):
-    """(optimizer class, kwargs) for `apply_optimizer_in_backward` on the embedding tables."""
+    """(optimizer class, kwargs for `apply_optimizer_in_backward`, extra FBGEMM fused
+    params for the sharder). Adam's betas go to FBGEMM as beta1/beta2: the fused kernel
+    does not take torch's `betas` tuple."""
     lr = cfg.sparse_lr or cfg.lr
     kwargs: Dict[str, Any] = {"lr": lr}
+    fused: Dict[str, Any] = {}
     if cfg.sparse in ("adagrad", "rowwise_adagrad", "adam"):
         kwargs["eps"] = cfg.eps
     if cfg.sparse == "adam":
-        kwargs["betas"] = (cfg.beta1, cfg.beta2)
-    return _SPARSE[cfg.sparse], kwargs
+        fused = {"beta1": cfg.beta1, "beta2": cfg.beta2}
+    return _SPARSE[cfg.sparse], kwargs, fused
 
 
 def dense_optimizer(cfg: OptimizerConfig, named_params) -> KeyedOptimizer:

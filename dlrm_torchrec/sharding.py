@@ -44,7 +44,7 @@ def constraints_for(cfg: ShardingConfig, tables: List[EmbeddingBagConfig]) -> Di
     return out
 
 
-def check_supported(cfg: ShardingConfig, device_type: str) -> None:
+def check_supported(cfg: ShardingConfig, device_type: str, sparse_optimizer: str = "sgd") -> None:
     """Reject sharding types and kernels TorchRec's sharder does not offer on this device,
     naming the config key, before the planner fails with a less direct message."""
     sharder = EmbeddingBagCollectionSharder()
@@ -63,6 +63,11 @@ def check_supported(cfg: ShardingConfig, device_type: str) -> None:
         for key, ck in kernels:
             if ck not in ("fused", "dense"):
                 raise ConfigError(f"{key}={ck!r}: UVM kernels need a GPU (use fused or dense on CPU)")
+            if ck == "fused" and sparse_optimizer == "adam":
+                raise ConfigError(
+                    f"optimizer.sparse='adam' with {key}='fused': FBGEMM's CPU kernels have no "
+                    "fused Adam; on CPU use sharding.compute_kernel=dense (Adam as a plain "
+                    "optimizer) or a sparse optimizer of sgd, adagrad, rowwise_adagrad")
 
 
 def build_topology(cfg: ShardingConfig, world_size: int, local_world_size: int,
@@ -87,8 +92,8 @@ def build_planner(cfg: ShardingConfig, tables: List[EmbeddingBagConfig], world_s
     )
 
 
-def sharders() -> List:
-    return [EmbeddingBagCollectionSharder()]
+def sharders(fused_params: Optional[Dict] = None) -> List:
+    return [EmbeddingBagCollectionSharder(fused_params=fused_params or None)]
 
 
 def plan_summary(plan: ShardingPlan) -> str:
@@ -108,20 +113,21 @@ def plan_summary(plan: ShardingPlan) -> str:
 
 
 def shard_model(module: nn.Module, ebc: nn.Module, tables: List[EmbeddingBagConfig],
-                cfg: ShardingConfig, sparse_opt_cls, sparse_opt_kwargs, device: torch.device,
-                world_size: int, local_world_size: int, per_rank_batch: int, seed: int,
-                plan: Optional[ShardingPlan] = None):
-    """Fuse the sparse optimizer into `ebc`'s backward, plan (collectively), wrap `module`
+                cfg: ShardingConfig, sparse_opt_cls, sparse_opt_kwargs, fused_params: Dict,
+                device: torch.device, world_size: int, local_world_size: int,
+                per_rank_batch: int, seed: int, plan: Optional[ShardingPlan] = None):
+    """Fuse the sparse optimizer into `ebc`'s backward (check_supported first), plan (collectively), wrap `module`
     in DistributedModelParallel and initialise the embedding shards. Returns (dmp, plan)."""
-    check_supported(cfg, device.type)
     apply_optimizer_in_backward(sparse_opt_cls, ebc.parameters(), sparse_opt_kwargs)
+    module_sharders = sharders(fused_params)
     if plan is None:
         planner = build_planner(cfg, tables, world_size, local_world_size, device.type, per_rank_batch)
         if dist.is_initialized():
-            plan = planner.collective_plan(module, sharders(), dist.GroupMember.WORLD)
+            plan = planner.collective_plan(module, module_sharders, dist.GroupMember.WORLD)
         else:
-            plan = planner.plan(module, sharders())
-    dmp = DistributedModelParallel(module=module, device=device, plan=plan, sharders=sharders())
+            plan = planner.plan(module, module_sharders)
+    dmp = DistributedModelParallel(module=module, device=device, plan=plan,
+                                   sharders=module_sharders)
     init_embedding_weights(dmp, tables, seed)
     return dmp, plan
 

@@ -20,7 +20,7 @@ from dlrm_torchrec.distributed import DistInfo
 from dlrm_torchrec.metrics import EvalMetrics
 from dlrm_torchrec.model import build_train_module
 from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
-from dlrm_torchrec.sharding import plan_summary, shard_model
+from dlrm_torchrec.sharding import check_supported, plan_summary, shard_model
 
 
 def log(info: DistInfo, msg: str) -> None:
@@ -43,10 +43,11 @@ class Trainer:
                                         info.rank, info.world_size)
 
         module = build_train_module(cfg)
-        sparse_cls, sparse_kwargs = sparse_optimizer(cfg.optimizer)
+        check_supported(cfg.sharding, info.device.type, cfg.optimizer.sparse)
+        sparse_cls, sparse_kwargs, fused_params = sparse_optimizer(cfg.optimizer)
         self.model, self.plan = shard_model(
             module, module.model.sparse_arch, module.model.tables, cfg.sharding, sparse_cls,
-            sparse_kwargs, info.device, info.world_size, info.local_world_size,
+            sparse_kwargs, fused_params, info.device, info.world_size, info.local_world_size,
             self.per_rank_batch, cfg.training.seed,
         )
         self.dense_optimizer = dense_optimizer(cfg.optimizer, self.model.named_parameters())

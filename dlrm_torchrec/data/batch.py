@@ -1,7 +1,7 @@
 """The batch that flows from every data source through TorchRec's train pipeline."""
 
 from dataclasses import dataclass
-from typing import List, Sequence
+from typing import List
 
 import numpy as np
 import torch
@@ -79,40 +79,43 @@ def sample_weight(batch_index: int, global_batch: int, num_samples: int) -> floa
     return global_batch / real if real > 0 else 0.0
 
 
-def make_batch(dense: np.ndarray, sparse_ids: Sequence[np.ndarray],
-               sparse_lengths: Sequence[np.ndarray], labels: np.ndarray,
-               feature_names: List[str], batch_size: int, weight: float = 1.0) -> Batch:
+def make_batch(dense: np.ndarray, values: np.ndarray, lengths: np.ndarray,
+               labels: np.ndarray, feature_names: List[str], batch_size: int,
+               weight: float = 1.0) -> Batch:
     """Assemble a Batch from numpy arrays of n <= batch_size real samples, padding to
-    `batch_size`.
+    `batch_size` with weight-0 samples whose bags are empty.
 
     Args:
         dense: n x D float32.
-        sparse_ids: per feature, the concatenated ids of its n bags (int64).
-        sparse_lengths: per feature, n bag lengths (int32 or int64).
+        values: all ids, feature-major then sample-major (int64): feature 0's n bags, ...
+        lengths: F x n bag lengths.
         labels: n labels.
         feature_names: the F KJT keys, in order.
         batch_size: the padded per-rank batch B.
         weight: loss weight of the real samples (see `sample_weight`).
     """
     n = len(labels)
-    pad = batch_size - n
-    if pad < 0:
+    if n > batch_size:
         raise ValueError(f"{n} samples exceed the batch size {batch_size}")
-    dense_t = torch.zeros(batch_size, dense.shape[1], dtype=torch.float32)
-    dense_t[:n] = torch.from_numpy(np.ascontiguousarray(dense, dtype=np.float32))
-    labels_t = torch.zeros(batch_size, dtype=torch.float32)
-    labels_t[:n] = torch.from_numpy(np.asarray(labels, dtype=np.float32))
-    weights_t = torch.zeros(batch_size, dtype=torch.float32)
-    weights_t[:n] = weight
-    lengths = []
-    for lens in sparse_lengths:
-        lengths.append(np.asarray(lens, dtype=np.int64))
-        if pad:
-            lengths.append(np.zeros(pad, dtype=np.int64))  # padding: empty bags
-    values = torch.from_numpy(np.concatenate([np.asarray(v, dtype=np.int64) for v in sparse_ids]))
-    kjt = KeyedJaggedTensor.from_lengths_sync(
+    # numpy allocations: torch's parallel fill wakes its thread pool per call, which costs
+    # milliseconds when the cores are busy
+    dense_np = np.zeros((batch_size, dense.shape[1]), dtype=np.float32)
+    dense_np[:n] = dense
+    labels_np = np.zeros(batch_size, dtype=np.float32)
+    labels_np[:n] = np.asarray(labels).reshape(-1)
+    weights_np = np.zeros(batch_size, dtype=np.float32)
+    weights_np[:n] = weight
+    lengths_np = np.zeros((len(feature_names), batch_size), dtype=np.int64)
+    lengths_np[:, :n] = lengths
+    # per-key totals from numpy, so the KJT needs no reduction of its own
+    length_per_key = lengths_np.sum(axis=1).tolist()
+    kjt = KeyedJaggedTensor(
         keys=list(feature_names),
-        values=values,
-        lengths=torch.from_numpy(np.concatenate(lengths)),
+        values=torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)),
+        lengths=torch.from_numpy(lengths_np.ravel()),
+        stride=batch_size,
+        length_per_key=length_per_key,
+        offset_per_key=[0] + np.cumsum(length_per_key).tolist(),
     )
-    return Batch(dense_t, kjt, labels_t, weights_t)
+    return Batch(torch.from_numpy(dense_np), kjt, torch.from_numpy(labels_np),
+                 torch.from_numpy(weights_np))

@@ -31,10 +31,9 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
-from dlrm_torchrec.data.batch import Batch, num_batches, rank_slice
+from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
 from dlrm_torchrec.data.synthetic import hash_keys, uniform01
 
 NUM_DENSE = 13
@@ -134,7 +133,7 @@ class CriteoSource:
                 dense, sparse, labels = self._take(split, self.order(epoch, sl.start, sl.stop))
             else:
                 dense, sparse, labels = self._range(split, sl.start, sl.stop)
-            batch = self.make(dense, sparse, labels, per_rank)
+            batch = self.make(dense, sparse, labels, per_rank, sample_weight(b, gb, n))
             yield batch.pin_memory() if self.pin_memory else batch
 
     # ----------------------------------------------------------------- reading
@@ -227,35 +226,14 @@ class CriteoSource:
         return np.concatenate([ids[:, None], extra.astype(np.int64)], axis=1).ravel()
 
     def make(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray,
-             per_rank: int) -> Batch:
-        """The same Batch as `batch.make_batch` (padding: weight 0, empty bags), built
-        with the per-key lengths known up front (no length reduction per batch)."""
+             per_rank: int, weight: float = 1.0) -> Batch:
+        """n stored rows -> a Batch padded to per_rank (see `batch.make_batch`)."""
         n = len(labels)
-        if n > per_rank:
-            raise ValueError(f"{n} samples exceed the batch size {per_rank}")
         ids = self.ids(sparse)
         sizes = self.multi_hot or [1] * NUM_SPARSE
         if self.multi_hot:
             values = np.concatenate([self.expand(f, ids[f]) for f in range(NUM_SPARSE)])
         else:
             values = ids.ravel()
-        lengths = np.zeros((NUM_SPARSE, per_rank), dtype=np.int64)
-        lengths[:, :n] = np.asarray(sizes, dtype=np.int64)[:, None]
-        length_per_key = [n * k for k in sizes]
-        # numpy allocations: torch's parallel fill wakes its thread pool per call, which
-        # costs milliseconds when the cores are busy
-        dense_np = np.zeros((per_rank, NUM_DENSE), dtype=np.float32)
-        dense_np[:n] = dense
-        labels_np = np.zeros(per_rank, dtype=np.float32)
-        labels_np[:n] = np.asarray(labels).reshape(-1)
-        weights_np = np.zeros(per_rank, dtype=np.float32)
-        weights_np[:n] = 1.0
-        dense_t, labels_t = torch.from_numpy(dense_np), torch.from_numpy(labels_np)
-        weights_t = torch.from_numpy(weights_np)
-        kjt = KeyedJaggedTensor(
-            keys=self.feature_names, values=torch.from_numpy(values),
-            lengths=torch.from_numpy(lengths.ravel()), stride=per_rank,
-            length_per_key=length_per_key,
-            offset_per_key=[0] + np.cumsum(length_per_key).tolist(),
-        )
-        return Batch(dense_t, kjt, labels_t, weights_t)
+        lengths = np.broadcast_to(np.asarray(sizes, dtype=np.int64)[:, None], (NUM_SPARSE, n))
+        return make_batch(dense, values, lengths, labels, self.feature_names, per_rank, weight)

@@ -169,7 +169,8 @@ class GeneratedSource:
     def make(self, split: str, epoch: int, idx: np.ndarray, per_rank: int,
              weight: float = 1.0) -> Batch:
         dense, ids, lengths, labels, _ = self.sample_arrays(split, epoch, idx)
-        return make_batch(dense, ids, lengths, labels, self.feature_names, per_rank, weight)
+        return make_batch(dense, np.concatenate(ids), np.stack(lengths), labels,
+                          self.feature_names, per_rank, weight)
 
     def oracle_probabilities(self, split: str, limit: Optional[int] = None):
         """Labels and the click model's own probabilities for a whole split (synthetic only):
