@@ -65,6 +65,9 @@ class EmbeddingsConfig:
     """Mixed dimensions: power-law temperature alpha (0: off, every table gets dim)."""
     md_round_dims: bool = False
     """Mixed dimensions: round each table dimension to the nearest power of two."""
+    md_dim_multiple: int = 4
+    """Mixed dimensions: round each table dimension up to a multiple of this (FBGEMM's
+    fused kernels need multiples of 4; 1 keeps the rule's values, for data-parallel tables)."""
 
     def table_sizes(self) -> List[int]:
         """Row counts after the max_ind_range cap."""
@@ -370,6 +373,37 @@ def sparse_output_dim(cfg: Config) -> int:
     return 2 * e.dim if e.qr_threshold > 0 and e.qr_operation == "concat" else e.dim
 
 
+def _check_compression(cfg: Config) -> None:
+    """QR / MD settings that cannot work (see dlrm_torchrec/compression.py)."""
+    e, s = cfg.embeddings, cfg.sharding
+    if e.qr_threshold > 0 and e.md_alpha > 0:
+        raise ConfigError(f"embeddings.md_alpha={e.md_alpha!r} with embeddings.qr_threshold="
+                          f"{e.qr_threshold!r}: quotient-remainder and mixed dimensions cannot "
+                          "be combined; set one of them to 0")
+    if e.md_alpha <= 0:
+        return
+    _require(e.md_dim_multiple >= 1, "embeddings.md_dim_multiple", e.md_dim_multiple, "must be >= 1")
+    _require(e.dim % e.md_dim_multiple == 0, "embeddings.md_dim_multiple", e.md_dim_multiple,
+             f"must divide embeddings.dim ({e.dim})")
+    if e.md_round_dims:
+        _require(e.dim & (e.dim - 1) == 0, "embeddings.dim", e.dim,
+                 "must be a power of two with embeddings.md_round_dims=true")
+    from dlrm_torchrec.compression import embedding_layout
+
+    for f in embedding_layout(e):  # md_solver raises for impossible dimensions
+        t = f.tables[0]
+        tcfg = s.tables.get(t.name)
+        dense_only = tcfg is not None and tcfg.sharding_types == ["data_parallel"]
+        kernels = list(tcfg.compute_kernels) if tcfg and tcfg.compute_kernels else [s.compute_kernel]
+        if s.sharding_type == "data_parallel" and not (tcfg and tcfg.sharding_types):
+            dense_only = True
+        if t.dim % 4 and not dense_only and any(k != "dense" for k in kernels):
+            raise ConfigError(
+                f"embeddings.md_dim_multiple={e.md_dim_multiple!r}: table {t.name} gets "
+                f"dimension {t.dim}, but FBGEMM's fused kernels need multiples of 4; use "
+                "embeddings.md_dim_multiple=4, or data-parallel tables (the dense kernel)")
+
+
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     """Cross-field checks. `world_size` adds the batch-divisibility check."""
     m, e, d, o, s, t = cfg.model, cfg.embeddings, cfg.data, cfg.optimizer, cfg.sharding, cfg.training
@@ -383,6 +417,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(e.qr_collisions >= 1, "embeddings.qr_collisions", e.qr_collisions, "must be >= 1")
     _one_of("embeddings.qr_operation", e.qr_operation, QR_OPERATIONS)
     _require(e.md_alpha >= 0, "embeddings.md_alpha", e.md_alpha, "must be >= 0")
+    _check_compression(cfg)
 
     _one_of("model.interaction", m.interaction, INTERACTIONS)
     _require(m.dense_in_features > 0, "model.dense_in_features", m.dense_in_features, "must be > 0")
@@ -448,12 +483,15 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _one_of("sharding.device", s.device, ("auto", "cpu", "cuda"))
     _require(s.hbm_cap_gb >= 0, "sharding.hbm_cap_gb", s.hbm_cap_gb, "must be >= 0")
     _require(s.ddr_cap_gb >= 0, "sharding.ddr_cap_gb", s.ddr_cap_gb, "must be >= 0")
-    table_names = set(feature_names(cfg.embeddings))
-    table_names = {f"t_{n}" for n in table_names}
+    from dlrm_torchrec.compression import embedding_layout, table_specs
+
+    ordered = [t.name for t in table_specs(embedding_layout(cfg.embeddings))]
+    table_names = set(ordered)
+    listed = ", ".join(ordered) if len(ordered) <= 8 else f"{ordered[0]} .. {ordered[-1]}"
     for name, tcfg in s.tables.items():
         base = f"sharding.tables.{name}"
         _require(name in table_names or name.split("@")[0] in table_names, base, name,
-                 f"no such table (tables are t_cat_0 .. t_cat_{len(table_names) - 1})")
+                 f"no such table (tables are {listed})")
         for st in tcfg.sharding_types:
             _one_of(f"{base}.sharding_types", st, SHARDING_TYPES)
         for ck in tcfg.compute_kernels:

@@ -14,6 +14,12 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, PoolingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from dlrm_torchrec.compression import (
+    CompressedEmbeddingOutput,
+    embedding_layout,
+    is_compressed,
+    table_specs,
+)
 from dlrm_torchrec.config import Config, feature_names, sparse_output_dim
 from dlrm_torchrec.data.batch import Batch
 
@@ -143,20 +149,25 @@ class Interaction(nn.Module):
 
 
 class DLRM(nn.Module):
-    """The model. forward(dense B x D, KJT of F features) -> logits B."""
+    """The model. forward(dense B x D, KJT of F features) -> logits B. With QR the KJT
+    carries the split keys (see compression.py)."""
 
     def __init__(self, cfg: Config, device: torch.device = torch.device("meta")):
         super().__init__()
         e, m = cfg.embeddings, cfg.model
         names = feature_names(e)
+        layout = embedding_layout(e)  # one n x d table t_cat_i per feature unless QR / MD
         self.tables = [
             EmbeddingBagConfig(
-                name=f"t_{name}", embedding_dim=e.dim, num_embeddings=rows,
-                feature_names=[name], pooling=PoolingType.SUM,
+                name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
+                feature_names=[t.feature], pooling=PoolingType.SUM,
             )
-            for name, rows in zip(names, e.table_sizes())
+            for t in table_specs(layout)
         ]
         self.sparse_arch = EmbeddingBagCollection(tables=self.tables, device=device)
+        # QR pairs combine and MD tables project to the common width after the EBC
+        self.embedding_out: Optional[CompressedEmbeddingOutput] = (
+            CompressedEmbeddingOutput(layout, e.qr_operation) if is_compressed(e) else None)
         self.dense_arch = MLP(m.dense_in_features, m.bottom_mlp, last_activation=True)
         width = sparse_output_dim(cfg)
         self.interaction = Interaction(
@@ -168,7 +179,8 @@ class DLRM(nn.Module):
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         x = self.dense_arch(dense_features)
         pooled: KeyedTensor = self.sparse_arch(sparse_features)
-        r = self.interaction(x, pooled.values())
+        sparse = pooled.values() if self.embedding_out is None else self.embedding_out(pooled)
+        r = self.interaction(x, sparse)
         return self.over_arch(r).squeeze(-1)
 
     def reset_dense_parameters(self, seed: int) -> None:
@@ -184,6 +196,8 @@ class DLRM(nn.Module):
                     else:
                         bound = math.sqrt(6.0 / (p.shape[-1] + p.shape[-2]))
                         p.uniform_(-bound, bound, generator=g)
+        if self.embedding_out is not None:  # its own stream: the layers above keep theirs
+            self.embedding_out.reset_parameters(_block_generator(seed, 2))
 
 
 class Loss(nn.Module):

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 
+from dlrm_torchrec.compression import is_compressed, memory_report, wrap_source
 from dlrm_torchrec.config import Config, to_yaml
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.distributed import DistInfo
@@ -41,6 +42,8 @@ class Trainer:
         self.per_rank_batch = d.batch_size // info.world_size
         self.source = build_data_source(d, cfg.embeddings, cfg.model.dense_in_features,
                                         info.rank, info.world_size)
+        # QR: batches carry the split ids (cat_i_q, cat_i_r) for the sharded EBC's input
+        self.source = wrap_source(self.source, cfg.embeddings)
 
         module = build_train_module(cfg)
         check_supported(cfg.sharding, info.device.type, cfg.optimizer.sparse)
@@ -135,6 +138,8 @@ class Trainer:
         self._write_config()
         log(self.info, f"sharding plan ({self.info.world_size} ranks, {self.info.device.type}):\n"
                        f"{plan_summary(self.plan)}")
+        if is_compressed(cfg.embeddings):
+            log(self.info, memory_report(cfg.embeddings))
         steps_per_epoch = self.source.num_batches("train")
         log(self.info, f"{self.source.num_samples('train'):,} training samples, "
                        f"{steps_per_epoch} steps per epoch of global batch {cfg.data.batch_size}")

@@ -36,14 +36,7 @@ class ReferenceDLRM:
     def forward(self, dense, ids: List[List[List[int]]]):
         """dense: B x D; ids[f][i]: the bag of sample i for feature f. Returns logits B."""
         x = self._mlp(dense.double(), self.bottom, True)
-        B = x.shape[0]
-        pooled = []
-        for f, table in enumerate(self.tables):
-            rows = []
-            for i in range(B):
-                bag = ids[f][i]
-                rows.append(table[bag].sum(0) if bag else torch.zeros(table.shape[1], dtype=table.dtype))
-            pooled.append(torch.stack(rows))
+        pooled = self.pooled(ids, x.shape[0])
         if self.interaction == "cat":
             r = torch.cat([x] + pooled, dim=1)
         else:
@@ -54,6 +47,16 @@ class ReferenceDLRM:
                     feats.append((t[i] * t[j]).sum(1, keepdim=True))
             r = torch.cat(feats, dim=1)
         return self._mlp(r, self.top, False).squeeze(-1)
+
+    @staticmethod
+    def bag_sum(table, bag):
+        """The sum of a bag's rows (zeros for an empty bag)."""
+        return table[bag].sum(0) if bag else torch.zeros(table.shape[1], dtype=table.dtype)
+
+    def pooled(self, ids, batch_size: int) -> List[torch.Tensor]:
+        """Per feature, the B x d sums of each sample's bag."""
+        return [torch.stack([self.bag_sum(table, ids[f][i]) for i in range(batch_size)])
+                for f, table in enumerate(self.tables)]
 
     def sgd_step(self, loss, lr):
         params = self.tables + self.dense_params()
