@@ -191,6 +191,24 @@ class LoggingConfig:
     """Print the training loss every N steps."""
     progress_bar: bool = True
     """Show a tqdm progress bar on rank 0 when stdout is a terminal."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars (loss, AUC, log loss, accuracy, lr, samples/s) to run_dir/tensorboard."""
+    plot: bool = True
+    """At the end, plot training loss and validation AUC/accuracy to run_dir/metrics.png."""
+    profile: bool = False
+    """Trace a window of training steps with torch.profiler into run_dir/profile (Chrome/Perfetto JSON)."""
+    profile_start_step: int = 5
+    """First traced training step (1-based); the step before it warms the profiler up."""
+    profile_steps: int = 3
+    """Number of traced training steps."""
+    profile_all_ranks: bool = False
+    """Trace every rank (one file each) instead of rank 0 only."""
+    mlperf_logging: bool = False
+    """Write MLPerf compliance events (mlperf_logging.mllog) to run_dir/mlperf.log."""
+    mlperf_submission_org: str = ""
+    """MLPerf submission_org of the mllog submission info."""
+    mlperf_submission_platform: str = ""
+    """MLPerf submission_platform of the mllog submission info (e.g. 2xDGX-H100)."""
 
 
 @dataclass
@@ -509,6 +527,10 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
              "must be in [0, 1]")
     _require(cfg.logging.log_every_n_steps > 0, "logging.log_every_n_steps",
              cfg.logging.log_every_n_steps, "must be > 0")
+    _require(cfg.logging.profile_start_step >= 1, "logging.profile_start_step",
+             cfg.logging.profile_start_step, "must be >= 1")
+    _require(cfg.logging.profile_steps >= 1, "logging.profile_steps", cfg.logging.profile_steps,
+             "must be >= 1")
 
     if world_size is not None:
         _require(d.batch_size % world_size == 0, "data.batch_size", d.batch_size,

@@ -83,11 +83,15 @@ def build_topology(cfg: ShardingConfig, world_size: int, local_world_size: int,
 
 
 def build_planner(cfg: ShardingConfig, tables: List[EmbeddingBagConfig], world_size: int,
-                  local_world_size: int, device_type: str, per_rank_batch: int) -> EmbeddingShardingPlanner:
+                  local_world_size: int, device_type: str, per_rank_batch: int,
+                  stats: Optional[List] = None) -> EmbeddingShardingPlanner:
+    """`stats`: TorchRec planner Stats objects that receive the chosen plan (the `plan`
+    command's report); None keeps TorchRec's EmbeddingStats."""
     return EmbeddingShardingPlanner(
         topology=build_topology(cfg, world_size, local_world_size, device_type),
         batch_size=per_rank_batch,
         constraints=constraints_for(cfg, tables),
+        stats=stats,
         debug=False,
     )
 

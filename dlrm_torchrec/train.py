@@ -31,10 +31,14 @@ def train(cfg: Config) -> dict:
     from dlrm_torchrec.trainer import Trainer
 
     info = init_distributed(cfg.sharding)
+    trainer = None
     try:
         validate(cfg, world_size=info.world_size)
-        return Trainer(cfg, info).fit()
+        trainer = Trainer(cfg, info)
+        return trainer.fit()
     finally:
+        if trainer is not None:  # after an error: stop the profiler, flush TensorBoard
+            trainer.run_logger.close()
         shutdown()
 
 

@@ -20,6 +20,7 @@ from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.distributed import DistInfo
 from dlrm_torchrec.metrics import EvalMetrics
 from dlrm_torchrec.model import build_train_module
+from dlrm_torchrec.observability import RunLogger, write_line
 from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
 from dlrm_torchrec.sharding import check_supported, plan_summary, shard_model
 
@@ -27,7 +28,7 @@ from dlrm_torchrec.sharding import check_supported, plan_summary, shard_model
 def log(info: DistInfo, msg: str) -> None:
     """Rank 0 prints; everyone else stays quiet."""
     if info.is_main:
-        print(msg, flush=True)
+        write_line(msg)  # above the progress bar when one is shown
 
 
 class Trainer:
@@ -38,6 +39,8 @@ class Trainer:
         self.cfg = cfg
         self.info = info
         self.run_dir = Path(cfg.logging.run_dir)
+        # observability: progress bar / log lines, TensorBoard, plot, CSV, profiler, mllog
+        self.run_logger = RunLogger(cfg, info.rank)
         d = cfg.data
         self.per_rank_batch = d.batch_size // info.world_size
         self.source = build_data_source(d, cfg.embeddings, cfg.model.dense_in_features,
@@ -77,6 +80,7 @@ class Trainer:
             self.schedule.step()
             self.step += 1
             taken += 1
+            self.run_logger.step(self.step)  # observability: progress bar, profiler window
             loss_sum += loss.double()
             self.samples_seen += (weights > 0).sum()
             if self.step % self.cfg.logging.log_every_n_steps == 0:
@@ -95,8 +99,7 @@ class Trainer:
         rec = {"step": self.step, "epoch": epoch, "train_loss": mean_loss,
                "lr": self.schedule.last_lr, "samples_per_s": rate}
         self.history.append(rec)
-        log(self.info, f"step {self.step:>7d}  epoch {epoch}  loss {mean_loss:.5f}  "
-                       f"lr {rec['lr']:.3g}  {rate:,.0f} samples/s")
+        self.run_logger.train(rec)  # observability: log line or progress bar, TensorBoard
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
@@ -120,6 +123,7 @@ class Trainer:
         res = self.evaluate("val")
         res.update(step=self.step, epoch=epoch, split="val")
         self.evals.append(res)
+        self.run_logger.eval(res)  # observability: TensorBoard, mllog eval_accuracy
         log(self.info, "eval   step {step:>7d}  auc {auc:.5f}  log_loss {log_loss:.5f}  "
                        "accuracy {accuracy:.5f}  ({samples} samples)".format(
                            **{"auc": math.nan, "log_loss": math.nan, "accuracy": math.nan, **res}))
@@ -143,6 +147,10 @@ class Trainer:
         steps_per_epoch = self.source.num_batches("train")
         log(self.info, f"{self.source.num_samples('train'):,} training samples, "
                        f"{steps_per_epoch} steps per epoch of global batch {cfg.data.batch_size}")
+        total_steps = steps_per_epoch * t.epochs
+        self.run_logger.run_start(  # observability
+            min(total_steps, t.max_steps) if t.max_steps else total_steps, steps_per_epoch,
+            self.source.num_samples("train"), self.source.num_samples("val"))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
         self._last_logged_step, self._last_log_time = 0, time.perf_counter()
         start = time.perf_counter()
@@ -150,6 +158,7 @@ class Trainer:
         evaluated_at = -1
         every = t.eval_every_n_steps or steps_per_epoch
         for epoch in range(t.epochs):
+            self.run_logger.epoch_start(epoch)  # observability
             batches = self.source.batches("train", epoch)
             done_in_epoch = 0
             while done_in_epoch < steps_per_epoch:
@@ -167,6 +176,7 @@ class Trainer:
                         break
                 if t.max_steps and self.step >= t.max_steps:
                     break
+            self.run_logger.epoch_stop(epoch)  # observability
             if stopped_early or (t.max_steps and self.step >= t.max_steps):
                 break
         train_time = time.perf_counter() - start
@@ -186,6 +196,7 @@ class Trainer:
             "history": self.history,
         }
         self._write_metrics(summary)
+        self.run_logger.finish(summary)  # observability: plot, CSV, close
         final = summary["final"]
         log(self.info, f"done: {self.step} steps, {summary['train_samples_seen']:,} samples in "
                        f"{train_time:.1f}s ({summary['train_samples_per_s']:,.0f} samples/s); "
