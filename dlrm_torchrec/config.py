@@ -181,6 +181,27 @@ class TrainingConfig:
     """Stop once validation AUC reaches this (MLPerf early stop; 0: off)."""
     target_accuracy: float = 0.0
     """Stop once validation accuracy reaches this (0: off)."""
+    crash_at_step: int = 0
+    """Fault-injection for tests: rank crash_rank exits at this step on a job's first
+    attempt (TORCHELASTIC_RESTART_COUNT=0); 0: off."""
+    crash_rank: int = 1
+    """The rank that crash_at_step kills."""
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = ""
+    """Folder of checkpoints (empty: <logging.run_dir>/checkpoints)."""
+    every_n_steps: int = 0
+    """Save every N optimizer steps (0: only at the end, if at_end)."""
+    at_end: bool = True
+    """Save when training ends."""
+    keep_last: int = 2
+    """Keep the newest K checkpoints (the best one is kept besides)."""
+    keep_best: bool = True
+    """Also save and keep the checkpoint with the best validation AUC (--save-model)."""
+    resume: str = ""
+    """"" (start fresh), auto (the newest complete checkpoint in dir, if any) or a folder."""
 
 
 @dataclass
@@ -220,6 +241,7 @@ class Config:
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -525,6 +547,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(0 <= t.target_auc <= 1, "training.target_auc", t.target_auc, "must be in [0, 1]")
     _require(0 <= t.target_accuracy <= 1, "training.target_accuracy", t.target_accuracy,
              "must be in [0, 1]")
+    c = cfg.checkpoint
+    _require(c.every_n_steps >= 0, "checkpoint.every_n_steps", c.every_n_steps, "must be >= 0")
+    _require(c.keep_last >= 1, "checkpoint.keep_last", c.keep_last, "must be >= 1")
     _require(cfg.logging.log_every_n_steps > 0, "logging.log_every_n_steps",
              cfg.logging.log_every_n_steps, "must be > 0")
     _require(cfg.logging.profile_start_step >= 1, "logging.profile_start_step",

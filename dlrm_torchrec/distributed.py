@@ -3,6 +3,7 @@ environment (the variables torchrun / torchx set)."""
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -49,7 +50,20 @@ def init_distributed(cfg: ShardingConfig) -> DistInfo:
         if "MASTER_ADDR" not in os.environ:
             os.environ["MASTER_ADDR"] = "127.0.0.1"
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+        if restart is None:
+            dist.init_process_group(backend=backend, rank=rank, world_size=world_size)
+        else:
+            # Under torchrun the agent's store outlives a failed attempt and still holds the
+            # dead workers' gloo addresses; keep each attempt's keys apart.
+            agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+            store = dist.TCPStore(
+                os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                is_master=rank == 0 and not agent_store, timeout=timedelta(minutes=10),
+                wait_for_workers=False)
+            dist.init_process_group(
+                backend=backend, rank=rank, world_size=world_size,
+                store=dist.PrefixStore(f"dlrm_torchrec/attempt_{restart}", store))
     return DistInfo(rank, world_size, local_rank, local_world_size, device, backend)
 
 

@@ -148,6 +148,22 @@ class Interaction(nn.Module):
         return flat
 
 
+class PooledInOrder(nn.Module):
+    """KeyedTensor -> B x (F * d) in the configured feature order. A sharded collection
+    returns its features grouped by sharding (e.g. by rank for table-wise), so its
+    `values()` order depends on the plan; the interaction's layout must not."""
+
+    def __init__(self, feature_names: List[str]):
+        super().__init__()
+        self.feature_names = list(feature_names)
+
+    def forward(self, pooled: KeyedTensor) -> torch.Tensor:
+        if pooled.keys() == self.feature_names:
+            return pooled.values()
+        by_key = pooled.to_dict()
+        return torch.cat([by_key[k] for k in self.feature_names], dim=1)
+
+
 class DLRM(nn.Module):
     """The model. forward(dense B x D, KJT of F features) -> logits B. With QR the KJT
     carries the split keys (see compression.py)."""
@@ -168,6 +184,7 @@ class DLRM(nn.Module):
         # QR pairs combine and MD tables project to the common width after the EBC
         self.embedding_out: Optional[CompressedEmbeddingOutput] = (
             CompressedEmbeddingOutput(layout, e.qr_operation) if is_compressed(e) else None)
+        self.in_order = PooledInOrder(names)
         self.dense_arch = MLP(m.dense_in_features, m.bottom_mlp, last_activation=True)
         width = sparse_output_dim(cfg)
         self.interaction = Interaction(
@@ -179,7 +196,7 @@ class DLRM(nn.Module):
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         x = self.dense_arch(dense_features)
         pooled: KeyedTensor = self.sparse_arch(sparse_features)
-        sparse = pooled.values() if self.embedding_out is None else self.embedding_out(pooled)
+        sparse = self.in_order(pooled) if self.embedding_out is None else self.embedding_out(pooled)
         r = self.interaction(x, sparse)
         return self.over_arch(r).squeeze(-1)
 

@@ -95,6 +95,12 @@ class LRSchedule:
             lrs = [max(self.MIN_LR, lr) for lr in lrs]
         return lrs
 
+    def resume_at(self, step: int) -> None:
+        """After loading a checkpoint taken after `step` optimizer steps: set the rate of
+        step + 1 (the loaded param groups hold the scheduled, not the base, rates)."""
+        self.step_count = step
+        self.step()
+
     def step(self) -> None:
         self.step_count += 1
         for group, lr in zip(self.optimizer.param_groups, self.lrs_at(self.step_count)):

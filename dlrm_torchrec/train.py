@@ -21,12 +21,18 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--config", default=None, help=f"YAML config file (default {DEFAULT_CONFIG})")
+    p.add_argument("--eval-only", action="store_true",
+                   help="load the checkpoint named by checkpoint.resume (a folder, or auto for "
+                        "the newest) and evaluate --split; no training")
+    p.add_argument("--split", default="val", choices=["val", "test"],
+                   help="split evaluated by --eval-only (default val)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
 
 
-def train(cfg: Config) -> dict:
-    """Train with `cfg` in this process (rank and world size from the environment)."""
+def train(cfg: Config, eval_only: bool = False, split: str = "val") -> dict:
+    """Train with `cfg` in this process (rank and world size from the environment), or
+    with `eval_only` evaluate the checkpoint named by checkpoint.resume on `split`."""
     from dlrm_torchrec.distributed import init_distributed, shutdown
     from dlrm_torchrec.trainer import Trainer
 
@@ -35,7 +41,7 @@ def train(cfg: Config) -> dict:
     try:
         validate(cfg, world_size=info.world_size)
         trainer = Trainer(cfg, info)
-        return trainer.fit()
+        return trainer.evaluate_only(split) if eval_only else trainer.fit()
     finally:
         if trainer is not None:  # after an error: stop the profiler, flush TensorBoard
             trainer.run_logger.close()
@@ -54,14 +60,20 @@ def quiet_libraries() -> None:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from dlrm_torchrec.checkpoint import CheckpointError
+    from dlrm_torchrec.trainer import TrainingDiverged
+
     args = parse_args(argv)
     quiet_libraries()
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
-        train(cfg)
+        train(cfg, eval_only=args.eval_only, split=args.split)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (CheckpointError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

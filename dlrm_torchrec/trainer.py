@@ -4,6 +4,7 @@ evaluation, early stop, and the run folder (resolved config, metrics)."""
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,8 +15,9 @@ import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer
 
+from dlrm_torchrec import checkpoint
 from dlrm_torchrec.compression import is_compressed, memory_report, wrap_source
-from dlrm_torchrec.config import Config, to_yaml
+from dlrm_torchrec.config import Config, to_dict, to_yaml
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.distributed import DistInfo
 from dlrm_torchrec.metrics import EvalMetrics
@@ -62,9 +64,17 @@ class Trainer:
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, info.device,
                                                 execute_all_batches=True)
         self.step = 0
+        self.epoch = 0
+        self.next_batch = 0  # data position: the next global batch of self.epoch
         self.samples_seen = torch.zeros((), dtype=torch.float64, device=info.device)
+        # first step whose loss was not finite (-1: none); a device tensor, no sync per step
+        self.first_bad_step = torch.full((), -1, dtype=torch.int64, device=info.device)
         self.history: List[Dict[str, Any]] = []
         self.evals: List[Dict[str, Any]] = []
+        self.best_auc, self.best_step = -math.inf, -1
+        self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        self.signature = model_signature(cfg, module.model.tables)
+        self.last_checkpoint: Optional[Path] = None
 
     # ------------------------------------------------------------------ steps
     def _run_steps(self, batches, epoch: int, loss_sum: torch.Tensor) -> int:
@@ -80,6 +90,9 @@ class Trainer:
             self.schedule.step()
             self.step += 1
             taken += 1
+            self.first_bad_step = torch.where(
+                (self.first_bad_step < 0) & ~torch.isfinite(loss), self.step, self.first_bad_step)
+            self._maybe_inject_crash()
             self.run_logger.step(self.step)  # observability: progress bar, profiler window
             loss_sum += loss.double()
             self.samples_seen += (weights > 0).sum()
@@ -147,41 +160,56 @@ class Trainer:
         steps_per_epoch = self.source.num_batches("train")
         log(self.info, f"{self.source.num_samples('train'):,} training samples, "
                        f"{steps_per_epoch} steps per epoch of global batch {cfg.data.batch_size}")
+        self._maybe_resume(steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
         self.run_logger.run_start(  # observability
             min(total_steps, t.max_steps) if t.max_steps else total_steps, steps_per_epoch,
             self.source.num_samples("train"), self.source.num_samples("val"))
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
-        self._last_logged_step, self._last_log_time = 0, time.perf_counter()
+        self._seen_at_start = int(self._all_reduce_sum(self.samples_seen))
+        self._last_logged_step, self._last_log_time = self.step, time.perf_counter()
         start = time.perf_counter()
         stopped_early = False
-        evaluated_at = -1
+        evaluated_at = self.evals[-1]["step"] if self.evals else -1
+        saved_at = self.step if self.last_checkpoint else -1
         every = t.eval_every_n_steps or steps_per_epoch
-        for epoch in range(t.epochs):
+        save_every = cfg.checkpoint.every_n_steps
+        epoch = self.epoch
+        while epoch < t.epochs:
+            self.epoch = epoch
             self.run_logger.epoch_start(epoch)  # observability
-            batches = self.source.batches("train", epoch)
-            done_in_epoch = 0
-            while done_in_epoch < steps_per_epoch:
-                n = min(every - self.step % every, steps_per_epoch - done_in_epoch)
+            batches = self.source.batches("train", epoch, start_batch=self.next_batch)
+            while self.next_batch < steps_per_epoch:
+                n = min(every - self.step % every, steps_per_epoch - self.next_batch)
+                if save_every:
+                    n = min(n, save_every - self.step % save_every)
                 if t.max_steps:
                     n = min(n, t.max_steps - self.step)
                 if n <= 0:
                     break
-                taken = self._run_steps(itertools.islice(batches, n), epoch, loss_sum)
-                done_in_epoch += taken
-                if self.step % every == 0 or done_in_epoch == steps_per_epoch:
+                self.next_batch += self._run_steps(itertools.islice(batches, n), epoch, loss_sum)
+                self._check_finite()
+                if self.step % every == 0 or self.next_batch == steps_per_epoch:
                     evaluated_at = self.step
-                    if self._eval_and_check(epoch):
-                        stopped_early = True
-                        break
-                if t.max_steps and self.step >= t.max_steps:
+                    stopped_early = self._eval_and_check(epoch)
+                    if self._is_new_best() and self._checkpointing():
+                        saved_at = self._save()
+                if save_every and self.step % save_every == 0 and saved_at != self.step:
+                    saved_at = self._save()
+                if stopped_early or (t.max_steps and self.step >= t.max_steps):
                     break
             self.run_logger.epoch_stop(epoch)  # observability
             if stopped_early or (t.max_steps and self.step >= t.max_steps):
                 break
+            epoch, self.next_batch = epoch + 1, 0
         train_time = time.perf_counter() - start
+        self._check_finite()
         if evaluated_at != self.step:
-            stopped_early = self._eval_and_check(epoch) or stopped_early
+            stopped_early = self._eval_and_check(min(epoch, t.epochs - 1)) or stopped_early
+            if self._is_new_best() and self._checkpointing() and saved_at != self.step:
+                saved_at = self._save()
+        if cfg.checkpoint.at_end and saved_at != self.step:
+            saved_at = self._save()
         seen = self.samples_seen.clone()
         if self.info.world_size > 1:
             dist.all_reduce(seen)
@@ -189,8 +217,12 @@ class Trainer:
             "steps": self.step,
             "train_samples_seen": int(seen.item()),
             "train_seconds": train_time,
-            "train_samples_per_s": int(seen.item()) / max(train_time, 1e-9),
+            # this process's throughput: samples restored from a checkpoint do not count
+            "train_samples_per_s": (int(seen.item()) - self._seen_at_start) / max(train_time, 1e-9),
             "stopped_early": stopped_early,
+            "best_auc": self.best_auc if self.best_step >= 0 else None,
+            "best_step": self.best_step,
+            "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "final": self.evals[-1] if self.evals else {},
             "evals": self.evals,
             "history": self.history,
@@ -202,6 +234,115 @@ class Trainer:
                        f"{train_time:.1f}s ({summary['train_samples_per_s']:,.0f} samples/s); "
                        f"val auc {final.get('auc', math.nan):.5f}; results in {self.run_dir}")
         return summary
+
+    def evaluate_only(self, split: str = "val") -> Dict[str, Any]:
+        """Load the checkpoint named by checkpoint.resume and evaluate `split` with every
+        metric (AUC, log loss, accuracy, precision, recall, F1, average precision)."""
+        if not self.cfg.checkpoint.resume:
+            raise checkpoint.CheckpointError(
+                "--eval-only needs checkpoint.resume=auto or checkpoint.resume=<folder>")
+        self._maybe_resume(self.source.num_batches("train"), with_optimizer=False)
+        if self.last_checkpoint is None:
+            raise checkpoint.CheckpointError(f"--eval-only: no checkpoint in {self.ckpt_dir}")
+        res = self.evaluate(split, extended=True)
+        res.update(split=split, step=self.step, checkpoint=str(self.last_checkpoint))
+        log(self.info, f"{split} of {self.last_checkpoint}: " + "  ".join(
+            f"{k} {v:.5f}" if isinstance(v, float) else f"{k} {v}" for k, v in res.items()
+            if k not in ("split", "checkpoint")))
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / f"eval_{split}.json").write_text(json.dumps(res, indent=1))
+        return res
+
+    # ------------------------------------------------------------------ checkpoints
+    def _checkpointing(self) -> bool:
+        c = self.cfg.checkpoint
+        return c.every_n_steps > 0 or c.at_end
+
+    def _is_new_best(self) -> bool:
+        auc = self.evals[-1].get("auc", math.nan) if self.evals else math.nan
+        if auc > self.best_auc:  # NaN compares False
+            self.best_auc, self.best_step = auc, self.step
+            return self.cfg.checkpoint.keep_best
+        return False
+
+    def _trainer_state(self) -> Dict[str, Any]:
+        epoch, next_batch = self.epoch, self.next_batch
+        if next_batch >= self.source.num_batches("train"):
+            epoch, next_batch = epoch + 1, 0
+        return {
+            "step": self.step, "epoch": epoch, "next_batch": next_batch,
+            "samples_seen": int(self._all_reduce_sum(self.samples_seen)),
+            "best_auc": self.best_auc if self.best_step >= 0 else None,
+            "best_step": self.best_step, "history": self.history, "evals": self.evals,
+            "world_size": self.info.world_size, "signature": self.signature,
+            "config": to_dict(self.cfg),
+        }
+
+    def _save(self) -> int:
+        """Collective: checkpoint the current step; returns it."""
+        state = self._trainer_state()
+        keep = [self.best_step] if self.cfg.checkpoint.keep_best and self.best_step >= 0 else []
+        self.last_checkpoint = checkpoint.save(
+            self.ckpt_dir, self.step, self.model, self.optimizer, state,
+            self.cfg.checkpoint.keep_last, keep)
+        log(self.info, f"checkpoint: step {self.step} -> {self.last_checkpoint}")
+        return self.step
+
+    def _maybe_resume(self, steps_per_epoch: int, with_optimizer: bool = True) -> None:
+        want = self.cfg.checkpoint.resume
+        if not want:
+            return
+        if want == "auto":
+            found = checkpoint.latest_checkpoint(self.ckpt_dir)
+            if found is None:
+                log(self.info, f"resume=auto: no checkpoint in {self.ckpt_dir}; starting fresh")
+                return
+            path = found.path
+        else:
+            path = Path(want)
+            if not path.is_dir():
+                raise checkpoint.CheckpointError(f"checkpoint.resume={want!r}: no such folder")
+        state = checkpoint.read_trainer_state(path)
+        checkpoint.check_signature(path, state.get("signature", {}), self.signature)
+        checkpoint.load(path, self.model, self.optimizer if with_optimizer else None)
+        self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
+        self.schedule.resume_at(self.step)
+        self.samples_seen.fill_(state["samples_seen"] if self.info.is_main else 0)
+        self.history, self.evals = state["history"], state["evals"]
+        if state.get("best_auc") is not None:
+            self.best_auc, self.best_step = state["best_auc"], state["best_step"]
+        self.last_checkpoint = path
+        log(self.info, f"resumed from {path}: step {self.step}, epoch {self.epoch}, batch "
+                       f"{self.next_batch} of {steps_per_epoch} (written by "
+                       f"{state['world_size']} ranks)")
+
+    def _check_finite(self) -> None:
+        """Collective: stop when any rank saw a non-finite loss (before anything is saved)."""
+        bad = self.first_bad_step.clone()
+        big = torch.iinfo(torch.int64).max
+        bad = torch.where(bad < 0, torch.full_like(bad, big), bad)
+        if self.info.world_size > 1:
+            dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        if int(bad) != big:
+            last = self.last_checkpoint or checkpoint.latest_checkpoint(self.ckpt_dir)
+            raise TrainingDiverged(
+                f"non-finite training loss at step {int(bad)}; stopped at step {self.step} "
+                f"without saving; last good checkpoint: {last.path if hasattr(last, 'path') else last}")
+
+    def _maybe_inject_crash(self) -> None:
+        t = self.cfg.training
+        if (t.crash_at_step and self.step == t.crash_at_step and self.info.rank == t.crash_rank
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
+            print(f"training.crash_at_step: rank {self.info.rank} exits at step {self.step}",
+                  file=sys.stderr, flush=True)
+            os._exit(13)
+
+    def _all_reduce_sum(self, t: torch.Tensor) -> float:
+        t = t.clone()
+        if self.info.world_size > 1:
+            dist.all_reduce(t)
+        return float(t.item())
 
     # ------------------------------------------------------------------ run folder
     def _write_config(self) -> None:
@@ -215,6 +356,22 @@ class Trainer:
             tmp = self.run_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
             tmp.replace(self.run_dir / "metrics.json")
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+def model_signature(cfg: Config, tables) -> Dict[str, Any]:
+    """What a checkpoint must match to be loaded: tables and the dense architecture."""
+    m = cfg.model
+    return {
+        "tables": [[t.name, t.num_embeddings, t.embedding_dim] for t in tables],
+        "dense_in_features": m.dense_in_features, "bottom_mlp": list(m.bottom_mlp),
+        "top_mlp": list(m.top_mlp), "interaction": m.interaction,
+        "interaction_itself": m.interaction_itself,
+        "dcn": [m.dcn_num_layers, m.dcn_low_rank_dim] if m.interaction == "dcn" else None,
+    }
 
 
 def _json_default(x: Any) -> Optional[float]:

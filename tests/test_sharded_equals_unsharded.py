@@ -30,6 +30,10 @@ VARIANTS = [
     ADAGRAD + ["sharding.sharding_type=column_wise"],
     ADAGRAD + ["sharding.sharding_type=table_wise", "model.interaction=cat", "model.bottom_mlp=[16,8]"],
     SGD + ["sharding.sharding_type=table_wise", "model.interaction_itself=true"],
+    # equal tables alternate between the ranks; the sharded collection's output groups
+    # features by rank (0, 2, 4, 6, 1, ...), out of the configured order
+    SGD + ["sharding.sharding_type=table_wise",
+           "embeddings.num_embeddings_per_feature=[40,40,40,40,40,40,40,40]"],
     # 80 samples: the third global batch has 16 real samples, all on rank 0
     SGD + ["sharding.sharding_type=table_wise", "data.train_samples=80"],
 ]

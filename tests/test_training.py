@@ -14,7 +14,7 @@ from dlrm_torchrec.data import build_data_source
 from tests.dist_utils import run_ranks
 
 SMALL = [
-    "data.train_samples=40100", "data.eval_samples=8192", "data.batch_size=256",
+    "data.train_samples=80100", "data.eval_samples=8192", "data.batch_size=256",
     "training.eval_every_n_steps=0", "logging.log_every_n_steps=40",
 ]
 
@@ -42,9 +42,9 @@ def test_two_ranks_learn_the_click_model_and_see_every_sample_once(tmp_path):
     overrides = SMALL + [f"logging.run_dir={tmp_path}"]
     run_ranks(2, _train_worker, overrides)
     m = _metrics(tmp_path)
-    # 40100 = 156 full batches of 256 + 164: the last batch is kept, not dropped
-    assert m["steps"] == 157
-    assert m["train_samples_seen"] == 40100
+    # 80100 = 312 full batches of 256 + 228: the last batch is kept, not dropped
+    assert m["steps"] == 313
+    assert m["train_samples_seen"] == 80100
     assert m["final"]["samples"] == 8192
     best = oracle_auc(overrides)
     auc = m["final"]["auc"]
@@ -59,7 +59,7 @@ def test_early_stop_at_target_auc(tmp_path):
     run_ranks(1, _train_worker, overrides)
     m = _metrics(tmp_path)
     assert m["stopped_early"] is True
-    assert m["steps"] < 157 and m["steps"] % 20 == 0
+    assert m["steps"] < 313 and m["steps"] % 20 == 0
     assert m["final"]["auc"] >= 0.7
     # the evaluation before the last one had not reached the target
     assert all(e["auc"] < 0.7 for e in m["evals"][:-1])
