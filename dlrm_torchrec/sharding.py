@@ -12,22 +12,48 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
 from torchrec.distributed.planner.types import ParameterConstraints
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import CacheParams, ShardingPlan
 from torchrec.modules.embedding_configs import EmbeddingBagConfig
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
-from dlrm_torchrec.config import SHARDING_TYPES, ConfigError, ShardingConfig
+from dlrm_torchrec.config import (
+    SHARDING_TYPES,
+    ConfigError,
+    DataConfig,
+    EmbeddingsConfig,
+    ShardingConfig,
+)
 
 GB = 1024**3
 CPU_DEFAULT_CAP_GB = 32.0
 
 
-def constraints_for(cfg: ShardingConfig, tables: List[EmbeddingBagConfig]) -> Dict[str, ParameterConstraints]:
+def pooling_factors(data: DataConfig, embeddings: EmbeddingsConfig) -> Dict[str, float]:
+    """Mean ids per bag of each table's feature (table name -> factor), for the planner's
+    cost and input-buffer estimates: data.multi_hot_sizes, else for generated data
+    num_indices_per_lookup (its mean, (k + 1) / 2, when bags are 1..k at random), else 1."""
+    from dlrm_torchrec.compression import embedding_layout
+
+    layout = embedding_layout(embeddings)
+    k = data.num_indices_per_lookup
+    if data.multi_hot_sizes:
+        per_feature = [float(s) for s in data.multi_hot_sizes]
+    elif data.source in ("random", "synthetic"):
+        per_feature = [float(k if data.num_indices_per_lookup_fixed else (k + 1) / 2)] * len(layout)
+    else:  # one-hot Criteo
+        per_feature = [1.0] * len(layout)
+    return {t.name: pf for f, pf in zip(layout, per_feature) for t in f.tables}
+
+
+def constraints_for(cfg: ShardingConfig, tables: List[EmbeddingBagConfig],
+                    pooling: Optional[Dict[str, float]] = None) -> Dict[str, ParameterConstraints]:
     """Per-table planner constraints: the global sharding type / kernel, then per-table
-    overrides. Data-parallel tables need the dense kernel."""
+    overrides. Data-parallel tables need the dense kernel. `pooling`: table name -> mean ids
+    per bag (`pooling_factors`; TorchRec assumes 1 for a table not in it).
+    sharding.cache_load_factor sets the UVM cache size of fused_uvm_caching tables."""
     out = {}
     for t in tables:
         tcfg = cfg.tables.get(t.name)
@@ -40,7 +66,12 @@ def constraints_for(cfg: ShardingConfig, tables: List[EmbeddingBagConfig]) -> Di
             types = None if "dense" in kernels else [t for t in SHARDING_TYPES if t != "data_parallel"]
         if types == ["data_parallel"]:
             kernels = ["dense"]
-        out[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels)
+        extra = {}  # issue 7: pooling factors and the UVM cache size
+        if pooling and t.name in pooling:
+            extra["pooling_factors"] = [pooling[t.name]] * len(t.feature_names)
+        if cfg.cache_load_factor > 0 and "fused_uvm_caching" in kernels:
+            extra["cache_params"] = CacheParams(load_factor=cfg.cache_load_factor)
+        out[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels, **extra)
     return out
 
 
@@ -70,12 +101,23 @@ def check_supported(cfg: ShardingConfig, device_type: str, sparse_optimizer: str
                     "optimizer) or a sparse optimizer of sgd, adagrad, rowwise_adagrad")
 
 
+def device_memory_bytes(device_type: str) -> int:
+    """Total memory of this process's current CUDA device (0 on CPU or without CUDA)."""
+    if device_type != "cuda" or not torch.cuda.is_available():
+        return 0
+    return int(torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory)
+
+
 def build_topology(cfg: ShardingConfig, world_size: int, local_world_size: int,
                    device_type: str) -> Topology:
+    """sharding.hbm_cap_gb per device; when 0: on CUDA the device's own memory (TorchRec's
+    default would be 32 GB), on CPU 32 GB. sharding.ddr_cap_gb is per rank, as TorchRec's."""
     hbm = cfg.hbm_cap_gb or (CPU_DEFAULT_CAP_GB if device_type == "cpu" else 0.0)
     kwargs = {}
     if hbm:
         kwargs["hbm_cap"] = int(hbm * GB)
+    elif device_memory_bytes(device_type):
+        kwargs["hbm_cap"] = device_memory_bytes(device_type)
     if cfg.ddr_cap_gb:
         kwargs["ddr_cap"] = int(cfg.ddr_cap_gb * GB)
     return Topology(world_size=world_size, local_world_size=local_world_size,
@@ -84,20 +126,30 @@ def build_topology(cfg: ShardingConfig, world_size: int, local_world_size: int,
 
 def build_planner(cfg: ShardingConfig, tables: List[EmbeddingBagConfig], world_size: int,
                   local_world_size: int, device_type: str, per_rank_batch: int,
-                  stats: Optional[List] = None) -> EmbeddingShardingPlanner:
+                  stats: Optional[List] = None,
+                  pooling: Optional[Dict[str, float]] = None) -> EmbeddingShardingPlanner:
     """`stats`: TorchRec planner Stats objects that receive the chosen plan (the `plan`
-    command's report); None keeps TorchRec's EmbeddingStats."""
+    command's report); None keeps TorchRec's EmbeddingStats. `pooling`: see constraints_for."""
     return EmbeddingShardingPlanner(
         topology=build_topology(cfg, world_size, local_world_size, device_type),
         batch_size=per_rank_batch,
-        constraints=constraints_for(cfg, tables),
+        constraints=constraints_for(cfg, tables, pooling),
         stats=stats,
         debug=False,
     )
 
 
-def sharders(fused_params: Optional[Dict] = None) -> List:
-    return [EmbeddingBagCollectionSharder(fused_params=fused_params or None)]
+class _SingleProcess(DataParallelWrapper):
+    """With one rank there is nothing to all-reduce: skip DDP's bucketing and hooks."""
+
+    def wrap(self, dmp, env, device) -> None:
+        pass
+
+
+def sharders(fused_params: Optional[Dict] = None, qcomm_codecs_registry: Optional[Dict] = None) -> List:
+    """`qcomm_codecs_registry`: fp16/bf16 all-to-alls (precision.qcomm_codecs_registry)."""
+    return [EmbeddingBagCollectionSharder(fused_params=fused_params or None,
+                                          qcomm_codecs_registry=qcomm_codecs_registry)]
 
 
 def plan_summary(plan: ShardingPlan) -> str:
@@ -119,19 +171,24 @@ def plan_summary(plan: ShardingPlan) -> str:
 def shard_model(module: nn.Module, ebc: nn.Module, tables: List[EmbeddingBagConfig],
                 cfg: ShardingConfig, sparse_opt_cls, sparse_opt_kwargs, fused_params: Dict,
                 device: torch.device, world_size: int, local_world_size: int,
-                per_rank_batch: int, seed: int, plan: Optional[ShardingPlan] = None):
+                per_rank_batch: int, seed: int, plan: Optional[ShardingPlan] = None,
+                pooling: Optional[Dict[str, float]] = None,
+                qcomm_codecs_registry: Optional[Dict] = None):
     """Fuse the sparse optimizer into `ebc`'s backward (check_supported first), plan (collectively), wrap `module`
-    in DistributedModelParallel and initialise the embedding shards. Returns (dmp, plan)."""
+    in DistributedModelParallel and initialise the embedding shards. Returns (dmp, plan).
+    `pooling` (constraints_for) and `qcomm_codecs_registry` (sharders): see there."""
     apply_optimizer_in_backward(sparse_opt_cls, ebc.parameters(), sparse_opt_kwargs)
-    module_sharders = sharders(fused_params)
+    module_sharders = sharders(fused_params, qcomm_codecs_registry)
     if plan is None:
-        planner = build_planner(cfg, tables, world_size, local_world_size, device.type, per_rank_batch)
+        planner = build_planner(cfg, tables, world_size, local_world_size, device.type,
+                                per_rank_batch, pooling=pooling)
         if dist.is_initialized():
             plan = planner.collective_plan(module, module_sharders, dist.GroupMember.WORLD)
         else:
             plan = planner.plan(module, module_sharders)
-    dmp = DistributedModelParallel(module=module, device=device, plan=plan,
-                                   sharders=module_sharders)
+    dmp = DistributedModelParallel(
+        module=module, device=device, plan=plan, sharders=module_sharders,
+        data_parallel_wrapper=_SingleProcess() if world_size == 1 else None)
     init_embedding_weights(dmp, tables, seed)
     return dmp, plan
 
