@@ -192,17 +192,9 @@ def test_memory_report_compares_with_the_uncompressed_tables():
 # --------------------------------------------------------------------------- sharded parity
 
 
-TOL = 1e-5
-STEPS = 3
-BASE = [
-    "model.dense_in_features=5", "model.bottom_mlp=[16,8]", "model.top_mlp=[16,1]",
-    "embeddings.dim=8", "embeddings.num_embeddings_per_feature=[40,60,30,50]",
-    "data.source=random", "data.batch_size=32", "data.train_samples=96", "data.eval_samples=32",
-    "data.num_indices_per_lookup=3", "data.num_indices_per_lookup_fixed=false",
-    "logging.log_every_n_steps=1", "training.seed=7",
-]
-SGD = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5"]
-ADAGRAD = ["optimizer.dense=adagrad", "optimizer.sparse=rowwise_adagrad", "optimizer.lr=0.05"]
+# the model, data and optimizers of the plain parity test
+from tests.test_sharded_equals_unsharded import ADAGRAD, BASE, SGD, STEPS, TOL  # noqa: E402
+
 QR = ["embeddings.qr_threshold=35", "embeddings.qr_collisions=4"]
 VARIANTS = [
     SGD + QR + ["embeddings.qr_operation=mult", "sharding.sharding_type=table_wise"],
