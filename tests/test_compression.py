@@ -22,6 +22,7 @@ from dlrm_torchrec.model import DLRM, build_train_module, embedding_init_rows
 from tests.dist_utils import run_ranks
 from tests.parity_worker import run as parity_worker
 from tests.reference_dlrm import ReferenceDLRM, assemble, bce_mean, unpack_kjt
+from tests.test_sharded_equals_unsharded import ADAGRAD, BASE, SGD, STEPS, TOL
 
 SMALL = ["model.dense_in_features=3", "model.bottom_mlp=[4]", "model.top_mlp=[1]",
          "embeddings.dim=4", "embeddings.num_embeddings_per_feature=[10,3]"]
@@ -191,9 +192,6 @@ def test_memory_report_compares_with_the_uncompressed_tables():
 
 # --------------------------------------------------------------------------- sharded parity
 
-
-# the model, data and optimizers of the plain parity test
-from tests.test_sharded_equals_unsharded import ADAGRAD, BASE, SGD, STEPS, TOL  # noqa: E402
 
 QR = ["embeddings.qr_threshold=35", "embeddings.qr_collisions=4"]
 VARIANTS = [
