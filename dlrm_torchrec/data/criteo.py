@@ -34,7 +34,7 @@ import torch
 
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
-from dlrm_torchrec.data.synthetic import hash_keys, uniform01
+from dlrm_torchrec.data.hashing import hash_keys, uniform01
 
 NUM_DENSE = 13
 NUM_SPARSE = 26

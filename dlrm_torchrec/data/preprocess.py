@@ -63,7 +63,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dlrm_torchrec.data import criteo_text as ct
-from dlrm_torchrec.data.synthetic import hash_keys, uniform01
+from dlrm_torchrec.data.hashing import hash_keys, uniform01
 
 FORMAT_VERSION = 1
 KAGGLE_DAYS = 7
