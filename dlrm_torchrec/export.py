@@ -1,0 +1,460 @@
+"""Export a checkpoint to a single-host inference model:
+`python -m dlrm_torchrec.export --config FILE --checkpoint DIR|auto --out OUT [--quantize int8]`.
+
+The checkpoint (DCP shards written by any world size and sharding plan) is read on one CPU
+process without a process group: DCP reassembles every sharded table into the plain
+`EmbeddingBagCollection` of `dlrm_torchrec.model.DLRM`. OUT receives
+
+- `weights.pt`: the unsharded state dict of `DLRM` (plain tensors, `torch.load(...,
+  weights_only=True)`), and `config.yaml`, the resolved config that builds that model;
+- `model.pt2`: a `torch.export` program of `InferenceModel`: (dense B x D float32, ids: F
+  1-D int64 tensors, lengths: F tensors of B int64) -> click probabilities B. Quotient-remainder
+  id splits happen inside, so callers always pass the raw feature ids;
+- with `--quantize int8`, `model_int8.pt2`: the same program with every table quantized to
+  int8 rows (row-wise scale and bias) by TorchRec's `quantize_inference_model`, looked up by
+  FBGEMM's IntNBit inference kernel; it needs `import fbgemm_gpu` (or torchrec) before
+  `torch.export.load`;
+- `export.json`: inputs, feature order, tables, files, and the validation report: metrics of
+  the exported programs on a split and their largest prediction differences.
+
+Loading never unpickles: the checkpoint is read with checkpoint.SafeFileSystemReader and
+SafeLoadPlanner, and a checkpoint of another model is refused naming what differs.
+"""
+
+import argparse
+import copy
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+from dlrm_torchrec import checkpoint
+from dlrm_torchrec.compression import FeatureSpec, embedding_layout, is_compressed
+from dlrm_torchrec.config import Config, ConfigError, load_config, to_yaml, validate
+from dlrm_torchrec.model import DLRM, build_train_module
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+CONFIG_FILE = "config.yaml"
+PROGRAM_FILE = "model.pt2"
+INT8_PROGRAM_FILE = "model_int8.pt2"
+INFO_FILE = "export.json"
+LOG_LOSS_EPS = 1e-12  # as dlrm_torchrec.metrics
+
+
+class ExportError(RuntimeError):
+    """The export cannot be written (e.g. an unwritable output folder)."""
+
+
+# --------------------------------------------------------------------------- the model
+
+
+class InferenceModel(nn.Module):
+    """Plain tensors in, click probabilities out, around a `DLRM` (float or quantized).
+
+    forward(dense B x D float32, ids, lengths) -> B probabilities, where ids[f] holds feature
+    f's ids of all B samples back to back (int64, each below that feature's row count) and
+    lengths[f] (B, int64) how many of them belong to each sample; features in `feature_names`
+    order. Quotient-remainder features are split into their two keys here (id // c, id mod c),
+    as `compression.split_qr_ids` does for training batches.
+    """
+
+    def __init__(self, dlrm: nn.Module, layout: Sequence[FeatureSpec]):
+        super().__init__()
+        self.dlrm = dlrm
+        self.feature_names: List[str] = [f.feature for f in layout]
+        self.collisions: List[int] = [f.qr_collisions for f in layout]
+        self.keys: List[str] = [t.feature for f in layout for t in f.tables]
+
+    def forward(self, dense: torch.Tensor, ids: List[torch.Tensor],
+                lengths: List[torch.Tensor]) -> torch.Tensor:
+        values: List[torch.Tensor] = []
+        lens: List[torch.Tensor] = []
+        per_key: List[int] = []
+        for f, c in enumerate(self.collisions):
+            parts = [ids[f]] if c == 0 else [torch.div(ids[f], c, rounding_mode="floor"),
+                                             torch.remainder(ids[f], c)]
+            for part in parts:
+                values.append(part)
+                lens.append(lengths[f])
+                per_key.append(part.shape[0])
+        kjt = KeyedJaggedTensor(keys=self.keys, values=torch.cat(values),
+                                lengths=torch.cat(lens), length_per_key=per_key)
+        return torch.sigmoid(self.dlrm(dense, kjt))
+
+
+def load_weights(cfg: Config, weights: Path) -> DLRM:
+    """A plain `DLRM` on CPU with the exported weights (`config.yaml` + `weights.pt`)."""
+    model = DLRM(cfg, device=torch.device("cpu"))
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
+
+
+def quantize_int8(model: DLRM) -> nn.Module:
+    """A copy of `model` whose EmbeddingBagCollection is TorchRec's quantized one (int8
+    rows with a row-wise scale and bias; FBGEMM IntNBit lookups, float32 output)."""
+    from torchrec.inference.modules import quantize_inference_model
+
+    return quantize_inference_model(copy.deepcopy(model), quantization_dtype=torch.int8,
+                                    output_dtype=torch.float32).eval()
+
+
+def _example_inputs(cfg: Config, batch: int = 4, per_bag: int = 2):
+    sizes = cfg.embeddings.table_sizes()
+    dense = torch.rand(batch, cfg.model.dense_in_features, generator=torch.Generator().manual_seed(0))
+    ids = [torch.arange(batch * per_bag, dtype=torch.int64) % n for n in sizes]
+    lengths = [torch.full((batch,), per_bag, dtype=torch.int64) for _ in sizes]
+    return dense, ids, lengths
+
+
+def export_program(model: InferenceModel, cfg: Config):
+    """torch.export of `model` with a dynamic batch size and dynamic ids per feature."""
+    from torch.export import Dim
+
+    if any(type(m).__module__.startswith("torchrec.quant") for m in model.modules()):
+        # the IntNBit kernel holds fbgemm script objects (cache counters); TorchRec ships
+        # fake versions of them for tracing
+        from torch._library.fake_class_registry import has_fake_class
+        from torchrec.pt2.utils import register_fake_classes
+
+        if not has_fake_class("fbgemm::AtomicCounter"):
+            register_fake_classes()
+    batch = Dim("batch", min=1)
+    n = len(model.feature_names)
+    shapes = {"dense": {0: batch},
+              "ids": [{0: Dim(f"ids_{name}", min=0)} for name in model.feature_names],
+              "lengths": [{0: batch}] * n}
+    example = _example_inputs(cfg)
+    with torch.no_grad():
+        # one eager call first: the quantized collection caches its feature order then
+        # (a torch.tensor(data=...) call that non-strict tracing cannot follow)
+        model(*example)
+        root = logging.getLogger()
+        root.addFilter(_quiet_kjt_warning)
+        try:
+            return torch.export.export(model, example, dynamic_shapes=shapes, strict=False)
+        finally:
+            root.removeFilter(_quiet_kjt_warning)
+
+
+def _quiet_kjt_warning(record: logging.LogRecord) -> bool:
+    """TorchRec warns (on the root logger) on every export that splitting a KJT by key is
+    slow to trace; it is, once."""
+    return "non-strict torch.export KJT" not in record.getMessage()
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def resolve_checkpoint(spec: str, cfg: Optional[Config]) -> Path:
+    if spec == "auto":
+        if cfg is None:
+            raise checkpoint.CheckpointError("--checkpoint auto needs --config (to find the run)")
+        folder = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
+        found = checkpoint.latest_checkpoint(folder)
+        if found is None:
+            raise checkpoint.CheckpointError(f"--checkpoint auto: no complete checkpoint in {folder}")
+        return found.path
+    path = Path(spec)
+    if not path.is_dir():
+        raise checkpoint.CheckpointError(f"--checkpoint {spec}: no such folder")
+    return path
+
+
+def config_of_checkpoint(path: Path, overrides: Sequence[str] = ()) -> Config:
+    """The resolved config a checkpoint was written with (its trainer_state.json)."""
+    saved = checkpoint.read_trainer_state(path).get("config")
+    if not isinstance(saved, dict):
+        raise checkpoint.CheckpointError(f"{path}: holds no config; pass --config")
+    import yaml
+
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        yaml.safe_dump(saved, f)
+        f.flush()
+        return load_config(f.name, overrides)
+
+
+def load_checkpoint(cfg: Config, path: Path) -> Tuple[DLRM, Dict[str, Any]]:
+    """The plain DLRM (CPU, eval mode) with the weights of checkpoint `path`, and the
+    checkpoint's trainer state. Raises CheckpointError for another model or a bad folder."""
+    from dlrm_torchrec.trainer import model_signature
+
+    state = checkpoint.read_trainer_state(path)
+    module = build_train_module(cfg, device=torch.device("cpu"))
+    checkpoint.check_signature(path, state.get("signature", {}),
+                               model_signature(cfg, module.model.tables))
+    # keys as the DMP model's: model.sparse_arch.embedding_bags.t_cat_0.weight, ...
+    weights = module.state_dict()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            dcp.load({"model": weights},
+                     storage_reader=checkpoint.SafeFileSystemReader(str(path)),
+                     planner=checkpoint.SafeLoadPlanner(), no_dist=True)
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        raise checkpoint.CheckpointError(
+            f"{path}: cannot be loaded ({checkpoint._root_cause(e)})") from None
+    module.load_state_dict(weights)
+    return module.model.eval(), state
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def batch_inputs(batch, feature_names: Sequence[str]):
+    """A data-source Batch (raw, un-split features) -> InferenceModel's inputs."""
+    by_key = batch.sparse_features.to_dict()
+    return (batch.dense_features, [by_key[k].values() for k in feature_names],
+            [by_key[k].lengths() for k in feature_names])
+
+
+def prediction_metrics(prob: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """AUC, log loss and accuracy of probabilities, computed as metrics.EvalMetrics does."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    targets = labels.round().long()
+    p = prob.double().clamp(LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+    y = labels.double()
+    n = len(y)
+    out: Dict[str, float] = {"samples": n}
+    if n == 0:
+        return out
+    out["log_loss"] = float(-(y * p.log() + (1 - y) * (1 - p).log()).sum() / n)
+    out["accuracy"] = float(((prob > 0.5).double() == y.round()).sum() / n)
+    positives = float(y.sum())
+    out["auc"] = float(binary_auroc(prob.float(), targets)) if 0 < positives < n else math.nan
+    return out
+
+
+@torch.no_grad()
+def predict_split(cfg: Config, models: Dict[str, Any], split: str, max_batches: int = 0):
+    """Probabilities of every model on the real samples of `split` (one process, the whole
+    global batch at a time), and the labels."""
+    from dlrm_torchrec.config import feature_names
+    from dlrm_torchrec.data import build_data_source
+
+    source = build_data_source(cfg.data, cfg.embeddings, cfg.model.dense_in_features, 0, 1)
+    names = feature_names(cfg.embeddings)
+    probs: Dict[str, List[torch.Tensor]] = {k: [] for k in models}
+    labels: List[torch.Tensor] = []
+    for i, batch in enumerate(source.batches(split, 0)):
+        if max_batches and i >= max_batches:
+            break
+        real = batch.weights > 0
+        inputs = batch_inputs(batch, names)
+        for k, m in models.items():
+            probs[k].append(m(*inputs)[real])
+        labels.append(batch.labels[real])
+    cat = {k: torch.cat(v) if v else torch.zeros(0) for k, v in probs.items()}
+    return cat, torch.cat(labels) if labels else torch.zeros(0)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+def _check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ExportError(f"--out {out}: cannot write there ({e.strerror or e})") from None
+
+
+def _publish(out: Path, name: str, write) -> None:
+    """write(tmp_path), then rename into place: a failed export never leaves half a file."""
+    tmp = out / f".tmp-{os.getpid()}-{name}"  # same suffix: torch.export.save wants .pt2
+    try:
+        write(tmp)
+        os.replace(tmp, out / name)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ExportError(f"{out / name}: cannot write ({e.strerror or e})") from None
+
+
+def describe_inputs(cfg: Config) -> Dict[str, Any]:
+    e, layout = cfg.embeddings, embedding_layout(cfg.embeddings)
+    return {
+        "call": "probabilities = program.module()(dense, ids, lengths)",
+        "dense": {"shape": ["B", cfg.model.dense_in_features], "dtype": "float32",
+                  "note": "transformed as the training data (Criteo: log(x + 1))"},
+        "ids": {"type": f"list of {len(layout)} 1-D int64 tensors, one per feature in "
+                        "feature_order; feature f's ids of all B samples back to back",
+                "range": "0 <= id < rows of the feature (ids mapped as the training loader "
+                         "maps them)"},
+        "lengths": {"type": f"list of {len(layout)} int64 tensors of shape [B]: ids per "
+                            "sample of each feature (0 allowed)"},
+        "output": {"shape": ["B"], "dtype": "float32", "meaning": "click probability"},
+        "feature_order": [f.feature for f in layout],
+        "features": [{
+            "name": f.feature, "rows": f.rows, "width": f.out_dim,
+            "tables": [{"name": t.name, "key": t.feature, "rows": t.rows, "dim": t.dim}
+                       for t in f.tables],
+            **({"qr_collisions": f.qr_collisions, "qr_operation": e.qr_operation}
+               if f.qr_collisions else {}),
+        } for f in layout],
+        "compression": ("quotient-remainder ids are split inside the program; weights.pt's "
+                        "DLRM expects the split keys (compression.split_qr_ids)"
+                        if is_compressed(e) else None),
+    }
+
+
+def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: str = "val",
+           eval_batches: int = 0, log=print) -> Dict[str, Any]:
+    """Write the export of checkpoint `ckpt` (a model of `cfg`) to `out`; returns the
+    contents of export.json."""
+    _check_writable(out)
+    start = time.perf_counter()
+    model, state = load_checkpoint(cfg, ckpt)
+    layout = embedding_layout(cfg.embeddings)
+    log(f"loaded {ckpt} (step {state.get('step')}, written by {state.get('world_size')} ranks)")
+
+    weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
+    _publish(out, WEIGHTS_FILE, lambda p: torch.save(weights, p))
+    _publish(out, CONFIG_FILE, lambda p: p.write_text(to_yaml(cfg)))
+
+    programs = {"float": (PROGRAM_FILE, InferenceModel(model, layout).eval())}
+    if quantize == "int8":
+        programs["int8"] = (INT8_PROGRAM_FILE, InferenceModel(quantize_int8(model), layout).eval())
+    elif quantize:
+        raise ConfigError(f"--quantize {quantize!r}: only int8 is offered")
+    loaded = {}
+    for kind, (name, wrapper) in programs.items():
+        ep = export_program(wrapper, cfg)
+        _publish(out, name, lambda p, ep=ep: _save_program(ep, p))
+        loaded[kind] = torch.export.load(str(out / name)).module()  # what users will run
+        log(f"wrote {out / name}")
+
+    info: Dict[str, Any] = {
+        "format_version": FORMAT_VERSION,
+        "checkpoint": str(ckpt), "step": state.get("step"),
+        "written_by_world_size": state.get("world_size"),
+        "files": {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "program": PROGRAM_FILE,
+                  **({"program_int8": INT8_PROGRAM_FILE} if "int8" in loaded else {})},
+        "weights": "state dict of dlrm_torchrec.model.DLRM(config, device=cpu); "
+                   "export.load_weights(config, path)",
+        "quantization": ("int8 rows, row-wise scale/bias, TorchRec quantize_inference_model "
+                         "(FBGEMM IntNBit kernel; import fbgemm_gpu before torch.export.load)"
+                         if "int8" in loaded else None),
+        "inputs": describe_inputs(cfg),
+        "versions": {"torch": torch.__version__, "torchrec": _version("torchrec")},
+    }
+    if eval_split != "none":
+        info["validation"] = validate_export(cfg, model, layout, loaded, eval_split, eval_batches)
+        v = info["validation"]
+        log(f"{eval_split} ({v['samples']} samples): " + "  ".join(
+            f"{k} auc {m.get('auc', math.nan):.6f} log_loss {m.get('log_loss', math.nan):.6f}"
+            for k, m in v["metrics"].items()))
+        for k, d in v["max_abs_prob_diff"].items():
+            log(f"  max |p_{k} - p_eager| = {d:.3g}")
+        if "auc_change_int8" in v:
+            log(f"  int8: auc change {v['auc_change_int8']:+.6f}, "
+                f"log_loss change {v['log_loss_change_int8']:+.6f}")
+    info["seconds"] = round(time.perf_counter() - start, 2)
+    _publish(out, INFO_FILE, lambda p: p.write_text(json.dumps(info, indent=1, default=_nan_null)))
+    log(f"export of {ckpt} -> {out} ({info['seconds']:.1f}s)")
+    return info
+
+
+def validate_export(cfg: Config, model: DLRM, layout, loaded: Dict[str, Any], split: str,
+                    max_batches: int) -> Dict[str, Any]:
+    """Metrics of the exported programs on `split` against the eager float model."""
+    models = {"eager": InferenceModel(model, layout).eval(), **loaded}
+    probs, labels = predict_split(cfg, models, split, max_batches)
+    metrics = {k: prediction_metrics(p, labels) for k, p in probs.items() if k != "eager"}
+    res: Dict[str, Any] = {
+        "split": split, "samples": len(labels), "metrics": metrics,
+        "max_abs_prob_diff": {k: float((p - probs["eager"]).abs().max()) if len(p) else 0.0
+                              for k, p in probs.items() if k != "eager"},
+    }
+    if "int8" in metrics:
+        res["max_abs_prob_diff_int8_vs_float"] = (
+            float((probs["int8"] - probs["float"]).abs().max()) if len(labels) else 0.0)
+        res["auc_change_int8"] = metrics["int8"].get("auc", math.nan) - metrics["float"].get("auc", math.nan)
+        res["log_loss_change_int8"] = (metrics["int8"].get("log_loss", math.nan)
+                                       - metrics["float"].get("log_loss", math.nan))
+    return res
+
+
+def _save_program(ep, path: Path) -> None:
+    with warnings.catch_warnings():  # about tensors sharing storage, which all live on CPU
+        warnings.filterwarnings("ignore", message="No complete tensor found")
+        torch.export.save(ep, str(path))
+
+
+def _version(name: str) -> str:
+    try:
+        from importlib.metadata import version
+
+        return version(name)
+    except Exception:  # noqa: BLE001 - informational only
+        return "unknown"
+
+
+def _nan_null(x: Any) -> Any:
+    return None if isinstance(x, float) and math.isnan(x) else str(x)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m dlrm_torchrec.export",
+        description="Export a (sharded) checkpoint to a single-host inference model: "
+                    "unsharded weights, a torch.export program, optionally int8 tables.")
+    p.add_argument("--config", default=None,
+                   help="YAML config of the model (default: the config stored in the checkpoint)")
+    p.add_argument("--checkpoint", required=True,
+                   help="checkpoint folder (step_<N>), or auto for the newest of the run")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--quantize", default="", choices=["", "int8"],
+                   help="also write model_int8.pt2 with int8 embedding tables")
+    p.add_argument("--eval-split", default="val", choices=["val", "test", "none"],
+                   help="split on which the exported programs are checked (default val)")
+    p.add_argument("--eval-batches", type=int, default=0,
+                   help="check only the first N global batches (0: the whole split)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    return p.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from dlrm_torchrec.train import quiet_libraries
+
+    args = parse_args(argv)
+    quiet_libraries()
+    # loading a program notes each data-dependent size it does not need again
+    logging.getLogger("torch._export.serde.serialize").setLevel(logging.ERROR)
+    try:
+        if args.config:
+            cfg = load_config(args.config, args.overrides)
+            ckpt = resolve_checkpoint(args.checkpoint, cfg)
+        else:
+            ckpt = resolve_checkpoint(args.checkpoint, None)
+            cfg = config_of_checkpoint(ckpt, args.overrides)
+        validate(cfg)
+        export(cfg, ckpt, Path(args.out), args.quantize, args.eval_split, args.eval_batches)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (checkpoint.CheckpointError, ExportError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

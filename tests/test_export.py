@@ -1,0 +1,254 @@
+"""Export: a checkpoint written by 2 sharded ranks becomes a plain state dict and a
+torch.export program that predict what the sharded model predicts; int8 tables stay within
+a stated tolerance; QR and MD models export; bad input gives `error: ...`."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dlrm_torchrec import checkpoint, export
+from dlrm_torchrec.config import feature_names, load_config, to_dict
+from tests.dist_utils import run_ranks
+
+BASE = [
+    "data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=256",
+    "training.eval_every_n_steps=0", "logging.log_every_n_steps=4",
+    "logging.progress_bar=false", "sharding.sharding_type=column_wise",
+]
+# int8 rows (row-wise scale/bias) against float32 tables, on this model and data
+INT8_MAX_PROB_DIFF = 5e-3
+INT8_MAX_AUC_LOSS = 2e-3
+
+
+def _train_and_predict(rank, world_size, overrides, out):
+    """Train with the real Trainer, then predict validation batch 0 through its pipeline (the
+    sharded eval path) and save this rank's share of the logits."""
+    from dlrm_torchrec.config import validate
+    from dlrm_torchrec.distributed import init_distributed, shutdown
+    from dlrm_torchrec.trainer import Trainer
+
+    cfg = load_config("configs/tiny_cpu.yaml", overrides)
+    info = init_distributed(cfg.sharding)
+    try:
+        validate(cfg, world_size=info.world_size)
+        trainer = Trainer(cfg, info)
+        trainer.fit()
+        trainer.model.eval()
+        with torch.no_grad():
+            _, logits, labels, weights = trainer.pipeline.progress(trainer.source.batches("val", 0))
+        torch.save({"logits": logits, "labels": labels, "weights": weights}, f"{out}/rank{rank}.pt")
+        trainer.run_logger.close()
+    finally:
+        shutdown()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    d = tmp_path_factory.mktemp("run")
+    run_ranks(2, _train_and_predict, BASE + [f"logging.run_dir={d}"], str(d))
+    parts = [torch.load(d / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    sharded = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}  # rank-major = global order
+    return d, sharded
+
+
+@pytest.fixture(scope="module")
+def exported(trained, tmp_path_factory):
+    run, _ = trained
+    out = tmp_path_factory.mktemp("export")
+    rc = export.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
+                      str(out), "--quantize", "int8", *BASE, f"logging.run_dir={run}"])
+    assert rc == 0
+    return out
+
+
+def _first_val_batch(cfg):
+    from dlrm_torchrec.data import build_data_source
+
+    source = build_data_source(cfg.data, cfg.embeddings, cfg.model.dense_in_features, 0, 1)
+    return next(source.batches("val", 0))
+
+
+def test_exported_weights_and_program_predict_what_the_sharded_model_predicts(trained, exported):
+    run, sharded = trained
+    cfg = load_config(str(exported / "config.yaml"))
+    batch = _first_val_batch(cfg)
+    assert torch.equal(batch.labels, sharded["labels"])  # the same samples, in the same order
+    real = batch.weights > 0
+    want = torch.sigmoid(sharded["logits"])
+
+    # the unsharded weights in the plain (non-distributed) DLRM
+    plain = export.load_weights(cfg, exported / "weights.pt")
+    with torch.no_grad():
+        got_plain = torch.sigmoid(plain(batch.dense_features, batch.sparse_features))
+    assert (got_plain - want)[real].abs().max() < 1e-6
+
+    # the torch.export program on plain tensors
+    program = torch.export.load(str(exported / "model.pt2")).module()
+    inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
+    got_program = program(*inputs).detach()
+    assert (got_program - want)[real].abs().max() < 1e-6
+
+    # over the whole validation split: the program's metrics are the sharded eval's
+    final = json.loads((run / "metrics.json").read_text())["final"]
+    info = json.loads((exported / "export.json").read_text())
+    v = info["validation"]
+    assert v["samples"] == final["samples"] == 1024
+    assert v["metrics"]["float"]["log_loss"] == pytest.approx(final["log_loss"], abs=1e-6)
+    assert v["metrics"]["float"]["auc"] == pytest.approx(final["auc"], abs=1e-6)
+    assert v["max_abs_prob_diff"]["float"] < 1e-6
+    assert info["inputs"]["feature_order"] == feature_names(cfg.embeddings)
+    assert info["written_by_world_size"] == 2
+
+
+def test_program_takes_any_batch_size_and_empty_bags(exported):
+    cfg = load_config(str(exported / "config.yaml"))
+    program = torch.export.load(str(exported / "model.pt2")).module()
+    plain = export.InferenceModel(export.load_weights(cfg, exported / "weights.pt"),
+                                  export.embedding_layout(cfg.embeddings))
+    n = len(feature_names(cfg.embeddings))
+    for b, ids_per_bag in ((1, 1), (3, 0), (33, 3)):
+        dense = torch.rand(b, cfg.model.dense_in_features)
+        ids = [torch.randint(0, 100, (b * ids_per_bag,)) for _ in range(n)]
+        lengths = [torch.full((b,), ids_per_bag, dtype=torch.int64) for _ in range(n)]
+        got = program(dense, ids, lengths)
+        assert got.shape == (b,)
+        assert torch.allclose(got, plain(dense, ids, lengths), atol=1e-6)
+
+
+def test_int8_tables_stay_within_tolerance_and_report_the_auc_change(exported):
+    import fbgemm_gpu  # noqa: F401  (registers the IntNBit kernel the int8 program calls)
+
+    v = json.loads((exported / "export.json").read_text())["validation"]
+    print(f"int8: max |dp| {v['max_abs_prob_diff_int8_vs_float']:.3g}, auc change "
+          f"{v['auc_change_int8']:+.6f}, log loss change {v['log_loss_change_int8']:+.6f}")
+    assert 0 < v["max_abs_prob_diff_int8_vs_float"] < INT8_MAX_PROB_DIFF
+    assert v["auc_change_int8"] > -INT8_MAX_AUC_LOSS
+    assert abs(v["log_loss_change_int8"]) < 1e-3
+
+    cfg = load_config(str(exported / "config.yaml"))
+    program = torch.export.load(str(exported / "model_int8.pt2")).module()
+    float_program = torch.export.load(str(exported / "model.pt2")).module()
+    inputs = export.batch_inputs(_first_val_batch(cfg), feature_names(cfg.embeddings))
+    diff = (program(*inputs) - float_program(*inputs)).abs().max()
+    assert 0 < diff < INT8_MAX_PROB_DIFF
+
+
+def _fake_checkpoint(cfg, folder: Path):
+    """A single-process checkpoint of a randomly initialised model, laid out as the
+    trainer's (DCP shards under "model", trainer_state.json with the signature)."""
+    import torch.distributed.checkpoint as dcp
+
+    from dlrm_torchrec.model import build_train_module
+    from dlrm_torchrec.trainer import model_signature
+
+    module = build_train_module(cfg, device=torch.device("cpu"))
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "embedding_bags" in name:
+                p.uniform_(-0.5, 0.5)
+    path = folder / "step_00000001"
+    dcp.save({"model": module.state_dict()}, checkpoint_id=str(path), no_dist=True)
+    (path / checkpoint.STATE_FILE).write_text(json.dumps({
+        "step": 1, "world_size": 1, "signature": model_signature(cfg, module.model.tables),
+        "config": to_dict(cfg)}))
+    return path, module.model.eval()
+
+
+@pytest.mark.parametrize("compression", [
+    ["embeddings.qr_threshold=600", "embeddings.qr_collisions=7", "embeddings.qr_operation=mult"],
+    ["embeddings.qr_threshold=600", "embeddings.qr_operation=concat", "model.bottom_mlp=[64,32]"],
+    ["embeddings.md_alpha=0.3"],
+])
+def test_qr_and_md_models_export_with_raw_feature_ids(tmp_path, compression):
+    from dlrm_torchrec.compression import split_qr_ids
+
+    over = ["data.eval_samples=512", *compression]
+    cfg = load_config("configs/tiny_cpu.yaml", over)
+    ckpt, model = _fake_checkpoint(cfg, tmp_path / "ck")
+    out = tmp_path / "out"
+    info = export.export(cfg, ckpt, out, quantize="int8", eval_split="val", log=lambda _: None)
+    layout = export.embedding_layout(cfg.embeddings)
+    batch = _first_val_batch(cfg)  # raw keys cat_i
+    with torch.no_grad():
+        want = torch.sigmoid(model(batch.dense_features, split_qr_ids(batch.sparse_features, layout)))
+    program = torch.export.load(str(out / "model.pt2")).module()
+    got = program(*export.batch_inputs(batch, feature_names(cfg.embeddings)))
+    assert (got - want).abs().max() < 1e-6
+    assert info["validation"]["max_abs_prob_diff"]["float"] < 1e-6
+    assert info["validation"]["max_abs_prob_diff_int8_vs_float"] < 0.05
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "dlrm_torchrec.export", *args],
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_missing_checkpoint_is_an_error_without_traceback(tmp_path):
+    proc = _cli("--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
+                str(tmp_path / "out"), f"logging.run_dir={tmp_path}")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("error: --checkpoint auto: no complete checkpoint in")
+    assert "Traceback" not in proc.stderr
+
+
+def test_checkpoint_of_another_model_is_refused_naming_the_difference(trained, tmp_path, capsys):
+    run, _ = trained
+    rc = export.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
+                      str(tmp_path / "out"), *BASE, f"logging.run_dir={run}",
+                      "embeddings.dim=8", "model.bottom_mlp=[64,32,8]"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith("error: ") and "was written by a different model" in err
+    assert "table t_cat_0: checkpoint rows x dim 1000 x 16, config 1000 x 8" in err
+    assert not (tmp_path / "out" / "weights.pt").exists()
+
+
+def test_unwritable_output_folder_is_an_error(trained, tmp_path, capsys):
+    run, _ = trained
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    rc = export.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
+                      str(blocker / "out"), *BASE, f"logging.run_dir={run}"])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert err.startswith(f"error: --out {blocker / 'out'}: cannot write there")
+
+
+def test_config_defaults_to_the_checkpoint_s_own(trained, tmp_path):
+    run, _ = trained
+    ckpt = checkpoint.latest_checkpoint(run / "checkpoints").path
+    rc = export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path), "--eval-split", "none"])
+    assert rc == 0
+    assert (tmp_path / "model.pt2").is_file() and (tmp_path / "weights.pt").is_file()
+    assert "validation" not in json.loads((tmp_path / "export.json").read_text())
+
+
+def test_truncated_or_malicious_checkpoint_is_refused(trained, tmp_path, capsys):
+    import os
+    import pickle
+    import shutil
+
+    run, _ = trained
+    src = checkpoint.latest_checkpoint(run / "checkpoints").path
+    bad = tmp_path / src.name
+    shutil.copytree(src, bad)
+    shard = next(bad.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:1000])
+    args = ["--config", "configs/tiny_cpu.yaml", "--checkpoint", str(bad), "--out",
+            str(tmp_path / "out"), *BASE]
+    assert export.main(args) == 1
+    assert capsys.readouterr().err.startswith(f"error: {bad}: cannot be loaded")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch PWNED_BY_EXPORT",))
+
+    (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
+    assert export.main(args) == 1
+    err = capsys.readouterr().err
+    assert "refusing to load" in err and "system" in err
+    assert not Path("PWNED_BY_EXPORT").exists()
