@@ -22,6 +22,9 @@ SHARDING_TYPES = (
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
 DATA_SOURCES = ("random", "synthetic", "criteo_kaggle", "criteo_terabyte")
 QR_OPERATIONS = ("mult", "add", "concat")
+DENSE_AUTOCAST = ("none", "bf16")
+EMBEDDING_DTYPES = ("fp32", "fp16")
+COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 
 
 class ConfigError(ValueError):
@@ -154,11 +157,33 @@ class ShardingConfig:
     hbm_cap_gb: float = 0.0
     """Per-device memory the planner may use, GB (0: the device's own size; on CPU 32)."""
     ddr_cap_gb: float = 0.0
-    """Per-host memory for UVM, GB (0: TorchRec's default)."""
+    """Host (DDR) memory for UVM per rank, GB: TorchRec's ddr_cap is per rank, so divide a
+    node's host memory by its ranks per node (0: TorchRec's default)."""
+    cache_load_factor: float = 0.0
+    """fused_uvm_caching: the share of each cached table's rows kept in the HBM cache
+    (TorchRec CacheParams.load_factor; 0: TorchRec's default, 0.2)."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
     device: str = "auto"
     """auto (cuda when available), cpu or cuda."""
+
+
+@dataclass
+class PrecisionConfig:
+    """Numeric formats (see dlrm_torchrec/precision.py). All default to full fp32."""
+
+    tf32: bool = False
+    """CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (no effect on CPU)."""
+    dense_autocast: str = "none"
+    """none or bf16: run the bottom MLP, interaction and top MLP under torch.autocast in
+    bfloat16 (weights, gradients, optimizer and loss stay fp32)."""
+    embedding_dtype: str = "fp32"
+    """fp32 or fp16: storage of the embedding tables (EmbeddingBagConfig.data_type)."""
+    comms_forward: str = "fp32"
+    """fp32, fp16 or bf16: precision of the pooled embeddings in the sharding all-to-alls
+    and reduce-scatters of the forward pass (TorchRec qcomms)."""
+    comms_backward: str = "fp32"
+    """fp32, fp16 or bf16: precision of their gradients in the backward pass (qcomms)."""
 
 
 @dataclass
@@ -240,6 +265,7 @@ class Config:
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     lr_schedule: LRScheduleConfig = field(default_factory=LRScheduleConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
@@ -523,6 +549,13 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _one_of("sharding.device", s.device, ("auto", "cpu", "cuda"))
     _require(s.hbm_cap_gb >= 0, "sharding.hbm_cap_gb", s.hbm_cap_gb, "must be >= 0")
     _require(s.ddr_cap_gb >= 0, "sharding.ddr_cap_gb", s.ddr_cap_gb, "must be >= 0")
+    _require(0 <= s.cache_load_factor <= 1, "sharding.cache_load_factor", s.cache_load_factor,
+             "must be in [0, 1]")
+    pr = cfg.precision
+    _one_of("precision.dense_autocast", pr.dense_autocast, DENSE_AUTOCAST)
+    _one_of("precision.embedding_dtype", pr.embedding_dtype, EMBEDDING_DTYPES)
+    _one_of("precision.comms_forward", pr.comms_forward, COMM_PRECISIONS)
+    _one_of("precision.comms_backward", pr.comms_backward, COMM_PRECISIONS)
     from dlrm_torchrec.compression import embedding_layout, table_specs
 
     ordered = [t.name for t in table_specs(embedding_layout(cfg.embeddings))]

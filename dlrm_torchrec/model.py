@@ -22,6 +22,7 @@ from dlrm_torchrec.compression import (
 )
 from dlrm_torchrec.config import Config, feature_names, sparse_output_dim
 from dlrm_torchrec.data.batch import Batch
+from dlrm_torchrec.precision import autocast_dtype, embedding_data_type
 
 # --------------------------------------------------------------------------- init
 
@@ -77,6 +78,9 @@ class MLP(nn.Module):
                 mods.append(nn.ReLU())
             in_features = width
         self.layers = nn.Sequential(*mods)
+        # precision.dense_autocast: set by DLRM. The autocast is entered here, in a module
+        # the train pipeline's fx trace keeps as a leaf, so the trace cannot drop it.
+        self.autocast_dtype: Optional[torch.dtype] = None
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         """The reference's init: W ~ N(0, sqrt(2 / (fan_in + fan_out))), b ~ N(0, sqrt(1 / fan_out))."""
@@ -88,7 +92,10 @@ class MLP(nn.Module):
                     m.bias.normal_(0.0, math.sqrt(1.0 / fan_out), generator=generator)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+        if self.autocast_dtype is None:
+            return self.layers(x)
+        with torch.autocast(x.device.type, dtype=self.autocast_dtype):
+            return self.layers(x)
 
 
 def dot_interaction_pairs(num_vectors: int, self_interaction: bool) -> Tuple[List[int], List[int]]:
@@ -129,6 +136,7 @@ class Interaction(nn.Module):
                 in_features=dim * (num_features + 1), num_layers=dcn_num_layers,
                 low_rank=dcn_low_rank_dim,
             )
+        self.autocast_dtype: Optional[torch.dtype] = None  # as MLP's (precision.dense_autocast)
 
     @property
     def output_dim(self) -> int:
@@ -138,6 +146,12 @@ class Interaction(nn.Module):
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         """dense: B x d; sparse: B x (F * d) (the KeyedTensor's values) -> B x output_dim."""
+        if self.autocast_dtype is not None:
+            with torch.autocast(dense.device.type, dtype=self.autocast_dtype):
+                return self._interact(dense, sparse)
+        return self._interact(dense, sparse)
+
+    def _interact(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         if self.kind == "dot":
             t = torch.cat([dense.unsqueeze(1), sparse.view(-1, self.num_features, self.dim)], dim=1)
             z = torch.bmm(t, t.transpose(1, 2))  # B x (F+1) x (F+1)
@@ -177,6 +191,7 @@ class DLRM(nn.Module):
             EmbeddingBagConfig(
                 name=t.name, embedding_dim=t.dim, num_embeddings=t.rows,
                 feature_names=[t.feature], pooling=PoolingType.SUM,
+                data_type=embedding_data_type(cfg.precision),  # precision.embedding_dtype
             )
             for t in table_specs(layout)
         ]
@@ -192,13 +207,15 @@ class DLRM(nn.Module):
             m.dcn_low_rank_dim,
         )
         self.over_arch = MLP(self.interaction.output_dim, m.top_mlp, last_activation=False)
+        for mod in (self.dense_arch, self.interaction, self.over_arch):
+            mod.autocast_dtype = autocast_dtype(cfg.precision)
 
     def forward(self, dense_features: torch.Tensor, sparse_features: KeyedJaggedTensor) -> torch.Tensor:
         x = self.dense_arch(dense_features)
         pooled: KeyedTensor = self.sparse_arch(sparse_features)
         sparse = self.in_order(pooled) if self.embedding_out is None else self.embedding_out(pooled)
         r = self.interaction(x, sparse)
-        return self.over_arch(r).squeeze(-1)
+        return self.over_arch(r).squeeze(-1).float()  # fp32 logits under dense_autocast too
 
     def reset_dense_parameters(self, seed: int) -> None:
         """Seeded init of every non-embedding parameter (same on every rank)."""

@@ -17,18 +17,21 @@ import sys
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
+import torch
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType, Stats
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 
 from dlrm_torchrec.config import Config, ConfigError, load_config, validate
 from dlrm_torchrec.model import build_train_module
 from dlrm_torchrec.optim import sparse_optimizer
+from dlrm_torchrec.precision import qcomm_codecs_registry
 from dlrm_torchrec.sharding import (
     GB,
     build_planner,
     build_topology,
     check_supported,
     constraints_for,
+    pooling_factors,
     sharders,
 )
 
@@ -153,11 +156,13 @@ def plan_cluster(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, ddr
     opt_cls, opt_kwargs, fused = sparse_optimizer(cfg.optimizer)
     # as in training: the planner sizes the optimizer state from the fused optimizer class
     apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
-    module_sharders = sharders(fused)
+    # issue 7: as in training, qcomms (comm-cost estimates) and pooling factors (multi-hot)
+    module_sharders = sharders(fused, qcomm_codecs_registry(cfg.precision, torch.device(device)))
+    pooling = pooling_factors(cfg.data, cfg.embeddings)
     recorder = _Recorder()
     stats: List[Stats] = [recorder] + ([EmbeddingStats()] if torchrec_stats else [])
     planner = build_planner(cfg.sharding, tables, world, gpus_per_node, device, per_rank_batch,
-                            stats=stats)
+                            stats=stats, pooling=pooling)
     try:
         planner.plan(module, module_sharders)
         failure: Optional[PlannerError] = None
@@ -171,7 +176,7 @@ def plan_cluster(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, ddr
     # the dense model, the input features): ask the same reservation object again
     reserved = call["storage_reservation"].reserve(
         topology=topology, batch_size=per_rank_batch, module=module, sharders=module_sharders,
-        constraints=constraints_for(cfg.sharding, tables))
+        constraints=constraints_for(cfg.sharding, tables, pooling))
     report = _report(call, nodes, gpus_per_node, device, per_rank_batch, cfg.optimizer.sparse,
                      topology.devices[0].storage, reserved.devices[0].storage)
     if failure is not None:

@@ -24,7 +24,12 @@ from dlrm_torchrec.metrics import EvalMetrics
 from dlrm_torchrec.model import build_train_module
 from dlrm_torchrec.observability import RunLogger, write_line
 from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
-from dlrm_torchrec.sharding import check_supported, plan_summary, shard_model
+from dlrm_torchrec.precision import (
+    apply_matmul_precision,
+    check_precision_supported,
+    qcomm_codecs_registry,
+)
+from dlrm_torchrec.sharding import check_supported, plan_summary, pooling_factors, shard_model
 
 
 def log(info: DistInfo, msg: str) -> None:
@@ -52,11 +57,15 @@ class Trainer:
 
         module = build_train_module(cfg)
         check_supported(cfg.sharding, info.device.type, cfg.optimizer.sparse)
+        check_precision_supported(cfg, info.device.type)  # issue 7: precision section
+        apply_matmul_precision(cfg.precision, info.device)
         sparse_cls, sparse_kwargs, fused_params = sparse_optimizer(cfg.optimizer)
         self.model, self.plan = shard_model(
             module, module.model.sparse_arch, module.model.tables, cfg.sharding, sparse_cls,
             sparse_kwargs, fused_params, info.device, info.world_size, info.local_world_size,
             self.per_rank_batch, cfg.training.seed,
+            pooling=pooling_factors(cfg.data, cfg.embeddings),
+            qcomm_codecs_registry=qcomm_codecs_registry(cfg.precision, info.device),
         )
         self.dense_optimizer = dense_optimizer(cfg.optimizer, self.model.named_parameters())
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])

@@ -1,0 +1,151 @@
+"""GPU-only tests (issue 7), skipped without CUDA. Run on the device machine with
+scripts/gpu_check.sh (one call: these tests, then bench/bench_gpu.py).
+
+World size 1 on NCCL: the trainer's entry point with fused FBGEMM kernels and TorchRec's
+TrainPipelineSparseDist; a table over its HBM budget that the planner puts in UVM with an
+HBM cache; every precision option; the Terabyte and MLPerf DCNv2 configs with capped tables
+on random data.
+"""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+ROOT = Path(__file__).resolve().parents[2]
+QUIET = ["logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false"]
+TINY = ["sharding.device=cuda", "sharding.compute_kernel=fused", "data.train_samples=65536",
+        "data.eval_samples=8192", "training.eval_every_n_steps=0", "logging.log_every_n_steps=10"]
+
+
+def _cfg(tmp_path, overrides, config="configs/tiny_cpu.yaml"):
+    from dlrm_torchrec.config import load_config
+
+    return load_config(str(ROOT / config), overrides + QUIET + [f"logging.run_dir={tmp_path}"])
+
+
+def _plan_kernels(plan):
+    """table name -> compute kernel of the plan."""
+    return {table: ps.compute_kernel for module_plan in plan.plan.values()
+            for table, ps in module_plan.items()}
+
+
+def _finite_losses(summary):
+    losses = [h["train_loss"] for h in summary["history"]]
+    return bool(losses) and all(math.isfinite(x) for x in losses)
+
+
+# runs first, in its own process, before this process starts its process group
+def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    cmd = [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
+           *TINY, "training.max_steps=200", f"logging.run_dir={tmp_path}", *QUIET]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "1 ranks, cuda" in out and "kernel=fused" in out, out[-4000:]
+    m = json.loads((tmp_path / "metrics.json").read_text())
+    assert m["steps"] == 200
+    assert m["final"]["auc"] > 0.6, m["final"]
+
+
+@pytest.fixture(scope="module")
+def info():
+    from dlrm_torchrec.config import ShardingConfig
+    from dlrm_torchrec.distributed import init_distributed, shutdown
+
+    info = init_distributed(ShardingConfig(device="cuda"))
+    assert (info.world_size, info.backend, info.device.type) == (1, "nccl", "cuda")
+    yield info
+    shutdown()
+
+
+def test_pipeline_and_topology_use_the_gpu(info, tmp_path):
+    from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+
+    from dlrm_torchrec.config import ShardingConfig
+    from dlrm_torchrec.sharding import build_topology
+    from dlrm_torchrec.trainer import Trainer
+
+    total = torch.cuda.get_device_properties(info.device).total_memory
+    assert build_topology(ShardingConfig(), 1, 1, "cuda").devices[0].storage.hbm == total
+    tr = Trainer(_cfg(tmp_path, TINY + ["training.max_steps=20"]), info)
+    assert isinstance(tr.pipeline, TrainPipelineSparseDist)
+    assert set(_plan_kernels(tr.plan).values()) == {"fused"}
+    summary = tr.fit()
+    assert summary["steps"] == 20 and _finite_losses(summary)
+
+
+def test_table_over_its_hbm_budget_goes_to_uvm_caching(info, tmp_path):
+    from dlrm_torchrec.trainer import Trainer
+
+    # t_cat_0: 4M x 64 fp32 = 1 GiB, over the 0.5 GiB budget; its 10% cache fits
+    cfg = _cfg(tmp_path, TINY + [
+        "embeddings.num_embeddings_per_feature=[4000000,1000,1000,1000]",
+        "sharding.hbm_cap_gb=0.5", "sharding.cache_load_factor=0.1",
+        "sharding.tables.t_cat_0.compute_kernels=[fused,fused_uvm_caching]",
+        "embeddings.dim=64", "model.bottom_mlp=[64,64]", "data.batch_size=1024",
+        "training.max_steps=30"])
+    tr = Trainer(cfg, info)
+    kernels = _plan_kernels(tr.plan)
+    assert kernels["t_cat_0"] == "fused_uvm_caching", kernels
+    assert {kernels[f"t_cat_{i}"] for i in (1, 2, 3)} == {"fused"}, kernels
+    summary = tr.fit()
+    assert summary["steps"] == 30 and _finite_losses(summary)
+    assert summary["final"]["auc"] > 0.5
+
+
+@pytest.mark.parametrize("options", [
+    ["precision.tf32=true"],
+    ["precision.dense_autocast=bf16", "precision.embedding_dtype=fp16"],
+    ["precision.tf32=true", "precision.dense_autocast=bf16", "precision.embedding_dtype=fp16",
+     "precision.comms_forward=bf16", "precision.comms_backward=fp16"],
+    ["precision.comms_forward=fp16", "precision.comms_backward=bf16"],
+])
+def test_precision_options_train(info, tmp_path, options):
+    from dlrm_torchrec.compression import embedding_layout, table_specs
+    from dlrm_torchrec.sharding import embedding_state_keys, local_shards
+    from dlrm_torchrec.trainer import Trainer
+
+    tr = Trainer(_cfg(tmp_path, TINY + ["training.max_steps=100"] + options), info)
+    seen = set()
+    for m in tr.model.modules():
+        if isinstance(m, nn.Linear):
+            m.register_forward_hook(lambda mod, inp, out: seen.add(out.dtype))
+    summary = tr.fit()
+    assert summary["steps"] == 100 and _finite_losses(summary)
+    assert summary["final"]["auc"] > 0.55, summary["final"]
+    bf16 = "precision.dense_autocast=bf16" in options
+    assert seen == ({torch.bfloat16} if bf16 else {torch.float32})
+    tf32 = "precision.tf32=true" in options
+    assert torch.get_float32_matmul_precision() == ("high" if tf32 else "highest")
+    sd = tr.model.state_dict()
+    tables = table_specs(embedding_layout(tr.cfg.embeddings))
+    dtypes = {t.dtype for key in embedding_state_keys(sd, tables) for _, _, t in local_shards(sd[key])}
+    fp16 = "precision.embedding_dtype=fp16" in options
+    assert dtypes == ({torch.float16} if fp16 else {torch.float32})
+
+
+@pytest.mark.parametrize("config,batch", [("configs/criteo_terabyte.yaml", 2048),
+                                          ("configs/mlperf_dcnv2.yaml", 8192)])
+def test_reference_configs_with_capped_tables(info, tmp_path, config, batch):
+    from dlrm_torchrec.trainer import Trainer
+
+    cfg = _cfg(tmp_path, [
+        "data.source=random", "data.path=", "embeddings.max_ind_range=1000000",
+        f"data.batch_size={batch}", f"data.eval_batch_size={batch}",
+        f"data.train_samples={batch * 5}", f"data.eval_samples={batch}",
+        "training.eval_every_n_steps=0", "training.target_auc=0", "training.max_steps=5",
+        "logging.log_every_n_steps=1", "sharding.device=cuda"], config=config)
+    summary = Trainer(cfg, info).fit()
+    assert summary["steps"] == 5 and _finite_losses(summary)
+    assert summary["final"]["samples"] == batch
