@@ -1,0 +1,34 @@
+#!/bin/bash
+# Issue 7 on the GPU machine, as ONE device call: the GPU tests, then the side-by-side
+# benchmark. Needs the bundle in .gpu/ (../shared/gpu/make_bundle.sh; git-ignored). With the
+# device tool, from the project root:
+#
+#   run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=540)
+#
+# Budget (about 8 minutes): tests at most TEST_TIMEOUT_S (240 s), then the benchmark, which
+# starts no new row after BENCH_BUDGET_S (200 s) and is killed at BENCH_TIMEOUT_S (260 s).
+# Extra arguments go to bench/bench_gpu.py (e.g. --archs terabyte --batches 8192).
+# Writes gpu_tests.log, bench_gpu.log and bench_gpu.json to $OUT (the device tool's
+# folder that comes back), or to /tmp/gpu_check_out elsewhere.
+set -u
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+# shellcheck disable=SC1091
+source .gpu/install.sh || { echo "gpu_check: .gpu/install.sh failed"; exit 1; }
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+set -o pipefail
+
+echo "== gpu tests"
+timeout "${TEST_TIMEOUT_S:-240}" python3 -m pytest -q -rfEs --tb=short -p no:cacheprovider \
+  tests/gpu 2>&1 | tee "$OUT/gpu_tests.log" | grep -v -e Warning -e 'warn(' | tail -60
+test_rc=$?
+
+echo "== bench"
+timeout "${BENCH_TIMEOUT_S:-260}" python3 bench/bench_gpu.py \
+  --time-budget-s "${BENCH_BUDGET_S:-200}" --out "$OUT/bench_gpu.json" "$@" 2>&1 |
+  tee "$OUT/bench_gpu.log" | grep -v -e Warning -e 'warn('
+bench_rc=$?
+
+echo "gpu_check: tests rc=$test_rc, bench rc=$bench_rc"
+[ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
