@@ -1,6 +1,7 @@
 """The training loop: sharded model, TorchRec's TrainPipelineSparseDist, periodic
 evaluation, early stop, and the run folder (resolved config, metrics)."""
 
+import contextlib
 import itertools
 import json
 import math
@@ -84,6 +85,7 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         self.signature = model_signature(cfg, module.model.tables)
         self.last_checkpoint: Optional[Path] = None
+        self._last_logged_step, self._last_log_time = 0, time.perf_counter()
 
     # ------------------------------------------------------------------ steps
     def _run_steps(self, batches, epoch: int, loss_sum: torch.Tensor) -> int:
@@ -141,6 +143,20 @@ class Trainer:
 
     def _eval_and_check(self, epoch: int) -> bool:
         """Evaluate; True when an early-stop target is reached."""
+        with self._paused_clock():
+            return self._eval_and_check_now(epoch)
+
+    @contextlib.contextmanager
+    def _paused_clock(self):
+        """Time spent inside (evaluation, checkpointing) does not count in the next logged
+        samples/s."""
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._last_log_time += time.perf_counter() - start
+
+    def _eval_and_check_now(self, epoch: int) -> bool:
         t = self.cfg.training
         res = self.evaluate("val")
         res.update(step=self.step, epoch=epoch, split="val")
@@ -290,6 +306,10 @@ class Trainer:
 
     def _save(self) -> int:
         """Collective: checkpoint the current step; returns it."""
+        with self._paused_clock():
+            return self._save_now()
+
+    def _save_now(self) -> int:
         state = self._trainer_state()
         keep = [self.best_step] if self.cfg.checkpoint.keep_best and self.best_step >= 0 else []
         self.last_checkpoint = checkpoint.save(
