@@ -74,6 +74,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # checkpoints are published atomically: the newest complete one is intact
+        print("interrupted; continue from the newest checkpoint with checkpoint.resume=auto",
+              file=sys.stderr)
+        return 130
     return 0
 
 
