@@ -6,6 +6,8 @@ same pre-generated random batches.
     python bench/bench_cpu.py [--arch kaggle terabyte] [--steps 60] [--max-rows 1000000]
 
 Every process uses one thread, so "per core" is samples/s divided by the number of ranks.
+The last column runs two independent plain processes at once: the per-core throughput two
+cores of this machine give with no communication at all, the ceiling for two ranks.
 """
 
 import argparse
@@ -138,6 +140,20 @@ def run_plain(cfg, warmup: int) -> float:
     return (len(batches) - warmup) * cfg.data.batch_size / (time.perf_counter() - start)
 
 
+def _plain_worker(rank: int, cfg_path: str, overrides, warmup: int, out: str) -> None:
+    rate = run_plain(load_config(cfg_path, overrides), warmup)
+    Path(out, f"plain_{rank}.txt").write_text(f"{rate}")
+
+
+def run_plain_pair(cfg_path: str, overrides, warmup: int) -> float:
+    """Two independent plain processes at once: what two cores give without any
+    communication (the ceiling for two ranks). Returns their summed samples/s."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(_plain_worker, args=(cfg_path, overrides, warmup, out), nprocs=2,
+                           join=True, start_method="spawn")
+        return sum(float(Path(out, f"plain_{r}.txt").read_text()) for r in range(2))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--arch", nargs="+", default=["kaggle", "terabyte"], choices=list(ARCHS))
@@ -150,7 +166,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread per process, "
           f"tables capped at {args.max_rows:,} rows, SGD, random data\n")
     head = (f"{'arch':<9}{'batch':>6}  {'plain 1p':>10}  {'project 1p':>11}  {'x plain':>8}  "
-            f"{'project 2 ranks':>16}  {'per core / 1p':>14}")
+            f"{'project 2 ranks':>16}  {'per core / 1p':>14}  {'2 plain at once':>16}")
     print(head)
     print("-" * len(head))
     for arch in args.arch:
@@ -160,8 +176,9 @@ def main() -> None:
             plain = run_plain(cfg, args.warmup)
             one = run_project(1, ARCHS[arch], over, args.warmup)
             two = run_project(2, ARCHS[arch], over, args.warmup)
+            pair = run_plain_pair(ARCHS[arch], over, args.warmup)
             print(f"{arch:<9}{batch:>6}  {plain:>10,.0f}  {one:>11,.0f}  {one / plain:>7.2f}x  "
-                  f"{two:>16,.0f}  {two / 2 / one:>13.2f}x", flush=True)
+                  f"{two:>16,.0f}  {two / 2 / one:>13.2f}x  {pair / 2 / plain:>15.2f}x", flush=True)
 
 
 if __name__ == "__main__":
