@@ -109,3 +109,29 @@ def assemble(pieces_per_rank, shape):
             else:
                 full[r:r + t.shape[0], c:c + t.shape[1]] = t.double()
     return full
+
+
+def parity_failures(label, outs, ref, table_names, logits0, losses, dense_names, steps, tol):
+    """Differences between the ranks' saved outputs (parity_worker) and the reference: the
+    initial logits, the per-step losses, every table and every dense parameter."""
+    import torch
+
+    failures = []
+    got_logits = torch.cat([o["logits0"] for o in outs]).double()
+    if not torch.allclose(got_logits, logits0, atol=tol, rtol=tol):
+        failures.append(f"{label}: initial logits differ by {(got_logits - logits0).abs().max():.2e}")
+    got_losses = outs[0]["losses"].double()
+    if not torch.allclose(got_losses, torch.tensor(losses, dtype=torch.float64), atol=tol):
+        failures.append(f"{label}: losses {got_losses.tolist()} != {losses}")
+    params = outs[0]["params"]
+    for name, table in zip(table_names, ref.tables):
+        key = next(k for k in params if k.endswith(f".{name}.weight"))
+        got = assemble([o["params"][key] for o in outs], table.shape)
+        err = (got - table.detach()).abs().max()
+        if not err <= tol:
+            failures.append(f"{label}: table {name} differs by {err:.2e} after {steps} steps")
+    for k, p in zip(dense_names, ref.dense_params()):
+        err = (params[k][0][2].double() - p.detach()).abs().max()
+        if not err <= tol:
+            failures.append(f"{label}: {k} differs by {err:.2e} after {steps} steps")
+    return failures

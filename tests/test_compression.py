@@ -21,7 +21,7 @@ from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.model import DLRM, build_train_module, embedding_init_rows
 from tests.dist_utils import run_ranks
 from tests.parity_worker import run as parity_worker
-from tests.reference_dlrm import ReferenceDLRM, assemble, bce_mean, unpack_kjt
+from tests.reference_dlrm import ReferenceDLRM, bce_mean, parity_failures, unpack_kjt
 from tests.test_sharded_equals_unsharded import ADAGRAD, BASE, SGD, STEPS, TOL
 
 SMALL = ["model.dense_in_features=3", "model.bottom_mlp=[4]", "model.top_mlp=[1]",
@@ -297,22 +297,6 @@ def test_sharded_qr_and_md_training_matches_single_process_reference(tmp_path):
         outs = [torch.load(tmp_path / f"variant{i}_rank{r}.pt", weights_only=True) for r in range(2)]
         label = " ".join(o.split("=")[1] for o in overrides
                          if any(k in o for k in ("sharding_type", "qr_operation", "md_alpha")))
-        got_logits = torch.cat([o["logits0"] for o in outs]).double()
-        if not torch.allclose(got_logits, logits0, atol=TOL, rtol=TOL):
-            failures.append(f"{label}: initial logits differ by {(got_logits - logits0).abs().max():.2e}")
-        got_losses = outs[0]["losses"].double()
-        if not torch.allclose(got_losses, torch.tensor(losses, dtype=torch.float64), atol=TOL):
-            failures.append(f"{label}: losses {got_losses.tolist()} != {losses}")
-        params = outs[0]["params"]
-        for name, table in zip(names, ref.tables):
-            key = next(k for k in params if k.endswith(f".{name}.weight"))
-            got = assemble([o["params"][key] for o in outs], table.shape)
-            err = (got - table.detach()).abs().max()
-            if not err <= TOL:
-                failures.append(f"{label}: table {name} differs by {err:.2e} after {STEPS} steps")
-        for k, p in zip(dense_names, ref.dense_params()):
-            got = params[k][0][2].double()
-            err = (got - p.detach()).abs().max()
-            if not err <= TOL:
-                failures.append(f"{label}: {k} differs by {err:.2e} after {STEPS} steps")
+        failures += parity_failures(label, outs, ref, names, logits0, losses, dense_names,
+                                    STEPS, TOL)
     assert not failures, "\n".join(failures)

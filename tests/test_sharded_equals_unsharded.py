@@ -9,7 +9,7 @@ from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.model import build_train_module, embedding_init_rows
 from tests.dist_utils import run_ranks
 from tests.parity_worker import run as parity_worker
-from tests.reference_dlrm import ReferenceDLRM, assemble, bce_mean, unpack_kjt
+from tests.reference_dlrm import ReferenceDLRM, bce_mean, parity_failures, unpack_kjt
 
 TOL = 1e-5
 STEPS = 3
@@ -75,22 +75,7 @@ def test_sharded_training_matches_single_process_reference(tmp_path):
         cfg, ref, logits0, losses, dense_names = reference_run(overrides)
         outs = [torch.load(tmp_path / f"variant{i}_rank{r}.pt", weights_only=True) for r in range(2)]
         name = " ".join(o.split("=")[1] for o in overrides if "sharding_type" in o or "interaction" in o)
-        got_logits = torch.cat([o["logits0"] for o in outs]).double()
-        if not torch.allclose(got_logits, logits0, atol=TOL, rtol=TOL):
-            failures.append(f"{name}: initial logits differ by {(got_logits - logits0).abs().max():.2e}")
-        got_losses = outs[0]["losses"].double()
-        if not torch.allclose(got_losses, torch.tensor(losses, dtype=torch.float64), atol=TOL):
-            failures.append(f"{name}: losses {got_losses.tolist()} != {losses}")
-        params = outs[0]["params"]
-        for f, table in enumerate(ref.tables):
-            key = next(k for k in params if k.endswith(f"t_cat_{f}.weight"))
-            got = assemble([o["params"][key] for o in outs], table.shape)
-            err = (got - table.detach()).abs().max()
-            if not err <= TOL:
-                failures.append(f"{name}: table {f} differs by {err:.2e} after {STEPS} steps")
-        for k, p in zip(dense_names, ref.dense_params()):
-            got = params[k][0][2].double()
-            err = (got - p.detach()).abs().max()
-            if not err <= TOL:
-                failures.append(f"{name}: {k} differs by {err:.2e} after {STEPS} steps")
+        table_names = [f"t_cat_{f}" for f in range(len(ref.tables))]
+        failures += parity_failures(name, outs, ref, table_names, logits0, losses, dense_names,
+                                    STEPS, TOL)
     assert not failures, "\n".join(failures)
