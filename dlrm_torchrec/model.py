@@ -128,8 +128,10 @@ class Interaction(nn.Module):
         self.dim = dim
         if kind == "dot":
             rows, cols = dot_interaction_pairs(num_features + 1, self_interaction)
-            self.register_buffer("rows", torch.tensor(rows, dtype=torch.long), persistent=False)
-            self.register_buffer("cols", torch.tensor(cols, dtype=torch.long), persistent=False)
+            # positions of the pairs in the flattened (F+1) x (F+1) matrix: index_select on
+            # them (backward: index_add) is about twice as fast as z[:, rows, cols]
+            flat = [i * (num_features + 1) + j for i, j in zip(rows, cols)]
+            self.register_buffer("pairs", torch.tensor(flat, dtype=torch.long), persistent=False)
         self.crossnet: Optional[LowRankCrossNet] = None
         if kind == "dcn":
             self.crossnet = LowRankCrossNet(
@@ -141,7 +143,7 @@ class Interaction(nn.Module):
     @property
     def output_dim(self) -> int:
         if self.kind == "dot":
-            return self.dim + len(self.rows)
+            return self.dim + len(self.pairs)
         return self.dim * (self.num_features + 1)
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
@@ -155,7 +157,7 @@ class Interaction(nn.Module):
         if self.kind == "dot":
             t = torch.cat([dense.unsqueeze(1), sparse.view(-1, self.num_features, self.dim)], dim=1)
             z = torch.bmm(t, t.transpose(1, 2))  # B x (F+1) x (F+1)
-            return torch.cat([dense, z[:, self.rows, self.cols]], dim=1)
+            return torch.cat([dense, z.flatten(1).index_select(1, self.pairs)], dim=1)
         flat = torch.cat([dense, sparse], dim=1)
         if self.crossnet is not None:
             return self.crossnet(flat)
