@@ -407,7 +407,3 @@ def _json_default(x: Any) -> Optional[float]:
     if isinstance(x, float) and math.isnan(x):
         return None
     return str(x)
-
-
-def _is_tty() -> bool:
-    return sys.stdout.isatty()

@@ -135,3 +135,34 @@ def parity_failures(label, outs, ref, table_names, logits0, losses, dense_names,
         if not err <= tol:
             failures.append(f"{label}: {k} differs by {err:.2e} after {steps} steps")
     return failures
+
+
+def linear_layers(mlp):
+    """(weight, bias) of each Linear of one of the model's MLPs, to start a reference from."""
+    return [(m.weight.detach(), m.bias.detach()) for m in mlp.layers if hasattr(m, "weight")]
+
+
+def dense_param_names(train_module):
+    """State-dict names of the bottom and top MLP parameters, in ReferenceDLRM's order."""
+    return [f"model.{arch}.{n}" for arch in ("dense_arch", "over_arch")
+            for n, _ in getattr(train_module.model, arch).named_parameters()]
+
+
+def train_reference(ref, cfg, source, steps):
+    """Run the reference over the first `steps` single-rank batches of `source` with the
+    config's optimizers. Returns (logits of batch 0 before training, per-step losses)."""
+    keys = source.feature_names
+    batches = list(source.batches("train", 0))
+    with torch.no_grad():
+        logits0 = ref.forward(batches[0].dense_features, unpack_kjt(batches[0].sparse_features, keys))
+    losses = []
+    for b in batches[:steps]:
+        n = b.num_real  # padding sits at the end of a single-rank batch
+        logits = ref.forward(b.dense_features, unpack_kjt(b.sparse_features, keys))[:n]
+        loss = bce_mean(logits, b.labels[:n].double())
+        losses.append(loss.item())
+        if cfg.optimizer.sparse == "sgd":
+            ref.sgd_step(loss, cfg.optimizer.lr)
+        else:
+            ref.rowwise_adagrad_tables_adagrad_dense_step(loss, cfg.optimizer.lr, cfg.optimizer.eps)
+    return logits0, losses

@@ -21,7 +21,13 @@ from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.model import DLRM, build_train_module, embedding_init_rows
 from tests.dist_utils import run_ranks
 from tests.parity_worker import run as parity_worker
-from tests.reference_dlrm import ReferenceDLRM, bce_mean, parity_failures, unpack_kjt
+from tests.reference_dlrm import (
+    ReferenceDLRM,
+    dense_param_names,
+    linear_layers,
+    parity_failures,
+    train_reference,
+)
 from tests.test_sharded_equals_unsharded import ADAGRAD, BASE, SGD, STEPS, TOL
 
 SMALL = ["model.dense_in_features=3", "model.bottom_mlp=[4]", "model.top_mlp=[1]",
@@ -261,30 +267,16 @@ def reference_run(overrides):
             tables.append(embedding_init_rows(seed, len(names), rows, d, 0, rows))
             names.append(name)
     module = build_train_module(cfg, device=torch.device("cpu"))
-    lin = lambda mlp: [(m.weight.detach(), m.bias.detach()) for m in mlp.layers if hasattr(m, "weight")]  # noqa: E731
     proj = {}
     if e.md_alpha:
         proj = {int(k.split("_")[1]): p.weight.detach()
                 for k, p in module.model.embedding_out.proj.items()}
-    ref = CompressedReference(tables, lin(module.model.dense_arch), lin(module.model.over_arch),
-                              cfg.model.interaction, sizes, qr, proj)
+    ref = CompressedReference(tables, linear_layers(module.model.dense_arch),
+                              linear_layers(module.model.over_arch), cfg.model.interaction,
+                              sizes, qr, proj)
     source = build_data_source(cfg.data, e, cfg.model.dense_in_features, 0, 1)
-    keys = source.feature_names
-    batches = list(source.batches("train", 0))
-    with torch.no_grad():
-        logits0 = ref.forward(batches[0].dense_features, unpack_kjt(batches[0].sparse_features, keys))
-    losses = []
-    for b in batches[:STEPS]:
-        n = b.num_real
-        logits = ref.forward(b.dense_features, unpack_kjt(b.sparse_features, keys))[:n]
-        loss = bce_mean(logits, b.labels[:n].double())
-        losses.append(loss.item())
-        if cfg.optimizer.sparse == "sgd":
-            ref.sgd_step(loss, cfg.optimizer.lr)
-        else:
-            ref.rowwise_adagrad_tables_adagrad_dense_step(loss, cfg.optimizer.lr, cfg.optimizer.eps)
-    dense_names = [f"model.{arch}.{n}" for arch in ("dense_arch", "over_arch")
-                   for n, _ in getattr(module.model, arch).named_parameters()]
+    logits0, losses = train_reference(ref, cfg, source, STEPS)
+    dense_names = dense_param_names(module)
     dense_names += [f"model.embedding_out.proj.cat_{f}.weight" for f in sorted(proj)]
     return ref, names, logits0, losses, dense_names
 

@@ -9,7 +9,13 @@ from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.model import build_train_module, embedding_init_rows
 from tests.dist_utils import run_ranks
 from tests.parity_worker import run as parity_worker
-from tests.reference_dlrm import ReferenceDLRM, bce_mean, parity_failures, unpack_kjt
+from tests.reference_dlrm import (
+    ReferenceDLRM,
+    dense_param_names,
+    linear_layers,
+    parity_failures,
+    train_reference,
+)
 
 TOL = 1e-5
 STEPS = 3
@@ -45,26 +51,12 @@ def reference_run(overrides):
     d = cfg.embeddings.dim
     tables = [embedding_init_rows(cfg.training.seed, i, n, d, 0, n) for i, n in enumerate(sizes)]
     module = build_train_module(cfg, device=torch.device("cpu"))
-    lin = lambda mlp: [(m.weight.detach(), m.bias.detach()) for m in mlp.layers if hasattr(m, "weight")]  # noqa: E731
-    ref = ReferenceDLRM(tables, lin(module.model.dense_arch), lin(module.model.over_arch),
-                        cfg.model.interaction, cfg.model.interaction_itself)
+    ref = ReferenceDLRM(tables, linear_layers(module.model.dense_arch),
+                        linear_layers(module.model.over_arch), cfg.model.interaction,
+                        cfg.model.interaction_itself)
     source = build_data_source(cfg.data, cfg.embeddings, cfg.model.dense_in_features, 0, 1)
-    keys = source.feature_names
-    batches = list(source.batches("train", 0))
-    with torch.no_grad():
-        logits0 = ref.forward(batches[0].dense_features, unpack_kjt(batches[0].sparse_features, keys))
-    losses = []
-    for b in batches[:STEPS]:
-        n = b.num_real  # padding sits at the end of a single-rank batch
-        logits = ref.forward(b.dense_features, unpack_kjt(b.sparse_features, keys))[:n]
-        loss = bce_mean(logits, b.labels[:n].double())
-        losses.append(loss.item())
-        if cfg.optimizer.sparse == "sgd":
-            ref.sgd_step(loss, cfg.optimizer.lr)
-        else:
-            ref.rowwise_adagrad_tables_adagrad_dense_step(loss, cfg.optimizer.lr, cfg.optimizer.eps)
-    names = [f"model.{arch}.{n}" for arch in ("dense_arch", "over_arch")
-             for n, _ in getattr(module.model, arch).named_parameters()]
+    logits0, losses = train_reference(ref, cfg, source, STEPS)
+    names = dense_param_names(module)
     return cfg, ref, logits0, losses, names
 
 
