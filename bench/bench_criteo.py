@@ -77,8 +77,7 @@ def baseline_loader(src: CriteoSource, limit: int, batch: int) -> float:
 def loader_rate(out: str, batch: int, window: int, multi_hot=None) -> float:
     data = DataConfig(source="criteo_kaggle", path=out, batch_size=batch,
                       shuffle_window=window, multi_hot_sizes=multi_hot or [])
-    src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26),
-                       pin_memory=False)
+    src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
     n = 0
     t = time.perf_counter()
     for b in src.batches("train"):
@@ -125,8 +124,7 @@ def main() -> None:
         r = loader_rate(out, a.batch, window, mh)
         print(f"loader {label}, batch {a.batch}: {r:,.0f} samples/s per process")
     src = CriteoSource(DataConfig(source="criteo_kaggle", path=out, batch_size=a.batch),
-                       EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26),
-                       pin_memory=False)
+                       EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
     print(f"baseline loader sample by sample: {baseline_loader(src, 50_000, a.batch):,.0f} "
           "samples/s")
 

@@ -210,6 +210,8 @@ class QRSplitSource:
             yield dataclasses.replace(b, sparse_features=split_qr_ids(b.sparse_features, self.layout))
 
     def __getattr__(self, name: str):
+        if name == "source":  # not yet set (unpickling): no delegation loop
+            raise AttributeError(name)
         return getattr(self.source, name)
 
 

@@ -103,6 +103,12 @@ class DataConfig:
     """How multi-hot ids are drawn from the one-hot id: uniform or pareto (Criteo sources)."""
     shuffle_window: int = 0
     """Criteo sources: shuffle training samples within windows of this many (0: no shuffle)."""
+    num_workers: int = -1
+    """Processes per rank that build batches ahead of the training loop (0: the training
+    process builds them; -1: auto, 0 on CPU and up to 4 per rank on CUDA)."""
+    pin_memory: bool = True
+    """CUDA: hand batches over in page-locked memory, so their copy to the GPU overlaps
+    compute (no effect on CPU)."""
     seed: int = 0
     """Seed of the random/synthetic data and of shuffling."""
 
@@ -522,6 +528,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
             _require(k > 0, f"data.multi_hot_sizes[{i}]", k, "must be > 0")
     _one_of("data.multi_hot_distribution", d.multi_hot_distribution, ("uniform", "pareto"))
     _require(d.shuffle_window >= 0, "data.shuffle_window", d.shuffle_window, "must be >= 0")
+    _require(d.num_workers >= -1, "data.num_workers", d.num_workers, "must be >= 0, or -1 (auto)")
     if d.source.startswith("criteo"):
         _require(bool(d.path), "data.path", d.path, f"required for data.source={d.source}")
         _require(m.dense_in_features == 13, "model.dense_in_features", m.dense_in_features,

@@ -20,6 +20,7 @@ from dlrm_torchrec import checkpoint
 from dlrm_torchrec.compression import is_compressed, memory_report, wrap_source
 from dlrm_torchrec.config import Config, to_dict, to_yaml
 from dlrm_torchrec.data import build_data_source
+from dlrm_torchrec.data.loader import prefetching, resolve_num_workers
 from dlrm_torchrec.distributed import DistInfo
 from dlrm_torchrec.metrics import EvalMetrics
 from dlrm_torchrec.model import build_train_module
@@ -55,6 +56,11 @@ class Trainer:
                                         info.rank, info.world_size)
         # QR: batches carry the split ids (cat_i_q, cat_i_r) for the sharded EBC's input
         self.source = wrap_source(self.source, cfg.embeddings)
+        # worker processes build (and pin) batches ahead of the step loop
+        self.num_workers = resolve_num_workers(d.num_workers, info.device.type,
+                                               info.local_world_size)
+        self.source = prefetching(self.source, self.num_workers,
+                                  d.pin_memory and info.device.type == "cuda")
 
         module = build_train_module(cfg)
         check_supported(cfg.sharding, info.device.type, cfg.optimizer.sparse)
@@ -184,7 +190,8 @@ class Trainer:
             log(self.info, memory_report(cfg.embeddings))
         steps_per_epoch = self.source.num_batches("train")
         log(self.info, f"{self.source.num_samples('train'):,} training samples, "
-                       f"{steps_per_epoch} steps per epoch of global batch {cfg.data.batch_size}")
+                       f"{steps_per_epoch} steps per epoch of global batch {cfg.data.batch_size}; "
+                       f"{self.num_workers} loader worker(s) per rank")
         self._maybe_resume(steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
         self.run_logger.run_start(  # observability

@@ -36,7 +36,7 @@ def source(path, rank=0, world=1, table=1000, **data_kw):
     data_kw.setdefault("batch_size", 8)
     data = DataConfig(source="criteo_kaggle", path=str(path), **data_kw)
     emb = EmbeddingsConfig(num_embeddings_per_feature=[table] * 26)
-    return CriteoSource(data, emb, rank=rank, world_size=world, pin_memory=False)
+    return CriteoSource(data, emb, rank=rank, world_size=world)
 
 
 def real(batch):

@@ -79,3 +79,22 @@ def test_plain_single_process_entry_point(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sharding plan (1 ranks, cpu)" in proc.stdout
     assert _metrics(tmp_path)["train_samples_seen"] == 2048
+
+
+def test_loader_workers_train_exactly_as_the_training_process_alone(tmp_path):
+    """Two ranks, batches built by 2 worker processes each vs by the ranks themselves:
+    the same losses and the same final metrics."""
+    runs = {}
+    for workers in (0, 2):
+        run_dir = tmp_path / f"w{workers}"
+        run_ranks(2, _train_worker, [
+            "data.train_samples=4100", "data.eval_samples=1024", "data.batch_size=256",
+            "logging.log_every_n_steps=4", f"data.num_workers={workers}",
+            f"logging.run_dir={run_dir}"])
+        runs[workers] = _metrics(run_dir)
+    base, piped = runs[0], runs[2]
+    assert piped["steps"] == base["steps"] == 17
+    assert piped["train_samples_seen"] == 4100
+    assert [h["train_loss"] for h in piped["history"]] == [h["train_loss"] for h in base["history"]]
+    assert piped["final"]["auc"] == base["final"]["auc"]
+    assert piped["final"]["log_loss"] == base["final"]["log_loss"]

@@ -27,10 +27,9 @@ size, as the reference's `np.random.pareto(a=0.25)`.
 
 import json
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Tuple
 
 import numpy as np
-import torch
 
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
@@ -64,7 +63,7 @@ class CriteoSource:
     """This rank's batches of preprocessed Criteo data (see the module docstring)."""
 
     def __init__(self, data: DataConfig, embeddings: EmbeddingsConfig, rank: int = 0,
-                 world_size: int = 1, pin_memory: Optional[bool] = None):
+                 world_size: int = 1):
         self.path = data.path
         self.meta = read_meta(data.path)
         want = {"criteo_kaggle": "kaggle", "criteo_terabyte": "terabyte"}.get(data.source)
@@ -86,17 +85,7 @@ class CriteoSource:
         self.multi_hot = list(data.multi_hot_sizes)
         self.pareto = data.multi_hot_distribution == "pareto"
         self.feature_names = [f"cat_{i}" for i in range(NUM_SPARSE)]
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-
-        self.days: List[Tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-        for d in range(self.meta["num_days"]):
-            arrs = []
-            for part in ("dense", "sparse", "labels"):
-                fp = os.path.join(data.path, f"day_{d}_{part}.npy")
-                if not os.path.isfile(fp):
-                    raise ConfigError(f"data.path={data.path!r}: {os.path.basename(fp)} missing")
-                arrs.append(np.load(fp, mmap_mode="r"))
-            self.days.append(tuple(arrs))
+        self.days = self._open_days()
         ev = self.meta["eval_day"]
         n_ev = len(self.days[ev][2])
         n_test = -(-n_ev // 2)
@@ -108,6 +97,31 @@ class CriteoSource:
         }
         self.offsets = {k: np.cumsum([0] + [s[2] for s in v]) for k, v in self.segments.items()}
         self._perm_cache: Dict[Tuple[int, int], np.ndarray] = {}
+
+    def _open_days(self) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Each day's (dense, sparse, labels) arrays, memory-mapped."""
+        days = []
+        for d in range(self.meta["num_days"]):
+            arrs = []
+            for part in ("dense", "sparse", "labels"):
+                fp = os.path.join(self.path, f"day_{d}_{part}.npy")
+                if not os.path.isfile(fp):
+                    raise ConfigError(f"data.path={self.path!r}: {os.path.basename(fp)} missing")
+                arrs.append(np.load(fp, mmap_mode="r"))
+            days.append(tuple(arrs))
+        return days
+
+    def __getstate__(self):
+        # loader workers that are not forked receive the source pickled: a memory map would
+        # pickle as a copy of the whole file, so the maps are reopened on the other side
+        state = dict(self.__dict__)
+        state["days"] = None
+        state["_perm_cache"] = {}
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.days = self._open_days()
 
     # ----------------------------------------------------------------- layout
     def num_samples(self, split: str) -> int:
@@ -133,8 +147,7 @@ class CriteoSource:
                 dense, sparse, labels = self._take(split, self.order(epoch, sl.start, sl.stop))
             else:
                 dense, sparse, labels = self._range(split, sl.start, sl.stop)
-            batch = self.make(dense, sparse, labels, per_rank, sample_weight(b, gb, n))
-            yield batch.pin_memory() if self.pin_memory else batch
+            yield self.make(dense, sparse, labels, per_rank, sample_weight(b, gb, n))
 
     # ----------------------------------------------------------------- reading
     def order(self, epoch: int, start: int, stop: int) -> np.ndarray:

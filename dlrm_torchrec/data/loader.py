@@ -1,0 +1,116 @@
+"""A pipelined loader: batches are built by worker processes ahead of the training loop and
+pinned for an asynchronous host-to-device copy.
+
+Building a batch (hashing synthetic ids, gathering and expanding Criteo rows, assembling the
+KJT) costs milliseconds of CPU per step. Done in the training process it sits on the
+critical path of every step, because TorchRec's TrainPipelineSparseDist asks for the next
+batch synchronously. `PrefetchingSource` moves it to `num_workers` processes (torch's
+DataLoader): worker w builds global batches start + w, start + w + N, ... and the DataLoader
+hands them back round-robin, so the order is exactly the wrapped source's.
+
+With num_workers=0 the batches are built in the calling process, as without the wrapper.
+"""
+
+import os
+import pickle
+from typing import Iterator, Optional
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+
+def resolve_num_workers(requested: int, device_type: str, local_world_size: int) -> int:
+    """data.num_workers: -1 (auto) is 0 on CPU, where the ranks already use the cores, and on
+    CUDA up to 4 per rank, leaving each rank one core of its own."""
+    if requested >= 0:
+        return requested
+    if device_type != "cuda":
+        return 0
+    cores_per_rank = (os.cpu_count() or 1) // max(local_world_size, 1)
+    return max(0, min(4, cores_per_rank - 1))
+
+
+class _WorkerFailure:
+    """An exception raised in a worker, carried back as a batch so the training process
+    re-raises it with its own type and message (the DataLoader would wrap it into a
+    traceback dump)."""
+
+    def __init__(self, exc: BaseException):
+        try:
+            pickle.dumps(exc)
+            self.exc = exc
+        except Exception:  # an exception that cannot cross processes: keep its text
+            self.exc = RuntimeError(f"{type(exc).__name__}: {exc}")
+
+
+class _StridedBatches(IterableDataset):
+    """Global batches start..end-1 of one split and epoch; each DataLoader worker yields
+    every num_workers-th of them, beginning at its own id."""
+
+    def __init__(self, source, split: str, epoch: int, start: int, end: int):
+        super().__init__()
+        self.source, self.split, self.epoch = source, split, epoch
+        self.start, self.end = start, end
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        for b in range(self.start + worker, self.end, workers):
+            try:
+                yield next(iter(self.source.batches(self.split, self.epoch, start_batch=b)))
+            except Exception as e:  # noqa: BLE001 - re-raised in the training process
+                yield _WorkerFailure(e)
+                return
+
+
+class PrefetchingSource:
+    """Wraps a data source (see `dlrm_torchrec.data`); `batches()` is produced by worker
+    processes and, with `pin_memory`, handed over in page-locked memory. Everything else is
+    the wrapped source's.
+
+    Args:
+        source: the data source (must be picklable when workers are not forked).
+        num_workers: worker processes; 0 builds batches in this process.
+        pin_memory: pin each batch (CUDA training: lets the pipeline's copy overlap compute).
+        prefetch_factor: batches each worker keeps ready.
+    """
+
+    def __init__(self, source, num_workers: int, pin_memory: bool = False,
+                 prefetch_factor: int = 2):
+        self.source = source
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+
+    def batches(self, split: str, epoch: int = 0, start_batch: int = 0) -> Iterator:
+        end = self.source.num_batches(split)
+        if self.num_workers == 0:
+            for batch in self.source.batches(split, epoch, start_batch=start_batch):
+                yield batch.pin_memory() if self.pin_memory else batch
+            return
+        if start_batch >= end:
+            return
+        loader = DataLoader(
+            _StridedBatches(self.source, split, epoch, start_batch, end),
+            batch_size=None,  # the source already batches
+            num_workers=min(self.num_workers, end - start_batch),
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor,
+        )
+        for item in loader:
+            if isinstance(item, _WorkerFailure):
+                raise item.exc
+            yield item
+
+    def __getattr__(self, name: str):
+        if name == "source":  # not yet set (unpickling): no delegation loop
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+
+def prefetching(source, num_workers: int, pin_memory: Optional[bool] = None):
+    """`source` itself when there is nothing to do, else a PrefetchingSource."""
+    pin = bool(pin_memory) and torch.cuda.is_available()
+    if num_workers == 0 and not pin:
+        return source
+    return PrefetchingSource(source, num_workers, pin)
