@@ -23,7 +23,10 @@ the plain PyTorch baseline can only do sparse SGD.
 Trainer precision rows reuse one built model where they can: tf32 is a process switch and
 bf16 autocast an attribute the dense modules read on every call; fp16 tables need a second
 build. "all" is tf32 + bf16 autocast + fp16 tables. (qcomms are not benchmarked: with one
-GPU the all-to-alls move nothing.)
+GPU the all-to-alls move nothing.) The compiled rows build their own trainer with
+training.compile: "trainer compile" (inductor), "trainer cudagraphs" (reduce-overhead:
+inductor plus CUDA graphs), "trainer all+cudagraphs" (that and every precision option);
+their warm-up steps include the compilation of each batch size.
 
 Each row: warm-up steps, a short probe to size the timed run to about --seconds, then the
 timed run between two device synchronisations. samples/s = steps x batch / time. "peak GB"
@@ -60,7 +63,15 @@ from dlrm_torchrec.data.batch import Batch  # noqa: E402
 
 TRAINER_ROWS = ["trainer fp32", "trainer tf32", "trainer bf16", "trainer tf32+bf16",
                 "trainer fp16-tables", "trainer all"]
-ALL_ROWS = TRAINER_ROWS + ["torchrec", "pytorch"]
+# rows whose trainer is built with training.compile (and precision) from the start: a
+# compiled module guards on the precision attributes, so these are not toggled per row
+COMPILED_ROWS = {
+    "trainer compile": ["training.compile=default"],
+    "trainer cudagraphs": ["training.compile=reduce-overhead"],
+    "trainer all+cudagraphs": ["training.compile=reduce-overhead", "precision.tf32=true",
+                               "precision.dense_autocast=bf16", "precision.embedding_dtype=fp16"],
+}
+ALL_ROWS = TRAINER_ROWS + list(COMPILED_ROWS) + ["torchrec", "pytorch"]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -383,6 +394,8 @@ def build_runner(kind: str, arch: str, cfg: Config, args, info, max_batch: int) 
         return PyTorchRunner(cfg, info.device, args.lr)
     if kind == "trainer fp16":
         cfg = arch_config(arch, args, info.device.type, max_batch, ["precision.embedding_dtype=fp16"])
+    if kind in COMPILED_ROWS:
+        cfg = arch_config(arch, args, info.device.type, max_batch, COMPILED_ROWS[kind])
     return TrainerRunner(cfg, info)
 
 
@@ -455,6 +468,11 @@ def main(argv=None) -> int:
         # baselines first, so the trainer rows print their ratio to plain TorchRec
         builds = [(["torchrec"], "torchrec"), (["pytorch"], "pytorch"),
                   (TRAINER_ROWS[:4], "trainer"), (TRAINER_ROWS[4:], "trainer fp16")]
+        builds += [([row], row) for row in COMPILED_ROWS]
+        # in the order of --rows, baselines first
+        order = {r: i for i, r in enumerate(rows_wanted)}
+        builds.sort(key=lambda b: (b[1] not in ("torchrec", "pytorch"),
+                                   min(order.get(r, len(order)) for r in b[0])))
         for rows, kind in builds:
             rows = [r for r in rows if r in rows_wanted]
             if not rows:
@@ -475,7 +493,7 @@ def main(argv=None) -> int:
                     if runner is None or over_budget():
                         record(arch, bs, r, {"error": "skipped (time budget)"})
                         continue
-                    if isinstance(runner, TrainerRunner):
+                    if isinstance(runner, TrainerRunner) and kind not in COMPILED_ROWS:
                         runner.set_precision(tf32="tf32" in r or "all" in r,
                                              bf16="bf16" in r or "all" in r)
                     try:
@@ -487,6 +505,7 @@ def main(argv=None) -> int:
             if runner is not None:
                 if isinstance(runner, TrainerRunner):
                     runner.set_precision(False, False)
+                    torch._dynamo.reset()  # the next build compiles its own modules
                 runner.close()
             del runner
             free(device)

@@ -25,6 +25,7 @@ QR_OPERATIONS = ("mult", "add", "concat")
 DENSE_AUTOCAST = ("none", "bf16")
 EMBEDDING_DTYPES = ("fp32", "fp16")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
+COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
 
 
 class ConfigError(ValueError):
@@ -212,6 +213,10 @@ class TrainingConfig:
     """Stop once validation AUC reaches this (MLPerf early stop; 0: off)."""
     target_accuracy: float = 0.0
     """Stop once validation accuracy reaches this (0: off)."""
+    compile: str = "none"
+    """torch.compile the data-parallel modules (bottom MLP, interaction, top MLP, loss):
+    none, default, reduce-overhead (default plus CUDA graphs on GPU) or max-autotune.
+    Removes per-step kernel-launch overhead; the first steps pay the compilation."""
     crash_at_step: int = 0
     """Fault-injection for tests: rank crash_rank exits at this step on a job's first
     attempt (TORCHELASTIC_RESTART_COUNT=0); 0: off."""
@@ -582,6 +587,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(t.eval_every_n_steps >= 0, "training.eval_every_n_steps", t.eval_every_n_steps,
              "must be >= 0")
     _one_of("training.loss", t.loss, LOSSES)
+    _one_of("training.compile", t.compile, COMPILE_MODES)
     _require(len(t.loss_weights) == 2, "training.loss_weights", t.loss_weights,
              "needs two weights: label 0, label 1")
     _require(0 <= t.target_auc <= 1, "training.target_auc", t.target_auc, "must be in [0, 1]")

@@ -281,6 +281,27 @@ class DLRMTrain(nn.Module):
         return loss, (loss.detach(), logits.detach(), batch.labels, batch.weights)
 
 
+def compile_dense_modules(module: DLRMTrain, mode: str) -> List[nn.Module]:
+    """torch.compile, in place, the modules that run data parallel: the bottom MLP, the
+    interaction, the top MLP, the QR/MD output layer and the loss. Returns them.
+
+    In place (`nn.Module.compile`), so parameter names, checkpoints and DDP are unchanged.
+    Each is compiled on its own rather than the whole model because TorchRec's train
+    pipeline fx-traces `DLRM.forward` to find the sharded collection's input and keeps these
+    modules as leaves of that trace (they hold nothing sharded): they run compiled while the
+    sharded embedding lookup around them stays eager. Shapes are static (every batch is
+    padded to the full per-rank size), so each compiles once for training and once for an
+    evaluation batch of another size; with mode reduce-overhead each becomes CUDA graphs.
+    """
+    m = module.model
+    targets = [m.dense_arch, m.interaction, m.over_arch, module.loss_fn]
+    if m.embedding_out is not None:
+        targets.append(m.embedding_out)
+    for t in targets:
+        t.compile(mode=None if mode == "default" else mode, dynamic=False)
+    return targets
+
+
 def build_train_module(cfg: Config, device: torch.device = torch.device("meta")) -> DLRMTrain:
     """The model with embedding tables on `device` (meta: sharding materialises them) and
     seeded dense layers."""

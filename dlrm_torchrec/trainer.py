@@ -23,7 +23,7 @@ from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.data.loader import prefetching, resolve_num_workers
 from dlrm_torchrec.distributed import DistInfo
 from dlrm_torchrec.metrics import EvalMetrics
-from dlrm_torchrec.model import build_train_module
+from dlrm_torchrec.model import build_train_module, compile_dense_modules
 from dlrm_torchrec.observability import RunLogger, write_line
 from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
 from dlrm_torchrec.precision import (
@@ -63,6 +63,12 @@ class Trainer:
                                   d.pin_memory and info.device.type == "cuda")
 
         module = build_train_module(cfg)
+        if cfg.training.compile != "none":  # compiled lazily, at the first step
+            compile_dense_modules(module, cfg.training.compile)
+        # reduce-overhead replays CUDA graphs whose outputs the next replay overwrites: each
+        # step is marked so graphs of consecutive steps never share live outputs
+        self._mark_cudagraph_steps = (cfg.training.compile == "reduce-overhead"
+                                      and info.device.type == "cuda")
         check_supported(cfg.sharding, info.device.type, cfg.optimizer.sparse)
         check_precision_supported(cfg, info.device.type)  # issue 7: precision section
         apply_matmul_precision(cfg.precision, info.device)
@@ -74,7 +80,8 @@ class Trainer:
             pooling=pooling_factors(cfg.data, cfg.embeddings),
             qcomm_codecs_registry=qcomm_codecs_registry(cfg.precision, info.device),
         )
-        self.dense_optimizer = dense_optimizer(cfg.optimizer, self.model.named_parameters())
+        self.dense_optimizer = dense_optimizer(cfg.optimizer, self.model.named_parameters(),
+                                               fused=info.device.type == "cuda")
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])
         self.schedule = LRSchedule(self.optimizer, cfg.lr_schedule)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, info.device,
@@ -100,6 +107,7 @@ class Trainer:
         it = iter(batches)
         taken = 0
         while True:
+            self._step_begin()
             try:
                 loss, _, _, weights = self.pipeline.progress(it)
             except StopIteration:
@@ -115,6 +123,10 @@ class Trainer:
             self.samples_seen += (weights > 0).sum()
             if self.step % self.cfg.logging.log_every_n_steps == 0:
                 self._log_train(epoch, loss_sum)
+
+    def _step_begin(self) -> None:
+        if self._mark_cudagraph_steps:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _log_train(self, epoch: int, loss_sum: torch.Tensor) -> None:
         window = loss_sum.clone()
@@ -139,6 +151,7 @@ class Trainer:
         metrics = EvalMetrics(self.info.device, extended=extended)
         it = self.source.batches(split, 0)
         while True:
+            self._step_begin()
             try:
                 _, logits, labels, weights = self.pipeline.progress(it)
             except StopIteration:

@@ -101,3 +101,35 @@ def test_lr_decays_quadratically_then_stays_at_the_last_value():
 def test_lr_without_decay_returns_to_base_after_warmup():
     cfg = _schedule(3, 0, 0)
     assert [lr_multiplier(s, cfg) for s in (1, 2, 3, 50)] == [pytest.approx(1 / 3), pytest.approx(2 / 3), 1.0, 1.0]
+
+
+@pytest.mark.parametrize("name", ["sgd", "adagrad", "adam"])
+def test_fused_dense_optimizer_steps_as_torchs_per_parameter_loop(name):
+    """The fused (single-kernel) dense optimizer the trainer uses on CUDA against torch's
+    plain for-loop implementation, three steps with weight decay."""
+    from dlrm_torchrec.config import OptimizerConfig
+    from dlrm_torchrec.optim import dense_optimizer
+
+    cfg = OptimizerConfig(dense=name, lr=0.1, weight_decay=0.01)
+    g = torch.Generator().manual_seed(0)
+    start = {"a.weight": torch.randn(5, 3, generator=g), "a.bias": torch.randn(5, generator=g)}
+    grads = [{k: torch.randn(v.shape, generator=g) for k, v in start.items()} for _ in range(3)]
+    params = {k: torch.nn.Parameter(v.clone()) for k, v in start.items()}
+    fused = dense_optimizer(cfg, params.items(), fused=True)
+    assert all(group["fused"] for group in fused._optimizer.param_groups)
+    ref_params = [torch.nn.Parameter(v.clone()) for v in start.values()]
+    kw = {"lr": 0.1, "weight_decay": 0.01, "foreach": False}
+    if name != "sgd":
+        kw["eps"] = cfg.eps
+    if name == "adam":
+        kw["betas"] = (cfg.beta1, cfg.beta2)
+    ref = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad,
+           "adam": torch.optim.Adam}[name](ref_params, **kw)
+    for step in grads:
+        for (k, p), rp in zip(params.items(), ref_params):
+            p.grad, rp.grad = step[k].clone(), step[k].clone()
+        fused.step()
+        ref.step()
+    for p, rp in zip(params.values(), ref_params):
+        torch.testing.assert_close(p.detach(), rp.detach(), rtol=1e-6, atol=1e-7)
+        assert not torch.equal(p.detach(), start["a.weight"] if p.dim() == 2 else start["a.bias"])
