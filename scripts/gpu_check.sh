@@ -25,6 +25,13 @@ timeout "${TEST_TIMEOUT_S:-240}" python3 -m pytest -q -rfEs --tb=short -p no:cac
 test_rc=$?
 
 echo "== bench"
+# the goal's rows and batch sizes first (the budget skips what does not fit); extra
+# arguments replace these
+if [ "$#" -eq 0 ]; then
+  set -- --batches 8192,32768,2048 --rows "torchrec,pytorch,trainer fp32,trainer cudagraphs,\
+trainer all+cudagraphs,trainer compile,trainer tf32+bf16,trainer all,trainer tf32,trainer bf16,\
+trainer fp16-tables"
+fi
 timeout "${BENCH_TIMEOUT_S:-260}" python3 bench/bench_gpu.py \
   --time-budget-s "${BENCH_BUDGET_S:-200}" --out "$OUT/bench_gpu.json" "$@" 2>&1 |
   tee "$OUT/bench_gpu.log" | grep -v -e Warning -e 'warn('
