@@ -177,6 +177,7 @@ class Trainer:
 
     def _eval_and_check_now(self, epoch: int) -> bool:
         t = self.cfg.training
+        self.run_logger.eval_start(self.step)  # observability: mllog eval_start
         res = self.evaluate("val")
         res.update(step=self.step, epoch=epoch, split="val")
         self.evals.append(res)

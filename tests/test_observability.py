@@ -112,6 +112,41 @@ def test_mllog_lines_parse_and_tell_the_run(run):
     assert by_key["run_stop"]["metadata"]["status"] == "aborted"  # no target was set
 
 
+def test_mllog_of_an_mlperf_configured_run_passes_the_compliance_checker(tmp_path):
+    """mlperf_logging's own checker (training rules 4.1.0, the last with DLRM-DCNv2) on a
+    short run configured as the MLPerf reference (Adagrad family, no warmup or decay): every
+    rule holds but the two only a full Criteo run can meet, the validation size (89,137,319
+    samples) and the quality target (AUC >= 0.80275)."""
+    from mlperf_logging.compliance_checker.mlp_compliance import make_checker
+
+    from dlrm_torchrec.train import train
+
+    cfg = load_config("configs/tiny_cpu.yaml", [
+        "data.train_samples=4096", "data.eval_samples=1024", "training.eval_every_n_steps=8",
+        "lr_schedule.warmup_steps=0", f"logging.run_dir={tmp_path}", "logging.tensorboard=false",
+        "logging.plot=false", "logging.mlperf_logging=true",
+        "logging.mlperf_submission_org=acme", "logging.mlperf_submission_platform=2xcpu",
+    ])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("sys.stdout", io.StringIO())
+        mp.setenv("MASTER_ADDR", "127.0.0.1")
+        mp.setenv("MASTER_PORT", str(free_port()))
+        train(cfg)
+    checker = make_checker("training", "4.1.0", quiet=True, werror=False)
+    checker.check_file(str(tmp_path / "mlperf.log"), "training_4.1.0/common.yaml")
+    failures = list(checker.overwritable.values()) + list(checker.not_overwritable)
+    assert len(failures) == 2, failures
+    assert any("eval_samples" in f and "89137319" in f for f in failures), failures
+    assert any("eval_accuracy" in f and "0.80275" in f for f in failures), failures
+    assert not checker.warnings, checker.warnings
+    keys = [json.loads(line[len(":::MLLOG "):])["key"]
+            for line in (tmp_path / "mlperf.log").read_text().splitlines()]
+    assert keys.count("eval_start") == keys.count("eval_stop") == 2
+    # each evaluation: start, stop, then its accuracy
+    first = keys.index("eval_start")
+    assert keys[first:first + 3] == ["eval_start", "eval_stop", "eval_accuracy"]
+
+
 def test_on_a_terminal_a_progress_bar_replaces_the_log_lines(tmp_path, capsys):
     cfg = load_config("configs/tiny_cpu.yaml", [f"logging.run_dir={tmp_path}",
                                                 "logging.tensorboard=false"])
