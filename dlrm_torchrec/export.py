@@ -65,16 +65,20 @@ class InferenceModel(nn.Module):
     """Plain tensors in, click probabilities out, around a `DLRM` (float or quantized).
 
     forward(dense B x D float32, ids, lengths) -> B probabilities, where ids[f] holds feature
-    f's ids of all B samples back to back (int64, each below that feature's row count) and
-    lengths[f] (B, int64) how many of them belong to each sample; features in `feature_names`
-    order. Quotient-remainder features are split into their two keys here (id // c, id mod c),
-    as `compression.split_qr_ids` does for training batches.
+    f's ids of all B samples back to back (int64) and lengths[f] (B, int64) how many of them
+    belong to each sample; features in `feature_names` order. Ids are folded into the
+    feature's rows (id mod rows), as the Criteo loader folds preprocessed ids into tables
+    capped by `embeddings.max_ind_range`: callers pass the preprocessed ids as they are, and an
+    id out of range never reaches the lookup kernel (which does not check). Quotient-remainder
+    features are then split into their two keys (id // c, id mod c), as
+    `compression.split_qr_ids` does for training batches.
     """
 
     def __init__(self, dlrm: nn.Module, layout: Sequence[FeatureSpec]):
         super().__init__()
         self.dlrm = dlrm
         self.feature_names: List[str] = [f.feature for f in layout]
+        self.rows: List[int] = [f.rows for f in layout]
         self.collisions: List[int] = [f.qr_collisions for f in layout]
         self.keys: List[str] = [t.feature for f in layout for t in f.tables]
 
@@ -84,8 +88,9 @@ class InferenceModel(nn.Module):
         lens: List[torch.Tensor] = []
         per_key: List[int] = []
         for f, c in enumerate(self.collisions):
-            parts = [ids[f]] if c == 0 else [torch.div(ids[f], c, rounding_mode="floor"),
-                                             torch.remainder(ids[f], c)]
+            folded = torch.remainder(ids[f], self.rows[f])
+            parts = [folded] if c == 0 else [torch.div(folded, c, rounding_mode="floor"),
+                                             torch.remainder(folded, c)]
             for part in parts:
                 values.append(part)
                 lens.append(lengths[f])
@@ -293,8 +298,9 @@ def describe_inputs(cfg: Config) -> Dict[str, Any]:
                   "note": "transformed as the training data (Criteo: log(x + 1))"},
         "ids": {"type": f"list of {len(layout)} 1-D int64 tensors, one per feature in "
                         "feature_order; feature f's ids of all B samples back to back",
-                "range": "0 <= id < rows of the feature (ids mapped as the training loader "
-                         "maps them)"},
+                "range": "any id >= 0, as preprocessed; the program folds it into the "
+                         "feature's rows (id mod rows), as the training loader does for "
+                         "tables capped by max_ind_range"},
         "lengths": {"type": f"list of {len(layout)} int64 tensors of shape [B]: ids per "
                             "sample of each feature (0 allowed)"},
         "output": {"shape": ["B"], "dtype": "float32", "meaning": "click probability"},

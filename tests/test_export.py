@@ -119,6 +119,26 @@ def test_program_takes_any_batch_size_and_empty_bags(exported):
         assert torch.allclose(got, plain(dense, ids, lengths), atol=1e-6)
 
 
+def test_program_folds_ids_beyond_a_capped_table_as_the_training_loader_does(exported):
+    """Ids at or past a table's rows (preprocessed ids of a table capped by max_ind_range)
+    predict what their value mod rows predicts, in the program and the int8 program."""
+    cfg = load_config(str(exported / "config.yaml"))
+    rows = cfg.embeddings.table_sizes()
+    b, n = 17, len(rows)
+    g = torch.Generator().manual_seed(3)
+    dense = torch.rand(b, cfg.model.dense_in_features, generator=g)
+    ids = [torch.randint(0, r, (2 * b,), generator=g) for r in rows]
+    lengths = [torch.full((b,), 2, dtype=torch.int64) for _ in range(n)]
+    wrapped = [i + r * torch.randint(1, 1000, i.shape, generator=g) for i, r in zip(ids, rows)]
+    assert all(bool((w >= r).all()) for w, r in zip(wrapped, rows))
+    import fbgemm_gpu  # noqa: F401  (the int8 program's kernels)
+
+    for name in ("model.pt2", "model_int8.pt2"):
+        program = torch.export.load(str(exported / name)).module()
+        want = program(dense, ids, lengths)
+        torch.testing.assert_close(program(dense, wrapped, lengths), want, rtol=0, atol=0)
+
+
 def test_int8_tables_stay_within_tolerance_and_report_the_auc_change(exported):
     import fbgemm_gpu  # noqa: F401  (registers the IntNBit kernel the int8 program calls)
 
