@@ -20,7 +20,7 @@ from dlrm_torchrec.compression import (
     is_compressed,
     table_specs,
 )
-from dlrm_torchrec.config import Config, feature_names, sparse_output_dim
+from dlrm_torchrec.config import Config, ConfigError, feature_names, sparse_output_dim
 from dlrm_torchrec.data.batch import Batch
 from dlrm_torchrec.precision import autocast_dtype, embedding_data_type
 
@@ -300,6 +300,32 @@ def compile_dense_modules(module: DLRMTrain, mode: str) -> List[nn.Module]:
     for t in targets:
         t.compile(mode=None if mode == "default" else mode, dynamic=False)
     return targets
+
+
+def check_compile_supported(mode: str, device_type: str) -> None:
+    """training.compile needs inductor's code generator for the device: a C++ compiler on
+    CPU (g++, or $CXX), Triton on CUDA. Without it the first step would fail deep inside
+    torch.compile; this says so before anything is built (ConfigError)."""
+    if mode == "none":
+        return
+    if device_type == "cuda":
+        from torch.utils._triton import has_triton
+
+        if not has_triton():
+            raise ConfigError(f"training.compile={mode!r}: torch.compile on CUDA needs Triton, "
+                              "which this environment lacks; install it or set "
+                              "training.compile=none")
+        return
+    try:
+        from torch._inductor.cpp_builder import get_cpp_compiler
+    except ImportError:  # the lookup moved in this torch version: let inductor report it
+        return
+    try:
+        get_cpp_compiler()
+    except Exception as e:  # noqa: BLE001 - inductor raises its own InvalidCxxCompiler
+        raise ConfigError(f"training.compile={mode!r}: torch.compile on CPU needs a C++ "
+                          f"compiler (g++, or the one $CXX names) and found none "
+                          f"({type(e).__name__}); install one or set training.compile=none") from e
 
 
 def build_train_module(cfg: Config, device: torch.device = torch.device("meta")) -> DLRMTrain:

@@ -23,7 +23,11 @@ from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.data.loader import prefetching, resolve_num_workers
 from dlrm_torchrec.distributed import DistInfo
 from dlrm_torchrec.metrics import EvalMetrics
-from dlrm_torchrec.model import build_train_module, compile_dense_modules
+from dlrm_torchrec.model import (
+    build_train_module,
+    check_compile_supported,
+    compile_dense_modules,
+)
 from dlrm_torchrec.observability import RunLogger, write_line
 from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
 from dlrm_torchrec.precision import (
@@ -62,6 +66,7 @@ class Trainer:
         self.source = prefetching(self.source, self.num_workers,
                                   d.pin_memory and info.device.type == "cuda")
 
+        check_compile_supported(cfg.training.compile, info.device.type)
         module = build_train_module(cfg)
         if cfg.training.compile != "none":  # compiled lazily, at the first step
             compile_dense_modules(module, cfg.training.compile)

@@ -80,3 +80,19 @@ def test_two_ranks_train_the_same_with_compiled_dense_modules(tmp_path):
 def test_unknown_compile_mode_is_a_config_error():
     with pytest.raises(ConfigError, match="training.compile='fast'"):
         load_config(None, ["training.compile=fast"])
+
+
+def test_compile_without_a_cpp_compiler_is_a_config_error_not_a_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, CXX=str(tmp_path / "no-such-g++"), PATH="/nonexistent")
+    env.pop("TORCH_INDUCTOR_INSTALL_GXX", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
+         *TINY, "training.compile=default", f"logging.run_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "training.compile='default': torch.compile on CPU needs a C++ compiler" in proc.stderr
+    assert "Traceback" not in proc.stderr
