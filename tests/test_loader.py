@@ -104,11 +104,27 @@ def test_a_worker_error_is_raised_as_itself_after_the_good_batches():
 def test_num_workers_auto_is_zero_on_cpu_and_bounded_on_cuda(monkeypatch):
     assert resolve_num_workers(-1, "cpu", 2) == 0
     assert resolve_num_workers(3, "cpu", 2) == 3
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("dlrm_torchrec.data.loader.available_cores", lambda: 16)
     assert resolve_num_workers(-1, "cuda", 1) == 4
     assert resolve_num_workers(-1, "cuda", 8) == 1
-    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    monkeypatch.setattr("dlrm_torchrec.data.loader.available_cores", lambda: 8)
     assert resolve_num_workers(-1, "cuda", 8) == 0
+
+
+def test_available_cores_follow_the_cpu_affinity():
+    import os
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    from dlrm_torchrec.data.loader import available_cores
+
+    full = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(full)})
+        assert available_cores() == 1
+    finally:
+        os.sched_setaffinity(0, full)
+    assert available_cores() == len(full)
 
 
 def test_nothing_to_prefetch_keeps_the_source():

@@ -19,14 +19,23 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 
+def available_cores() -> int:
+    """Cores this process may run on: its CPU affinity (what Slurm, taskset or a container's
+    cpuset grant), not the machine's count."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resolve_num_workers(requested: int, device_type: str, local_world_size: int) -> int:
     """data.num_workers: -1 (auto) is 0 on CPU, where the ranks already use the cores, and on
-    CUDA up to 4 per rank, leaving each rank one core of its own."""
+    CUDA up to 4 per rank, leaving each rank one core of its own. The cores are this
+    process's (`available_cores`) shared by the node's ranks."""
     if requested >= 0:
         return requested
     if device_type != "cuda":
         return 0
-    cores_per_rank = (os.cpu_count() or 1) // max(local_world_size, 1)
+    cores_per_rank = available_cores() // max(local_world_size, 1)
     return max(0, min(4, cores_per_rank - 1))
 
 
