@@ -274,6 +274,7 @@ class Trainer:
             "best_auc": self.best_auc if self.best_step >= 0 else None,
             "best_step": self.best_step,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
+            "peak_memory": peak_memory(self.info.device),
             "final": self.evals[-1] if self.evals else {},
             "evals": self.evals,
             "history": self.history,
@@ -281,9 +282,11 @@ class Trainer:
         self._write_metrics(summary)
         self.run_logger.finish(summary)  # observability: plot, CSV, close
         final = summary["final"]
+        mem = summary["peak_memory"]
         log(self.info, f"done: {self.step} steps, {summary['train_samples_seen']:,} samples in "
                        f"{train_time:.1f}s ({summary['train_samples_per_s']:,.0f} samples/s); "
-                       f"val auc {final.get('auc', math.nan):.5f}; results in {self.run_dir}")
+                       f"val auc {final.get('auc', math.nan):.5f}; peak memory "
+                       f"{mem['gb']:.2f} GB ({mem['kind']}, rank 0); results in {self.run_dir}")
         return summary
 
     def evaluate_only(self, split: str = "val") -> Dict[str, Any]:
@@ -411,6 +414,19 @@ class Trainer:
             tmp = self.run_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
             tmp.replace(self.run_dir / "metrics.json")
+
+
+def peak_memory(device: torch.device) -> Dict[str, Any]:
+    """This process's peak memory so far: on CUDA the most the caching allocator held for
+    tensors (`max_memory_allocated`; what a batch size or table placement must fit in), on
+    CPU the peak resident set size of the process."""
+    if device.type == "cuda":
+        return {"gb": torch.cuda.max_memory_allocated(device) / 2**30, "kind": "cuda allocated",
+                "reserved_gb": torch.cuda.max_memory_reserved(device) / 2**30}
+    import resource
+
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kilobytes on Linux
+    return {"gb": kb / 2**20, "kind": "process rss"}
 
 
 class TrainingDiverged(RuntimeError):

@@ -78,7 +78,12 @@ def test_plain_single_process_entry_point(tmp_path):
         capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sharding plan (1 ranks, cpu)" in proc.stdout
-    assert _metrics(tmp_path)["train_samples_seen"] == 2048
+    m = _metrics(tmp_path)
+    assert m["train_samples_seen"] == 2048
+    # the peak resident memory of the process: more than torch alone, less than the machine
+    assert m["peak_memory"]["kind"] == "process rss"
+    assert 0.2 < m["peak_memory"]["gb"] < 16, m["peak_memory"]
+    assert f"peak memory {m['peak_memory']['gb']:.2f} GB (process rss, rank 0)" in proc.stdout
 
 
 def test_loader_workers_train_exactly_as_the_training_process_alone(tmp_path):

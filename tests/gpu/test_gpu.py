@@ -58,6 +58,7 @@ def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path):
     m = json.loads((tmp_path / "metrics.json").read_text())
     assert m["steps"] == 200
     assert m["final"]["auc"] > 0.6, m["final"]
+    assert m["peak_memory"]["kind"] == "cuda allocated" and 0 < m["peak_memory"]["gb"] < 80
 
 
 @pytest.fixture(scope="module")
