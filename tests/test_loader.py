@@ -47,6 +47,17 @@ def test_workers_yield_the_sources_batches_in_order(workers, start):
     assert len(got) == 10 - start
 
 
+def test_spawned_workers_get_the_source_pickled_and_yield_the_same_batches(tmp_path):
+    """Where workers are not forked (macOS, Python 3.14's forkserver default) the source
+    crosses to them pickled: generated, QR-wrapped and Criteo sources alike."""
+    emb = EmbeddingsConfig(num_embeddings_per_feature=[50, 7, 300], qr_threshold=40)
+    make_folder(tmp_path)
+    for src in (wrap_source(generated(), emb), criteo_source(tmp_path, rank=1, world=2)):
+        want = list(src.batches("val"))
+        got = list(PrefetchingSource(src, 1, mp_context="spawn").batches("val"))
+        assert_same_batches(got, want)
+
+
 def test_start_past_the_end_yields_nothing():
     assert list(PrefetchingSource(generated(), 2).batches("train", 0, start_batch=10)) == []
 

@@ -82,14 +82,17 @@ class PrefetchingSource:
         num_workers: worker processes; 0 builds batches in this process.
         pin_memory: pin each batch (CUDA training: lets the pipeline's copy overlap compute).
         prefetch_factor: batches each worker keeps ready.
+        mp_context: how workers start (None: the platform's default, fork on Linux up to
+            Python 3.13, spawn on macOS; with spawn and forkserver the source is pickled).
     """
 
     def __init__(self, source, num_workers: int, pin_memory: bool = False,
-                 prefetch_factor: int = 2):
+                 prefetch_factor: int = 2, mp_context: Optional[str] = None):
         self.source = source
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
+        self.mp_context = mp_context
 
     def batches(self, split: str, epoch: int = 0, start_batch: int = 0) -> Iterator:
         end = self.source.num_batches(split)
@@ -105,6 +108,7 @@ class PrefetchingSource:
             num_workers=min(self.num_workers, end - start_batch),
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
+            multiprocessing_context=self.mp_context,
         )
         for item in loader:
             if isinstance(item, _WorkerFailure):
