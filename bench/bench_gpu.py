@@ -96,6 +96,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tiny run for any machine: tables capped at 2000 rows, batches 128,256, "
                         "a few steps")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
+    p.add_argument("--report", default="",
+                   help="print the rows of a JSON written by --out as a Markdown table (for "
+                        "the README) and exit; runs nothing")
     a = p.parse_args(argv)
     if a.smoke:
         a.max_rows, a.batches = min(a.max_rows, 2000), "128,256"
@@ -405,8 +408,39 @@ def free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def markdown_report(results: Dict) -> str:
+    """A --out JSON as README Markdown: one table per architecture, a column per batch size,
+    samples/s with the ratio to plain TorchRec and the peak GPU memory of the row."""
+    rows = results["rows"]
+    lines = [f"{results['device']}, torch {results['torch']}, fbgemm_gpu {results['fbgemm_gpu']}, "
+             f"torchrec {results['torchrec']}; tables capped at {results['args']['max_rows']:,} "
+             "rows; samples/s (x plain TorchRec) and peak GB per row.", ""]
+    for arch in dict.fromkeys(r["arch"] for r in rows):
+        batches = list(dict.fromkeys(r["batch"] for r in rows if r["arch"] == arch))
+        lines += [f"**{arch}**", "", "| row | " + " | ".join(f"batch {b}" for b in batches) + " |",
+                  "|---|" + "---|" * len(batches)]
+        for name in dict.fromkeys(r["row"] for r in rows if r["arch"] == arch):
+            cells = []
+            for b in batches:
+                r = next((x for x in rows if (x["arch"], x["batch"], x["row"]) == (arch, b, name)), None)
+                base = next((x for x in rows if (x["arch"], x["batch"], x["row"]) == (arch, b, "torchrec")
+                             and "samples_per_s" in x), None)
+                if r is None or "samples_per_s" not in r:
+                    cells.append((r or {}).get("error", "-").split(":")[0])
+                    continue
+                rel = f" ({r['samples_per_s'] / base['samples_per_s']:.2f}x)" if base else ""
+                mem = f", {r['peak_gb']:.1f} GB" if r.get("peak_gb") is not None else ""
+                cells.append(f"{r['samples_per_s']:,.0f}{rel}{mem}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.report:
+        print(markdown_report(json.loads(Path(args.report).read_text())))
+        return 0
     import logging
     import warnings
 

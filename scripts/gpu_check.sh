@@ -10,7 +10,7 @@
 # BENCH_BUDGET_S (280 s) and is killed at BENCH_TIMEOUT_S (330 s). A session has 15 minutes
 # of device time and a start costs 1-2: this is the one call; there is no time to rerun it.
 # Extra arguments go to bench/bench_gpu.py (e.g. --archs terabyte --batches 8192).
-# Writes gpu_tests.log, bench_gpu.log and bench_gpu.json to $OUT (the device tool's
+# Writes gpu_tests.log, bench_gpu.log, bench_gpu.json and bench_gpu.md (README table) to $OUT (the device tool's
 # folder that comes back), or to /tmp/gpu_check_out elsewhere.
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
@@ -38,6 +38,9 @@ timeout "${BENCH_TIMEOUT_S:-330}" python3 bench/bench_gpu.py \
   --time-budget-s "${BENCH_BUDGET_S:-280}" --out "$OUT/bench_gpu.json" "$@" 2>&1 |
   tee "$OUT/bench_gpu.log" | grep -v -e Warning -e 'warn('
 bench_rc=$?
+# the README's table, from whatever rows finished
+[ -s "$OUT/bench_gpu.json" ] && python3 bench/bench_gpu.py --report "$OUT/bench_gpu.json" \
+  > "$OUT/bench_gpu.md"
 
 echo "gpu_check: tests rc=$test_rc, bench rc=$bench_rc"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
