@@ -488,6 +488,14 @@ def main(argv=None) -> int:
                   f"{res['ms_per_step']:8.2f} {pk:>8s}", flush=True)
         else:
             print(f"{arch:9s} {bs:6d}  {row:22s} {res.get('error', 'skipped')}", flush=True)
+        write_out()  # after every row: a run killed at its time limit keeps what it measured
+
+    def write_out() -> None:
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps({
+                "device": gpu, "torch": torch.__version__, "fbgemm_gpu": fbgemm_gpu.__version__,
+                "torchrec": torchrec.__version__, "args": vars(args), "rows": results}, indent=1))
 
     def over_budget() -> bool:
         return time.perf_counter() - start > args.time_budget_s
@@ -546,12 +554,7 @@ def main(argv=None) -> int:
         del data
         free(device)
     print(f"bench_gpu: {len(results)} rows in {time.perf_counter() - start:.0f}s", flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"device": gpu, "torch": torch.__version__,
-                                              "fbgemm_gpu": fbgemm_gpu.__version__,
-                                              "torchrec": torchrec.__version__,
-                                              "args": vars(args), "rows": results}, indent=1))
+    write_out()
     shutdown()
     return 0
 
