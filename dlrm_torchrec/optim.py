@@ -44,13 +44,14 @@ def sparse_optimizer(cfg: OptimizerConfig):
 def dense_optimizer(cfg: OptimizerConfig, named_params, fused: bool = False) -> KeyedOptimizer:
     """A KeyedOptimizer over the parameters that have no optimizer fused into backward.
 
-    fused: torch's fused implementation, one kernel for all parameters instead of a few per
-    parameter (the trainer uses it on CUDA, where launches dominate a DLRM step's dense
-    update; the arithmetic is the same)."""
+    fused: as few kernel launches as torch offers (the trainer asks on CUDA, where launches
+    dominate a DLRM step's dense update; the arithmetic is the same): the fused
+    implementation of SGD and Adam, one kernel for all parameters; for Adagrad the foreach
+    (multi-tensor) one, as torch releases before 2.12 have no fused Adagrad on CUDA."""
     cls = _DENSE[cfg.dense]
     kwargs: Dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if fused:
-        kwargs["fused"] = True
+        kwargs["foreach" if cfg.dense == "adagrad" else "fused"] = True
     if cfg.dense in ("adagrad", "adam"):
         kwargs["eps"] = cfg.eps
     if cfg.dense == "adam":
