@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VARIANT)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install train test test-all lint bench clean
+.PHONY: install train test test-all test-torchrec-compat lint bench clean
 
 $(STAMP): requirements/$(VARIANT).txt requirements/common.txt requirements/dev.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: install
 	$(PY) -m ruff check dlrm_torchrec launch tests bench
 	$(PY) -m pytest -q -m "not slow" tests
 
+# The GPU machine runs torchrec 1.6.1: the suite against that release's Python API (on this
+# CPU stack), so code keeps to what both releases have
+test-torchrec-compat:
+	$(MAKE) test VENV=.venv-torchrec161 TORCHREC_VERSION=1.6.1
+
 test-all: install
 	$(PY) -m pytest -q tests
 
@@ -37,4 +42,4 @@ bench: install
 	$(PY) bench/bench_cpu.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-torchrec161 runs .pytest_cache
