@@ -47,7 +47,8 @@ def dense_optimizer(cfg: OptimizerConfig, named_params, fused: bool = False) -> 
     fused: as few kernel launches as torch offers (the trainer asks on CUDA, where launches
     dominate a DLRM step's dense update; the arithmetic is the same): the fused
     implementation of SGD and Adam, one kernel for all parameters; for Adagrad the foreach
-    (multi-tensor) one, as torch releases before 2.12 have no fused Adagrad on CUDA."""
+    (multi-tensor) one, because some torch releases offer fused Adagrad on CPU only (their
+    first step would fail on CUDA) and the GPU machine's torch 2.11 could not be checked."""
     cls = _DENSE[cfg.dense]
     kwargs: Dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if fused:
