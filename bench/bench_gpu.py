@@ -189,19 +189,26 @@ class Runner:
         pass
 
 
+def trainer_without_seeded_init(cfg: Config, info):
+    """The project's Trainer, built without its seeded, plan-independent table initialisation
+    (slow for tens of millions of rows, irrelevant to speed): tables keep TorchRec's own
+    initial values."""
+    import dlrm_torchrec.sharding as sharding
+    from dlrm_torchrec.trainer import Trainer
+
+    seeded_init = sharding.init_embedding_weights
+    sharding.init_embedding_weights = lambda *a, **k: None
+    try:
+        return Trainer(cfg, info)
+    finally:
+        sharding.init_embedding_weights = seeded_init
+
+
 class TrainerRunner(Runner):
     """The project's Trainer: its pipeline, optimizers and step loop."""
 
     def __init__(self, cfg: Config, info):
-        import dlrm_torchrec.sharding as sharding
-        from dlrm_torchrec.trainer import Trainer
-
-        seeded_init = sharding.init_embedding_weights
-        sharding.init_embedding_weights = lambda *a, **k: None  # see the module docstring
-        try:
-            self.trainer = Trainer(cfg, info)
-        finally:
-            sharding.init_embedding_weights = seeded_init
+        self.trainer = trainer_without_seeded_init(cfg, info)  # see the module docstring
         self.device = info.device
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
 

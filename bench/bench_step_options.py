@@ -51,15 +51,9 @@ def parse_args(argv=None):
 
 def time_row(cfg, info, warmup: int, steps: int) -> float:
     """samples/s of `steps` training steps after `warmup`, from the trainer's own loader."""
-    import dlrm_torchrec.sharding as sharding
-    from dlrm_torchrec.trainer import Trainer
+    from bench_gpu import trainer_without_seeded_init  # this script's folder is on sys.path
 
-    seeded_init = sharding.init_embedding_weights  # slow for big tables; irrelevant to speed
-    sharding.init_embedding_weights = lambda *a, **k: None
-    try:
-        trainer = Trainer(cfg, info)
-    finally:
-        sharding.init_embedding_weights = seeded_init
+    trainer = trainer_without_seeded_init(cfg, info)
     loss_sum = torch.zeros((), dtype=torch.float64, device=info.device)
     batches = trainer.source.batches("train", 0)
     trainer._run_steps(itertools.islice(batches, warmup), 0, loss_sum)

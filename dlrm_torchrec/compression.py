@@ -41,6 +41,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from dlrm_torchrec.config import ConfigError, EmbeddingsConfig, feature_names
+from dlrm_torchrec.data import SourceWrapper
 
 BYTES_PER_FLOAT = 4
 
@@ -197,22 +198,17 @@ def split_qr_ids(kjt: KeyedJaggedTensor, layout: Sequence[FeatureSpec]) -> Keyed
     )
 
 
-class QRSplitSource:
+class QRSplitSource(SourceWrapper):
     """A data source whose batches carry the QR-split KJT (`split_qr_ids`); everything
     else is the wrapped source's."""
 
     def __init__(self, source, layout: Sequence[FeatureSpec]):
-        self.source = source
+        super().__init__(source)
         self.layout = list(layout)
 
     def batches(self, *args, **kwargs) -> Iterator:
         for b in self.source.batches(*args, **kwargs):
             yield dataclasses.replace(b, sparse_features=split_qr_ids(b.sparse_features, self.layout))
-
-    def __getattr__(self, name: str):
-        if name == "source":  # not yet set (unpickling): no delegation loop
-            raise AttributeError(name)
-        return getattr(self.source, name)
 
 
 def wrap_source(source, e: EmbeddingsConfig):

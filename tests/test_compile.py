@@ -10,6 +10,7 @@ from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.model import build_train_module, compile_dense_modules
 from tests.dist_utils import run_ranks
+from tests.test_training import _train_worker
 
 TINY = ["data.train_samples=3072", "data.eval_samples=512", "data.batch_size=256",
         "logging.log_every_n_steps=2", "embeddings.num_embeddings_per_feature=[300,50,700,20]"]
@@ -49,12 +50,6 @@ def test_compiled_modules_match_eager_loss_and_gradients(interaction):
     assert g1.keys() == g0.keys() and len(g0) > 6
     for n in g0:
         torch.testing.assert_close(g1[n], g0[n], rtol=1e-4, atol=1e-6, msg=n)
-
-
-def _train_worker(rank, world_size, overrides):
-    from dlrm_torchrec.train import train
-
-    train(load_config("configs/tiny_cpu.yaml", overrides))
 
 
 def test_two_ranks_train_the_same_with_compiled_dense_modules(tmp_path):

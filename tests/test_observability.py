@@ -19,8 +19,6 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """One short real training run with every output switched on; stdout is not a tty."""
-    from dlrm_torchrec.train import train
-
     run_dir = tmp_path_factory.mktemp("run")
     cfg = load_config("configs/tiny_cpu.yaml", [
         "data.train_samples=4096", "data.eval_samples=1024", "training.eval_every_n_steps=8",
@@ -29,6 +27,14 @@ def run(tmp_path_factory):
         "logging.profile_steps=2", "logging.mlperf_logging=true",
         "logging.mlperf_submission_org=acme",
     ])
+    summary, stdout = train_in_process(cfg)
+    return run_dir, summary, stdout
+
+
+def train_in_process(cfg):
+    """(summary, stdout) of `train(cfg)` in this process, stdout not a terminal."""
+    from dlrm_torchrec.train import train
+
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr("sys.stdout", out)
@@ -36,7 +42,7 @@ def run(tmp_path_factory):
         mp.setenv("MASTER_ADDR", "127.0.0.1")
         mp.setenv("MASTER_PORT", str(free_port()))
         summary = train(cfg)
-    return run_dir, summary, out.getvalue()
+    return summary, out.getvalue()
 
 
 def test_without_a_terminal_training_prints_plain_log_lines(run):
@@ -119,19 +125,13 @@ def test_mllog_of_an_mlperf_configured_run_passes_the_compliance_checker(tmp_pat
     samples) and the quality target (AUC >= 0.80275)."""
     from mlperf_logging.compliance_checker.mlp_compliance import make_checker
 
-    from dlrm_torchrec.train import train
-
     cfg = load_config("configs/tiny_cpu.yaml", [
         "data.train_samples=4096", "data.eval_samples=1024", "training.eval_every_n_steps=8",
         "lr_schedule.warmup_steps=0", f"logging.run_dir={tmp_path}", "logging.tensorboard=false",
         "logging.plot=false", "logging.mlperf_logging=true",
         "logging.mlperf_submission_org=acme", "logging.mlperf_submission_platform=2xcpu",
     ])
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("sys.stdout", io.StringIO())
-        mp.setenv("MASTER_ADDR", "127.0.0.1")
-        mp.setenv("MASTER_PORT", str(free_port()))
-        train(cfg)
+    train_in_process(cfg)
     checker = make_checker("training", "4.1.0", quiet=True, werror=False)
     checker.check_file(str(tmp_path / "mlperf.log"), "training_4.1.0/common.yaml")
     failures = list(checker.overwritable.values()) + list(checker.not_overwritable)

@@ -12,7 +12,7 @@ from typing import List
 
 from dlrm_torchrec.config import DataConfig, EmbeddingsConfig
 
-__all__ = ["Batch", "build_data_source", "bag_sizes"]
+__all__ = ["Batch", "SourceWrapper", "build_data_source", "bag_sizes"]
 
 
 def __getattr__(name: str):
@@ -23,6 +23,19 @@ def __getattr__(name: str):
 
         return Batch
     raise AttributeError(name)
+
+
+class SourceWrapper:
+    """Base of a source that changes how another source's batches are made (`batches`) and
+    is that source in everything else: attributes it lacks are the wrapped source's."""
+
+    def __init__(self, source):
+        self.source = source
+
+    def __getattr__(self, name: str):
+        if name == "source":  # not yet set (unpickling): no delegation loop
+            raise AttributeError(name)
+        return getattr(self.source, name)
 
 
 def bag_sizes(data: DataConfig, num_features: int) -> List[int]:

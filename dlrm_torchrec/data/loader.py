@@ -18,6 +18,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from dlrm_torchrec.data import SourceWrapper
+
 
 def available_cores() -> int:
     """Cores this process may run on: its CPU affinity (what Slurm, taskset or a container's
@@ -72,7 +74,7 @@ class _StridedBatches(IterableDataset):
                 return
 
 
-class PrefetchingSource:
+class PrefetchingSource(SourceWrapper):
     """Wraps a data source (see `dlrm_torchrec.data`); `batches()` is produced by worker
     processes and, with `pin_memory`, handed over in page-locked memory. Everything else is
     the wrapped source's.
@@ -88,7 +90,7 @@ class PrefetchingSource:
 
     def __init__(self, source, num_workers: int, pin_memory: bool = False,
                  prefetch_factor: int = 2, mp_context: Optional[str] = None):
-        self.source = source
+        super().__init__(source)
         self.num_workers = num_workers
         self.pin_memory = pin_memory
         self.prefetch_factor = prefetch_factor
@@ -115,15 +117,11 @@ class PrefetchingSource:
                 raise item.exc
             yield item
 
-    def __getattr__(self, name: str):
-        if name == "source":  # not yet set (unpickling): no delegation loop
-            raise AttributeError(name)
-        return getattr(self.source, name)
 
-
-def prefetching(source, num_workers: int, pin_memory: Optional[bool] = None):
-    """`source` itself when there is nothing to do, else a PrefetchingSource."""
-    pin = bool(pin_memory) and torch.cuda.is_available()
+def prefetching(source, num_workers: int, pin_memory: bool = False):
+    """`source` itself when there is nothing to do, else a PrefetchingSource. Pinning needs
+    CUDA; without it `pin_memory` is ignored."""
+    pin = pin_memory and torch.cuda.is_available()
     if num_workers == 0 and not pin:
         return source
     return PrefetchingSource(source, num_workers, pin)
