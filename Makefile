@@ -10,11 +10,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VARIANT)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: install train test test-all test-torchrec-compat lint bench clean
+.PHONY: install train test test-all test-gpu-machine-releases lint bench clean
 
 $(STAMP): requirements/$(VARIANT).txt requirements/common.txt requirements/dev.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip "setuptools>=70.1"  # builds the editable install (no isolation)
 	$(PY) -m pip install -q -r requirements/$(VARIANT).txt -r requirements/dev.txt
 	# torchrec declares the CUDA fbgemm-gpu as a dependency; its real ones are in common.txt
 	$(PY) -m pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
@@ -30,10 +30,10 @@ test: install
 	$(PY) -m ruff check dlrm_torchrec launch tests bench
 	$(PY) -m pytest -q -m "not slow" tests
 
-# The GPU machine runs torchrec 1.6.1: the suite against that release's Python API (on this
-# CPU stack), so code keeps to what both releases have
-test-torchrec-compat:
-	$(MAKE) test VENV=.venv-torchrec161 TORCHREC_VERSION=1.6.1
+# The GPU machine runs torch 2.11, fbgemm-gpu 1.6.0 and torchrec 1.6.1: the suite on those
+# releases (on CPU), so code keeps to what both release trains have
+test-gpu-machine-releases:
+	$(MAKE) test VENV=.venv-gpu-machine VARIANT=gpu-machine TORCHREC_VERSION=1.6.1
 
 test-all: install
 	$(PY) -m pytest -q tests
@@ -42,4 +42,4 @@ bench: install
 	$(PY) bench/bench_cpu.py
 
 clean:
-	rm -rf $(VENV) .venv-torchrec161 runs .pytest_cache
+	rm -rf $(VENV) .venv-gpu-machine .venv-torchrec161 runs .pytest_cache

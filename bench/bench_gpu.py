@@ -460,9 +460,10 @@ def main(argv=None) -> int:
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device_name = "cuda" if use_cuda else "cpu"
-    if not use_cuda and not args.smoke:
+    if args.device == "auto" and not use_cuda and not args.smoke:
         print("bench_gpu: no CUDA device; running the full sizes on CPU would take hours. "
-              "Use --smoke for a quick check.", file=sys.stderr)
+              "Use --smoke for a quick check, or --device cpu with small --batches and "
+              "--max-rows.", file=sys.stderr)
         return 2
     info = init_distributed(ShardingConfig(device=device_name))
     device = info.device

@@ -73,13 +73,22 @@ class _MetadataUnpickler(pickle.Unpickler):
 
 
 class SafeFileSystemReader(FileSystemReader):
-    """FileSystemReader whose metadata is read with `_MetadataUnpickler`."""
+    """FileSystemReader whose metadata is read with `_MetadataUnpickler`. The reason a read
+    failed is kept in `metadata_error`: some torch releases (2.11) swallow it and only
+    report "metadata is None"."""
+
+    metadata_error: Optional[BaseException] = None
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         path = self._get_metadata_path(kwargs.get("rank"))
-        with self.fs.create_stream(path, "rb") as f:
-            data = f.read()
-        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        try:
+            with self.fs.create_stream(path, "rb") as f:
+                data = f.read()
+            metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+        except Exception as e:
+            if self.metadata_error is None:  # the global file's error, not a fallback's
+                self.metadata_error = e
+            raise
         from torch.distributed.checkpoint.metadata import StorageMeta
 
         if getattr(metadata, "storage_meta", None) is None:
@@ -218,14 +227,23 @@ def load(path: Path, model: torch.nn.Module, optimizer: Any = None) -> None:
     state: Dict[str, Any] = {"model": model.state_dict()}
     if optimizer is not None:
         state["optim"] = optimizer.state_dict()
-    try:
-        dcp.load(state, checkpoint_id=str(path), storage_reader=SafeFileSystemReader(str(path)),
-                 planner=SafeLoadPlanner())
-    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-        raise CheckpointError(f"{path}: cannot be loaded ({_root_cause(e)})") from None
+    load_state(state, path)
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
+
+
+def load_state(state: Dict[str, Any], path: Path, no_dist: bool = False) -> None:
+    """dcp.load of `state` (filled in place) from checkpoint `path`, safely (no unpickling
+    of code, tensors with weights_only); any failure is a CheckpointError naming `path` and
+    the cause. no_dist: read in one process without a process group (export)."""
+    reader = SafeFileSystemReader(str(path))
+    try:
+        dcp.load(state, checkpoint_id=str(path), storage_reader=reader,
+                 planner=SafeLoadPlanner(), no_dist=no_dist)
+    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
+        cause = _root_cause(reader.metadata_error or e)
+        raise CheckpointError(f"{path}: cannot be loaded ({cause})") from None
 
 
 def _root_cause(e: BaseException) -> str:

@@ -35,9 +35,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.api import CheckpointException
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_torchrec import checkpoint
@@ -202,15 +200,9 @@ def load_checkpoint(cfg: Config, path: Path) -> Tuple[DLRM, Dict[str, Any]]:
                                model_signature(cfg, module.model.tables))
     # keys as the DMP model's: model.sparse_arch.embedding_bags.t_cat_0.weight, ...
     weights = module.state_dict()
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp.load({"model": weights},
-                     storage_reader=checkpoint.SafeFileSystemReader(str(path)),
-                     planner=checkpoint.SafeLoadPlanner(), no_dist=True)
-    except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-        raise checkpoint.CheckpointError(
-            f"{path}: cannot be loaded ({checkpoint._root_cause(e)})") from None
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        checkpoint.load_state({"model": weights}, path, no_dist=True)
     module.load_state_dict(weights)
     return module.model.eval(), state
 

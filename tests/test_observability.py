@@ -5,6 +5,7 @@ import csv
 import glob
 import io
 import json
+import logging
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -159,3 +160,19 @@ def test_on_a_terminal_a_progress_bar_replaces_the_log_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "4/10" in out and "loss=0.51234" in out and "samples_s=1,234" in out
     assert "step       4  epoch 0" not in out
+
+
+def _fbgemm_notice(fbgemm: str, torch_version: str) -> logging.LogRecord:
+    msg = (f"\n  \033[33m\n  _fbgemm_torch_compat_table has no entry for {fbgemm} of FBGEMM;\n"
+           f"  cannot determine compatibility with PyTorch {torch_version}\n  \033[0m\n")
+    return logging.LogRecord("root", logging.WARNING, __file__, 1, msg, None, None)
+
+
+def test_fbgemm_missing_table_entry_notice_is_dropped_only_for_a_matching_release_pair():
+    from dlrm_torchrec import _not_a_matching_fbgemm_notice as keep
+
+    assert not keep(_fbgemm_notice("1.6.0", "2.11.0+cu130"))  # the GPU machine's pair
+    assert not keep(_fbgemm_notice("1.9.1", "2.14.0"))
+    assert keep(_fbgemm_notice("1.6.0", "2.13.0"))  # a mismatch: the user must see it
+    assert keep(_fbgemm_notice("2.0.0", "2.15.0"))
+    assert keep(logging.LogRecord("root", logging.WARNING, __file__, 1, "other", None, None))
