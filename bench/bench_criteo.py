@@ -74,15 +74,67 @@ def baseline_loader(src: CriteoSource, limit: int, batch: int) -> float:
     return limit / (time.perf_counter() - t)
 
 
-def loader_rate(out: str, batch: int, window: int, multi_hot=None) -> float:
+def loader_rate(out: str, batch: int, window: int, multi_hot=None,
+                distribution: str = "uniform") -> float:
     data = DataConfig(source="criteo_kaggle", path=out, batch_size=batch,
-                      shuffle_window=window, multi_hot_sizes=multi_hot or [])
+                      shuffle_window=window, multi_hot_sizes=multi_hot or [],
+                      multi_hot_distribution=distribution)
     src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
     n = 0
     t = time.perf_counter()
     for b in src.batches("train"):
         n += b.labels.shape[0]
     return n / (time.perf_counter() - t)
+
+
+MLPERF_MULTI_HOT = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3,
+                    1, 1]  # configs/mlperf_dcnv2.yaml: 214 ids per sample
+
+
+def baseline_multi_hot(seed: int, ids: np.ndarray, sizes, table_sizes, pareto: bool):
+    """Multi-hot expansion as whole-batch numpy expressions (how the loader did it before
+    it worked through cache-sized chunks): every derived id hashed at once, then mod rows."""
+    from dlrm_torchrec.data.criteo import _MULTI_HOT_KEY
+    from dlrm_torchrec.data.hashing import hash_keys, uniform01
+
+    out = []
+    for f, k in enumerate(sizes):
+        if k == 1:
+            out.append(ids[f])
+            continue
+        pos = np.arange(1, k, dtype=np.uint64)
+        h = hash_keys(seed, _MULTI_HOT_KEY, f, ids[f].astype(np.uint64)[:, None], pos[None, :])
+        size = np.uint64(table_sizes[f])
+        if pareto:
+            x = np.minimum((1.0 - uniform01(h)) ** -4.0 - 1.0, 2.0 ** 62)
+            extra = x.astype(np.uint64) % size
+        else:
+            extra = h % size
+        out.append(np.concatenate([ids[f][:, None], extra.astype(np.int64)], axis=1).ravel())
+    return np.concatenate(out)
+
+
+def multi_hot_rates(out: str, batch: int, pareto: bool, batches: int = 8, repeats: int = 3):
+    """samples/s of the loader's multi-hot expansion and of the baseline, on the ids of the
+    same `batches` batches (MLPerf bag sizes); best of `repeats`, alternating the two."""
+    data = DataConfig(source="criteo_kaggle", path=out, batch_size=batch,
+                      multi_hot_sizes=MLPERF_MULTI_HOT,
+                      multi_hot_distribution="pareto" if pareto else "uniform")
+    src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
+    ids = [src.ids(src.days[0][1][i * batch:(i + 1) * batch]) for i in range(batches)]
+    expanders = (src.multi_hot_values,
+                 lambda x: baseline_multi_hot(src.seed, x, MLPERF_MULTI_HOT, src.table_sizes,
+                                              pareto))
+    for expand in expanders:  # warm-up: first-touch page faults of the output arrays
+        expand(ids[0])
+    best = [0.0, 0.0]
+    for _ in range(repeats):
+        for e, expand in enumerate(expanders):
+            t = time.perf_counter()
+            for x in ids:
+                expand(x)
+            best[e] = max(best[e], batch * batches / (time.perf_counter() - t))
+    return best
 
 
 def main() -> None:
@@ -123,6 +175,14 @@ def main() -> None:
                               (0, [10] * 26, "multi-hot 10/feature")):
         r = loader_rate(out, a.batch, window, mh)
         print(f"loader {label}, batch {a.batch}: {r:,.0f} samples/s per process")
+    for dist in ("uniform", "pareto"):
+        r = loader_rate(out, a.batch, 0, MLPERF_MULTI_HOT, dist)
+        print(f"loader multi-hot MLPerf sizes ({dist}), batch {a.batch}: {r:,.0f} samples/s "
+              "per process")
+        for batch in (a.batch, 4 * a.batch):  # 4096 and 16384: per-GPU batches of MLPerf runs
+            new, old = multi_hot_rates(out, batch, dist == "pareto")
+            print(f"  expansion alone, batch {batch}: {new:,.0f} samples/s; whole-batch "
+                  f"baseline {old:,.0f} ({new / old:.1f}x)")
     src = CriteoSource(DataConfig(source="criteo_kaggle", path=out, batch_size=a.batch),
                        EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
     print(f"baseline loader sample by sample: {baseline_loader(src, 50_000, a.batch):,.0f} "

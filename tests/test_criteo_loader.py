@@ -2,6 +2,7 @@
 windowed shuffling, splits, id folding and multi-hot bags."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -149,6 +150,47 @@ def test_multi_hot_bags_start_with_the_one_hot_id_and_are_a_function_of_it(tmp_p
     if dist == "pareto":  # heavy head: small ids dominate the derived ids
         extra = batch.sparse_features["cat_0"].values().numpy().reshape(32, 3)[:, 1:]
         assert np.median(extra) < 50
+
+
+@pytest.mark.parametrize("dist", ["uniform", "pareto"])
+def test_derived_multi_hot_ids_match_the_hash_spec_computed_independently(tmp_path, dist):
+    """Entry (i, j) of feature f's bag is u = hash(seed, 0x4D48, f, id, j) in [0, 1) and then
+    floor(u * rows) (uniform) or floor((1 - u)^-4 - 1) mod rows (Pareto, a = 0.25), computed
+    here in plain Python at random entries; enough rows that the loader works through
+    several chunks of every feature."""
+    from tests.test_criteo_preprocess import ref_uniform
+
+    make_folder(tmp_path)
+    sizes = [3] * 13 + [1] * 12 + [70]
+    rows = 10**9 + 7
+    src = source(tmp_path, table=rows, multi_hot_sizes=sizes, multi_hot_distribution=dist,
+                 seed=7)
+    n = 20_000
+    ids = np.random.default_rng(1).integers(0, 1000, (26, n))
+    values = src.multi_hot_values(ids)
+    assert len(values) == n * sum(sizes)
+    starts = np.cumsum([0] + [n * k for k in sizes])
+    rng = np.random.default_rng(2)
+    got, want = [], []
+    for f in [0, 12, 13, 25] * 400:
+        i = int(rng.integers(n))
+        j = int(rng.integers(1, sizes[f])) if sizes[f] > 1 else 0
+        got.append(int(values[starts[f] + i * sizes[f] + j]))
+        if j == 0:
+            want.append(int(ids[f, i]))
+            continue
+        u = ref_uniform(7, 0x4D48, f, int(ids[f, i]), j)
+        if dist == "uniform":
+            want.append(math.floor(u * rows))
+        else:
+            want.append(math.floor(min((1.0 - u) ** -4 - 1.0, 2.0 ** 62)) % rows)
+    got, want = np.array(got), np.array(want)
+    if dist == "uniform":
+        np.testing.assert_array_equal(got, want)
+    else:  # (1-u)^-4 by two squarings, not pow: a floor may land one off at an integer
+        off = got != want
+        assert off.mean() < 0.005
+        assert set(np.abs(got[off] - want[off]).tolist()) <= {1, rows - 1}
 
 
 def test_unprepared_folder_is_a_config_error(tmp_path):

@@ -11,11 +11,22 @@ _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser, elementwise on uint64 (wrapping arithmetic)."""
+    z = np.array(x, dtype=np.uint64)  # a copy (0-d for a scalar)
+    return splitmix64_(z, np.empty_like(z))
+
+
+def splitmix64_(z: np.ndarray, tmp: np.ndarray) -> np.ndarray:
+    """splitmix64 of the uint64 array `z`, in place; `tmp` is scratch of z's shape. Makes no
+    temporaries, so a caller working through cache-sized chunks stays in cache."""
     with np.errstate(over="ignore"):
-        z = x + _GOLDEN
-        z = (z ^ (z >> np.uint64(30))) * _M1
-        z = (z ^ (z >> np.uint64(27))) * _M2
-        return z ^ (z >> np.uint64(31))
+        np.add(z, _GOLDEN, out=z)
+        for shift, mult in ((30, _M1), (27, _M2)):
+            np.right_shift(z, np.uint64(shift), out=tmp)
+            np.bitwise_xor(z, tmp, out=z)
+            np.multiply(z, mult, out=z)
+        np.right_shift(z, np.uint64(31), out=tmp)
+        np.bitwise_xor(z, tmp, out=z)
+    return z
 
 
 def hash_keys(*keys) -> np.ndarray:
