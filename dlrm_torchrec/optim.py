@@ -47,8 +47,9 @@ def dense_optimizer(cfg: OptimizerConfig, named_params, fused: bool = False) -> 
     fused: as few kernel launches as torch offers (the trainer asks on CUDA, where launches
     dominate a DLRM step's dense update; the arithmetic is the same): the fused
     implementation of SGD and Adam, one kernel for all parameters; for Adagrad the foreach
-    (multi-tensor) one, because some torch releases offer fused Adagrad on CPU only (their
-    first step would fail on CUDA) and the GPU machine's torch 2.11 could not be checked."""
+    (multi-tensor) one, because torch 2.11 (the GPU machine's) offers fused Adagrad on CPU
+    only (`_device_dtype_check_for_fused(p, cuda_unsupported=True)`: the first step would fail
+    on CUDA); torch 2.13 fuses it on CUDA too, but the code must run on both."""
     cls = _DENSE[cfg.dense]
     kwargs: Dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay}
     if fused:
