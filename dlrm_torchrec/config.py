@@ -4,6 +4,7 @@ Precedence: command line > file > defaults. Every error names the dotted key and
 value and is raised as `ConfigError`, which the entry point prints without a traceback.
 """
 
+import copy
 import dataclasses
 import typing
 from dataclasses import dataclass, field
@@ -424,15 +425,34 @@ def load_config(path: Optional[str] = None, overrides: Sequence[str] = ()) -> Co
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+    file_tree = copy.deepcopy(tree)
     for text in overrides:
-        key, value = parse_override(text)
-        _set_dotted(tree, key, value)
+        try:
+            key, value = parse_override(text)
+            _set_dotted(tree, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"command line: {e}") from None
     try:
         cfg = _build(Config, tree, "")
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}" if path else str(e)) from None
+        raise ConfigError(f"{_origin(path, file_tree, overrides, str(e))}: {e}") from None
     validate(cfg)
     return cfg
+
+
+def _origin(path: Optional[str], file_tree: Dict[str, Any], overrides: Sequence[str],
+            message: str) -> str:
+    """Where the setting that failed to build (`message`) came from: the file when the file
+    alone fails the same way, else the command line's key=value overrides."""
+    if not overrides:
+        return str(path)
+    if path:
+        try:
+            _build(Config, file_tree, "")
+        except ConfigError as e:
+            if str(e) == message:
+                return str(path)
+    return "command line"
 
 
 def _require(ok: bool, key: str, value: Any, why: str) -> None:

@@ -95,6 +95,20 @@ def test_file_errors_name_the_file(tmp_path):
         load_config(str(wrong))
 
 
+def test_errors_name_the_file_or_the_command_line_the_bad_setting_came_from(tmp_path):
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("data:\n  batch_size: big\n")
+    with pytest.raises(ConfigError, match="wrong.yaml: data.batch_size: expected an integer, got 'big'"):
+        load_config(str(wrong), ["training.epochs=2"])
+    with pytest.raises(ConfigError, match="^command line: data.batch_size: expected an integer, got 'x'"):
+        load_config(str(wrong), ["data.batch_size=x"])
+    load_config(str(wrong), ["data.batch_size=8"])  # the command line fixes the file's value
+    with pytest.raises(ConfigError, match="^command line: training.epochs: expected an integer"):
+        load_config("configs/tiny_cpu.yaml", ["training.epochs=two"])
+    with pytest.raises(ConfigError, match="^command line: data.bach_size: unknown key"):
+        load_config("configs/tiny_cpu.yaml", ["data.bach_size=3"])
+
+
 def test_entry_point_prints_config_errors_without_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
