@@ -95,6 +95,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for any machine: tables capped at 2000 rows, batches 128,256, "
                         "a few steps")
+    p.add_argument("--profile-steps", type=int, default=0,
+                   help="after each row's timed run, profile this many more steps and add "
+                        "per-step counts: aten operator calls, CUDA kernel launches (graph "
+                        "replays count one), host syncs, GPU kernel time (0: off). With --out, "
+                        "each row's 15 heaviest operators go to <out>.ops.txt")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
     p.add_argument("--report", default="",
                    help="print the rows of a JSON written by --out as a Markdown table (for "
@@ -394,6 +399,50 @@ def time_row(run: Callable, batches: List[DeviceBatch], args, device: torch.devi
             "peak_gb": peak_gb(device)}
 
 
+# launching work on the GPU: one kernel, or one whole CUDA graph
+LAUNCH_CALLS = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx",
+                "cudaGraphLaunch", "cudaLaunchCooperativeKernel")
+
+
+def is_host_sync(name: str) -> bool:
+    """CUDA runtime calls that make the host wait for the device."""
+    return "Synchronize" in name or name in ("cudaMemcpy", "cudaMemcpy2D", "cudaMemset",
+                                             "cudaStreamWaitEvent_host")
+
+
+def profile_row(run: Callable, batches: List[DeviceBatch], steps: int,
+                device: torch.device) -> tuple:
+    """(per-step counts, top-operator table) of `steps` more steps under torch.profiler.
+
+    aten_ops counts every aten operator call, nested ones included (on CPU the closest
+    measure of per-step host work; on CUDA most of them launch a kernel). launches and
+    host_syncs count CUDA runtime calls (see LAUNCH_CALLS, is_host_sync), gpu_ms the kernels'
+    device time: with the step's wall time it tells whether the GPU or the host bounds it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(ProfilerActivity.CUDA)
+    sync(device)
+    with profile(activities=activities) as prof:
+        run(itertools.islice(itertools.cycle(batches), steps))
+        sync(device)
+    table = prof.key_averages()
+    counts = {e.key: e.count for e in table}
+    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
+                    for e in table)
+    own_syncs = 2 if device.type == "cuda" else 0  # the sync() calls around the window
+    per_step = {
+        "aten_ops": sum(c for k, c in counts.items() if k.startswith("aten::")) / steps,
+        "launches": sum(counts.get(k, 0) for k in LAUNCH_CALLS) / steps,
+        "host_syncs": max(0, sum(c for k, c in counts.items() if is_host_sync(k)) - own_syncs)
+        / steps,
+        "gpu_ms": device_us / 1e3 / steps,
+    }
+    top = table.table(sort_by="self_cpu_time_total", row_limit=15)
+    return per_step, top
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -480,6 +529,9 @@ def main(argv=None) -> int:
         return 2
     batch_sizes = [int(b) for b in args.batches.split(",")]
     results: List[Dict] = []
+    if args.out and args.profile_steps:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(f"{args.out}.ops.txt").write_text("")  # this run's operator tables only
     start = time.perf_counter()
     header = f"{'arch':9s} {'batch':>6s}  {'row':22s} {'samples/s':>12s} {'vs torchrec':>11s} {'ms/step':>8s} {'peak GB':>8s}"
     print(header, flush=True)
@@ -492,11 +544,19 @@ def main(argv=None) -> int:
         if "samples_per_s" in res:
             rel = f"{res['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
             pk = f"{res['peak_gb']:.2f}" if res.get("peak_gb") is not None else "-"
+            ps = res.get("per_step")
+            prof = (f"  per step: {ps['aten_ops']:.0f} aten ops, {ps['launches']:.0f} launches, "
+                    f"{ps['host_syncs']:.1f} syncs, GPU {ps['gpu_ms']:.2f} ms") if ps else ""
             print(f"{arch:9s} {bs:6d}  {row:22s} {res['samples_per_s']:12,.0f} {rel:>11s} "
-                  f"{res['ms_per_step']:8.2f} {pk:>8s}", flush=True)
+                  f"{res['ms_per_step']:8.2f} {pk:>8s}{prof}", flush=True)
         else:
             print(f"{arch:9s} {bs:6d}  {row:22s} {res.get('error', 'skipped')}", flush=True)
         write_out()  # after every row: a run killed at its time limit keeps what it measured
+
+    def write_ops(title: str, top: str) -> None:
+        if args.out:
+            with open(f"{args.out}.ops.txt", "a") as f:
+                f.write(f"== {title}\n{top}\n")
 
     def write_out() -> None:
         if args.out:
@@ -547,7 +607,12 @@ def main(argv=None) -> int:
                         runner.set_precision(tf32="tf32" in r or "all" in r,
                                              bf16="bf16" in r or "all" in r)
                     try:
-                        record(arch, bs, r, time_row(runner.run, data[bs], args, device))
+                        res = time_row(runner.run, data[bs], args, device)
+                        if args.profile_steps:
+                            res["per_step"], top = profile_row(runner.run, data[bs],
+                                                               args.profile_steps, device)
+                            write_ops(f"{arch} batch {bs} {r}", top)
+                        record(arch, bs, r, res)
                     except Exception as e:  # out of memory, a kernel error: report, go on
                         record(arch, bs, r, {"error": f"{type(e).__name__}: "
                                                       f"{str(e).splitlines()[0][:200]}"})

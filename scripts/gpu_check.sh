@@ -11,7 +11,8 @@
 # of device time and a start costs 1-2: this is the one call; there is no time to rerun it.
 # Extra arguments go to bench/bench_gpu.py (e.g. --archs terabyte --batches 8192).
 # Writes gpu_tests.log, bench_gpu.log, bench_gpu.json and bench_gpu.md (README table) to $OUT (the device tool's
-# folder that comes back), or to /tmp/gpu_check_out elsewhere.
+# folder that comes back), or to /tmp/gpu_check_out elsewhere; with time left over (CALL_LIMIT_S,
+# 585 s, minus what ran) also bench_profile.{log,json,json.ops.txt}: launches and syncs per step.
 set -u
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
@@ -41,6 +42,21 @@ bench_rc=$?
 # the README's table, from whatever rows finished
 [ -s "$OUT/bench_gpu.json" ] && python3 bench/bench_gpu.py --report "$OUT/bench_gpu.json" \
   > "$OUT/bench_gpu.md"
+
+# Where the step time goes, with the seconds that are left (never more than the call allows):
+# per-step kernel launches, host syncs and GPU kernel time of plain TorchRec and the trainer
+# at batch 8192, and their heaviest operators (bench_profile.json.ops.txt). Does not change
+# the exit status.
+left=$(( ${CALL_LIMIT_S:-585} - SECONDS ))
+if [ "$left" -ge 60 ]; then
+  echo "== profile ($left s left)"
+  timeout "$(( left - 5 ))" python3 bench/bench_gpu.py --archs terabyte --batches 8192 \
+    --rows "torchrec,trainer fp32,trainer cudagraphs" --profile-steps 3 \
+    --time-budget-s "$(( left - 45 ))" --out "$OUT/bench_profile.json" 2>&1 |
+    tee "$OUT/bench_profile.log" | grep -v -e Warning -e 'warn(' -e USDT
+else
+  echo "gpu_check: ${left} s left, no profile run"
+fi
 
 echo "gpu_check: tests rc=$test_rc, bench rc=$bench_rc"
 [ "$test_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]

@@ -13,16 +13,45 @@ def test_bench_gpu_smoke_runs_every_row_and_reports_them(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run(
         [sys.executable, "bench/bench_gpu.py", "--smoke", "--archs", "terabyte", "--rows",
-         ",".join(ROWS), "--out", str(out)], capture_output=True, text=True, timeout=600)
+         ",".join(ROWS), "--profile-steps", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert {(r["row"], r["batch"]) for r in rows} == {(n, b) for n in ROWS for b in (128, 256)}
     failed = [r for r in rows if "samples_per_s" not in r]
     assert not failed, failed
     assert all(r["samples_per_s"] > 0 and r["steps"] >= 2 for r in rows)
+    # --profile-steps: per-step counts on every row (no CUDA here: no launches), and the
+    # rows' operator tables
+    assert all(r["per_step"]["aten_ops"] > 0 and r["per_step"]["launches"] == 0 for r in rows)
+    ops = (tmp_path / "bench.json.ops.txt").read_text()
+    assert ops.count("== terabyte batch ") == len(rows) and "aten::" in ops
     report = subprocess.run([sys.executable, "bench/bench_gpu.py", "--report", str(out)],
                             capture_output=True, text=True, timeout=60)
     assert report.returncode == 0, report.stderr
     for name in ROWS:
         assert f"| {name} | " in report.stdout
     assert "| torchrec | " in report.stdout and "(1.00x)" in report.stdout
+
+
+def test_profile_row_counts_the_operators_of_each_step():
+    """A step of exactly two aten calls (add_, mul; tensor operands, so no scalar-to-tensor
+    conversions nest inside them) on CPU: 2 operators per step, whatever the number of
+    steps; no kernel launches or host syncs."""
+    import torch
+
+    sys.path.insert(0, "bench")
+    from bench_gpu import is_host_sync, profile_row
+
+    x, y = torch.ones(8), torch.ones(8)
+
+    def run(batches):
+        for _ in batches:
+            torch.mul(x.add_(y), y)
+
+    for steps in (1, 3):
+        per_step, table = profile_row(run, [None], steps, torch.device("cpu"))
+        assert per_step == {"aten_ops": 2, "launches": 0, "host_syncs": 0, "gpu_ms": 0}
+        assert "aten::mul" in table and "aten::add_" in table
+    assert is_host_sync("cudaStreamSynchronize") and is_host_sync("cudaMemcpy")
+    assert not is_host_sync("cudaMemcpyAsync") and not is_host_sync("cudaLaunchKernel")
