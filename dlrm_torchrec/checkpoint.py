@@ -242,7 +242,9 @@ def load_state(state: Dict[str, Any], path: Path, no_dist: bool = False) -> None
         dcp.load(state, checkpoint_id=str(path), storage_reader=reader,
                  planner=SafeLoadPlanner(), no_dist=no_dist)
     except (Exception, CheckpointException) as e:  # DCP's exception is a BaseException
-        cause = _root_cause(reader.metadata_error or e)
+        # the metadata reader's own error, when that is what failed (see the reader)
+        failed_on_metadata = reader.metadata_error is not None and "metadata" in str(e)
+        cause = _root_cause(reader.metadata_error if failed_on_metadata else e)
         raise CheckpointError(f"{path}: cannot be loaded ({cause})") from None
 
 

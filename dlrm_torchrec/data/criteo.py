@@ -37,7 +37,7 @@ from dlrm_torchrec.data.hashing import hash_keys, splitmix64, splitmix64_
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
-PARETO_A = 0.25
+PARETO_A = 0.25  # as the MLPerf reference; `_derive` computes (1 - u)^(-1/a) as ((1 - u)^2)^-2
 _MULTI_HOT_KEY = 0x4D48  # separates multi-hot hashes from other uses of the seed
 _DERIVE_CHUNK = 1 << 15  # multi-hot ids derived per numpy call: 256 KiB scratch arrays
 SPLITS = ("train", "val", "test")
@@ -244,8 +244,9 @@ class CriteoSource:
         (seed, feature, ids[i], j + 1) (see the module docstring).
 
         Works through chunks of about _DERIVE_CHUNK entries with in-place numpy operations:
-        the scratch arrays stay in cache, which makes it ~5x faster than whole-batch
-        expressions (MLPerf bags are 214 ids per sample; this is the loader's hot loop)."""
+        the scratch arrays stay in cache, which makes it about 2x faster than whole-batch
+        expressions (bench/bench_criteo.py; MLPerf bags are 214 ids per sample, so this is
+        the loader's hot loop)."""
         n, k1 = out.shape
         size = int(self.table_sizes[f])
         feature_key = self._multi_hot_keys[f]
