@@ -107,7 +107,8 @@ class DataConfig:
     """Criteo sources: shuffle training samples within windows of this many (0: no shuffle)."""
     num_workers: int = -1
     """Processes per rank that build batches ahead of the training loop (0: the training
-    process builds them; -1: auto, 0 on CPU and up to 4 per rank on CUDA)."""
+    process builds them; -1: auto, 0 on CPU and up to 4 per rank on CUDA, 8 with multi-hot
+    bags)."""
     pin_memory: bool = True
     """CUDA: hand batches over in page-locked memory, so their copy to the GPU overlaps
     compute (no effect on CPU)."""

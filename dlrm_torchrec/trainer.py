@@ -62,7 +62,8 @@ class Trainer:
         self.source = wrap_source(self.source, cfg.embeddings)
         # worker processes build (and pin) batches ahead of the step loop
         self.num_workers = resolve_num_workers(d.num_workers, info.device.type,
-                                               info.local_world_size)
+                                               info.local_world_size,
+                                               multi_hot=any(k > 1 for k in d.multi_hot_sizes))
         self.source = prefetching(self.source, self.num_workers,
                                   d.pin_memory and info.device.type == "cuda")
 
