@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dlrm_torchrec.config import DataConfig, EmbeddingsConfig  # noqa: E402
+from dlrm_torchrec.config import DataConfig, EmbeddingsConfig, load_config  # noqa: E402
 from dlrm_torchrec.data import preprocess as pp  # noqa: E402
 from dlrm_torchrec.data.criteo import CriteoSource  # noqa: E402
 
@@ -87,8 +87,9 @@ def loader_rate(out: str, batch: int, window: int, multi_hot=None,
     return n / (time.perf_counter() - t)
 
 
-MLPERF_MULTI_HOT = [3, 2, 1, 2, 6, 1, 1, 1, 1, 7, 3, 8, 1, 6, 9, 5, 1, 1, 1, 12, 100, 27, 10, 3,
-                    1, 1]  # configs/mlperf_dcnv2.yaml: 214 ids per sample
+# the MLPerf DCNv2 bag sizes (214 ids per sample), from the project's config for it
+MLPERF_MULTI_HOT = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                            "configs", "mlperf_dcnv2.yaml")).data.multi_hot_sizes
 
 
 def baseline_multi_hot(seed: int, ids: np.ndarray, sizes, table_sizes, pareto: bool):

@@ -445,14 +445,15 @@ def _origin(path: Optional[str], file_tree: Dict[str, Any], overrides: Sequence[
             message: str) -> str:
     """Where the setting that failed to build (`message`) came from: the file when the file
     alone fails the same way, else the command line's key=value overrides."""
+    if not path:
+        return "command line"
     if not overrides:
-        return str(path)
-    if path:
-        try:
-            _build(Config, file_tree, "")
-        except ConfigError as e:
-            if str(e) == message:
-                return str(path)
+        return path
+    try:
+        _build(Config, file_tree, "")
+    except ConfigError as e:
+        if str(e) == message:
+            return path
     return "command line"
 
 
