@@ -10,9 +10,26 @@ from typing import Iterator, List, Optional
 import numpy as np
 
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
-from dlrm_torchrec.data.hashing import hash_keys, normal, uniform01
+from dlrm_torchrec.data.hashing import (
+    HASH_START,
+    hash_keys,
+    normal,
+    splitmix64,
+    splitmix64_,
+    uniform01,
+)
 
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
+SAMPLE_CHUNK = 2048  # samples generated at a time (bench/bench_synthetic.py)
+
+
+def _bag_means(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Mean of each bag's values (bags are consecutive runs of `lengths`; an empty bag's
+    mean is 0); bags of one value are their value."""
+    if (lengths == 1).all():
+        return values
+    seg = np.repeat(np.arange(len(lengths)), lengths)
+    return np.bincount(seg, weights=values, minlength=len(lengths)) / np.maximum(lengths, 1)
 
 class GeneratedSource:
     """Random or synthetic data, each rank producing only its own share of each batch.
@@ -77,29 +94,54 @@ class GeneratedSource:
 
     def sample_arrays(self, split: str, epoch: int, idx: np.ndarray):
         """Samples `idx` as numpy arrays: dense n x D, per-feature ids and lengths, labels,
-        and (synthetic only) the click model's true probabilities (else None)."""
+        and (synthetic only) the click model's true probabilities (else None).
+
+        Computed in chunks of SAMPLE_CHUNK samples, whose intermediate arrays (F x chunk
+        hashes) stay in the CPU cache."""
+        if len(idx) <= SAMPLE_CHUNK:
+            return self._sample_chunk(split, epoch, idx)
+        parts = [self._sample_chunk(split, epoch, idx[i:i + SAMPLE_CHUNK])
+                 for i in range(0, len(idx), SAMPLE_CHUNK)]
+        dense, ids, lengths, labels, prob = zip(*parts)
+        num_features = len(self.table_sizes)
+        return (np.concatenate(dense),
+                [np.concatenate([p[f] for p in ids]) for f in range(num_features)],
+                [np.concatenate([p[f] for p in lengths]) for f in range(num_features)],
+                np.concatenate(labels), None if prob[0] is None else np.concatenate(prob))
+
+    def _sample_chunk(self, split: str, epoch: int, idx: np.ndarray):
+        """`sample_arrays` of at most SAMPLE_CHUNK samples.
+
+        Each value is a hash of its keys (module docstring): dense j of a sample from
+        (sample key, 1000 + j); id p of feature f's bag from (sample key, 3000 + f, p); the
+        bag length, when not fixed, 1 + (sample key, 2000 + f) mod k. Features with one id
+        per bag (every Criteo-shaped config) are hashed together as one F x n array, which
+        is what makes this fast (`tests/test_synthetic_data.py` holds it to a plain
+        per-feature computation of the same definition, bit for bit)."""
         key = self._key(split, epoch, idx)  # n
-        n = len(idx)
         d_idx = np.arange(self.num_dense, dtype=np.uint64)
         dense_u = uniform01(hash_keys(key[:, None], 1000 + d_idx[None, :]))
-        ids, lengths = [], []
-        for f, size in enumerate(self.table_sizes):
-            k = self.bag_sizes[f]
-            if self.fixed_bag_size or k == 1:
-                lens = np.full(n, k, dtype=np.int64)
-            else:
-                lens = 1 + (hash_keys(key, 2000 + f) % np.uint64(k)).astype(np.int64)
-            pos = np.arange(lens.sum(), dtype=np.int64) - np.repeat(np.cumsum(lens) - lens, lens)
-            row_key = np.repeat(key, lens)
-            h = hash_keys(row_key, 3000 + f, pos)
-            if self.kind == "synthetic":
-                # skewed popularity (like real categorical data): id = floor(n u^3)
-                u = uniform01(h)
-                feat_ids = np.minimum((u ** 3 * float(size)).astype(np.uint64), size - np.uint64(1))
-            else:
-                feat_ids = h % size
-            ids.append(feat_ids.astype(np.int64))
-            lengths.append(lens)
+        lengths = [self._bag_lengths(key, f) for f in range(len(self.table_sizes))]
+        # the first round of hash_keys(key, 3000 + f, pos) is the same for every feature
+        key_hash = splitmix64(HASH_START ^ key)
+        ids: List[Optional[np.ndarray]] = [None] * len(lengths)
+        one_hot = [f for f, k in enumerate(self.bag_sizes) if k == 1]
+        if one_hot:
+            feats = np.asarray(one_hot, dtype=np.uint64)
+            h = key_hash[None, :] ^ (3000 + feats)[:, None]  # F1 x n
+            scratch = np.empty_like(h)
+            splitmix64_(h, scratch)
+            splitmix64_(h, scratch)  # ^ position 0 leaves h as it is
+            block = self._ids_from_hashes(h, self.table_sizes[feats][:, None])
+            for row, f in enumerate(one_hot):
+                ids[f] = block[row]
+        for f, lens in enumerate(lengths):
+            if ids[f] is None:
+                pos = np.arange(lens.sum(), dtype=np.uint64) - np.repeat(
+                    np.cumsum(lens) - lens, lens).astype(np.uint64)
+                h = splitmix64(np.repeat(key_hash, lens) ^ np.uint64(3000 + f))
+                h = splitmix64(h ^ pos)
+                ids[f] = self._ids_from_hashes(h, self.table_sizes[f])
         if self.kind == "random":
             dense = dense_u.astype(np.float32)
             labels = (uniform01(hash_keys(key, 4000)) < 0.5).astype(np.float32)
@@ -109,29 +151,66 @@ class GeneratedSource:
         labels = (uniform01(hash_keys(key, 5000)) < prob).astype(np.float32)
         return dense, ids, lengths, labels, prob
 
+    def _bag_lengths(self, key: np.ndarray, f: int) -> np.ndarray:
+        k = self.bag_sizes[f]
+        if self.fixed_bag_size or k == 1:
+            return np.full(len(key), k, dtype=np.int64)
+        return 1 + (hash_keys(key, 2000 + f) % np.uint64(k)).astype(np.int64)
+
+    def _ids_from_hashes(self, h: np.ndarray, size) -> np.ndarray:
+        """int64 ids below `size` (broadcast against h) from uint64 hashes: uniform
+        (random) or skewed like real categorical data, floor(size u^3) (synthetic)."""
+        if self.kind == "random":
+            return (h % size).astype(np.int64)
+        u = uniform01(h)
+        return np.minimum((u ** 3 * size.astype(np.float64)).astype(np.uint64),
+                          size - np.uint64(1)).astype(np.int64)
+
     def click_probability(self, dense: np.ndarray, ids: List[np.ndarray],
                           lengths: List[np.ndarray]) -> np.ndarray:
         """The synthetic click model: logit = bias + w . dense + sum_f mean effect of the
         bag's ids + a pairwise term <u(id_0), v(id_1)> between the first two features.
-        Effects are hashes of (seed, feature, id), so no table is stored."""
-        n = dense.shape[0]
+        Effects are normals hashed from (seed, 8000 + f, id) and (seed, 9000 + f, id); the
+        pairwise vectors' component r from (seed, 11000 or 12000, id, r). No table is stored."""
         d_idx = np.arange(self.num_dense, dtype=np.uint64)
         w = 0.4 * normal(hash_keys(self.seed, 7000, d_idx), hash_keys(self.seed, 7001, d_idx))
         logit = -1.0 + (dense - dense.mean(axis=1, keepdims=True)) @ w
-        seg = [np.repeat(np.arange(n), lens) for lens in lengths]
-        for f, (fid, s) in enumerate(zip(ids, seg)):
-            eff = 0.8 * normal(hash_keys(self.seed, 8000 + f, fid), hash_keys(self.seed, 9000 + f, fid))
-            logit += np.bincount(s, weights=eff, minlength=n) / np.maximum(lengths[f], 1)
+        one_hot = [f for f, lens in enumerate(lengths) if (lens == 1).all()]
+        effects = {}
+        if one_hot:  # one F1 x n computation; a bag of one id has its id's effect as mean
+            feats = np.asarray(one_hot, dtype=np.uint64)
+            block = np.stack([ids[f] for f in one_hot]).astype(np.uint64)
+            for row, e in enumerate(0.8 * self._id_normals(8000 + feats, 9000 + feats, block)):
+                effects[one_hot[row]] = e
+        for f, lens in enumerate(lengths):
+            if f in effects:
+                logit += effects[f]
+            else:
+                eff = 0.8 * self._id_normals(8000 + f, 9000 + f, ids[f].astype(np.uint64))
+                logit += _bag_means(eff, lens)
         if len(ids) >= 2:
-            rank_k = np.arange(4, dtype=np.uint64)
-            first = [np.bincount(seg[0], weights=normal(hash_keys(self.seed, 11000, ids[0], r),
-                                                        hash_keys(self.seed, 11001, ids[0], r)),
-                                 minlength=n) / np.maximum(lengths[0], 1) for r in rank_k]
-            second = [np.bincount(seg[1], weights=normal(hash_keys(self.seed, 12000, ids[1], r),
-                                                         hash_keys(self.seed, 12001, ids[1], r)),
-                                  minlength=n) / np.maximum(lengths[1], 1) for r in rank_k]
-            logit += 0.5 * sum(a * b for a, b in zip(first, second))
+            pair = None
+            rank_k = np.arange(4, dtype=np.uint64)[:, None]
+            first = self._id_normals(11000, 11001, ids[0].astype(np.uint64), rank_k)
+            second = self._id_normals(12000, 12001, ids[1].astype(np.uint64), rank_k)
+            for a, b in zip(first, second):
+                term = _bag_means(a, lengths[0]) * _bag_means(b, lengths[1])
+                pair = term if pair is None else pair + term
+            logit += 0.5 * pair
         return 1.0 / (1.0 + np.exp(-logit))
+
+    def _id_normals(self, field_u, field_v, ids: np.ndarray, last=None) -> np.ndarray:
+        """Standard normals from the hashes (seed, field_u, ids[, last]) and (seed, field_v,
+        ids[, last]); fields broadcast as a column against rows of ids (F x n, or n)."""
+        def hashes(field):
+            prefix = splitmix64(splitmix64(HASH_START ^ np.uint64(self.seed))
+                                ^ np.asarray(field, dtype=np.uint64))
+            h = (prefix[:, None] if prefix.ndim else prefix) ^ ids
+            splitmix64_(h, np.empty_like(h))
+            if last is not None:
+                h = splitmix64(h ^ last)
+            return h
+        return normal(hashes(field_u), hashes(field_v))
 
     def make(self, split: str, epoch: int, idx: np.ndarray, per_rank: int,
              weight: float = 1.0) -> Batch:
