@@ -1,5 +1,13 @@
-"""Evaluation metrics reduced across ranks: AUC, log loss, accuracy (and, for
-evaluation-only runs, precision, recall, F1 and average precision)."""
+"""Evaluation metrics reduced across ranks: AUC, log loss, normalized entropy, calibration,
+accuracy, the click rate (and, for evaluation-only runs, precision, recall, F1 and average
+precision).
+
+Normalized entropy (He et al., 2014, "Practical lessons from predicting clicks on ads at
+Facebook") is the log loss divided by the entropy of the split's own click rate p,
+-(p log p + (1 - p) log(1 - p)): the log loss of always predicting p. Below 1 the model
+beats that constant; unlike log loss it can be compared across data with different click
+rates. Calibration is the mean predicted probability over the click rate (1: predicted clicks
+match observed clicks in total)."""
 
 import math
 from typing import Dict
@@ -33,8 +41,8 @@ class EvalMetrics:
                 "f1": BinaryF1Score().to(device),
                 "average_precision": BinaryAveragePrecision().to(device),
             }
-        # sum of log loss, number correct at 0.5, number of samples, number of positives
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        # sums of: log loss, correct at 0.5, samples, positives, predicted probabilities
+        self.sums = torch.zeros(5, dtype=torch.float64, device=device)
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
@@ -50,20 +58,27 @@ class EvalMetrics:
         y = labels.double()
         logloss = -(y * p.log() + (1 - y) * (1 - p).log()).sum()
         correct = ((prob > 0.5).double() == y.round()).sum()
-        self.sums += torch.stack([logloss, correct, y.new_tensor(float(len(y))), y.sum()])
+        self.sums += torch.stack([logloss, correct, y.new_tensor(float(len(y))), y.sum(),
+                                  prob.double().sum()])
 
     def compute(self) -> Dict[str, float]:
         sums = self.sums.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(sums)
-        logloss, correct, count, positives = sums.tolist()
+        logloss, correct, count, positives, predicted = sums.tolist()
         out = {"samples": int(count)}
         if count == 0:
             return out
         out["log_loss"] = logloss / count
         out["accuracy"] = correct / count
-        out["ctr"] = positives / count
-        out["auc"] = float(self.auc.compute()) if 0 < positives < count else math.nan
+        ctr = positives / count
+        out["ctr"] = ctr
+        both_classes = 0 < positives < count
+        out["auc"] = float(self.auc.compute()) if both_classes else math.nan
+        # a split of one class has zero entropy and no clicks to calibrate against
+        entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if both_classes else 0.0
+        out["ne"] = out["log_loss"] / entropy if both_classes else math.nan
+        out["calibration"] = predicted / positives if positives > 0 else math.nan
         for name, m in self.extra.items():
             out[name] = float(m.compute())
         return out

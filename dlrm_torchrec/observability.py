@@ -26,9 +26,10 @@ from tqdm import tqdm
 from dlrm_torchrec.config import Config
 
 TRAIN_SCALARS = {"train_loss": "train/loss", "lr": "train/lr", "samples_per_s": "train/samples_per_s"}
-EVAL_SCALARS = {"auc": "val/auc", "log_loss": "val/log_loss", "accuracy": "val/accuracy"}
+EVAL_SCALARS = {"auc": "val/auc", "log_loss": "val/log_loss", "ne": "val/ne",
+                "calibration": "val/calibration", "accuracy": "val/accuracy"}
 CSV_COLUMNS = ["split", "step", "epoch", "train_loss", "lr", "samples_per_s", "auc", "log_loss",
-               "accuracy", "samples"]
+               "ne", "calibration", "accuracy", "ctr", "samples"]
 
 
 def write_line(msg: str) -> None:
@@ -115,7 +116,8 @@ class RunLogger:
         self._scalars(TRAIN_SCALARS, rec)
 
     def eval(self, rec: Dict[str, Any]) -> None:
-        """A validation record {auc, log_loss, accuracy, samples, step, epoch}."""
+        """A validation record {auc, log_loss, ne, calibration, accuracy, ctr, samples, step,
+        epoch}."""
         if not self.is_main:
             return
         self.eval_records.append(dict(rec))

@@ -189,8 +189,9 @@ class Trainer:
         self.evals.append(res)
         self.run_logger.eval(res)  # observability: TensorBoard, mllog eval_accuracy
         log(self.info, "eval   step {step:>7d}  auc {auc:.5f}  log_loss {log_loss:.5f}  "
-                       "accuracy {accuracy:.5f}  ({samples} samples)".format(
-                           **{"auc": math.nan, "log_loss": math.nan, "accuracy": math.nan, **res}))
+                       "ne {ne:.5f}  accuracy {accuracy:.5f}  ({samples} samples)".format(
+                           **{"auc": math.nan, "log_loss": math.nan, "ne": math.nan,
+                              "accuracy": math.nan, **res}))
         auc, acc = res.get("auc", math.nan), res.get("accuracy", math.nan)
         hit = (t.target_auc > 0 and auc >= t.target_auc) or (
             t.target_accuracy > 0 and acc >= t.target_accuracy)

@@ -60,7 +60,7 @@ def test_tensorboard_event_file_holds_every_scalar(run):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"train/loss", "train/lr", "train/samples_per_s", "val/auc", "val/log_loss",
-            "val/accuracy"} <= tags
+            "val/ne", "val/calibration", "val/accuracy"} <= tags
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in summary["history"]]
     assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in summary["history"]])
