@@ -240,6 +240,8 @@ class CheckpointConfig:
     """Also save and keep the checkpoint with the best validation AUC (--save-model)."""
     resume: str = ""
     """"" (start fresh), auto (the newest complete checkpoint in dir, if any) or a folder."""
+    save_on_sigterm: bool = True
+    """On SIGTERM (scancel, time limit, preemption, pod eviction, torchrun shutdown) the ranks agree on a step within 16, save a checkpoint there and exit with status 143; resume=auto continues from it (false: SIGTERM kills at once)."""
 
 
 @dataclass

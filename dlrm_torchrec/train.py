@@ -4,6 +4,7 @@ Works as a plain single process (world size 1) and under torchrun / torchx dist.
 """
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -61,6 +62,7 @@ def quiet_libraries() -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     from dlrm_torchrec.checkpoint import CheckpointError
+    from dlrm_torchrec.preemption import Preempted
     from dlrm_torchrec.trainer import TrainingDiverged
 
     args = parse_args(argv)
@@ -74,6 +76,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (CheckpointError, TrainingDiverged) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        if os.environ.get("RANK", "0") == "0":  # every rank stopped at the same step
+            print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     except KeyboardInterrupt:
         # checkpoints are published atomically: the newest complete one is intact
         print("interrupted; continue from the newest checkpoint with checkpoint.resume=auto",

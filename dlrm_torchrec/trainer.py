@@ -35,6 +35,7 @@ from dlrm_torchrec.precision import (
     check_precision_supported,
     qcomm_codecs_registry,
 )
+from dlrm_torchrec.preemption import Preempted, StopRequest
 from dlrm_torchrec.sharding import check_supported, plan_summary, pooling_factors, shard_model
 
 
@@ -105,6 +106,8 @@ class Trainer:
         self.signature = model_signature(cfg, module.model.tables)
         self.last_checkpoint: Optional[Path] = None
         self._last_logged_step, self._last_log_time = 0, time.perf_counter()
+        # SIGTERM (preemption, scancel, time limit, pod eviction): agree, save, exit
+        self.stop_request = StopRequest(info.world_size, cfg.checkpoint.save_on_sigterm)
 
     # ------------------------------------------------------------------ steps
     def _run_steps(self, batches, epoch: int, loss_sum: torch.Tensor) -> int:
@@ -129,6 +132,8 @@ class Trainer:
             self.samples_seen += (weights > 0).sum()
             if self.step % self.cfg.logging.log_every_n_steps == 0:
                 self._log_train(epoch, loss_sum)
+            if self.stop_request.poll(self.step):  # the same step on every rank
+                return taken
 
     def _step_begin(self) -> None:
         if self._mark_cudagraph_steps:
@@ -203,6 +208,19 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def fit(self) -> Dict[str, Any]:
+        """Train, evaluate and checkpoint as configured; returns the run's summary (also
+        written to metrics.json). Raises Preempted after saving when SIGTERM stopped it."""
+        self.stop_request.install()
+        finished = False
+        try:
+            summary = self._fit()
+            finished = True
+            return summary
+        finally:
+            # after an error another rank may never join the exchange in flight
+            self.stop_request.uninstall(wait=finished)
+
+    def _fit(self) -> Dict[str, Any]:
         cfg, t = self.cfg, self.cfg.training
         self._write_config()
         log(self.info, f"sharding plan ({self.info.world_size} ranks, {self.info.device.type}):\n"
@@ -242,6 +260,8 @@ class Trainer:
                     break
                 self.next_batch += self._run_steps(itertools.islice(batches, n), epoch, loss_sum)
                 self._check_finite()
+                if self.stop_request.signal_name:
+                    break
                 if self.step % every == 0 or self.next_batch == steps_per_epoch:
                     evaluated_at = self.step
                     stopped_early = self._eval_and_check(epoch)
@@ -251,17 +271,25 @@ class Trainer:
                     saved_at = self._save()
                 if stopped_early or (t.max_steps and self.step >= t.max_steps):
                     break
+            if self.stop_request.signal_name:
+                break
             self.run_logger.epoch_stop(epoch)  # observability
             if stopped_early or (t.max_steps and self.step >= t.max_steps):
                 break
             epoch, self.next_batch = epoch + 1, 0
         train_time = time.perf_counter() - start
         self._check_finite()
-        if evaluated_at != self.step:
+        signalled = self.stop_request.signal_name
+        if signalled:
+            # stopped mid-run: no evaluation (the grace period is short); the checkpoint
+            # records the data position, so resume=auto continues with the next batch
+            if saved_at != self.step:
+                saved_at = self._save()
+        elif evaluated_at != self.step:
             stopped_early = self._eval_and_check(min(epoch, t.epochs - 1)) or stopped_early
             if self._is_new_best() and self._checkpointing() and saved_at != self.step:
                 saved_at = self._save()
-        if cfg.checkpoint.at_end and saved_at != self.step:
+        if cfg.checkpoint.at_end and saved_at != self.step and not signalled:
             saved_at = self._save()
         seen = self.samples_seen.clone()
         if self.info.world_size > 1:
@@ -273,6 +301,7 @@ class Trainer:
             # this process's throughput: samples restored from a checkpoint do not count
             "train_samples_per_s": (int(seen.item()) - self._seen_at_start) / max(train_time, 1e-9),
             "stopped_early": stopped_early,
+            "stopped_by_signal": signalled,
             "best_auc": self.best_auc if self.best_step >= 0 else None,
             "best_step": self.best_step,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
@@ -283,6 +312,11 @@ class Trainer:
         }
         self._write_metrics(summary)
         self.run_logger.finish(summary)  # observability: plot, CSV, close
+        if signalled:
+            raise Preempted(
+                f"{signalled}: stopped after step {self.step} (epoch {self.epoch}, batch "
+                f"{self.next_batch} of {steps_per_epoch}) and saved {self.last_checkpoint}; "
+                f"continue with checkpoint.resume=auto", signalled)
         final = summary["final"]
         mem = summary["peak_memory"]
         log(self.info, f"done: {self.step} steps, {summary['train_samples_seen']:,} samples in "

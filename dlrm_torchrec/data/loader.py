@@ -13,6 +13,7 @@ With num_workers=0 the batches are built in the calling process, as without the 
 
 import os
 import pickle
+import signal
 from typing import Iterator, Optional
 
 import torch
@@ -44,6 +45,13 @@ def resolve_num_workers(requested: int, device_type: str, local_world_size: int,
         return 0
     cores_per_rank = available_cores() // max(local_world_size, 1)
     return max(0, min(8 if multi_hot else 4, cores_per_rank - 1))
+
+
+def _ignore_sigterm(worker_id: int) -> None:
+    """Workers leave SIGTERM to the training process. Slurm signals every process of a job
+    step: a worker dying of it would fail the training process's next batch, while that
+    process is stopping cleanly (`dlrm_torchrec.preemption`); it ends its workers itself."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _WorkerFailure:
@@ -116,6 +124,7 @@ class PrefetchingSource(SourceWrapper):
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
             multiprocessing_context=self.mp_context,
+            worker_init_fn=_ignore_sigterm,
         )
         for item in loader:
             if isinstance(item, _WorkerFailure):
