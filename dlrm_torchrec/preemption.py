@@ -36,7 +36,10 @@ class StopRequest:
     def __init__(self, world_size: int, enabled: bool = True, check_every: int = CHECK_EVERY):
         self.enabled = enabled
         self.check_every = check_every
-        self.signal_name: Optional[str] = None  # the signal received, once received
+        self.signal_name: Optional[str] = None  # the signal this rank received, if any
+        # set by poll() when every rank agreed to stop; unlike signal_name (this rank's own
+        # news, which others may not have yet) it is the same on every rank at every step
+        self.stopped = False
         self._previous = None
         self._group = None
         self._pending = None  # (work, flag tensor) of the exchange in flight
@@ -68,7 +71,8 @@ class StopRequest:
         if not self.enabled:
             return False
         if self._group is None:
-            return self.signal_name is not None
+            self.stopped = self.signal_name is not None
+            return self.stopped
         if step % self.check_every:
             return False
         stop = False
@@ -82,8 +86,9 @@ class StopRequest:
             work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group,
                                    async_op=True)
             self._pending = (work, flag)
-        elif self.signal_name is None:
-            self.signal_name = "SIGTERM"  # another rank's; every rank reports the stop
+        else:
+            self.stopped = True
+            self.signal_name = self.signal_name or "SIGTERM"  # another rank's news
         return stop
 
 

@@ -260,7 +260,7 @@ class Trainer:
                     break
                 self.next_batch += self._run_steps(itertools.islice(batches, n), epoch, loss_sum)
                 self._check_finite()
-                if self.stop_request.signal_name:
+                if self.stop_request.stopped:  # agreed: same on every rank
                     break
                 if self.step % every == 0 or self.next_batch == steps_per_epoch:
                     evaluated_at = self.step
@@ -271,7 +271,7 @@ class Trainer:
                     saved_at = self._save()
                 if stopped_early or (t.max_steps and self.step >= t.max_steps):
                     break
-            if self.stop_request.signal_name:
+            if self.stop_request.stopped:  # agreed: same on every rank
                 break
             self.run_logger.epoch_stop(epoch)  # observability
             if stopped_early or (t.max_steps and self.step >= t.max_steps):
@@ -279,7 +279,8 @@ class Trainer:
             epoch, self.next_batch = epoch + 1, 0
         train_time = time.perf_counter() - start
         self._check_finite()
-        signalled = self.stop_request.signal_name
+        # a signal after the last agreement is too late to matter: the run finishes
+        signalled = self.stop_request.signal_name if self.stop_request.stopped else None
         if signalled:
             # stopped mid-run: no evaluation (the grace period is short); the checkpoint
             # records the data position, so resume=auto continues with the next batch

@@ -151,3 +151,36 @@ def test_sigterm_to_every_process_of_a_torchrun_job_saves_and_resume_matches_uni
         assert losses[h["step"]] == pytest.approx(h["train_loss"], abs=1e-6), h["step"]
     assert got["final"]["log_loss"] == pytest.approx(want["final"]["log_loss"], abs=1e-6)
     assert got["final"]["auc"] == pytest.approx(want["final"]["auc"], abs=1e-6)
+
+
+def _train_signalling_one_rank(rank, world_size, overrides, signal_rank, signal_step):
+    import faulthandler
+
+    from dlrm_torchrec import trainer as trainer_module
+    from dlrm_torchrec.preemption import Preempted
+
+    faulthandler.dump_traceback_later(150, exit=True)  # ranks that disagree hang: fail instead
+    inject_crash = trainer_module.Trainer._maybe_inject_crash
+
+    def signal_at_step(self):
+        if self.info.rank == signal_rank and self.step == signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        inject_crash(self)
+
+    trainer_module.Trainer._maybe_inject_crash = signal_at_step
+    try:
+        _train(rank, world_size, overrides)
+    except Preempted:
+        pass
+
+
+def test_a_signal_to_one_rank_just_before_an_evaluation_stops_every_rank_at_one_step(tmp_path):
+    """Rank 1 alone is signalled at step 19, its last step before the evaluation at step 20:
+    both ranks evaluate at 20, go on, and stop together once they agree (step 32)."""
+    overrides = BASE + [f"logging.run_dir={tmp_path}", "data.train_samples=16384",
+                        "training.eval_every_n_steps=20"]  # 64 steps
+    run_ranks(2, _train_signalling_one_rank, overrides, 1, 19)
+    m = _metrics(tmp_path)
+    assert m["stopped_by_signal"] == "SIGTERM" and m["steps"] == 32
+    assert [e["step"] for e in m["evals"]] == [20]
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").step == 32
