@@ -108,6 +108,8 @@ class Trainer:
         self._last_logged_step, self._last_log_time = 0, time.perf_counter()
         # SIGTERM (preemption, scancel, time limit, pod eviction): agree, save, exit
         self.stop_request = StopRequest(info.world_size, cfg.checkpoint.save_on_sigterm)
+        # the epoch of the evaluation a SIGTERM interrupted at this step (None: none)
+        self._eval_pending_epoch: Optional[int] = None
 
     # ------------------------------------------------------------------ steps
     def _run_steps(self, batches, epoch: int, loss_sum: torch.Tensor) -> int:
@@ -156,23 +158,32 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     @torch.no_grad()
-    def evaluate(self, split: str = "val", extended: bool = False) -> Dict[str, float]:
-        """Metrics of `split` over every rank's share (a collective call)."""
+    def evaluate(self, split: str = "val", extended: bool = False,
+                 interruptible: bool = False) -> Optional[Dict[str, float]]:
+        """Metrics of `split` over every rank's share (a collective call). interruptible:
+        give up (None, on every rank at the same batch) when the ranks agree to stop on
+        SIGTERM: a long evaluation must not eat the grace period before the save."""
         self.model.eval()
         metrics = EvalMetrics(self.info.device, extended=extended)
         it = self.source.batches(split, 0)
-        while True:
-            self._step_begin()
-            try:
-                _, logits, labels, weights = self.pipeline.progress(it)
-            except StopIteration:
-                break
-            metrics.update(logits, labels, weights)
-        self.model.train()
+        done = 0
+        try:
+            while True:
+                self._step_begin()
+                try:
+                    _, logits, labels, weights = self.pipeline.progress(it)
+                except StopIteration:
+                    break
+                metrics.update(logits, labels, weights)
+                done += 1
+                if interruptible and self.stop_request.poll(done):
+                    return None
+        finally:
+            self.model.train()
         return metrics.compute()
 
     def _eval_and_check(self, epoch: int) -> bool:
-        """Evaluate; True when an early-stop target is reached."""
+        """Evaluate (interruptibly); True when an early-stop target is reached."""
         with self._paused_clock():
             return self._eval_and_check_now(epoch)
 
@@ -189,7 +200,12 @@ class Trainer:
     def _eval_and_check_now(self, epoch: int) -> bool:
         t = self.cfg.training
         self.run_logger.eval_start(self.step)  # observability: mllog eval_start
-        res = self.evaluate("val")
+        res = self.evaluate("val", interruptible=True)
+        if res is None:  # stopped on SIGTERM: the checkpoint saved next asks for it again
+            self._eval_pending_epoch = epoch
+            log(self.info, f"eval   step {self.step:>7d}  interrupted ({self.stop_request.signal_name}); "
+                           f"a resumed run evaluates first")
+            return False
         res.update(step=self.step, epoch=epoch, split="val")
         self.evals.append(res)
         self.run_logger.eval(res)  # observability: TensorBoard, mllog eval_accuracy
@@ -246,7 +262,14 @@ class Trainer:
         every = t.eval_every_n_steps or steps_per_epoch
         save_every = cfg.checkpoint.every_n_steps
         epoch = self.epoch
-        while epoch < t.epochs:
+        if self._eval_pending_epoch is not None:
+            # resumed from a SIGTERM checkpoint taken during an evaluation: run it first;
+            # the checkpoint of this step exists (it holds the request to evaluate again)
+            evaluated_at = self.step
+            pending, self._eval_pending_epoch = self._eval_pending_epoch, None
+            stopped_early = self._eval_and_check(pending)
+            self._is_new_best()  # the best may be this step, whose checkpoint exists
+        while epoch < t.epochs and not stopped_early and not self.stop_request.stopped:
             self.epoch = epoch
             self.run_logger.epoch_start(epoch)  # observability
             batches = self.source.batches("train", epoch, start_batch=self.next_batch)
@@ -265,6 +288,8 @@ class Trainer:
                 if self.step % every == 0 or self.next_batch == steps_per_epoch:
                     evaluated_at = self.step
                     stopped_early = self._eval_and_check(epoch)
+                    if self.stop_request.stopped:  # agreed during the evaluation
+                        break
                     if self._is_new_best() and self._checkpointing():
                         saved_at = self._save()
                 if save_every and self.step % save_every == 0 and saved_at != self.step:
@@ -279,17 +304,17 @@ class Trainer:
             epoch, self.next_batch = epoch + 1, 0
         train_time = time.perf_counter() - start
         self._check_finite()
-        # a signal after the last agreement is too late to matter: the run finishes
-        signalled = self.stop_request.signal_name if self.stop_request.stopped else None
-        if signalled:
-            # stopped mid-run: no evaluation (the grace period is short); the checkpoint
-            # records the data position, so resume=auto continues with the next batch
-            if saved_at != self.step:
-                saved_at = self._save()
-        elif evaluated_at != self.step:
+        if not self.stop_request.stopped and evaluated_at != self.step:
             stopped_early = self._eval_and_check(min(epoch, t.epochs - 1)) or stopped_early
-            if self._is_new_best() and self._checkpointing() and saved_at != self.step:
+            if (not self.stop_request.stopped and self._is_new_best() and self._checkpointing()
+                    and saved_at != self.step):
                 saved_at = self._save()
+        # the ranks' agreed stop (a signal after their last agreement is too late to matter)
+        signalled = self.stop_request.signal_name if self.stop_request.stopped else None
+        if signalled and saved_at != self.step:
+            # the checkpoint records the data position (and an interrupted evaluation), so
+            # resume=auto continues with the next batch
+            saved_at = self._save()
         if cfg.checkpoint.at_end and saved_at != self.step and not signalled:
             saved_at = self._save()
         seen = self.samples_seen.clone()
@@ -366,6 +391,7 @@ class Trainer:
             "samples_seen": int(self._all_reduce_sum(self.samples_seen)),
             "best_auc": self.best_auc if self.best_step >= 0 else None,
             "best_step": self.best_step, "history": self.history, "evals": self.evals,
+            "eval_pending_epoch": self._eval_pending_epoch,
             "world_size": self.info.world_size, "signature": self.signature,
             "config": to_dict(self.cfg),
         }
@@ -405,6 +431,7 @@ class Trainer:
         self.schedule.resume_at(self.step)
         self.samples_seen.fill_(state["samples_seen"] if self.info.is_main else 0)
         self.history, self.evals = state["history"], state["evals"]
+        self._eval_pending_epoch = state.get("eval_pending_epoch")
         if state.get("best_auc") is not None:
             self.best_auc, self.best_step = state["best_auc"], state["best_step"]
         self.last_checkpoint = path

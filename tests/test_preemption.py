@@ -175,12 +175,44 @@ def _train_signalling_one_rank(rank, world_size, overrides, signal_rank, signal_
 
 
 def test_a_signal_to_one_rank_just_before_an_evaluation_stops_every_rank_at_one_step(tmp_path):
-    """Rank 1 alone is signalled at step 19, its last step before the evaluation at step 20:
-    both ranks evaluate at 20, go on, and stop together once they agree (step 32)."""
+    """Rank 1 alone is signalled at step 19, its last step before the evaluation at step 20
+    (8 batches): both ranks finish that evaluation (its 8th batch sends the news), go on, and
+    stop together at step 24, where they read it."""
     overrides = BASE + [f"logging.run_dir={tmp_path}", "data.train_samples=16384",
                         "training.eval_every_n_steps=20"]  # 64 steps
     run_ranks(2, _train_signalling_one_rank, overrides, 1, 19)
     m = _metrics(tmp_path)
-    assert m["stopped_by_signal"] == "SIGTERM" and m["steps"] == 32
+    assert m["stopped_by_signal"] == "SIGTERM" and m["steps"] == 24
     assert [e["step"] for e in m["evals"]] == [20]
-    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").step == 32
+    assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").step == 24
+
+
+def test_a_signal_during_an_evaluation_stops_it_and_the_resumed_run_evaluates_first(tmp_path):
+    """Rank 1 is signalled in step 20, the last before the evaluation at 20 (32 batches): the
+    ranks agree at its 16th batch, give it up and save step 20 asking for it again. The
+    resumed run evaluates step 20 first and then trains and evaluates exactly like a run that
+    was never interrupted."""
+    eval_at_20 = BASE + ["data.train_samples=16384", "data.eval_samples=8192",
+                         "training.eval_every_n_steps=20"]  # 64 steps, evaluations of 32 batches
+    run = tmp_path / "run"
+    run_ranks(2, _train_signalling_one_rank, eval_at_20 + [f"logging.run_dir={run}"], 1, 20)
+    stopped = _metrics(run)
+    assert stopped["stopped_by_signal"] == "SIGTERM" and stopped["steps"] == 20
+    assert stopped["evals"] == []
+    saved = checkpoint.latest_checkpoint(run / "checkpoints")
+    assert saved.step == 20
+    assert checkpoint.read_trainer_state(saved.path)["eval_pending_epoch"] == 0
+
+    run_ranks(2, _train, eval_at_20 + [f"logging.run_dir={run}", "checkpoint.resume=auto"])
+    full = tmp_path / "full"
+    run_ranks(2, _train, eval_at_20 + [f"logging.run_dir={full}"])
+    got, want = _metrics(run), _metrics(full)
+    assert [e["step"] for e in got["evals"]] == [e["step"] for e in want["evals"]] == [20, 40, 60, 64]
+    for g, w in zip(got["evals"], want["evals"]):
+        assert g["epoch"] == w["epoch"] and g["samples"] == w["samples"] == 8192
+        assert g["auc"] == pytest.approx(w["auc"], abs=1e-6)
+        assert g["log_loss"] == pytest.approx(w["log_loss"], abs=1e-6)
+    losses = {h["step"]: h["train_loss"] for h in got["history"]}
+    for h in want["history"]:
+        assert losses[h["step"]] == pytest.approx(h["train_loss"], abs=1e-6), h["step"]
+    assert got["best_step"] == want["best_step"] and got["stopped_by_signal"] is None
