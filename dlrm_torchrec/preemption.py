@@ -12,6 +12,8 @@ starts an asynchronous MAX all-reduce of "have I been signalled" over a gloo gro
 own (CPU tensors: no device synchronisation, nothing queued behind the model's collectives)
 and reads the result of the previous one. Every rank reads the same results at the same
 steps, so all stop after the same step: at most 2 x check_every steps after the signal.
+The trainer polls after every evaluation batch too (numbering the batches), so a long
+evaluation is given up rather than eating the grace period.
 """
 
 import signal
