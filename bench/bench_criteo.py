@@ -95,8 +95,8 @@ MLPERF_MULTI_HOT = load_config(os.path.join(os.path.dirname(os.path.abspath(__fi
 def baseline_multi_hot(seed: int, ids: np.ndarray, sizes, table_sizes, pareto: bool):
     """Multi-hot expansion as whole-batch numpy expressions (how the loader did it before
     it worked through cache-sized chunks): every derived id hashed at once, then mod rows."""
-    from dlrm_torchrec.data.criteo import _MULTI_HOT_KEY
     from dlrm_torchrec.data.hashing import hash_keys, uniform01
+    from dlrm_torchrec.data.multi_hot import MULTI_HOT_KEY
 
     out = []
     for f, k in enumerate(sizes):
@@ -104,7 +104,7 @@ def baseline_multi_hot(seed: int, ids: np.ndarray, sizes, table_sizes, pareto: b
             out.append(ids[f])
             continue
         pos = np.arange(1, k, dtype=np.uint64)
-        h = hash_keys(seed, _MULTI_HOT_KEY, f, ids[f].astype(np.uint64)[:, None], pos[None, :])
+        h = hash_keys(seed, MULTI_HOT_KEY, f, ids[f].astype(np.uint64)[:, None], pos[None, :])
         size = np.uint64(table_sizes[f])
         if pareto:
             x = np.minimum((1.0 - uniform01(h)) ** -4.0 - 1.0, 2.0 ** 62)

@@ -102,7 +102,7 @@ class DataConfig:
     multi_hot_sizes: List[int] = field(default_factory=list)
     """Per-feature bag sizes (MLPerf DCNv2 multi-hot); overrides num_indices_per_lookup."""
     multi_hot_distribution: str = "uniform"
-    """How multi-hot ids are drawn from the one-hot id: uniform or pareto (Criteo sources)."""
+    """How multi-hot ids are drawn from the one-hot id: uniform or pareto (Criteo and synthetic sources)."""
     shuffle_window: int = 0
     """Criteo sources: shuffle training samples within windows of this many (0: no shuffle)."""
     num_workers: int = -1

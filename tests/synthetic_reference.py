@@ -1,19 +1,50 @@
 """The synthetic data's definition written plainly, feature by feature and bag by bag, as the
 generator computed it before it was vectorised: `tests/test_synthetic_data.py` holds
 `GeneratedSource.sample_arrays` to it bit for bit, and `bench/bench_synthetic.py` times it
-as the baseline."""
+as the baseline. Multi-hot bags of synthetic data are expanded entry by entry in plain
+Python (`derived_bags`)."""
+
+import math
 
 import numpy as np
 
 from dlrm_torchrec.data.hashing import hash_keys, normal, uniform01
+from tests.test_criteo_preprocess import ref_uniform
 
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 
 
+def derived_bags(seed, first_ids, bag_sizes, table_sizes, pareto=False):
+    """Bags of the one-hot ids `first_ids` (F lists): each id, then for j = 1..k-1 u =
+    hash(seed, 0x4D48, f, id, j) in [0, 1) and floor(u * rows), or floor((1 - u)^-4 - 1) mod
+    rows (Pareto, a = 0.25)."""
+    out = []
+    for f, (ids, k, rows) in enumerate(zip(first_ids, bag_sizes, table_sizes)):
+        bags = []
+        for i in ids:
+            bags.append(int(i))
+            for j in range(1, k):
+                u = ref_uniform(seed, 0x4D48, f, int(i), j)
+                bags.append(math.floor(min((1.0 - u) ** -4 - 1.0, 2.0 ** 62)) % rows if pareto
+                            else min(math.floor(u * rows), rows - 1))
+        out.append(np.array(bags, dtype=np.int64))
+    return out
+
+
 def reference_sample_arrays(kind, table_sizes, num_dense, bag_sizes, fixed_bag_size, seed,
-                            split, epoch, idx):
+                            split, epoch, idx, pareto=False, derive_bags=True):
     """(dense n x D, ids per feature, lengths per feature, labels, probabilities or None)
-    of samples `idx` (uint64) of `split` / `epoch`."""
+    of samples `idx` (uint64) of `split` / `epoch`. Synthetic bags of a fixed size k > 1
+    are the one-hot id and k - 1 ids derived from it; the click model sees the one-hot id.
+    derive_bags=False: the definition before that (every id of a bag hashed on its own, the
+    click model averaging their effects), the benchmark's baseline for multi-hot bags."""
+    derived = kind == "synthetic" and fixed_bag_size and any(k > 1 for k in bag_sizes)
+    if derived and derive_bags:
+        dense, first, ones, labels, prob = reference_sample_arrays(
+            kind, table_sizes, num_dense, [1] * len(bag_sizes), True, seed, split, epoch, idx)
+        lengths = [np.full(len(idx), k, dtype=np.int64) for k in bag_sizes]
+        return (dense, derived_bags(seed, first, bag_sizes, table_sizes, pareto), lengths,
+                labels, prob)
     key = hash_keys(seed, SPLIT_CODES[split], epoch, idx)
     n = len(idx)
     d_idx = np.arange(num_dense, dtype=np.uint64)

@@ -42,6 +42,29 @@ def test_generated_samples_equal_the_plain_definition_bit_for_bit(case, monkeypa
             assert got[4] is None
 
 
+def test_pareto_multi_hot_bags_follow_the_plain_definition():
+    sizes, bags = [1000, 10**9 + 7, 50], [4, 30, 1]
+    src = GeneratedSource("synthetic", sizes, 5, 64, 64, 1000, 100, bags, True, seed=3,
+                          rank=0, world_size=1, multi_hot_distribution="pareto")
+    idx = np.arange(2000, dtype=np.uint64)
+    got = src.sample_arrays("train", 1, idx)
+    want = reference_sample_arrays("synthetic", sizes, 5, bags, True, 3, "train", 1, idx,
+                                   pareto=True)
+    np.testing.assert_array_equal(got[3], want[3])  # labels: the click model sees first ids
+    for f in range(3):
+        g, w = got[1][f], want[1][f]
+        np.testing.assert_array_equal(g[::bags[f]], w[::bags[f]])  # the one-hot ids
+        # (1-u)^-4 by two squarings, not pow: a floor may land one off, or a few ulps off
+        # where the draw is beyond 2^53 (floats a few integers apart), mod the table
+        off = g != w
+        assert off.mean() < 0.005
+        d = np.abs(g[off] - w[off])
+        assert np.minimum(d, sizes[f] - d).max(initial=0) <= 8
+    uniform = GeneratedSource("synthetic", sizes, 5, 64, 64, 1000, 100, bags, True, seed=3,
+                              rank=0, world_size=1).sample_arrays("train", 1, idx)
+    assert (uniform[1][1] != got[1][1]).mean() > 0.9  # the distribution is honoured
+
+
 def test_synthetic_ids_stay_below_their_tables_and_are_skewed():
     src = GeneratedSource("synthetic", [10, 1_000_000], 3, 64, 64, 1000, 100, [1, 1], True,
                           seed=0, rank=0, world_size=1)

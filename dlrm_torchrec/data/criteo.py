@@ -17,12 +17,8 @@ Ids: stored ids are below the stored table sizes (meta.json); a feature whose co
 table (embeddings.table_sizes(), i.e. after max_ind_range) is smaller gets id mod its size
 at load time, as the reference applies --max-ind-range.
 
-Multi-hot (data.multi_hot_sizes, the MLPerf DCNv2 setup): feature f's bag is the one-hot id
-followed by k_f - 1 ids derived from it, so a given id always expands to the same bag (the
-MLPerf reference draws a lookup table of k - 1 ids per id; here entry j (1..k-1) comes from
-u in [0, 1), a counter-based hash of (seed, feature, id, j), so no table is stored):
-floor(u * rows), uniform over the table, or the floor of a Pareto(a = 0.25) draw (numpy's
-Lomax form, (1 - u)^(-1/a) - 1) mod rows, as the reference's `np.random.pareto(a=0.25)`.
+Multi-hot (data.multi_hot_sizes, the MLPerf DCNv2 setup): each one-hot id expands into a bag
+of ids derived from it (`dlrm_torchrec.data.multi_hot`).
 """
 
 import json
@@ -33,13 +29,10 @@ import numpy as np
 
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
-from dlrm_torchrec.data.hashing import hash_keys, splitmix64, splitmix64_
+from dlrm_torchrec.data.multi_hot import MultiHotBags
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
-PARETO_A = 0.25  # as the MLPerf reference; `_derive` computes (1 - u)^(-1/a) as ((1 - u)^2)^-2
-_MULTI_HOT_KEY = 0x4D48  # separates multi-hot hashes from other uses of the seed
-_DERIVE_CHUNK = 1 << 15  # multi-hot ids derived per numpy call: 256 KiB scratch arrays
 SPLITS = ("train", "val", "test")
 
 
@@ -84,8 +77,8 @@ class CriteoSource:
         stored = np.asarray(self.meta["table_sizes"], dtype=np.int64)
         self.mod_features = [f for f in range(NUM_SPARSE) if stored[f] > self.table_sizes[f]]
         self.multi_hot = list(data.multi_hot_sizes)
-        self.pareto = data.multi_hot_distribution == "pareto"
-        self._multi_hot_keys = [hash_keys(self.seed, _MULTI_HOT_KEY, f) for f in range(NUM_SPARSE)]
+        self.multi_hot_bags = MultiHotBags(self.seed, self.multi_hot or [1] * NUM_SPARSE,
+                                           self.table_sizes, data.multi_hot_distribution)
         self.feature_names = [f"cat_{i}" for i in range(NUM_SPARSE)]
         self.days = self._open_days()
         ev = self.meta["eval_day"]
@@ -225,61 +218,8 @@ class CriteoSource:
         return ids
 
     def multi_hot_values(self, ids: np.ndarray) -> np.ndarray:
-        """(26, n) one-hot ids -> the multi-hot bags' ids, feature-major then sample-major
-        (n * sum(multi_hot_sizes) int64): feature f's row i is ids[f, i] then k_f - 1
-        derived ids."""
-        n = ids.shape[1]
-        values = np.empty(n * sum(self.multi_hot), dtype=np.int64)
-        start = 0
-        for f, k in enumerate(self.multi_hot):
-            bags = values[start:start + n * k].reshape(n, k)
-            bags[:, 0] = ids[f]
-            if k > 1:
-                self._derive(f, ids[f], bags[:, 1:])
-            start += n * k
-        return values
-
-    def _derive(self, f: int, ids: np.ndarray, out: np.ndarray) -> None:
-        """Derived ids of feature f's bags into out (n, k - 1): entry (i, j) from the hash of
-        (seed, feature, ids[i], j + 1) (see the module docstring).
-
-        Works through chunks of about _DERIVE_CHUNK entries with in-place numpy operations:
-        the scratch arrays stay in cache, which makes it about 2x faster than whole-batch
-        expressions (bench/bench_criteo.py; MLPerf bags are 214 ids per sample, so this is
-        the loader's hot loop)."""
-        n, k1 = out.shape
-        size = int(self.table_sizes[f])
-        feature_key = self._multi_hot_keys[f]
-        positions = np.arange(1, k1 + 1, dtype=np.uint64)
-        rows = max(1, _DERIVE_CHUNK // k1)
-        h = np.empty((min(rows, n), k1), dtype=np.uint64)
-        scratch = np.empty_like(h)
-        x = np.empty(h.shape, dtype=np.float64)
-        for r0 in range(0, n, rows):
-            m = min(rows, n - r0)
-            hh, xx = h[:m], x[:m]
-            id_hash = splitmix64(feature_key ^ ids[r0:r0 + m].astype(np.uint64))
-            np.bitwise_xor(id_hash[:, None], positions[None, :], out=hh)
-            splitmix64_(hh, scratch[:m])
-            # u = top 53 bits / 2^53, uniform in [0, 1) (as hashing.uniform01)
-            np.right_shift(hh, np.uint64(11), out=hh)
-            np.copyto(xx, hh.view(np.int64), casting="unsafe")
-            np.multiply(xx, 2.0 ** -53, out=xx)
-            if self.pareto:  # (1 - u)^(-1/a) - 1 with 1/a = 4, capped, floored, mod size
-                np.subtract(1.0, xx, out=xx)
-                np.multiply(xx, xx, out=xx)
-                np.multiply(xx, xx, out=xx)
-                np.divide(1.0, xx, out=xx)
-                np.subtract(xx, 1.0, out=xx)
-                np.minimum(xx, 2.0 ** 62, out=xx)
-                np.floor(xx, out=xx)
-                wraps = xx >= size  # the heavy tail: ~rows^-0.25 of the draws
-                if wraps.any():  # fmod is exact, but slow on large quotients: only these
-                    xx[wraps] = np.fmod(xx[wraps], float(size))
-            else:  # floor(u * size); the min guards u * size rounding up to size
-                np.multiply(xx, float(size), out=xx)
-                np.minimum(xx, size - 1, out=xx)
-            out[r0:r0 + m] = xx  # truncation toward zero = floor (non-negative)
+        """(26, n) one-hot ids -> the multi-hot bags' ids (`MultiHotBags.values`)."""
+        return self.multi_hot_bags.values(ids)
 
     def make(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray,
              per_rank: int, weight: float = 1.0) -> Batch:

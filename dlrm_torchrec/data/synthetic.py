@@ -18,6 +18,7 @@ from dlrm_torchrec.data.hashing import (
     splitmix64_,
     uniform01,
 )
+from dlrm_torchrec.data.multi_hot import MultiHotBags
 
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 SAMPLE_CHUNK = 2048  # samples generated at a time (bench/bench_synthetic.py)
@@ -30,6 +31,7 @@ def _bag_means(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         return values
     seg = np.repeat(np.arange(len(lengths)), lengths)
     return np.bincount(seg, weights=values, minlength=len(lengths)) / np.maximum(lengths, 1)
+
 
 class GeneratedSource:
     """Random or synthetic data, each rank producing only its own share of each batch.
@@ -44,12 +46,17 @@ class GeneratedSource:
         fixed_bag_size: every bag has exactly its bag size; otherwise 1..size at random.
         seed: data seed.
         rank / world_size: this process's share.
+        multi_hot_distribution: synthetic bags of a fixed size k > 1 (the MLPerf DCNv2
+            setup) are the sample's id followed by k - 1 ids derived from it, uniform or
+            pareto, exactly as the Criteo loader expands one-hot ids
+            (`dlrm_torchrec.data.multi_hot`); the click model sees the first id. Random
+            data and bags of varying size draw every id independently instead.
     """
 
     def __init__(self, kind: str, table_sizes: List[int], dense_in_features: int,
                  batch_size: int, eval_batch_size: int, train_samples: int,
                  eval_samples: int, bag_sizes: List[int], fixed_bag_size: bool,
-                 seed: int, rank: int, world_size: int):
+                 seed: int, rank: int, world_size: int, multi_hot_distribution: str = "uniform"):
         if kind not in ("random", "synthetic"):
             raise ValueError(kind)
         self.kind = kind
@@ -60,6 +67,12 @@ class GeneratedSource:
         self.train_samples = train_samples
         self.eval_samples = eval_samples
         self.bag_sizes = list(bag_sizes)
+        self.multi_hot_bags: Optional[MultiHotBags] = None
+        self._hashed_bag_sizes = self.bag_sizes  # ids hashed per sample (the rest derived)
+        if kind == "synthetic" and fixed_bag_size and any(k > 1 for k in bag_sizes):
+            self.multi_hot_bags = MultiHotBags(seed, bag_sizes, table_sizes,
+                                               multi_hot_distribution)
+            self._hashed_bag_sizes = [1] * len(bag_sizes)
         self.fixed_bag_size = fixed_bag_size
         self.seed = seed
         self.rank = rank
@@ -99,15 +112,22 @@ class GeneratedSource:
         Computed in chunks of SAMPLE_CHUNK samples, whose intermediate arrays (F x chunk
         hashes) stay in the CPU cache."""
         if len(idx) <= SAMPLE_CHUNK:
-            return self._sample_chunk(split, epoch, idx)
-        parts = [self._sample_chunk(split, epoch, idx[i:i + SAMPLE_CHUNK])
-                 for i in range(0, len(idx), SAMPLE_CHUNK)]
-        dense, ids, lengths, labels, prob = zip(*parts)
-        num_features = len(self.table_sizes)
-        return (np.concatenate(dense),
-                [np.concatenate([p[f] for p in ids]) for f in range(num_features)],
-                [np.concatenate([p[f] for p in lengths]) for f in range(num_features)],
-                np.concatenate(labels), None if prob[0] is None else np.concatenate(prob))
+            dense, ids, lengths, labels, prob = self._sample_chunk(split, epoch, idx)
+        else:
+            parts = [self._sample_chunk(split, epoch, idx[i:i + SAMPLE_CHUNK])
+                     for i in range(0, len(idx), SAMPLE_CHUNK)]
+            dense, ids, lengths, labels, prob = zip(*parts)
+            num_features = len(self.table_sizes)
+            dense, labels = np.concatenate(dense), np.concatenate(labels)
+            prob = None if prob[0] is None else np.concatenate(prob)
+            ids = [np.concatenate([p[f] for p in ids]) for f in range(num_features)]
+            lengths = [np.concatenate([p[f] for p in lengths]) for f in range(num_features)]
+        if self.multi_hot_bags is not None:  # expand the one-hot ids into their bags
+            n = len(idx)
+            values = self.multi_hot_bags.values(np.stack(ids))
+            ids = np.split(values, np.cumsum([n * k for k in self.bag_sizes])[:-1])
+            lengths = [np.full(n, k, dtype=np.int64) for k in self.bag_sizes]
+        return dense, ids, lengths, labels, prob
 
     def _sample_chunk(self, split: str, epoch: int, idx: np.ndarray):
         """`sample_arrays` of at most SAMPLE_CHUNK samples.
@@ -125,7 +145,7 @@ class GeneratedSource:
         # the first round of hash_keys(key, 3000 + f, pos) is the same for every feature
         key_hash = splitmix64(HASH_START ^ key)
         ids: List[Optional[np.ndarray]] = [None] * len(lengths)
-        one_hot = [f for f, k in enumerate(self.bag_sizes) if k == 1]
+        one_hot = [f for f, k in enumerate(self._hashed_bag_sizes) if k == 1]
         if one_hot:
             feats = np.asarray(one_hot, dtype=np.uint64)
             h = key_hash[None, :] ^ (3000 + feats)[:, None]  # F1 x n
@@ -152,7 +172,7 @@ class GeneratedSource:
         return dense, ids, lengths, labels, prob
 
     def _bag_lengths(self, key: np.ndarray, f: int) -> np.ndarray:
-        k = self.bag_sizes[f]
+        k = self._hashed_bag_sizes[f]
         if self.fixed_bag_size or k == 1:
             return np.full(len(key), k, dtype=np.int64)
         return 1 + (hash_keys(key, 2000 + f) % np.uint64(k)).astype(np.int64)
