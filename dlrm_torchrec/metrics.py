@@ -7,10 +7,17 @@ Facebook") is the log loss divided by the entropy of the split's own click rate 
 -(p log p + (1 - p) log(1 - p)): the log loss of always predicting p. Below 1 the model
 beats that constant; unlike log loss it can be compared across data with different click
 rates. Calibration is the mean predicted probability over the click rate (1: predicted clicks
-match observed clicks in total)."""
+match observed clicks in total).
+
+`update` makes no host synchronisation, so on a GPU the evaluation loop runs ahead like the
+training loop: padding is left out of the sums with `torch.where` (a boolean index would wait
+for the device to know the count) and out of the AUC by one boolean index in `compute`, and
+torchmetrics gets every prediction in one update there, without its per-update argument
+checks (`torch.unique` of the labels, another synchronisation).
+"""
 
 import math
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.distributed as dist
@@ -32,34 +39,38 @@ class EvalMetrics:
 
     def __init__(self, device: torch.device, extended: bool = False):
         self.device = device
-        self.auc = BinaryAUROC().to(device)
+        # labels are checked to be 0/1 here (rounded), not by torchmetrics per update
+        self.auc = BinaryAUROC(validate_args=False).to(device)
         self.extra = {}
         if extended:
             self.extra = {
-                "precision": BinaryPrecision().to(device),
-                "recall": BinaryRecall().to(device),
-                "f1": BinaryF1Score().to(device),
-                "average_precision": BinaryAveragePrecision().to(device),
+                "precision": BinaryPrecision(validate_args=False).to(device),
+                "recall": BinaryRecall(validate_args=False).to(device),
+                "f1": BinaryF1Score(validate_args=False).to(device),
+                "average_precision": BinaryAveragePrecision(validate_args=False).to(device),
             }
         # sums of: log loss, correct at 0.5, samples, positives, predicted probabilities
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)
+        # per batch: probabilities (B, float32), 0/1 targets (B, uint8), real-sample mask (B)
+        self._probs: List[torch.Tensor] = []
+        self._targets: List[torch.Tensor] = []
+        self._real: List[torch.Tensor] = []
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
         """logits, labels, weights: B (padding has weight 0 and is left out)."""
-        mask = weights > 0
-        logits, labels = logits[mask].float(), labels[mask].float()
-        prob = torch.sigmoid(logits)
-        targets = labels.round().long()
-        self.auc.update(prob, targets)
-        for m in self.extra.values():
-            m.update(prob, targets)
-        p = prob.double().clamp(LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+        real = weights > 0
+        prob = torch.sigmoid(logits.float())
         y = labels.double()
-        logloss = -(y * p.log() + (1 - y) * (1 - p).log()).sum()
-        correct = ((prob > 0.5).double() == y.round()).sum()
-        self.sums += torch.stack([logloss, correct, y.new_tensor(float(len(y))), y.sum(),
-                                  prob.double().sum()])
+        p = prob.double().clamp(LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
+        logloss = torch.where(real, y * p.log() + (1 - y) * (1 - p).log(), 0.0).sum().neg()
+        correct = (real & ((prob > 0.5) == (y.round() == 1))).sum()
+        self.sums += torch.stack([logloss, correct.double(), real.sum().double(),
+                                  torch.where(real, y, 0.0).sum(),
+                                  torch.where(real, prob.double(), 0.0).sum()])
+        self._probs.append(prob)
+        self._targets.append(y.round().to(torch.uint8))
+        self._real.append(real)
 
     def compute(self) -> Dict[str, float]:
         sums = self.sums.clone()
@@ -74,11 +85,30 @@ class EvalMetrics:
         ctr = positives / count
         out["ctr"] = ctr
         both_classes = 0 < positives < count
-        out["auc"] = float(self.auc.compute()) if both_classes else math.nan
+        if both_classes:  # the same on every rank (all-reduced): they gather together
+            self._update_curves()
+            out["auc"] = float(self.auc.compute())
+        else:
+            out["auc"] = math.nan
         # a split of one class has zero entropy and no clicks to calibrate against
         entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if both_classes else 0.0
         out["ne"] = out["log_loss"] / entropy if both_classes else math.nan
         out["calibration"] = predicted / positives if positives > 0 else math.nan
-        for name, m in self.extra.items():
-            out[name] = float(m.compute())
+        if self.extra:
+            if not both_classes:
+                self._update_curves()
+            for name, m in self.extra.items():
+                out[name] = float(m.compute())
         return out
+
+    def _update_curves(self) -> None:
+        """Hand this rank's real predictions to the torchmetrics metrics, once."""
+        if self._probs:
+            real = torch.cat(self._real)
+            prob, target = torch.cat(self._probs)[real], torch.cat(self._targets)[real].long()
+        else:  # no batch on this rank: it still takes part in the gather
+            prob = torch.zeros(0, device=self.device)
+            target = torch.zeros(0, dtype=torch.long, device=self.device)
+        self._probs, self._targets, self._real = [], [], []
+        for m in [self.auc, *self.extra.values()]:
+            m.update(prob, target)

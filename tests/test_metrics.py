@@ -9,8 +9,8 @@ import torch
 from dlrm_torchrec.metrics import EvalMetrics
 from tests.dist_utils import run_ranks
 
-# six real samples and two padding ones (weight 0, garbage logits)
-LOGITS = [2.0, -1.0, 0.5, -3.0, 1.0, 0.0, 9.0, -9.0]
+# six real samples and two padding ones (weight 0, garbage logits, even NaN)
+LOGITS = [2.0, -1.0, 0.5, -3.0, 1.0, 0.0, 9.0, float("nan")]
 LABELS = [1.0, 0.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0]
 WEIGHTS = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]
 

@@ -181,3 +181,30 @@ def test_compiled_dense_modules_train_as_eager(info, tmp_path, mode):
         manager = get_container(info.device.index).tree_manager
         skips = torch._dynamo.utils.counters["inductor"]["cudagraph_skips"]
         assert manager is not None and manager.roots, f"no CUDA graph recorded ({skips} skips)"
+
+
+def test_evaluation_metrics_update_without_a_host_sync():
+    """EvalMetrics.update must not wait for the GPU (no boolean index, no torchmetrics
+    argument checks): torch's sync debug mode turns any synchronisation into an error. The
+    results equal those computed on the CPU."""
+    from dlrm_torchrec.metrics import EvalMetrics
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(512, generator=g), (torch.rand(512, generator=g) < 0.3).float(),
+                torch.ones(512)) for _ in range(4)]
+    batches[-1][2][300:] = 0  # padding in the last batch
+    on_gpu, on_cpu = EvalMetrics(torch.device("cuda")), EvalMetrics(torch.device("cpu"))
+    gpu_batches = [tuple(t.cuda() for t in b) for b in batches]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for b in gpu_batches:
+            on_gpu.update(*b)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    for b in batches:
+        on_cpu.update(*b)
+    got, want = on_gpu.compute(), on_cpu.compute()
+    assert got["samples"] == want["samples"] == 4 * 512 - 212
+    for key in ("auc", "log_loss", "ne", "calibration", "accuracy"):
+        assert got[key] == pytest.approx(want[key], rel=1e-6), key
