@@ -108,7 +108,7 @@ class DataConfig:
     num_workers: int = -1
     """Processes per rank that build batches ahead of the training loop (0: the training
     process builds them; -1: auto, 0 on CPU and up to 4 per rank on CUDA, 8 with multi-hot
-    bags)."""
+    bags or synthetic data)."""
     pin_memory: bool = True
     """CUDA: hand batches over in page-locked memory, so their copy to the GPU overlaps
     compute (no effect on CPU)."""

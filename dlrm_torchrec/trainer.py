@@ -62,9 +62,9 @@ class Trainer:
         # QR: batches carry the split ids (cat_i_q, cat_i_r) for the sharded EBC's input
         self.source = wrap_source(self.source, cfg.embeddings)
         # worker processes build (and pin) batches ahead of the step loop
+        heavy = any(k > 1 for k in d.multi_hot_sizes) or d.source == "synthetic"
         self.num_workers = resolve_num_workers(d.num_workers, info.device.type,
-                                               info.local_world_size,
-                                               multi_hot=any(k > 1 for k in d.multi_hot_sizes))
+                                               info.local_world_size, heavy_batches=heavy)
         self.source = prefetching(self.source, self.num_workers,
                                   d.pin_memory and info.device.type == "cuda")
 

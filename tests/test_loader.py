@@ -117,10 +117,10 @@ def test_num_workers_auto_is_zero_on_cpu_and_bounded_on_cuda(monkeypatch):
     assert resolve_num_workers(3, "cpu", 2) == 3
     monkeypatch.setattr("dlrm_torchrec.data.loader.available_cores", lambda: 16)
     assert resolve_num_workers(-1, "cuda", 1) == 4
-    assert resolve_num_workers(-1, "cuda", 1, multi_hot=True) == 8  # heavier batches
-    assert resolve_num_workers(-1, "cuda", 2, multi_hot=True) == 7  # a core per rank kept
+    assert resolve_num_workers(-1, "cuda", 1, heavy_batches=True) == 8  # multi-hot, synthetic
+    assert resolve_num_workers(-1, "cuda", 2, heavy_batches=True) == 7  # a core per rank kept
     assert resolve_num_workers(-1, "cuda", 8) == 1
-    assert resolve_num_workers(-1, "cuda", 8, multi_hot=True) == 1
+    assert resolve_num_workers(-1, "cuda", 8, heavy_batches=True) == 1
     monkeypatch.setattr("dlrm_torchrec.data.loader.available_cores", lambda: 8)
     assert resolve_num_workers(-1, "cuda", 8) == 0
 

@@ -31,20 +31,22 @@ def available_cores() -> int:
 
 
 def resolve_num_workers(requested: int, device_type: str, local_world_size: int,
-                        multi_hot: bool = False) -> int:
+                        heavy_batches: bool = False) -> int:
     """data.num_workers: -1 (auto) is 0 on CPU, where the ranks already use the cores, and on
-    CUDA up to 4 per rank (8 with multi-hot bags), leaving each rank one core of its own.
+    CUDA up to 4 per rank (8 with heavy batches), leaving each rank one core of its own.
     The cores are this process's (`available_cores`) shared by the node's ranks.
 
-    Why 8 for multi-hot: one worker builds one-hot Criteo batches at 2-10M samples/s, ahead
-    of any single GPU, but expands MLPerf DCNv2 bags (214 ids per sample) at only about 0.5M
-    (bench/bench_criteo.py); a GPU trains at millions of samples per second."""
+    Heavy batches: multi-hot bags or the synthetic click model. One worker builds one-hot
+    Criteo batches at 2-10M samples/s, ahead of any single GPU, but expands MLPerf DCNv2 bags
+    (214 ids per sample) at only about 0.5M (bench/bench_criteo.py) and generates synthetic
+    data at 0.2-0.35M (bench/bench_synthetic.py); a GPU trains at millions of samples per
+    second."""
     if requested >= 0:
         return requested
     if device_type != "cuda":
         return 0
     cores_per_rank = available_cores() // max(local_world_size, 1)
-    return max(0, min(8 if multi_hot else 4, cores_per_rank - 1))
+    return max(0, min(8 if heavy_batches else 4, cores_per_rank - 1))
 
 
 def _ignore_sigterm(worker_id: int) -> None:
