@@ -106,6 +106,11 @@ class Trainer:
         self.signature = model_signature(cfg, module.model.tables)
         self.last_checkpoint: Optional[Path] = None
         self._last_logged_step, self._last_log_time = 0, time.perf_counter()
+        # the training losses since the last log line (this rank's sum; checkpointed, so a
+        # run resumed between log lines logs the same mean as an uninterrupted one), and
+        # the step from which the logged samples/s is timed (this process's steps only)
+        self._loss_window = torch.zeros((), dtype=torch.float64, device=info.device)
+        self._timed_from_step = 0
         # SIGTERM (preemption, scancel, time limit, pod eviction): agree, save, exit
         self.stop_request = StopRequest(info.world_size, cfg.checkpoint.save_on_sigterm)
         # the epoch of the evaluation a SIGTERM interrupted at this step (None: none)
@@ -149,7 +154,8 @@ class Trainer:
         mean_loss = window.item() / self.info.world_size / max(n, 1)
         loss_sum.zero_()
         now = time.perf_counter()
-        rate = n * self.cfg.data.batch_size / max(now - self._last_log_time, 1e-9)
+        timed = self.step - max(self._last_logged_step, self._timed_from_step)
+        rate = timed * self.cfg.data.batch_size / max(now - self._last_log_time, 1e-9)
         self._last_logged_step, self._last_log_time = self.step, now
         rec = {"step": self.step, "epoch": epoch, "train_loss": mean_loss,
                "lr": self.schedule.last_lr, "samples_per_s": rate}
@@ -252,9 +258,9 @@ class Trainer:
         self.run_logger.run_start(  # observability
             min(total_steps, t.max_steps) if t.max_steps else total_steps, steps_per_epoch,
             self.source.num_samples("train"), self.source.num_samples("val"))
-        loss_sum = torch.zeros((), dtype=torch.float64, device=self.info.device)
+        loss_sum = self._loss_window  # restored with a checkpoint
         self._seen_at_start = int(self._all_reduce_sum(self.samples_seen))
-        self._last_logged_step, self._last_log_time = self.step, time.perf_counter()
+        self._timed_from_step, self._last_log_time = self.step, time.perf_counter()
         start = time.perf_counter()
         stopped_early = False
         evaluated_at = self.evals[-1]["step"] if self.evals else -1
@@ -392,6 +398,10 @@ class Trainer:
             "best_auc": self.best_auc if self.best_step >= 0 else None,
             "best_step": self.best_step, "history": self.history, "evals": self.evals,
             "eval_pending_epoch": self._eval_pending_epoch,
+            # the losses since the last log line (summed over steps, averaged over ranks as
+            # `_log_train` does, so another world size resumes it) and that line's step
+            "loss_window": {"sum": self._all_reduce_sum(self._loss_window) / self.info.world_size,
+                            "since_step": self._last_logged_step},
             "world_size": self.info.world_size, "signature": self.signature,
             "config": to_dict(self.cfg),
         }
@@ -432,6 +442,9 @@ class Trainer:
         self.samples_seen.fill_(state["samples_seen"] if self.info.is_main else 0)
         self.history, self.evals = state["history"], state["evals"]
         self._eval_pending_epoch = state.get("eval_pending_epoch")
+        window = state.get("loss_window", {"sum": 0.0, "since_step": self.step})
+        self._loss_window.fill_(window["sum"] * self.info.world_size if self.info.is_main else 0.0)
+        self._last_logged_step = window["since_step"]
         if state.get("best_auc") is not None:
             self.best_auc, self.best_step = state["best_auc"], state["best_step"]
         self.last_checkpoint = path
