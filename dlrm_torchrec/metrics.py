@@ -33,8 +33,8 @@ LOG_LOSS_EPS = 1e-12
 
 
 class EvalMetrics:
-    """Accumulates predictions of real (weight > 0) samples on this rank; `compute()` is a
-    collective: every rank must call it. AUC and the threshold metrics come from
+    """Accumulates predictions of real (weight > 0) samples on this rank; `compute()`, called
+    once at the end, is a collective: every rank must call it. AUC and the threshold metrics come from
     torchmetrics, which gathers the predictions across ranks."""
 
     def __init__(self, device: torch.device, extended: bool = False):
@@ -85,30 +85,18 @@ class EvalMetrics:
         ctr = positives / count
         out["ctr"] = ctr
         both_classes = 0 < positives < count
-        if both_classes:  # the same on every rank (all-reduced): they gather together
-            self._update_curves()
-            out["auc"] = float(self.auc.compute())
-        else:
-            out["auc"] = math.nan
+        # this rank's real predictions, handed to torchmetrics once (every rank has the same
+        # number of batches, so count > 0 means each has some); compute() gathers them
+        real = torch.cat(self._real)
+        prob, target = torch.cat(self._probs)[real], torch.cat(self._targets)[real].long()
+        for m in [self.auc, *self.extra.values()]:
+            m.update(prob, target)
+        # the same decision on every rank (all-reduced sums): they gather together
+        out["auc"] = float(self.auc.compute()) if both_classes else math.nan
         # a split of one class has zero entropy and no clicks to calibrate against
         entropy = -(ctr * math.log(ctr) + (1 - ctr) * math.log(1 - ctr)) if both_classes else 0.0
         out["ne"] = out["log_loss"] / entropy if both_classes else math.nan
         out["calibration"] = predicted / positives if positives > 0 else math.nan
-        if self.extra:
-            if not both_classes:
-                self._update_curves()
-            for name, m in self.extra.items():
-                out[name] = float(m.compute())
+        for name, m in self.extra.items():
+            out[name] = float(m.compute())
         return out
-
-    def _update_curves(self) -> None:
-        """Hand this rank's real predictions to the torchmetrics metrics, once."""
-        if self._probs:
-            real = torch.cat(self._real)
-            prob, target = torch.cat(self._probs)[real], torch.cat(self._targets)[real].long()
-        else:  # no batch on this rank: it still takes part in the gather
-            prob = torch.zeros(0, device=self.device)
-            target = torch.zeros(0, dtype=torch.long, device=self.device)
-        self._probs, self._targets, self._real = [], [], []
-        for m in [self.auc, *self.extra.values()]:
-            m.update(prob, target)

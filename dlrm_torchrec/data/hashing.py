@@ -7,7 +7,6 @@ import numpy as np
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-HASH_START = np.uint64(0x243F6A8885A308D3)  # hash_keys' state before its first key
 
 
 def splitmix64(x: np.ndarray) -> np.ndarray:
@@ -32,7 +31,7 @@ def splitmix64_(z: np.ndarray, tmp: np.ndarray) -> np.ndarray:
 
 def hash_keys(*keys) -> np.ndarray:
     """Hash of a tuple of (broadcast) integer keys -> uint64 array."""
-    h = HASH_START
+    h = np.uint64(0x243F6A8885A308D3)
     with np.errstate(over="ignore"):
         for k in keys:
             h = splitmix64(np.asarray(h, dtype=np.uint64) ^ np.asarray(k).astype(np.uint64))

@@ -10,14 +10,7 @@ from typing import Iterator, List, Optional
 import numpy as np
 
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
-from dlrm_torchrec.data.hashing import (
-    HASH_START,
-    hash_keys,
-    normal,
-    splitmix64,
-    splitmix64_,
-    uniform01,
-)
+from dlrm_torchrec.data.hashing import hash_keys, normal, splitmix64, splitmix64_, uniform01
 from dlrm_torchrec.data.multi_hot import MultiHotBags
 
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
@@ -142,8 +135,8 @@ class GeneratedSource:
         d_idx = np.arange(self.num_dense, dtype=np.uint64)
         dense_u = uniform01(hash_keys(key[:, None], 1000 + d_idx[None, :]))
         lengths = [self._bag_lengths(key, f) for f in range(len(self.table_sizes))]
-        # the first round of hash_keys(key, 3000 + f, pos) is the same for every feature
-        key_hash = splitmix64(HASH_START ^ key)
+        # hash_keys(key, 3000 + f, pos) continues from hash_keys(key), the same for every f
+        key_hash = hash_keys(key)
         ids: List[Optional[np.ndarray]] = [None] * len(lengths)
         one_hot = [f for f, k in enumerate(self._hashed_bag_sizes) if k == 1]
         if one_hot:
@@ -223,8 +216,7 @@ class GeneratedSource:
         """Standard normals from the hashes (seed, field_u, ids[, last]) and (seed, field_v,
         ids[, last]); fields broadcast as a column against rows of ids (F x n, or n)."""
         def hashes(field):
-            prefix = splitmix64(splitmix64(HASH_START ^ np.uint64(self.seed))
-                                ^ np.asarray(field, dtype=np.uint64))
+            prefix = hash_keys(self.seed, field)  # continued below with the ids
             h = (prefix[:, None] if prefix.ndim else prefix) ^ ids
             splitmix64_(h, np.empty_like(h))
             if last is not None:
