@@ -41,3 +41,28 @@ def test_preprocessed_kaggle_file_trains_on_two_ranks(tmp_path):
     assert m["steps"] == 24  # ceil(6000 / 256): the ragged last batch is kept
     assert m["final"]["samples"] == 500
     assert 0.0 <= m["final"]["auc"] <= 1.0
+
+
+def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path):
+    """TorchRec's own tsv_to_npys writes three days; from_torchrec adopts them; 2 ranks with
+    a loader worker each (the source is pickled into the worker) train on days 0-1 and
+    evaluate TorchRec's validation half of day 2."""
+    from tests.test_from_torchrec import torchrec_folder
+
+    npy = torchrec_folder(tmp_path, [("day_0", 900), ("day_1", 700), ("day_2", 301)])
+    out = tmp_path / "adopted"
+    proc = subprocess.run([sys.executable, "-m", "dlrm_torchrec.data.from_torchrec", str(npy),
+                           "-o", str(out)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run_dir = tmp_path / "run"
+    run_ranks(2, _train, [
+        f"data.path={out}", "data.source=criteo_terabyte", "embeddings.max_ind_range=500",
+        "data.batch_size=128", "data.eval_batch_size=256", "data.num_workers=1",
+        "training.eval_every_n_steps=0", f"logging.run_dir={run_dir}",
+        "logging.progress_bar=false", "model.bottom_mlp=[32,16]", "model.top_mlp=[32,1]",
+        "checkpoint.at_end=false",
+    ])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["train_samples_seen"] == 1600 and m["steps"] == 13  # ceil(1600 / 128)
+    assert m["final"]["samples"] == 151  # TorchRec's validation: the first ceil(301 / 2)
+    assert 0.0 <= m["final"]["auc"] <= 1.0

@@ -6,7 +6,13 @@ each rank copies only the rows of its own share of each global batch (`rank_slic
 rank reads the whole data set.
 
 Splits: "train" is days 0 .. eval_day - 1 in order; the evaluation day is halved, the first
-ceil(n / 2) rows "test", the rest "val" (the DLRM reference's order).
+ceil(n / 2) rows "test", the rest "val" (the DLRM reference's order; meta.json's
+`eval_halves` ["val", "test"] swaps them, as TorchRec orders them).
+
+Files: `day_{d}_{dense,sparse,labels}.npy` in the folder, or, for data adopted from
+TorchRec's preprocessing (`dlrm_torchrec.data.from_torchrec`), meta.json's `day_files`:
+per day the three files (relative to the folder, or absolute) and the day's first row and
+rows in them.
 
 Shuffling (train only, data.shuffle_window = W > 0): the epoch's sample order is the
 concatenation of consecutive windows of W samples, each permuted by a generator seeded with
@@ -41,7 +47,8 @@ def read_meta(path: str) -> dict:
     meta_path = os.path.join(path, "meta.json")
     if not os.path.isfile(meta_path):
         raise ConfigError(f"data.path={path!r}: no meta.json there; preprocess the raw data "
-                          "first: python -m dlrm_torchrec.data.preprocess")
+                          "first (python -m dlrm_torchrec.data.preprocess), or adopt TorchRec's "
+                          ".npy files (python -m dlrm_torchrec.data.from_torchrec)")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format_version") != 1:
@@ -83,26 +90,44 @@ class CriteoSource:
         self.days = self._open_days()
         ev = self.meta["eval_day"]
         n_ev = len(self.days[ev][2])
-        n_test = -(-n_ev // 2)
+        first_half, second_half = self.meta.get("eval_halves", ["test", "val"])
+        n_first = -(-n_ev // 2)
         # split -> segments (day, first row, rows)
         self.segments: Dict[str, List[Tuple[int, int, int]]] = {
             "train": [(d, 0, len(self.days[d][2])) for d in range(ev)],
-            "test": [(ev, 0, n_test)],
-            "val": [(ev, n_test, n_ev - n_test)],
+            first_half: [(ev, 0, n_first)],
+            second_half: [(ev, n_first, n_ev - n_first)],
         }
         self.offsets = {k: np.cumsum([0] + [s[2] for s in v]) for k, v in self.segments.items()}
         self._perm_cache: Dict[Tuple[int, int], np.ndarray] = {}
 
     def _open_days(self) -> List[Tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Each day's (dense, sparse, labels) arrays, memory-mapped."""
+        """Each day's (dense, sparse, labels) arrays, memory-mapped (views of its rows)."""
+        parts = ("dense", "sparse", "labels")
+        listed = self.meta.get("day_files")
+        if listed is None:
+            listed = [{p: f"day_{d}_{p}.npy" for p in parts}
+                      for d in range(self.meta["num_days"])]
+        maps: Dict[str, np.ndarray] = {}  # Kaggle's days are row ranges of one file
         days = []
-        for d in range(self.meta["num_days"]):
+        for entry in listed:
             arrs = []
-            for part in ("dense", "sparse", "labels"):
-                fp = os.path.join(self.path, f"day_{d}_{part}.npy")
-                if not os.path.isfile(fp):
-                    raise ConfigError(f"data.path={self.path!r}: {os.path.basename(fp)} missing")
-                arrs.append(np.load(fp, mmap_mode="r"))
+            for part in parts:
+                fp = os.path.join(self.path, entry[part])  # an absolute name stays as it is
+                if fp not in maps:
+                    if not os.path.isfile(fp):
+                        raise ConfigError(f"data.path={self.path!r}: {entry[part]} missing")
+                    maps[fp] = np.load(fp, mmap_mode="r")
+                arr = maps[fp]
+                if "first" in entry:
+                    first, rows = entry["first"], entry["rows"]
+                    if len(arr) < first + rows:
+                        raise ConfigError(f"data.path={self.path!r}: {entry[part]} has "
+                                          f"{len(arr)} rows, meta.json expects at least "
+                                          f"{first + rows}; the file changed since it was "
+                                          "adopted: adopt it again")
+                    arr = arr[first:first + rows]
+                arrs.append(arr)
             days.append(tuple(arrs))
         return days
 

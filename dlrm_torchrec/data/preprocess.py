@@ -238,16 +238,21 @@ def count_lines(path: str) -> int:
     return n + (last != b"\n")
 
 
+def kaggle_day_sizes(total: int) -> List[int]:
+    """Kaggle's rows cut into KAGGLE_DAYS consecutive days of equal size (the first
+    `total % KAGGLE_DAYS` one longer), as the reference cuts train.txt."""
+    per, extra = divmod(total, KAGGLE_DAYS)
+    return [per + (d < extra) for d in range(KAGGLE_DAYS)]
+
+
 def plan_days(s: Settings) -> List[DayPlan]:
     if s.dataset == "terabyte":
         n = len(s.inputs)
         return [DayPlan(d, d, 1, None, d < n - 1) for d in range(n)]
     total = count_lines(s.inputs[0])
     s._kaggle_lines = total  # the progress bar's total
-    per, extra = divmod(total, KAGGLE_DAYS)
     plans, line = [], 1
-    for d in range(KAGGLE_DAYS):
-        size = per + (d < extra)
+    for d, size in enumerate(kaggle_day_sizes(total)):
         plans.append(DayPlan(d, 0, line, line + size, d < KAGGLE_DAYS - 1))
         line += size
     plans[-1].stop_line = None

@@ -1,0 +1,268 @@
+"""Train on Criteo data that TorchRec's own scripts preprocessed, without a second pass over
+the raw text.
+
+    python -m dlrm_torchrec.data.from_torchrec /data/criteo_npy -o data/criteo_tb
+    python -m dlrm_torchrec.train --config configs/criteo_terabyte.yaml data.path=data/criteo_tb
+
+What it adopts (`torchrec/datasets/scripts/`, the layout TorchRec's DLRM example and the MLPerf
+DCNv2 instructions use):
+- `npy_preproc_criteo.py`: per Terabyte day `day_{d}_dense.npy` (float32, n x 13),
+  `day_{d}_sparse.npy` (int64 raw 32-bit ids, n x 26), `day_{d}_labels.npy` (int32, n x 1);
+  for Kaggle `train_{dense,sparse,labels}.npy`.
+- `contiguous_preproc_criteo.py`: `day_{d}_sparse_contig_freq.npy`, ids renumbered per
+  feature (rare ones share id 1); taken instead of `day_{d}_sparse.npy` when present
+  (`--sparse-suffix` chooses).
+- `shuffle_preproc_criteo.py`: the same names, rows shuffled across training days.
+
+Nothing is copied: OUT/meta.json (the layout `dlrm_torchrec.data.criteo` reads) names the
+files (`day_files`: path, first row and rows of each day) and records what one chunked scan
+of every file finds: rows, each feature's largest id + 1 (the stored table sizes; larger ids
+than a configured table are folded mod its size at load, as `embeddings.max_ind_range`), and
+that ids are >= 0, labels 0/1 and dense values finite. A file that breaks one of these stops
+the import with its name and row.
+
+Kept as TorchRec made them, and recorded in meta.json:
+- dense values: TorchRec computes log(x - m + 2) with m the smallest raw value of the day
+  file (the reference: log(max(x, 0) + 1)); a model trained on one does not fit the other.
+- the evaluation day's halves: TorchRec's first half is validation, the second test
+  (`--eval-halves val,test`, the default here); `--eval-halves test,val` takes the
+  reference's order, as `dlrm_torchrec.data.preprocess` writes it.
+- Terabyte: days 0 .. N-2 train, day N-1 evaluates (all consecutive days found from 0, or
+  `--days N`). Kaggle: `train_*` is cut into 7 consecutive days of equal size as the
+  reference cuts train.txt (days 0-5 train, day 6 evaluates); TorchRec's Kaggle `test_*`
+  files have no labels and are not used.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from dlrm_torchrec.data.preprocess import FORMAT_VERSION, kaggle_day_sizes, write_json
+
+NUM_DENSE, NUM_SPARSE = 13, 26
+SCAN_ROWS = 1 << 18  # rows per scanned chunk: 26 int64 ids x 256k = 54 MB
+SOURCE = "torchrec_npy"
+TORCHREC_DENSE = "torchrec: log(x - m + 2), m the smallest raw dense value of the day file"
+
+
+class AdoptError(Exception):
+  """A user-facing problem: printed as `error: ...` with exit status 2, no traceback."""
+
+
+def _open(path: str) -> np.ndarray:
+    if not os.path.isfile(path):
+        raise AdoptError(f"{path}: not found")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise AdoptError(f"{path}: not a NumPy .npy file ({e})") from None
+
+
+def find_stems(src: str, dataset: str, days: int) -> List[str]:
+    """The file stems ("day_0", ...; "train") of the data set in `src`, in day order."""
+    if dataset == "kaggle":
+        return ["train"]
+    if days:
+        return [f"day_{d}" for d in range(days)]
+    stems = []
+    while os.path.isfile(os.path.join(src, f"day_{len(stems)}_labels.npy")):
+        stems.append(f"day_{len(stems)}")
+    if len(stems) < 2:
+        raise AdoptError(f"{src}: needs day_0_*.npy, day_1_*.npy, ... (at least two days: "
+                         f"training days, then the evaluation day); found {len(stems)}")
+    return stems
+
+
+def detect_dataset(src: str) -> str:
+    has_days = os.path.isfile(os.path.join(src, "day_0_labels.npy"))
+    has_train = os.path.isfile(os.path.join(src, "train_labels.npy"))
+    if has_days == has_train:
+        what = "both day_0_labels.npy and train_labels.npy" if has_days else \
+            "neither day_0_labels.npy (Terabyte) nor train_labels.npy (Kaggle)"
+        raise AdoptError(f"{src}: holds {what}; name the data set with --dataset")
+    return "terabyte" if has_days else "kaggle"
+
+
+def sparse_path(src: str, stem: str, suffix: Optional[str]) -> str:
+    if suffix is not None:
+        return os.path.join(src, f"{stem}_sparse{suffix}.npy")
+    for s in ("_contig_freq", ""):
+        p = os.path.join(src, f"{stem}_sparse{s}.npy")
+        if os.path.isfile(p):
+            return p
+    multi_hot = os.path.join(src, f"{stem}_sparse_multi_hot.npz")
+    if os.path.isfile(multi_hot):
+        raise AdoptError(f"{multi_hot}: materialised multi-hot bags are not read; adopt the "
+                         f"one-hot {stem}_sparse.npy and set data.multi_hot_sizes, which "
+                         "derives the bags from each one-hot id while loading")
+    return os.path.join(src, f"{stem}_sparse.npy")
+
+
+def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.ndarray, str]:
+    """Check one (dense, sparse, labels) set; returns its rows, each feature's largest
+    id + 1 and the ids' dtype."""
+    dense, sparse, labels = _open(dense_p), _open(sparse_p), _open(labels_p)
+    if dense.ndim != 2 or dense.shape[1] != NUM_DENSE or dense.dtype.kind != "f":
+        raise AdoptError(f"{dense_p}: expected float n x {NUM_DENSE}, found "
+                         f"{dense.dtype} {dense.shape}")
+    if sparse.ndim != 2 or sparse.shape[1] != NUM_SPARSE or sparse.dtype.kind not in "iu":
+        raise AdoptError(f"{sparse_p}: expected integer n x {NUM_SPARSE}, found "
+                         f"{sparse.dtype} {sparse.shape}")
+    if labels.ndim not in (1, 2) or labels.shape[1:] not in ((), (1,)) \
+            or labels.dtype.kind not in "iuf":
+        raise AdoptError(f"{labels_p}: expected numbers n x 1, found {labels.dtype} "
+                         f"{labels.shape}")
+    n = len(labels)
+    if len(dense) != n or len(sparse) != n:
+        raise AdoptError(f"row counts differ: {dense_p} {len(dense)}, {sparse_p} "
+                         f"{len(sparse)}, {labels_p} {n}")
+    if n == 0:
+        raise AdoptError(f"{labels_p}: no rows")
+    top = np.zeros(NUM_SPARSE, dtype=np.int64)
+    for lo in range(0, n, SCAN_ROWS):
+        hi = min(n, lo + SCAN_ROWS)
+        ids = np.asarray(sparse[lo:hi])
+        negative = (ids < 0).any(axis=1)
+        if negative.any():
+            r = lo + int(np.argmax(negative))
+            f = int(np.argmax(sparse[r] < 0))
+            raise AdoptError(f"{sparse_p}: row {r} (0-based), feature {f}: negative id "
+                             f"{int(sparse[r, f])}")
+        np.maximum(top, ids.max(axis=0), out=top)
+        lab = np.asarray(labels[lo:hi]).reshape(-1)
+        bad = (lab != 0) & (lab != 1)
+        if bad.any():
+            r = lo + int(np.argmax(bad))
+            hint = ("; TorchRec writes -1 for rows it reads as unlabelled (a Kaggle file "
+                    "whose path contains 'test')") if lab[r - lo] == -1 else ""
+            raise AdoptError(f"{labels_p}: row {r} (0-based): label {lab[r - lo].item()}, "
+                             f"not 0 or 1{hint}")
+        finite = np.isfinite(np.asarray(dense[lo:hi])).all(axis=1)
+        if not finite.all():
+            r = lo + int(np.argmin(finite))
+            raise AdoptError(f"{dense_p}: row {r} (0-based): non-finite dense value "
+                             f"{np.asarray(dense[r]).tolist()}")
+    return n, top + 1, str(sparse.dtype)
+
+
+def _stored_name(path: str, out: str) -> str:
+    """Paths inside the output folder are stored relative to it, others absolute."""
+    path, out = os.path.realpath(path), os.path.realpath(out)
+    return os.path.relpath(path, out) if os.path.dirname(path) == out else path
+
+
+def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
+          sparse_suffix: Optional[str] = None, eval_halves: Sequence[str] = ("val", "test"),
+          log=print) -> Dict:
+    """Scan TorchRec's files in `src` and write `out`/meta.json; returns the meta."""
+    if not os.path.isdir(src):
+        raise AdoptError(f"{src}: not a folder")
+    if sorted(eval_halves) != ["test", "val"]:
+        raise AdoptError(f"--eval-halves {','.join(eval_halves)}: must be val,test or test,val")
+    dataset = dataset or detect_dataset(src)
+    if dataset == "kaggle" and days:
+        raise AdoptError(f"--days {days}: Kaggle's train_*.npy is always cut into 7 days")
+    meta_path = os.path.join(out, "meta.json")
+    if os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise AdoptError(f"{meta_path}: unreadable ({e}); remove it or choose another "
+                             "output folder") from None
+        if old.get("settings", {}).get("source") != SOURCE:
+            raise AdoptError(f"{out} holds data preprocessed by dlrm_torchrec.data.preprocess;"
+                             " choose another output folder")
+    os.makedirs(out, exist_ok=True)
+    stems = find_stems(src, dataset, days)
+    t0 = time.time()
+    files, rows, sizes = [], [], np.zeros(NUM_SPARSE, dtype=np.int64)
+    for stem in stems:
+        parts = {"dense": os.path.join(src, f"{stem}_dense.npy"),
+                 "sparse": sparse_path(src, stem, sparse_suffix),
+                 "labels": os.path.join(src, f"{stem}_labels.npy")}
+        n, top, sparse_dtype = scan_file_set(parts["dense"], parts["sparse"], parts["labels"])
+        np.maximum(sizes, top, out=sizes)
+        files.append({k: _stored_name(v, out) for k, v in parts.items()})
+        rows.append(n)
+        log(f"{stem}: {n:,} rows, ids < {top.max():,} ({os.path.basename(parts['sparse'])})")
+    if dataset == "kaggle":
+        day_sizes = kaggle_day_sizes(rows[0])
+        if min(day_sizes) == 0:
+            raise AdoptError(f"{src}: {rows[0]} rows cannot be cut into 7 days")
+        firsts = np.cumsum([0] + day_sizes[:-1]).tolist()
+        day_files = [dict(files[0], first=f, rows=r) for f, r in zip(firsts, day_sizes)]
+    else:
+        day_sizes = rows
+        day_files = [dict(f, first=0, rows=r) for f, r in zip(files, rows)]
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "settings": {"dataset": dataset, "source": SOURCE, "source_dir": os.path.realpath(src),
+                     "dense_transform": TORCHREC_DENSE},
+        "complete": True,
+        "num_days": len(day_files),
+        "eval_day": len(day_files) - 1,
+        "eval_halves": list(eval_halves),
+        "rows_per_day": day_sizes,
+        "table_sizes": sizes.tolist(),
+        "sparse_dtype": sparse_dtype,
+        "day_files": day_files,
+    }
+    write_json(meta_path, meta)
+    dt = time.time() - t0
+    log(f"{sum(rows):,} rows in {len(day_files)} days checked in {dt:.1f} s; "
+        f"wrote {meta_path}")
+    log("stored table sizes: embeddings.num_embeddings_per_feature="
+        + "[" + ",".join(str(n) for n in meta["table_sizes"]) + "]")
+    if max(meta["table_sizes"]) > 1 << 31:
+        log("raw 32-bit ids: cap the tables with embeddings.max_ind_range (ids are folded mod "
+            "it at load; the MLPerf DCNv2 setup uses 40000000)")
+    return meta
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m dlrm_torchrec.data.from_torchrec",
+        description="Adopt Criteo .npy files written by TorchRec's preprocessing scripts "
+                    "(npy_preproc_criteo.py, contiguous_preproc_criteo.py, "
+                    "shuffle_preproc_criteo.py): check them and write OUTPUT/meta.json, "
+                    "which data.path then names. Nothing is copied.")
+    ap.add_argument("source", help="the folder of TorchRec's .npy files")
+    ap.add_argument("-o", "--output", required=True, help="folder for meta.json (may be SOURCE)")
+    ap.add_argument("--dataset", choices=("kaggle", "terabyte"),
+                    help="default: terabyte with day_0_*.npy, kaggle with train_*.npy")
+    ap.add_argument("--days", type=int, default=0,
+                    help="terabyte: adopt days 0 .. N-1, the last evaluates (0: all found)")
+    ap.add_argument("--sparse-suffix", default=None, metavar="S",
+                    help="read <day>_sparse<S>.npy (default: _contig_freq if present, else none)")
+    ap.add_argument("--eval-halves", default="val,test",
+                    help="order of the evaluation day's halves: val,test (TorchRec's) or "
+                         "test,val (the DLRM reference's)")
+    a = ap.parse_args(argv)
+    if a.days < 0 or a.days == 1:
+        ap.error(f"--days {a.days}: must be 0 (all) or at least 2")
+    return a
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    try:
+        adopt(a.source, a.output, a.dataset, a.days, a.sparse_suffix,
+              [h.strip() for h in a.eval_halves.split(",")],
+              log=lambda m: print(m, file=sys.stderr))
+    except AdoptError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; nothing was written", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
