@@ -6,6 +6,7 @@ Kaggle-shaped file.
 """
 
 import argparse
+import json
 import math
 import os
 import resource
@@ -75,8 +76,8 @@ def baseline_loader(src: CriteoSource, limit: int, batch: int) -> float:
 
 
 def loader_rate(out: str, batch: int, window: int, multi_hot=None,
-                distribution: str = "uniform") -> float:
-    data = DataConfig(source="criteo_kaggle", path=out, batch_size=batch,
+                distribution: str = "uniform", source: str = "criteo_kaggle") -> float:
+    data = DataConfig(source=source, path=out, batch_size=batch,
                       shuffle_window=window, multi_hot_sizes=multi_hot or [],
                       multi_hot_distribution=distribution)
     src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
@@ -138,6 +139,27 @@ def multi_hot_rates(out: str, batch: int, pareto: bool, batches: int = 8, repeat
     return best
 
 
+def materialise_bags(out: str, work: str) -> str:
+    """Write MLPerf-style materialised bags (np.savez, members 0.npy .. 25.npy) beside the
+    preprocessed days and adopt them with from_torchrec; returns the adopted folder."""
+    from dlrm_torchrec.data import from_torchrec
+
+    rng = np.random.default_rng(0)
+    for d in range(pp.KAGGLE_DAYS):
+        n = len(np.load(os.path.join(out, f"day_{d}_labels.npy"), mmap_mode="r"))
+        np.savez(os.path.join(out, f"day_{d}_sparse_multi_hot.npz"),
+                 **{str(f): rng.integers(0, N_IDS, (n, k), dtype=np.int32)
+                    for f, k in enumerate(MLPERF_MULTI_HOT)})
+    adopted = os.path.join(work, "adopted")
+    shutil.rmtree(adopted, ignore_errors=True)
+    t = time.perf_counter()
+    from_torchrec.adopt(out, adopted, "terabyte", log=lambda m: None)
+    rows = sum(json.load(open(os.path.join(adopted, "meta.json")))["rows_per_day"])
+    print(f"from_torchrec scan of materialised bags: {rows / (time.perf_counter() - t):,.0f} "
+          "rows/s")
+    return adopted
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -184,6 +206,11 @@ def main() -> None:
             new, old = multi_hot_rates(out, batch, dist == "pareto")
             print(f"  expansion alone, batch {batch}: {new:,.0f} samples/s; whole-batch "
                   f"baseline {old:,.0f} ({new / old:.1f}x)")
+    adopted = materialise_bags(out, a.dir)
+    for window, label in ((0, "sequential"), (1 << 20, "shuffle window 1M")):
+        r = loader_rate(adopted, a.batch, window, MLPERF_MULTI_HOT, source="criteo_terabyte")
+        print(f"loader materialised MLPerf bags (.npz, from_torchrec), {label}, batch "
+              f"{a.batch}: {r:,.0f} samples/s per process")
     src = CriteoSource(DataConfig(source="criteo_kaggle", path=out, batch_size=a.batch),
                        EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
     print(f"baseline loader sample by sample: {baseline_loader(src, 50_000, a.batch):,.0f} "

@@ -7,6 +7,9 @@ import random
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
 from dlrm_torchrec.config import load_config
 from tests.dist_utils import run_ranks
 from tests.test_criteo_preprocess import good_row
@@ -43,13 +46,24 @@ def test_preprocessed_kaggle_file_trains_on_two_ranks(tmp_path):
     assert 0.0 <= m["final"]["auc"] <= 1.0
 
 
-def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path):
-    """TorchRec's own tsv_to_npys writes three days; from_torchrec adopts them; 2 ranks with
-    a loader worker each (the source is pickled into the worker) train on days 0-1 and
-    evaluate TorchRec's validation half of day 2."""
+@pytest.mark.parametrize("bags", ["one-hot", "materialised multi-hot"])
+def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path, bags):
+    """TorchRec's own tsv_to_npys writes three days (plus, for MLPerf DCNv2, materialised
+    bags beside them); from_torchrec adopts them; 2 ranks with a loader worker each (the
+    source is pickled into the worker) train on days 0-1 and evaluate TorchRec's validation
+    half of day 2."""
     from tests.test_from_torchrec import torchrec_folder
 
-    npy = torchrec_folder(tmp_path, [("day_0", 900), ("day_1", 700), ("day_2", 301)])
+    days = [("day_0", 900), ("day_1", 700), ("day_2", 301)]
+    npy = torchrec_folder(tmp_path, days)
+    multi_hot = []
+    if bags != "one-hot":
+        multi_hot = [1 + f % 3 for f in range(26)]
+        rng = np.random.default_rng(0)
+        for stem, n in days:
+            np.savez(npy / f"{stem}_sparse_multi_hot.npz",
+                     **{str(f): rng.integers(0, 5000, (n, k)).astype(np.int32)
+                        for f, k in enumerate(multi_hot)})
     out = tmp_path / "adopted"
     proc = subprocess.run([sys.executable, "-m", "dlrm_torchrec.data.from_torchrec", str(npy),
                            "-o", str(out)], capture_output=True, text=True, timeout=120)
@@ -60,7 +74,7 @@ def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path)
         "data.batch_size=128", "data.eval_batch_size=256", "data.num_workers=1",
         "training.eval_every_n_steps=0", f"logging.run_dir={run_dir}",
         "logging.progress_bar=false", "model.bottom_mlp=[32,16]", "model.top_mlp=[32,1]",
-        "checkpoint.at_end=false",
+        "checkpoint.at_end=false", f"data.multi_hot_sizes={multi_hot}",
     ])
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["train_samples_seen"] == 1600 and m["steps"] == 13  # ceil(1600 / 128)

@@ -172,7 +172,11 @@ def _bad_dense():
     ("wrong width", "day_1_sparse.npy: expected integer n x 26, found int64 (10, 25)"),
     ("not npy", "day_1_dense.npy: not a NumPy .npy file"),
     ("missing sparse", "day_1_sparse.npy: not found"),
-    ("multi-hot npz", "day_1_sparse_multi_hot.npz: materialised multi-hot bags are not read"),
+    ("compressed npz", "day_1_sparse_multi_hot.npz: member 0.npy is compressed"),
+    ("npz member", "day_1_sparse_multi_hot.npz: no member 25.npy"),
+    ("npz negative", "day_1_sparse_multi_hot.npz: row 3 (0-based), feature 2, bag position 1: "
+                     "negative id -7"),
+    ("npz bag sizes", "day_1_sparse_multi_hot.npz: bag sizes [2, 3, 4"),
     ("one day", "at least two days"),
     ("our own output", "holds data preprocessed by dlrm_torchrec.data.preprocess"),
     ("halves", "--eval-halves val,val: must be val,test or test,val"),
@@ -189,10 +193,19 @@ def test_bad_files_stop_with_their_name_and_row(tmp_path, capsys, case, expect):
         _write_set(src, "day_1", **kw)
     if case == "not npy":
         (src / "day_1_dense.npy").write_text("dense,values\n1,2\n")
-    if case in ("missing sparse", "multi-hot npz"):
+    if case == "missing sparse":
         (src / "day_1_sparse.npy").unlink()
-    if case == "multi-hot npz":
-        np.savez(src / "day_1_sparse_multi_hot.npz", a=np.zeros(3))
+    if "npz" in case:
+        bags = {str(f): np.ones((10, 2 + f % 3), np.int32) for f in range(26)}
+        np.savez(src / "day_0_sparse_multi_hot.npz", **bags)
+        if case == "npz negative":
+            bags["2"][3, 1] = -7
+        if case == "npz member":
+            del bags["25"]
+        if case == "npz bag sizes":
+            bags["3"] = np.ones((10, 1), np.int32)
+        save = np.savez_compressed if case == "compressed npz" else np.savez
+        save(src / "day_1_sparse_multi_hot.npz", **bags)
     if case == "our own output":
         out.mkdir()
         (out / "meta.json").write_text(json.dumps({"format_version": 1,
@@ -219,3 +232,79 @@ def test_moved_or_shrunk_files_are_a_config_error_naming_the_file(tmp_path):
     (src / "day_0_labels.npy").unlink()
     with pytest.raises(ConfigError, match="day_0_labels.npy missing"):
         our_rows(out, "val")
+
+
+def bag_folder(tmp_path, day_rows=(40, 35, 29), bag_sizes=None, seed=0):
+    """Days whose dense[:, 0] numbers the samples, one-hot ids, and MLPerf-style materialised
+    bags (np.savez, members 0.npy .. 25.npy, int32 rows x bag size)."""
+    bag_sizes = bag_sizes or [1 + f % 4 for f in range(26)]
+    rng = np.random.default_rng(seed)
+    src, uid, bags = tmp_path / "npy", 0, []
+    src.mkdir()
+    for d, n in enumerate(day_rows):
+        dense = rng.random((n, 13), dtype=np.float32)
+        dense[:, 0] = np.arange(uid, uid + n)
+        uid += n
+        np.save(src / f"day_{d}_dense.npy", dense)
+        np.save(src / f"day_{d}_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
+        np.save(src / f"day_{d}_sparse.npy", rng.integers(0, 1000, (n, 26)))
+        day = {str(f): rng.integers(0, 500, (n, k)).astype(np.int32)
+               for f, k in enumerate(bag_sizes)}
+        np.savez(src / f"day_{d}_sparse_multi_hot.npz", **day)
+        bags.append(day)
+    return src, bag_sizes
+
+
+def served(path, split, bag_sizes, **data_kw):
+    """(sample numbers, per feature the (n, k) ids) of every real sample of `split`."""
+    data_kw.setdefault("batch_size", 16)
+    data = DataConfig(source="criteo_terabyte", path=str(path), multi_hot_sizes=bag_sizes,
+                      **data_kw)
+    src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[TABLE] * 26))
+    uids, ids = [], [[] for _ in range(26)]
+    for b in src.batches(split):
+        n = b.num_real
+        uids.append(b.dense_features[:n, 0].numpy().astype(np.int64))
+        for f in range(26):
+            jt = b.sparse_features[f"cat_{f}"]
+            assert (jt.lengths()[:n] == bag_sizes[f]).all() and (jt.lengths()[n:] == 0).all()
+            ids[f].append(jt.values().numpy().reshape(n, bag_sizes[f]))
+    return np.concatenate(uids), [np.concatenate(x) for x in ids]
+
+
+@pytest.mark.parametrize("window", [0, 23])
+def test_materialised_multi_hot_bags_are_served_as_stored(tmp_path, window):
+    """MLPerf's materialised bags (read here by numpy's own np.load, independently of the
+    in-place memory maps), folded mod the table size; with a shuffle window that spans day
+    boundaries each sample keeps its own bags."""
+    src, sizes = bag_folder(tmp_path)
+    out = tmp_path / "adopted"
+    assert ft.main([str(src), "-o", str(out)]) == 0
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["multi_hot_sizes"] == sizes
+    assert meta["day_files"][0]["sparse"].endswith("day_0_sparse_multi_hot.npz")
+    stored = [np.load(src / f"day_{d}_sparse_multi_hot.npz") for d in range(3)]
+    by_uid = [np.concatenate([s[str(f)] for s in stored]) for f in range(26)]
+    assert meta["table_sizes"] == [int(b.max()) + 1 for b in by_uid]
+    for split, lo, hi in (("train", 0, 75), ("val", 75, 90), ("test", 90, 104)):
+        uids, ids = served(out, split, sizes, shuffle_window=window)
+        if split == "train" and window:
+            assert sorted(uids) == list(range(75)) and list(uids) != list(range(75))
+        else:
+            np.testing.assert_array_equal(uids, np.arange(lo, hi))
+        for f in range(26):
+            np.testing.assert_array_equal(ids[f], by_uid[f][uids] % TABLE)
+
+
+def test_materialised_bags_need_matching_multi_hot_sizes(tmp_path):
+    src, sizes = bag_folder(tmp_path)
+    out = tmp_path / "adopted"
+    assert ft.main([str(src), "-o", str(out)]) == 0
+    for wrong in ([], [3] * 26):
+        with pytest.raises(ConfigError, match=r"holds materialised multi-hot bags of sizes "
+                                              r"\[1, 2, 3, 4, 1"):
+            served(out, "val", wrong)
+    # one-hot ids chosen explicitly: the bags are not used
+    one_hot = tmp_path / "one_hot"
+    assert ft.main([str(src), "-o", str(one_hot), "--sparse-suffix", ""]) == 0
+    assert "multi_hot_sizes" not in json.loads((one_hot / "meta.json").read_text())

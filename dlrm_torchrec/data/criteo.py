@@ -24,7 +24,10 @@ table (embeddings.table_sizes(), i.e. after max_ind_range) is smaller gets id mo
 at load time, as the reference applies --max-ind-range.
 
 Multi-hot (data.multi_hot_sizes, the MLPerf DCNv2 setup): each one-hot id expands into a bag
-of ids derived from it (`dlrm_torchrec.data.multi_hot`).
+of ids derived from it (`dlrm_torchrec.data.multi_hot`), or, where meta.json lists
+materialised bags (`multi_hot_sizes`; MLPerf's `day_{d}_sparse_multi_hot.npz`, adopted by
+`dlrm_torchrec.data.from_torchrec`), the stored bags are read as they are
+(`dlrm_torchrec.data.materialised_bags`); data.multi_hot_sizes must then name their sizes.
 """
 
 import json
@@ -35,6 +38,7 @@ import numpy as np
 
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
+from dlrm_torchrec.data.materialised_bags import MaterialisedBags, NpzError
 from dlrm_torchrec.data.multi_hot import MultiHotBags
 
 NUM_DENSE = 13
@@ -84,6 +88,13 @@ class CriteoSource:
         stored = np.asarray(self.meta["table_sizes"], dtype=np.int64)
         self.mod_features = [f for f in range(NUM_SPARSE) if stored[f] > self.table_sizes[f]]
         self.multi_hot = list(data.multi_hot_sizes)
+        # bags stored in the data (MLPerf's materialised multi-hot files): read, not derived
+        self.materialised = self.meta.get("multi_hot_sizes")
+        if self.materialised is not None and self.multi_hot != self.materialised:
+            raise ConfigError(
+                f"data.multi_hot_sizes={self.multi_hot}: data.path={data.path!r} holds "
+                f"materialised multi-hot bags of sizes {self.materialised}; set "
+                "data.multi_hot_sizes to them (the planner's pooling factors)")
         self.multi_hot_bags = MultiHotBags(self.seed, self.multi_hot or [1] * NUM_SPARSE,
                                            self.table_sizes, data.multi_hot_distribution)
         self.feature_names = [f"cat_{i}" for i in range(NUM_SPARSE)]
@@ -117,7 +128,7 @@ class CriteoSource:
                 if fp not in maps:
                     if not os.path.isfile(fp):
                         raise ConfigError(f"data.path={self.path!r}: {entry[part]} missing")
-                    maps[fp] = np.load(fp, mmap_mode="r")
+                    maps[fp] = self._open_file(fp)
                 arr = maps[fp]
                 if "first" in entry:
                     first, rows = entry["first"], entry["rows"]
@@ -130,6 +141,15 @@ class CriteoSource:
                 arrs.append(arr)
             days.append(tuple(arrs))
         return days
+
+    @staticmethod
+    def _open_file(path: str):
+        if not path.endswith(".npz"):
+            return np.load(path, mmap_mode="r")
+        try:
+            return MaterialisedBags.open(path, NUM_SPARSE)
+        except NpzError as e:
+            raise ConfigError(f"data.path: {e}") from None
 
     def __getstate__(self):
         # loader workers that are not forked receive the source pickled: a memory map would
@@ -210,29 +230,31 @@ class CriteoSource:
         """Samples `idx` of `split`, in that order."""
         off = self.offsets[split]
         seg = np.searchsorted(off, idx, side="right") - 1
-        if len(idx) and (seg == seg[0]).all():  # the usual case: one day
-            d, first, _ = self.segments[split][seg[0]]
-            rows = idx - off[seg[0]] + first
-            dense, sparse, labels = self.days[d]
-            return dense[rows], sparse[rows], labels[rows]
-        d0 = self.days[0]
-        out = [np.empty((len(idx),) + a.shape[1:], a.dtype) for a in d0]
-        for s in np.unique(seg):
+        parts, positions = [], []
+        for s in np.unique(seg):  # usually one day
             d, first, _ = self.segments[split][s]
-            sel = seg == s
+            sel = np.flatnonzero(seg == s)
             rows = idx[sel] - off[s] + first
-            for o, a in zip(out, self.days[d]):
-                o[sel] = a[rows]
-        return tuple(out)
+            parts.append(tuple(a[rows] for a in self.days[d]))
+            positions.append(sel)
+        if len(parts) <= 1:
+            return self._concat(parts)
+        gathered = self._concat(parts)  # grouped by day: put the samples back in order
+        back = np.empty(len(idx), dtype=np.int64)
+        back[np.concatenate(positions)] = np.arange(len(idx))
+        return tuple(a[back] for a in gathered)
 
-    @staticmethod
-    def _concat(parts):
+    def _concat(self, parts):
         if len(parts) == 1:
             return parts[0]
         if not parts:
-            return (np.zeros((0, NUM_DENSE), np.float32), np.zeros((0, NUM_SPARSE), np.int32),
-                    np.zeros((0, 1), np.int32))
-        return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+            sparse = (MaterialisedBags([np.zeros((0, k), np.int32) for k in self.materialised])
+                      if self.materialised else np.zeros((0, NUM_SPARSE), np.int32))
+            return (np.zeros((0, NUM_DENSE), np.float32), sparse, np.zeros((0, 1), np.int32))
+        sparse = [p[1] for p in parts]
+        return (np.concatenate([p[0] for p in parts]),
+                MaterialisedBags.concat(sparse) if self.materialised else np.concatenate(sparse),
+                np.concatenate([p[2] for p in parts]))
 
     # ----------------------------------------------------------------- batches
     def ids(self, sparse: np.ndarray) -> np.ndarray:
@@ -250,11 +272,12 @@ class CriteoSource:
              per_rank: int, weight: float = 1.0) -> Batch:
         """n stored rows -> a Batch padded to per_rank (see `batch.make_batch`)."""
         n = len(labels)
-        ids = self.ids(sparse)
         sizes = self.multi_hot or [1] * NUM_SPARSE
-        if self.multi_hot:
-            values = self.multi_hot_values(ids)
+        if self.materialised:
+            values = sparse.values(self.table_sizes, self.mod_features)
+        elif self.multi_hot:
+            values = self.multi_hot_values(self.ids(sparse))
         else:
-            values = ids.ravel()
+            values = self.ids(sparse).ravel()
         lengths = np.broadcast_to(np.asarray(sizes, dtype=np.int64)[:, None], (NUM_SPARSE, n))
         return make_batch(dense, values, lengths, labels, self.feature_names, per_rank, weight)

@@ -13,13 +13,17 @@ DCNv2 instructions use):
   feature (rare ones share id 1); taken instead of `day_{d}_sparse.npy` when present
   (`--sparse-suffix` chooses).
 - `shuffle_preproc_criteo.py`: the same names, rows shuffled across training days.
+- MLPerf DLRM-DCNv2's `materialize_synthetic_multihot_dataset.py`:
+  `day_{d}_sparse_multi_hot.npz`, the bags the MLPerf quality target is defined on; taken
+  first when present, read in place (`dlrm_torchrec.data.materialised_bags`), and their bag
+  sizes recorded (`multi_hot_sizes`), which data.multi_hot_sizes must then equal.
 
 Nothing is copied: OUT/meta.json (the layout `dlrm_torchrec.data.criteo` reads) names the
 files (`day_files`: path, first row and rows of each day) and records what one chunked scan
 of every file finds: rows, each feature's largest id + 1 (the stored table sizes; larger ids
 than a configured table are folded mod its size at load, as `embeddings.max_ind_range`), and
 that ids are >= 0, labels 0/1 and dense values finite. A file that breaks one of these stops
-the import with its name and row.
+the adoption with its name and row.
 
 Kept as TorchRec made them, and recorded in meta.json:
 - dense values: TorchRec computes log(x - m + 2) with m the smallest raw value of the day
@@ -42,6 +46,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dlrm_torchrec.data.materialised_bags import MaterialisedBags, NpzError
 from dlrm_torchrec.data.preprocess import FORMAT_VERSION, kaggle_day_sizes, write_json
 
 NUM_DENSE, NUM_SPARSE = 13, 26
@@ -89,51 +94,76 @@ def detect_dataset(src: str) -> str:
 
 
 def sparse_path(src: str, stem: str, suffix: Optional[str]) -> str:
-    if suffix is not None:
-        return os.path.join(src, f"{stem}_sparse{suffix}.npy")
-    for s in ("_contig_freq", ""):
-        p = os.path.join(src, f"{stem}_sparse{s}.npy")
+    """The day's ids: with `suffix`, <stem>_sparse<suffix>.npz or .npy; else the first of
+    the materialised multi-hot bags, the contiguous ids, the raw ids that exists."""
+    names = ([f"_sparse{suffix}.npz", f"_sparse{suffix}.npy"] if suffix is not None else
+             ["_sparse_multi_hot.npz", "_sparse_contig_freq.npy", "_sparse.npy"])
+    for name in names:
+        p = os.path.join(src, stem + name)
         if os.path.isfile(p):
             return p
-    multi_hot = os.path.join(src, f"{stem}_sparse_multi_hot.npz")
-    if os.path.isfile(multi_hot):
-        raise AdoptError(f"{multi_hot}: materialised multi-hot bags are not read; adopt the "
-                         f"one-hot {stem}_sparse.npy and set data.multi_hot_sizes, which "
-                         "derives the bags from each one-hot id while loading")
-    return os.path.join(src, f"{stem}_sparse.npy")
+    return os.path.join(src, stem + names[-1])
 
 
-def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.ndarray, str]:
+def _open_sparse(path: str) -> Tuple[List[np.ndarray], Optional[List[int]]]:
+    """Per feature its (n, k) ids, and the bag sizes k (None: one-hot n x 26 ids)."""
+    if not path.endswith(".npz"):
+        sparse = _open(path)
+        if sparse.ndim != 2 or sparse.shape[1] != NUM_SPARSE or sparse.dtype.kind not in "iu":
+            raise AdoptError(f"{path}: expected integer n x {NUM_SPARSE}, found "
+                             f"{sparse.dtype} {sparse.shape}")
+        return [sparse], None
+    if not os.path.isfile(path):
+        raise AdoptError(f"{path}: not found")
+    try:
+        columns = MaterialisedBags.open(path, NUM_SPARSE).columns
+    except NpzError as e:
+        raise AdoptError(str(e)) from None
+    for f, c in enumerate(columns):
+        if c.ndim != 2 or c.dtype.kind not in "iu" or len(c) != len(columns[0]):
+            raise AdoptError(f"{path}: member {f}.npy: expected integer n x bag size with "
+                             f"n = {len(columns[0])}, found {c.dtype} {c.shape}")
+    return columns, [c.shape[1] for c in columns]
+
+
+def _id_columns(blocks: List[np.ndarray], lo: int, hi: int) -> List[np.ndarray]:
+    """Rows lo..hi of each feature's ids, (rows, k) per feature."""
+    if len(blocks) == 1:
+        ids = np.asarray(blocks[0][lo:hi])
+        return [ids[:, f:f + 1] for f in range(NUM_SPARSE)]
+    return [np.asarray(b[lo:hi]) for b in blocks]
+
+
+def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.ndarray, str,
+                                                                      Optional[List[int]]]:
     """Check one (dense, sparse, labels) set; returns its rows, each feature's largest
-    id + 1 and the ids' dtype."""
-    dense, sparse, labels = _open(dense_p), _open(sparse_p), _open(labels_p)
+    id + 1, the ids' dtype and the materialised bag sizes (None: one-hot)."""
+    dense, labels = _open(dense_p), _open(labels_p)
+    blocks, bag_sizes = _open_sparse(sparse_p)
     if dense.ndim != 2 or dense.shape[1] != NUM_DENSE or dense.dtype.kind != "f":
         raise AdoptError(f"{dense_p}: expected float n x {NUM_DENSE}, found "
                          f"{dense.dtype} {dense.shape}")
-    if sparse.ndim != 2 or sparse.shape[1] != NUM_SPARSE or sparse.dtype.kind not in "iu":
-        raise AdoptError(f"{sparse_p}: expected integer n x {NUM_SPARSE}, found "
-                         f"{sparse.dtype} {sparse.shape}")
     if labels.ndim not in (1, 2) or labels.shape[1:] not in ((), (1,)) \
             or labels.dtype.kind not in "iuf":
         raise AdoptError(f"{labels_p}: expected numbers n x 1, found {labels.dtype} "
                          f"{labels.shape}")
     n = len(labels)
-    if len(dense) != n or len(sparse) != n:
+    if len(dense) != n or len(blocks[0]) != n:
         raise AdoptError(f"row counts differ: {dense_p} {len(dense)}, {sparse_p} "
-                         f"{len(sparse)}, {labels_p} {n}")
+                         f"{len(blocks[0])}, {labels_p} {n}")
     if n == 0:
         raise AdoptError(f"{labels_p}: no rows")
     top = np.zeros(NUM_SPARSE, dtype=np.int64)
     for lo in range(0, n, SCAN_ROWS):
         hi = min(n, lo + SCAN_ROWS)
-        ids = np.asarray(sparse[lo:hi])
-        negative = (ids < 0).any(axis=1)
-        if negative.any():
-            r = lo + int(np.argmax(negative))
-            f = int(np.argmax(sparse[r] < 0))
-            raise AdoptError(f"{sparse_p}: row {r} (0-based), feature {f}: negative id "
-                             f"{int(sparse[r, f])}")
-        np.maximum(top, ids.max(axis=0), out=top)
+        for f, ids in enumerate(_id_columns(blocks, lo, hi)):
+            if ids.size and ids.min() < 0:
+                r, k = np.argwhere(ids < 0)[0]
+                bag = f", bag position {k}" if bag_sizes else ""
+                raise AdoptError(f"{sparse_p}: row {lo + r} (0-based), feature {f}{bag}: "
+                                 f"negative id {ids[r, k].item()}")
+            if ids.size:
+                top[f] = max(top[f], ids.max())
         lab = np.asarray(labels[lo:hi]).reshape(-1)
         bad = (lab != 0) & (lab != 1)
         if bad.any():
@@ -147,7 +177,7 @@ def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.n
             r = lo + int(np.argmin(finite))
             raise AdoptError(f"{dense_p}: row {r} (0-based): non-finite dense value "
                              f"{np.asarray(dense[r]).tolist()}")
-    return n, top + 1, str(sparse.dtype)
+    return n, top + 1, str(blocks[0].dtype), bag_sizes
 
 
 def _stored_name(path: str, out: str) -> str:
@@ -182,11 +212,17 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     stems = find_stems(src, dataset, days)
     t0 = time.time()
     files, rows, sizes = [], [], np.zeros(NUM_SPARSE, dtype=np.int64)
+    bag_sizes: Optional[List[int]] = None
     for stem in stems:
         parts = {"dense": os.path.join(src, f"{stem}_dense.npy"),
                  "sparse": sparse_path(src, stem, sparse_suffix),
                  "labels": os.path.join(src, f"{stem}_labels.npy")}
-        n, top, sparse_dtype = scan_file_set(parts["dense"], parts["sparse"], parts["labels"])
+        n, top, sparse_dtype, day_bags = scan_file_set(parts["dense"], parts["sparse"],
+                                                       parts["labels"])
+        if stem != stems[0] and day_bags != bag_sizes:
+            raise AdoptError(f"{parts['sparse']}: bag sizes {day_bags}, but "
+                             f"{files[0]['sparse']} has {bag_sizes}")
+        bag_sizes = day_bags
         np.maximum(sizes, top, out=sizes)
         files.append({k: _stored_name(v, out) for k, v in parts.items()})
         rows.append(n)
@@ -213,12 +249,17 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
         "sparse_dtype": sparse_dtype,
         "day_files": day_files,
     }
+    if bag_sizes is not None:
+        meta["multi_hot_sizes"] = bag_sizes
     write_json(meta_path, meta)
     dt = time.time() - t0
     log(f"{sum(rows):,} rows in {len(day_files)} days checked in {dt:.1f} s; "
         f"wrote {meta_path}")
     log("stored table sizes: embeddings.num_embeddings_per_feature="
         + "[" + ",".join(str(n) for n in meta["table_sizes"]) + "]")
+    if bag_sizes is not None:
+        log("materialised multi-hot bags: data.multi_hot_sizes="
+            + "[" + ",".join(str(k) for k in bag_sizes) + "]")
     if max(meta["table_sizes"]) > 1 << 31:
         log("raw 32-bit ids: cap the tables with embeddings.max_ind_range (ids are folded mod "
             "it at load; the MLPerf DCNv2 setup uses 40000000)")
