@@ -296,6 +296,21 @@ def test_materialised_multi_hot_bags_are_served_as_stored(tmp_path, window):
             np.testing.assert_array_equal(ids[f], by_uid[f][uids] % TABLE)
 
 
+def test_materialised_bags_in_their_own_folder(tmp_path):
+    """MLPerf's materialisation without --copy_labels_and_dense leaves dense and labels in
+    TorchRec's folder and writes the bags elsewhere."""
+    src, sizes = bag_folder(tmp_path)
+    bags_dir = tmp_path / "bags"
+    bags_dir.mkdir()
+    for d in range(3):
+        (src / f"day_{d}_sparse_multi_hot.npz").rename(bags_dir / f"day_{d}_sparse_multi_hot.npz")
+    out = tmp_path / "adopted"
+    assert ft.main([str(src), "-o", str(out), "--sparse-dir", str(bags_dir)]) == 0
+    assert json.loads((out / "meta.json").read_text())["multi_hot_sizes"] == sizes
+    want = np.load(bags_dir / "day_2_sparse_multi_hot.npz")["20"][:15] % TABLE
+    np.testing.assert_array_equal(served(out, "val", sizes)[1][20], want)
+
+
 def test_materialised_bags_need_matching_multi_hot_sizes(tmp_path):
     src, sizes = bag_folder(tmp_path)
     out = tmp_path / "adopted"

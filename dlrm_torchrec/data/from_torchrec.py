@@ -16,7 +16,8 @@ DCNv2 instructions use):
 - MLPerf DLRM-DCNv2's `materialize_synthetic_multihot_dataset.py`:
   `day_{d}_sparse_multi_hot.npz`, the bags the MLPerf quality target is defined on; taken
   first when present, read in place (`dlrm_torchrec.data.materialised_bags`), and their bag
-  sizes recorded (`multi_hot_sizes`), which data.multi_hot_sizes must then equal.
+  sizes recorded (`multi_hot_sizes`), which data.multi_hot_sizes must then equal. Written
+  without `--copy_labels_and_dense`, they lie in another folder: `--sparse-dir`.
 
 Nothing is copied: OUT/meta.json (the layout `dlrm_torchrec.data.criteo` reads) names the
 files (`day_files`: path, first row and rows of each day) and records what one chunked scan
@@ -188,10 +189,13 @@ def _stored_name(path: str, out: str) -> str:
 
 def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
           sparse_suffix: Optional[str] = None, eval_halves: Sequence[str] = ("val", "test"),
-          log=print) -> Dict:
-    """Scan TorchRec's files in `src` and write `out`/meta.json; returns the meta."""
-    if not os.path.isdir(src):
-        raise AdoptError(f"{src}: not a folder")
+          sparse_dir: Optional[str] = None, log=print) -> Dict:
+    """Scan TorchRec's files in `src` (the ids in `sparse_dir`, default `src`) and write
+    `out`/meta.json; returns the meta."""
+    sparse_dir = sparse_dir or src
+    for folder in (src, sparse_dir):
+        if not os.path.isdir(folder):
+            raise AdoptError(f"{folder}: not a folder")
     if sorted(eval_halves) != ["test", "val"]:
         raise AdoptError(f"--eval-halves {','.join(eval_halves)}: must be val,test or test,val")
     dataset = dataset or detect_dataset(src)
@@ -215,7 +219,7 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     bag_sizes: Optional[List[int]] = None
     for stem in stems:
         parts = {"dense": os.path.join(src, f"{stem}_dense.npy"),
-                 "sparse": sparse_path(src, stem, sparse_suffix),
+                 "sparse": sparse_path(sparse_dir, stem, sparse_suffix),
                  "labels": os.path.join(src, f"{stem}_labels.npy")}
         n, top, sparse_dtype, day_bags = scan_file_set(parts["dense"], parts["sparse"],
                                                        parts["labels"])
@@ -281,6 +285,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     help="terabyte: adopt days 0 .. N-1, the last evaluates (0: all found)")
     ap.add_argument("--sparse-suffix", default=None, metavar="S",
                     help="read <day>_sparse<S>.npy (default: _contig_freq if present, else none)")
+    ap.add_argument("--sparse-dir", default=None, metavar="DIR",
+                    help="where the ids are when not beside dense and labels (MLPerf's "
+                         "materialised bags written without --copy_labels_and_dense)")
     ap.add_argument("--eval-halves", default="val,test",
                     help="order of the evaluation day's halves: val,test (TorchRec's) or "
                          "test,val (the DLRM reference's)")
@@ -294,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     try:
         adopt(a.source, a.output, a.dataset, a.days, a.sparse_suffix,
-              [h.strip() for h in a.eval_halves.split(",")],
+              [h.strip() for h in a.eval_halves.split(",")], a.sparse_dir,
               log=lambda m: print(m, file=sys.stderr))
     except AdoptError as e:
         print(f"error: {e}", file=sys.stderr)
