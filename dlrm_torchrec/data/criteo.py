@@ -64,6 +64,58 @@ def read_meta(path: str) -> dict:
     return meta
 
 
+class RowEncoder:
+    """Stored Criteo rows -> Batches, as training sees them: ids above a configured table
+    folded mod its size (as the reference applies --max-ind-range), then one-hot ids
+    expanded into their derived multi-hot bags, or materialised bags taken as stored.
+    `meta` is the data folder's meta.json (stored table sizes, materialised bag sizes)."""
+
+    def __init__(self, data: DataConfig, embeddings: EmbeddingsConfig, meta: dict):
+        self.table_sizes = np.asarray(embeddings.table_sizes(), dtype=np.int64)
+        if len(self.table_sizes) != NUM_SPARSE:
+            raise ConfigError(f"embeddings.num_embeddings_per_feature: Criteo has {NUM_SPARSE} "
+                              f"categorical features, got {len(self.table_sizes)} tables")
+        stored = np.asarray(meta["table_sizes"], dtype=np.int64)
+        self.mod_features = [f for f in range(NUM_SPARSE) if stored[f] > self.table_sizes[f]]
+        self.multi_hot = list(data.multi_hot_sizes)
+        # bags stored in the data (MLPerf's materialised multi-hot files): read, not derived
+        self.materialised = meta.get("multi_hot_sizes")
+        if self.materialised is not None and self.multi_hot != self.materialised:
+            raise ConfigError(
+                f"data.multi_hot_sizes={self.multi_hot}: data.path={data.path!r} holds "
+                f"materialised multi-hot bags of sizes {self.materialised}; set "
+                "data.multi_hot_sizes to them (the planner's pooling factors)")
+        self.multi_hot_bags = MultiHotBags(data.seed, self.multi_hot or [1] * NUM_SPARSE,
+                                           self.table_sizes, data.multi_hot_distribution)
+        self.feature_names = [f"cat_{i}" for i in range(NUM_SPARSE)]
+
+    def ids(self, sparse: np.ndarray) -> np.ndarray:
+        """(n, 26) stored ids -> (26, n) int64 ids below the configured table sizes."""
+        ids = np.ascontiguousarray(sparse.T, dtype=np.int64)
+        for f in self.mod_features:
+            ids[f] %= self.table_sizes[f]
+        return ids
+
+    def multi_hot_values(self, ids: np.ndarray) -> np.ndarray:
+        """(26, n) one-hot ids -> the multi-hot bags' ids (`MultiHotBags.values`)."""
+        return self.multi_hot_bags.values(ids)
+
+    def make(self, dense: np.ndarray, sparse, labels: np.ndarray, per_rank: int,
+             weight: float = 1.0) -> Batch:
+        """n stored rows -> a Batch padded to per_rank (see `batch.make_batch`); `sparse`
+        is (n, 26) ids, or MaterialisedBags."""
+        n = len(labels)
+        sizes = self.multi_hot or [1] * NUM_SPARSE
+        if self.materialised:
+            values = sparse.values(self.table_sizes, self.mod_features)
+        elif self.multi_hot:
+            values = self.multi_hot_values(self.ids(sparse))
+        else:
+            values = self.ids(sparse).ravel()
+        lengths = np.broadcast_to(np.asarray(sizes, dtype=np.int64)[:, None], (NUM_SPARSE, n))
+        return make_batch(dense, values, lengths, labels, self.feature_names, per_rank, weight)
+
+
 class CriteoSource:
     """This rank's batches of preprocessed Criteo data (see the module docstring)."""
 
@@ -81,23 +133,9 @@ class CriteoSource:
         self.eval_batch_size = data.eval_batch_size or data.batch_size
         self.shuffle_window = data.shuffle_window
         self.seed = data.seed
-        self.table_sizes = np.asarray(embeddings.table_sizes(), dtype=np.int64)
-        if len(self.table_sizes) != NUM_SPARSE:
-            raise ConfigError(f"embeddings.num_embeddings_per_feature: Criteo has {NUM_SPARSE} "
-                              f"categorical features, got {len(self.table_sizes)} tables")
-        stored = np.asarray(self.meta["table_sizes"], dtype=np.int64)
-        self.mod_features = [f for f in range(NUM_SPARSE) if stored[f] > self.table_sizes[f]]
-        self.multi_hot = list(data.multi_hot_sizes)
-        # bags stored in the data (MLPerf's materialised multi-hot files): read, not derived
-        self.materialised = self.meta.get("multi_hot_sizes")
-        if self.materialised is not None and self.multi_hot != self.materialised:
-            raise ConfigError(
-                f"data.multi_hot_sizes={self.multi_hot}: data.path={data.path!r} holds "
-                f"materialised multi-hot bags of sizes {self.materialised}; set "
-                "data.multi_hot_sizes to them (the planner's pooling factors)")
-        self.multi_hot_bags = MultiHotBags(self.seed, self.multi_hot or [1] * NUM_SPARSE,
-                                           self.table_sizes, data.multi_hot_distribution)
-        self.feature_names = [f"cat_{i}" for i in range(NUM_SPARSE)]
+        self.encoder = RowEncoder(data, embeddings, self.meta)
+        self.table_sizes = self.encoder.table_sizes
+        self.materialised = self.encoder.materialised
         self.days = self._open_days()
         ev = self.meta["eval_day"]
         n_ev = len(self.days[ev][2])
@@ -258,26 +296,11 @@ class CriteoSource:
 
     # ----------------------------------------------------------------- batches
     def ids(self, sparse: np.ndarray) -> np.ndarray:
-        """(n, 26) stored ids -> (26, n) int64 ids below the configured table sizes."""
-        ids = np.ascontiguousarray(sparse.T, dtype=np.int64)
-        for f in self.mod_features:
-            ids[f] %= self.table_sizes[f]
-        return ids
+        return self.encoder.ids(sparse)
 
     def multi_hot_values(self, ids: np.ndarray) -> np.ndarray:
-        """(26, n) one-hot ids -> the multi-hot bags' ids (`MultiHotBags.values`)."""
-        return self.multi_hot_bags.values(ids)
+        return self.encoder.multi_hot_values(ids)
 
-    def make(self, dense: np.ndarray, sparse: np.ndarray, labels: np.ndarray,
-             per_rank: int, weight: float = 1.0) -> Batch:
-        """n stored rows -> a Batch padded to per_rank (see `batch.make_batch`)."""
-        n = len(labels)
-        sizes = self.multi_hot or [1] * NUM_SPARSE
-        if self.materialised:
-            values = sparse.values(self.table_sizes, self.mod_features)
-        elif self.multi_hot:
-            values = self.multi_hot_values(self.ids(sparse))
-        else:
-            values = self.ids(sparse).ravel()
-        lengths = np.broadcast_to(np.asarray(sizes, dtype=np.int64)[:, None], (NUM_SPARSE, n))
-        return make_batch(dense, values, lengths, labels, self.feature_names, per_rank, weight)
+    def make(self, dense: np.ndarray, sparse, labels: np.ndarray, per_rank: int,
+             weight: float = 1.0) -> Batch:
+        return self.encoder.make(dense, sparse, labels, per_rank, weight)

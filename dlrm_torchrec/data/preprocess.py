@@ -548,7 +548,7 @@ def _run_pass(s: Settings, plans: List[DayPlan], kind: str, executor: Executor,
                 w.abort()
 
 
-def _load_vocab(out: str) -> Optional[List[np.ndarray]]:
+def load_vocab(out: str) -> Optional[List[np.ndarray]]:
     d = os.path.join(out, "vocab")
     if not os.path.exists(os.path.join(d, "meta.json")):
         return None
@@ -580,11 +580,11 @@ def table_sizes(s: Settings, vocab: Optional[List[np.ndarray]]) -> List[int]:
     return [s.max_ind_range or 2 ** 32] * ct.NUM_SPARSE
 
 
-def print_report(report: Report, out=sys.stderr) -> None:
+def print_report(report: Report, out=sys.stderr, verb: str = "dropped") -> None:
     for path, bad in report.bad.items():
         if not bad.counts:
             continue
-        print(f"{path}: {bad.rejected()} malformed row(s) dropped", file=out)
+        print(f"{path}: {bad.rejected()} malformed row(s) {verb}", file=out)
         for reason, n in sorted(bad.counts.items(), key=lambda kv: -kv[1]):
             ex = ", ".join(f"{line}" + (f" ({d})" if d else "") for line, d in
                            bad.examples.get(reason, []))
@@ -610,7 +610,7 @@ def run(s: Settings) -> Report:
     window = 2 * max(s.workers, 1) + 1
     vocab = None
     if s.mode == "vocab":
-        vocab = _load_vocab(s.output)
+        vocab = load_vocab(s.output)
     if s.mode == "vocab" and vocab is None:
         counters = [_Counts() for _ in range(ct.NUM_SPARSE)]
         with _executor(s, None) as ex:

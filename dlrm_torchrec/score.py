@@ -1,0 +1,214 @@
+"""Score raw Criteo text with an exported model: click probabilities for new logs, through
+exactly the transforms the model was trained with.
+
+    python -m dlrm_torchrec.score runs/x/export day_24.gz -o scores.txt [--int8] [--no-labels]
+
+The export folder (`python -m dlrm_torchrec.export`) holds the program and the training
+config; the config's data.path (or --data-dir) holds the preprocessed data's meta.json and,
+for frequency vocabularies, vocab/: the row transform is read from there, so raw values map
+to the ids the tables were trained on. A row goes through the preprocessing parser (dense
+log(max(x, 0) + 1), hexadecimal ids, hash or vocabulary), the training loader's id folding
+and multi-hot expansion (`criteo.RowEncoder`), and the exported program.
+
+Output: one line per input line (inputs in the order given): the click probability, or
+`nan` for a malformed line, which is also reported with its line number and reason. With
+labels (the Criteo layout's first column; --no-labels for 39-column rows), the AUC, log
+loss and accuracy of the scored rows are printed at the end. The output is written under a
+temporary name and renamed when complete.
+"""
+
+import argparse
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from dlrm_torchrec.config import Config, ConfigError, feature_names, load_config
+from dlrm_torchrec.data import criteo_text as ct
+from dlrm_torchrec.data import preprocess as pp
+from dlrm_torchrec.data.criteo import RowEncoder, read_meta
+from dlrm_torchrec.export import (
+    CONFIG_FILE,
+    INT8_PROGRAM_FILE,
+    PROGRAM_FILE,
+    batch_inputs,
+    prediction_metrics,
+)
+
+CRITEO_SOURCES = ("criteo_kaggle", "criteo_terabyte")
+
+
+class ScoreError(Exception):
+    """A user-facing problem: printed as `error: ...` with exit status 2, no traceback."""
+
+
+class RawRowScorer:
+    """Raw Criteo rows -> click probabilities, as the exported model saw its training rows."""
+
+    def __init__(self, export_dir: str, data_dir: Optional[str] = None, int8: bool = False):
+        folder = Path(export_dir)
+        name = INT8_PROGRAM_FILE if int8 else PROGRAM_FILE
+        for f in (CONFIG_FILE, name):
+            if not (folder / f).is_file():
+                raise ScoreError(f"{folder / f}: not found (the output of python -m "
+                                 "dlrm_torchrec.export" + (" --quantize int8" if int8 else "")
+                                 + ")")
+        self.cfg: Config = load_config(str(folder / CONFIG_FILE))
+        if self.cfg.data.source not in CRITEO_SOURCES:
+            raise ScoreError(f"the model was trained on data.source={self.cfg.data.source!r}; "
+                             "only models trained on Criteo data score raw Criteo rows")
+        data_dir = data_dir or self.cfg.data.path
+        meta = read_meta(data_dir)
+        settings = meta["settings"]
+        if settings.get("source") == "torchrec_npy":
+            raise ScoreError(f"{data_dir} was adopted from TorchRec's preprocessing, whose dense "
+                             "transform depends on each day file's smallest value; raw rows "
+                             "cannot be transformed the same way")
+        if meta.get("multi_hot_sizes") is not None:
+            raise ScoreError(f"{data_dir} holds materialised multi-hot bags; raw rows have no "
+                             "bags to score")
+        self.settings = pp.Settings(inputs=[], output=data_dir, dataset=settings["dataset"],
+                                    max_ind_range=settings["max_ind_range"],
+                                    frequency_threshold=settings["frequency_threshold"])
+        self.vocab = pp.load_vocab(data_dir) if self.settings.mode == "vocab" else None
+        if self.settings.mode == "vocab" and self.vocab is None:
+            raise ScoreError(f"{data_dir}/vocab: missing; the model's ids come from that "
+                             "frequency vocabulary")
+        self.encoder = RowEncoder(self.cfg.data, self.cfg.embeddings, meta)
+        self.names = feature_names(self.cfg.embeddings)
+        if int8:
+            import fbgemm_gpu  # noqa: F401  (registers the int8 kernels the program calls)
+        self.program = torch.export.load(str(folder / name)).module()
+
+    @torch.no_grad()
+    def score(self, parsed: ct.ParsedChunk, batch_size: int) -> np.ndarray:
+        """Probabilities of the chunk's valid rows (float32, in their order)."""
+        ids = pp.map_ids(parsed.sparse, self.settings, self.vocab)
+        out = np.empty(len(parsed.labels), dtype=np.float32)
+        for lo in range(0, len(out), batch_size):
+            hi = min(len(out), lo + batch_size)
+            batch = self.encoder.make(parsed.dense[lo:hi], ids[lo:hi], parsed.labels[lo:hi],
+                                      hi - lo)
+            out[lo:hi] = self.program(*batch_inputs(batch, self.names)).numpy()
+        return out
+
+
+def add_labels(data: bytes) -> bytes:
+    """39-column lines (no label) -> the 40-column layout with label 0."""
+    out = b"0\t" + data.replace(b"\n", b"\n0\t")
+    return out[:-2] if data.endswith(b"\n") else out
+
+
+def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
+                batch_size: int = 8192, labelled: bool = True,
+                chunk_bytes: int = 8 << 20) -> dict:
+    """Score `inputs` into `out_path` (one line per input line); returns a summary."""
+    missing = [p for p in inputs if not os.path.isfile(p)]
+    if missing:
+        raise ScoreError("input file(s) not found: " + ", ".join(missing))
+    report = pp.Report()
+    probs: List[np.ndarray] = []
+    labels: List[np.ndarray] = []
+    start = time.perf_counter()
+    tmp = f"{out_path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "w") as out:
+            for path in inputs:
+                bad = report.bad.setdefault(path, ct.BadRows())
+                ends: List[ct.StreamEnd] = []
+                chunks = ct.read_chunks(path, chunk_bytes, ends)
+                while True:
+                    try:
+                        chunk = next(chunks)
+                    except StopIteration:
+                        break
+                    except ValueError as e:
+                        raise ScoreError(f"{path}: not Criteo text ({e})") from None
+                    _score_chunk(scorer, chunk.data, chunk.first_line, chunk.num_lines,
+                                 labelled, batch_size, bad, out, probs, labels, report)
+                end = ends[0] if ends else ct.StreamEnd(1)
+                if end.partial:  # a last line without newline is scored like any other
+                    _score_chunk(scorer, end.partial + b"\n", end.next_line, 1, labelled,
+                                 batch_size, bad, out, probs, labels, report)
+                if end.error is not None:
+                    bad.add(end.error.reason, end.next_line + bool(end.partial),
+                            end.error.detail)
+        os.replace(tmp, out_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    seconds = time.perf_counter() - start
+    p = np.concatenate(probs) if probs else np.zeros(0, np.float32)
+    summary = {"lines": report.lines, "scored": len(p),
+               "malformed": sum(b.rejected() for b in report.bad.values()),
+               "seconds": seconds}
+    if labelled:
+        y = np.concatenate(labels) if labels else np.zeros(0, np.float32)
+        summary.update(prediction_metrics(torch.from_numpy(p), torch.from_numpy(y)))
+    pp.print_report(report, out=sys.stderr, verb="scored as nan")
+    return summary
+
+
+def _score_chunk(scorer, data, first_line, num_lines, labelled, batch_size, bad, out,
+                 probs, labels, report) -> None:
+    parsed = ct.parse_chunk(data if labelled else add_labels(data), first_line)
+    bad.merge(parsed.bad)
+    p = scorer.score(parsed, batch_size)
+    line_probs = np.full(num_lines, np.nan, dtype=np.float32)
+    line_probs[parsed.lines - first_line] = p
+    out.write("\n".join(f"{x:.7f}" if x == x else "nan" for x in line_probs.tolist()) + "\n")
+    probs.append(p)
+    labels.append(parsed.labels.astype(np.float32))
+    report.lines += num_lines
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m dlrm_torchrec.score",
+        description="Click probabilities of raw Criteo rows (plain or gzip text) from an "
+                    "exported model, through the transforms it was trained with.")
+    ap.add_argument("export", help="folder written by python -m dlrm_torchrec.export")
+    ap.add_argument("inputs", nargs="+", help="Criteo text files, plain or .gz")
+    ap.add_argument("-o", "--output", required=True,
+                    help="one probability per input line ('nan': malformed line)")
+    ap.add_argument("--data-dir", default=None,
+                    help="the preprocessed data the model was trained on (meta.json, vocab/); "
+                         "default: data.path of the export's config")
+    ap.add_argument("--int8", action="store_true", help="score with model_int8.pt2")
+    ap.add_argument("--no-labels", action="store_true",
+                    help="rows have no label column (39 columns, as Kaggle's test.txt)")
+    ap.add_argument("--batch-size", type=int, default=8192)
+    a = ap.parse_args(argv)
+    if a.batch_size < 1:
+        ap.error(f"--batch-size {a.batch_size}: must be >= 1")
+    return a
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = parse_args(argv)
+    try:
+        scorer = RawRowScorer(a.export, a.data_dir, a.int8)
+        s = score_files(scorer, a.inputs, a.output, a.batch_size, not a.no_labels)
+    except (ScoreError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no output written", file=sys.stderr)
+        return 130
+    line = (f"{s['scored']:,} of {s['lines']:,} lines scored ({s['malformed']:,} malformed) in "
+            f"{s['seconds']:.1f} s ({s['lines'] / max(s['seconds'], 1e-9):,.0f} lines/s) -> "
+            f"{a.output}")
+    if "log_loss" in s:
+        line += (f"; auc {s.get('auc', math.nan):.5f} log_loss {s['log_loss']:.5f} "
+                 f"accuracy {s['accuracy']:.5f}")
+    print(line, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
