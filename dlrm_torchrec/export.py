@@ -14,8 +14,10 @@ process without a process group: DCP reassembles every sharded table into the pl
   int8 rows (row-wise scale and bias) by TorchRec's `quantize_inference_model`, looked up by
   FBGEMM's IntNBit inference kernel; it needs `import fbgemm_gpu` (or torchrec) before
   `torch.export.load`;
-- `export.json`: inputs, feature order, tables, files, and the validation report: metrics of
-  the exported programs on a split and their largest prediction differences.
+- `export.json`: inputs, feature order, tables, files, the validation report (metrics of
+  the exported programs on a split and their largest prediction differences) and, for
+  models of Criteo data, `row_transform`: the data folder's preprocessing settings and
+  stored table sizes, which `python -m dlrm_torchrec.score` applies to raw rows.
 
 Loading never unpickles: the checkpoint is read with checkpoint.SafeFileSystemReader and
 SafeLoadPlanner, and a checkpoint of another model is refused naming what differs.
@@ -310,6 +312,23 @@ def describe_inputs(cfg: Config) -> Dict[str, Any]:
     }
 
 
+def row_transform(cfg: Config) -> Optional[Dict[str, Any]]:
+    """How raw Criteo rows became the training rows: the data folder (absolute) and its
+    meta.json without the per-day bookkeeping; None for generated data or a data folder
+    that is not there."""
+    from dlrm_torchrec.data.criteo import read_meta
+
+    if cfg.data.source not in ("criteo_kaggle", "criteo_terabyte"):
+        return None
+    try:
+        meta = read_meta(cfg.data.path)
+    except ConfigError:
+        return None
+    keep = ("format_version", "settings", "table_sizes", "multi_hot_sizes")
+    return {"data_path": os.path.abspath(cfg.data.path),
+            "meta": {k: meta[k] for k in keep if k in meta}}
+
+
 def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: str = "val",
            eval_batches: int = 0, log=print) -> Dict[str, Any]:
     """Write the export of checkpoint `ckpt` (a model of `cfg`) to `out`; returns the
@@ -348,6 +367,7 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
                          "(FBGEMM IntNBit kernel; import fbgemm_gpu before torch.export.load)"
                          if "int8" in loaded else None),
         "inputs": describe_inputs(cfg),
+        **({"row_transform": row} if (row := row_transform(cfg)) else {}),
         "versions": {"torch": torch.__version__, "torchrec": _version("torchrec")},
     }
     if eval_split != "none":

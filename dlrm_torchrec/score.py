@@ -3,10 +3,12 @@ exactly the transforms the model was trained with.
 
     python -m dlrm_torchrec.score runs/x/export day_24.gz -o scores.txt [--int8] [--no-labels]
 
-The export folder (`python -m dlrm_torchrec.export`) holds the program and the training
-config; the config's data.path (or --data-dir) holds the preprocessed data's meta.json and,
-for frequency vocabularies, vocab/: the row transform is read from there, so raw values map
-to the ids the tables were trained on. A row goes through the preprocessing parser (dense
+The export folder (`python -m dlrm_torchrec.export`) holds the program, the training config
+and, in export.json, the row transform: the preprocessing settings and stored table sizes
+of the data the model was trained on, so raw values map to the ids the tables were trained
+on. Hash-mode models need nothing else; frequency vocabularies are read from the data
+folder's vocab/ (recorded at export; --data-dir names another place, and takes the whole
+transform from that folder's meta.json). A row goes through the preprocessing parser (dense
 log(max(x, 0) + 1), hexadecimal ids, hash or vocabulary), the training loader's id folding
 and multi-hot expansion (`criteo.RowEncoder`), and the exported program.
 
@@ -18,6 +20,7 @@ temporary name and renamed when complete.
 """
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -34,6 +37,7 @@ from dlrm_torchrec.data import preprocess as pp
 from dlrm_torchrec.data.criteo import RowEncoder, read_meta
 from dlrm_torchrec.export import (
     CONFIG_FILE,
+    INFO_FILE,
     INT8_PROGRAM_FILE,
     PROGRAM_FILE,
     batch_inputs,
@@ -62,8 +66,14 @@ class RawRowScorer:
         if self.cfg.data.source not in CRITEO_SOURCES:
             raise ScoreError(f"the model was trained on data.source={self.cfg.data.source!r}; "
                              "only models trained on Criteo data score raw Criteo rows")
-        data_dir = data_dir or self.cfg.data.path
-        meta = read_meta(data_dir)
+        recorded = None
+        if (folder / INFO_FILE).is_file():
+            recorded = json.loads((folder / INFO_FILE).read_text()).get("row_transform")
+        if data_dir or not recorded:
+            data_dir = data_dir or self.cfg.data.path
+            meta = read_meta(data_dir)
+        else:
+            data_dir, meta = recorded["data_path"], recorded["meta"]
         settings = meta["settings"]
         if settings.get("source") == "torchrec_npy":
             raise ScoreError(f"{data_dir} was adopted from TorchRec's preprocessing, whose dense "
@@ -78,7 +88,7 @@ class RawRowScorer:
         self.vocab = pp.load_vocab(data_dir) if self.settings.mode == "vocab" else None
         if self.settings.mode == "vocab" and self.vocab is None:
             raise ScoreError(f"{data_dir}/vocab: missing; the model's ids come from that "
-                             "frequency vocabulary")
+                             "frequency vocabulary (--data-dir: the folder that holds it now)")
         self.encoder = RowEncoder(self.cfg.data, self.cfg.embeddings, meta)
         self.names = feature_names(self.cfg.embeddings)
         if int8:

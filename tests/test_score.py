@@ -106,6 +106,22 @@ def test_scores_equal_the_eager_model_on_rows_parsed_by_the_reference(exports, t
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["hash", "vocab"])
+def test_export_carries_the_row_transform_so_the_data_folder_may_move(tmp_path, mode):
+    lines, cfg, out = _exported(tmp_path, mode)
+    raw = write(tmp_path / "t.txt", [x for x in lines if ref_parse(x) is not None][:50])
+    assert score.main([str(out), str(raw), "-o", str(tmp_path / "before.txt")]) == 0
+    (tmp_path / "data").rename(tmp_path / "moved")
+    args = [str(out), str(raw), "-o", str(tmp_path / "after.txt")]
+    if mode == "vocab":  # the vocabulary itself stays in the data folder
+        with pytest.raises(score.ScoreError, match="vocab: missing"):
+            score.RawRowScorer(str(out))
+        args += ["--data-dir", str(tmp_path / "moved")]
+    assert score.main(args) == 0
+    np.testing.assert_array_equal(read_scores(tmp_path / "before.txt"),
+                                  read_scores(tmp_path / "after.txt"))
+
+
 def test_unlabelled_rows_score_the_same(exported, tmp_path):
     lines, _, out = exported
     good = [line.rstrip("\r") for line in lines if ref_parse(line) is not None][:100]
