@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
+from dlrm_torchrec.cli import run_tool
 from dlrm_torchrec.config import Config, ConfigError, feature_names, load_config
 from dlrm_torchrec.data import criteo_text as ct
 from dlrm_torchrec.data import preprocess as pp
@@ -201,15 +202,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
-    try:
-        scorer = RawRowScorer(a.export, a.data_dir, a.int8)
-        s = score_files(scorer, a.inputs, a.output, a.batch_size, not a.no_labels)
-    except (ScoreError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; no output written", file=sys.stderr)
-        return 130
+    rc, s = run_tool(lambda: score_files(RawRowScorer(a.export, a.data_dir, a.int8), a.inputs,
+                                         a.output, a.batch_size, not a.no_labels),
+                     (ScoreError, ConfigError), "interrupted; no output written")
+    if rc:
+        return rc
     line = (f"{s['scored']:,} of {s['lines']:,} lines scored ({s['malformed']:,} malformed) in "
             f"{s['seconds']:.1f} s ({s['lines'] / max(s['seconds'], 1e-9):,.0f} lines/s) -> "
             f"{a.output}")

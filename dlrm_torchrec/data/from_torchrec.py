@@ -47,6 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dlrm_torchrec.cli import run_tool
 from dlrm_torchrec.data.materialised_bags import MaterialisedBags, NpzError
 from dlrm_torchrec.data.preprocess import FORMAT_VERSION, kaggle_day_sizes, write_json
 
@@ -299,17 +300,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
-    try:
-        adopt(a.source, a.output, a.dataset, a.days, a.sparse_suffix,
-              [h.strip() for h in a.eval_halves.split(",")], a.sparse_dir,
-              log=lambda m: print(m, file=sys.stderr))
-    except AdoptError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; nothing was written", file=sys.stderr)
-        return 130
-    return 0
+    rc, _ = run_tool(lambda: adopt(a.source, a.output, a.dataset, a.days, a.sparse_suffix,
+                                   [h.strip() for h in a.eval_halves.split(",")],
+                                   a.sparse_dir, log=lambda m: print(m, file=sys.stderr)),
+                     (AdoptError,), "interrupted; nothing was written")
+    return rc
 
 
 if __name__ == "__main__":

@@ -62,6 +62,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dlrm_torchrec.cli import run_tool
 from dlrm_torchrec.data import criteo_text as ct
 from dlrm_torchrec.data.hashing import hash_keys, uniform01
 
@@ -675,14 +676,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     s = parse_args(argv)
     t0 = time.time()
-    try:
-        report = run(s)
-    except PreprocessError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
+    rc, report = run_tool(lambda: run(s), (PreprocessError,),
+                          "interrupted; rerun the same command to resume")
+    if rc:
+        return rc
     dt = time.time() - t0
     print_report(report)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
