@@ -15,10 +15,10 @@ from tests.dist_utils import run_ranks
 from tests.test_criteo_preprocess import good_row
 
 
-def _train(rank, world_size, overrides):
+def _train(rank, world_size, overrides, config="configs/criteo_kaggle.yaml"):
     from dlrm_torchrec.train import train
 
-    train(load_config("configs/criteo_kaggle.yaml", overrides))
+    train(load_config(config, overrides))
 
 
 def test_preprocessed_kaggle_file_trains_on_two_ranks(tmp_path):
@@ -49,16 +49,19 @@ def test_preprocessed_kaggle_file_trains_on_two_ranks(tmp_path):
 @pytest.mark.parametrize("bags", ["one-hot", "materialised multi-hot"])
 def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path, bags):
     """TorchRec's own tsv_to_npys writes three days (plus, for MLPerf DCNv2, materialised
-    bags beside them); from_torchrec adopts them; 2 ranks with a loader worker each (the
-    source is pickled into the worker) train on days 0-1 and evaluate TorchRec's validation
-    half of day 2."""
+    bags of MLPerf's sizes beside them, trained with configs/mlperf_dcnv2.yaml scaled down:
+    DCNv2, row-wise Adagrad, MLPerf logging); from_torchrec adopts them; 2 ranks with a
+    loader worker each (the source is pickled into the worker) train on days 0-1 and
+    evaluate TorchRec's validation half of day 2."""
     from tests.test_from_torchrec import torchrec_folder
 
     days = [("day_0", 900), ("day_1", 700), ("day_2", 301)]
     npy = torchrec_folder(tmp_path, days)
-    multi_hot = []
+    config, extra = "configs/criteo_kaggle.yaml", ["data.multi_hot_sizes=[]"]
     if bags != "one-hot":
-        multi_hot = [1 + f % 3 for f in range(26)]
+        config = "configs/mlperf_dcnv2.yaml"
+        multi_hot = load_config(config).data.multi_hot_sizes
+        extra = ["embeddings.dim=16", "model.dcn_low_rank_dim=8", "logging.mlperf_logging=true"]
         rng = np.random.default_rng(0)
         for stem, n in days:
             np.savez(npy / f"{stem}_sparse_multi_hot.npz",
@@ -74,9 +77,11 @@ def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path,
         "data.batch_size=128", "data.eval_batch_size=256", "data.num_workers=1",
         "training.eval_every_n_steps=0", f"logging.run_dir={run_dir}",
         "logging.progress_bar=false", "model.bottom_mlp=[32,16]", "model.top_mlp=[32,1]",
-        "checkpoint.at_end=false", f"data.multi_hot_sizes={multi_hot}",
-    ])
+        "checkpoint.at_end=false", *extra,
+    ], config)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["train_samples_seen"] == 1600 and m["steps"] == 13  # ceil(1600 / 128)
     assert m["final"]["samples"] == 151  # TorchRec's validation: the first ceil(301 / 2)
     assert 0.0 <= m["final"]["auc"] <= 1.0
+    if bags != "one-hot":
+        assert '"key": "eval_accuracy"' in (run_dir / "mlperf.log").read_text()
