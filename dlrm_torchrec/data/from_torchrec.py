@@ -43,7 +43,8 @@ import json
 import os
 import sys
 import time
-from typing import Dict, List, Optional, Sequence, Tuple
+from concurrent.futures import ProcessPoolExecutor
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -128,12 +129,14 @@ def _open_sparse(path: str) -> Tuple[List[np.ndarray], Optional[List[int]]]:
     return columns, [c.shape[1] for c in columns]
 
 
-def _id_columns(blocks: List[np.ndarray], lo: int, hi: int) -> List[np.ndarray]:
-    """Rows lo..hi of each feature's ids, (rows, k) per feature."""
-    if len(blocks) == 1:
+def _id_range(blocks: List[np.ndarray], lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Each feature's smallest and largest id in rows lo..hi."""
+    if len(blocks) == 1:  # one-hot: one (rows, 26) array, reduced along the rows at once
         ids = np.asarray(blocks[0][lo:hi])
-        return [ids[:, f:f + 1] for f in range(NUM_SPARSE)]
-    return [np.asarray(b[lo:hi]) for b in blocks]
+        return ids.min(axis=0), ids.max(axis=0)
+    cols = [np.asarray(b[lo:hi]) for b in blocks]
+    return (np.array([c.min() if c.size else 0 for c in cols]),
+            np.array([c.max() if c.size else 0 for c in cols]))
 
 
 def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.ndarray, str,
@@ -158,14 +161,16 @@ def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.n
     top = np.zeros(NUM_SPARSE, dtype=np.int64)
     for lo in range(0, n, SCAN_ROWS):
         hi = min(n, lo + SCAN_ROWS)
-        for f, ids in enumerate(_id_columns(blocks, lo, hi)):
-            if ids.size and ids.min() < 0:
-                r, k = np.argwhere(ids < 0)[0]
-                bag = f", bag position {k}" if bag_sizes else ""
-                raise AdoptError(f"{sparse_p}: row {lo + r} (0-based), feature {f}{bag}: "
-                                 f"negative id {ids[r, k].item()}")
-            if ids.size:
-                top[f] = max(top[f], ids.max())
+        low, high = _id_range(blocks, lo, hi)
+        if (low < 0).any():
+            f = int(np.argmax(low < 0))
+            ids = np.asarray(blocks[0][lo:hi, f:f + 1] if bag_sizes is None
+                             else blocks[f][lo:hi])
+            r, k = np.argwhere(ids < 0)[0]
+            bag = f", bag position {k}" if bag_sizes else ""
+            raise AdoptError(f"{sparse_p}: row {lo + r} (0-based), feature {f}{bag}: "
+                             f"negative id {ids[r, k].item()}")
+        np.maximum(top, high, out=top)
         lab = np.asarray(labels[lo:hi]).reshape(-1)
         bad = (lab != 0) & (lab != 1)
         if bad.any():
@@ -182,6 +187,26 @@ def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.n
     return n, top + 1, str(blocks[0].dtype), bag_sizes
 
 
+def _scan_args(args: Tuple[str, str, str]):
+    return scan_file_set(*args)
+
+
+def _scan_all(file_sets: List[Tuple[str, str, str]], workers: int) -> Iterator:
+    """scan_file_set of each (dense, sparse, labels) set, in order; up to `workers` days at
+    once in worker processes (a day's scan reads its files once, at the disk's speed)."""
+    if workers <= 1 or len(file_sets) == 1:
+        yield from map(_scan_args, file_sets)
+        return
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    ex = ProcessPoolExecutor(min(workers, len(file_sets)), mp_context=ctx)
+    try:
+        yield from ex.map(_scan_args, file_sets)
+    finally:  # on an error, days not yet started are dropped
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
 def _stored_name(path: str, out: str) -> str:
     """Paths inside the output folder are stored relative to it, others absolute."""
     path, out = os.path.realpath(path), os.path.realpath(out)
@@ -190,7 +215,7 @@ def _stored_name(path: str, out: str) -> str:
 
 def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
           sparse_suffix: Optional[str] = None, eval_halves: Sequence[str] = ("val", "test"),
-          sparse_dir: Optional[str] = None, log=print) -> Dict:
+          sparse_dir: Optional[str] = None, workers: int = 1, log=print) -> Dict:
     """Scan TorchRec's files in `src` (the ids in `sparse_dir`, default `src`) and write
     `out`/meta.json; returns the meta."""
     sparse_dir = sparse_dir or src
@@ -218,12 +243,13 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     t0 = time.time()
     files, rows, sizes = [], [], np.zeros(NUM_SPARSE, dtype=np.int64)
     bag_sizes: Optional[List[int]] = None
-    for stem in stems:
-        parts = {"dense": os.path.join(src, f"{stem}_dense.npy"),
-                 "sparse": sparse_path(sparse_dir, stem, sparse_suffix),
-                 "labels": os.path.join(src, f"{stem}_labels.npy")}
-        n, top, sparse_dtype, day_bags = scan_file_set(parts["dense"], parts["sparse"],
-                                                       parts["labels"])
+    part_sets = [{"dense": os.path.join(src, f"{stem}_dense.npy"),
+                  "sparse": sparse_path(sparse_dir, stem, sparse_suffix),
+                  "labels": os.path.join(src, f"{stem}_labels.npy")} for stem in stems]
+    scans = _scan_all([(p["dense"], p["sparse"], p["labels"]) for p in part_sets], workers)
+    dtypes = set()
+    for stem, parts, (n, top, dtype, day_bags) in zip(stems, part_sets, scans):
+        dtypes.add(dtype)
         if stem != stems[0] and day_bags != bag_sizes:
             raise AdoptError(f"{parts['sparse']}: bag sizes {day_bags}, but "
                              f"{files[0]['sparse']} has {bag_sizes}")
@@ -251,7 +277,7 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
         "eval_halves": list(eval_halves),
         "rows_per_day": day_sizes,
         "table_sizes": sizes.tolist(),
-        "sparse_dtype": sparse_dtype,
+        "sparse_dtype": ",".join(sorted(dtypes)),
         "day_files": day_files,
     }
     if bag_sizes is not None:
@@ -289,6 +315,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--sparse-dir", default=None, metavar="DIR",
                     help="where the ids are when not beside dense and labels (MLPerf's "
                          "materialised bags written without --copy_labels_and_dense)")
+    ap.add_argument("--workers", type=int, default=min(8, os.cpu_count() or 1),
+                    help="days scanned at once, in worker processes (default: up to 8)")
     ap.add_argument("--eval-halves", default="val,test",
                     help="order of the evaluation day's halves: val,test (TorchRec's) or "
                          "test,val (the DLRM reference's)")
@@ -302,7 +330,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
     rc, _ = run_tool(lambda: adopt(a.source, a.output, a.dataset, a.days, a.sparse_suffix,
                                    [h.strip() for h in a.eval_halves.split(",")],
-                                   a.sparse_dir, log=lambda m: print(m, file=sys.stderr)),
+                                   a.sparse_dir, a.workers,
+                                   log=lambda m: print(m, file=sys.stderr)),
                      (AdoptError,), "interrupted; nothing was written")
     return rc
 
