@@ -252,6 +252,20 @@ def test_slurm_dryrun_of_cpu_default_is_one_node(no_sinfo):
     assert "--time" not in opts  # .torchxconfig is CLI-only; the runner saw no time
 
 
+def test_preprocessing_runs_as_a_plain_slurm_job_as_the_readme_says(no_sinfo):
+    """The README's line: torchx's own utils.python component, one task with 32 CPUs."""
+    with get_runner() as runner:
+        info = runner.dryrun_component("utils.python", [
+            "--m", "dlrm_torchrec.data.preprocess", "--cpu", "32", "--memMB", "65536", "--",
+            "--dataset", "terabyte", "/data/day_0.gz", "/data/day_1.gz", "-o",
+            "/shared/criteo_tb", "--workers", "30"], "slurm", cfg={})
+    script = info.request.materialize()
+    (opts,) = sbatch_groups(script)
+    assert opts["--cpus-per-task"] == "32" and opts["--mem"] == "65536"
+    assert ("python -m dlrm_torchrec.data.preprocess --dataset terabyte /data/day_0.gz "
+            "/data/day_1.gz -o /shared/criteo_tb --workers 30") in script
+
+
 def test_kubernetes_dryrun_renders_volcano_job():
     pytest.importorskip("kubernetes")
     with get_runner() as runner:

@@ -18,7 +18,7 @@ from tests.test_export import _fake_checkpoint
 ROWS = 1000  # max_ind_range of the hash-mode data, and every table's rows
 
 
-def _exported(tmp_path, mode):
+def _exported(tmp_path, mode, quantize=""):
     lines = make_lines(700, seed=5)
     raw = write(tmp_path / "train.txt", lines)
     data = tmp_path / "data"
@@ -30,7 +30,7 @@ def _exported(tmp_path, mode):
         "model.top_mlp=[32,1]", "data.eval_batch_size=64", "data.batch_size=64"])
     ckpt, _ = _fake_checkpoint(cfg, tmp_path / "ckpt")
     out = tmp_path / "export"
-    export.export(cfg, ckpt, out, eval_split="none", log=lambda m: None)
+    export.export(cfg, ckpt, out, quantize=quantize, eval_split="none", log=lambda m: None)
     return lines, cfg, out
 
 
@@ -120,6 +120,19 @@ def test_export_carries_the_row_transform_so_the_data_folder_may_move(tmp_path, 
     assert score.main(args) == 0
     np.testing.assert_array_equal(read_scores(tmp_path / "before.txt"),
                                   read_scores(tmp_path / "after.txt"))
+
+
+def test_int8_export_scores_within_the_export_tolerance(tmp_path):
+    from tests.test_export import INT8_MAX_PROB_DIFF
+
+    lines, _, out = _exported(tmp_path, "hash", quantize="int8")
+    raw = write(tmp_path / "t.txt", lines)
+    assert score.main([str(out), str(raw), "-o", str(tmp_path / "f.txt")]) == 0
+    assert score.main([str(out), str(raw), "-o", str(tmp_path / "q.txt"), "--int8"]) == 0
+    f, q = read_scores(tmp_path / "f.txt"), read_scores(tmp_path / "q.txt")
+    np.testing.assert_array_equal(np.isnan(f), np.isnan(q))
+    diff = np.nanmax(np.abs(f - q))
+    assert 0 < diff < INT8_MAX_PROB_DIFF  # int8 rows: close, not identical
 
 
 def test_unlabelled_rows_score_the_same(exported, tmp_path):
