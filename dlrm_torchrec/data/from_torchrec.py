@@ -59,7 +59,7 @@ TORCHREC_DENSE = "torchrec: log(x - m + 2), m the smallest raw dense value of th
 
 
 class AdoptError(Exception):
-  """A user-facing problem: printed as `error: ...` with exit status 2, no traceback."""
+    """A user-facing problem: printed as `error: ...` with exit status 2, no traceback."""
 
 
 def _open(path: str) -> np.ndarray:
@@ -170,7 +170,7 @@ def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.n
             bag = f", bag position {k}" if bag_sizes else ""
             raise AdoptError(f"{sparse_p}: row {lo + r} (0-based), feature {f}{bag}: "
                              f"negative id {ids[r, k].item()}")
-        np.maximum(top, high, out=top)
+        np.maximum(top, high.astype(np.int64), out=top)
         lab = np.asarray(labels[lo:hi]).reshape(-1)
         bad = (lab != 0) & (lab != 1)
         if bad.any():
