@@ -122,6 +122,10 @@ def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
     missing = [p for p in inputs if not os.path.isfile(p)]
     if missing:
         raise ScoreError("input file(s) not found: " + ", ".join(missing))
+    folder = os.path.dirname(os.path.abspath(out_path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise ScoreError(f"-o {out_path}: cannot write there ({folder} is not a writable "
+                         "folder)")
     report = pp.Report()
     probs: List[np.ndarray] = []
     labels: List[np.ndarray] = []

@@ -162,9 +162,10 @@ def test_mistakes_are_one_error_line_and_write_nothing(exported, tmp_path, capsy
         ([str(out), str(binary)], "not Criteo text"),
         ([str(tmp_path / "synthetic_export"), str(text)], "data.source='synthetic'"),
         ([str(out), str(text), "--data-dir", str(tmp_path)], "no meta.json there"),
+        ([str(out), str(text), "-o", str(tmp_path / "no" / "o.txt")], "cannot write there"),
     ]
     for args, expect in cases:
-        assert score.main(args + ["-o", str(tmp_path / "o.txt")]) == 2, args
+        assert score.main(["-o", str(tmp_path / "o.txt")] + args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expect in err and "Traceback" not in err, err
         assert not (tmp_path / "o.txt").exists()
