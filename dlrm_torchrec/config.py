@@ -203,6 +203,10 @@ class TrainingConfig:
     """Stop after this many optimizer steps (0: no limit) (--num-batches)."""
     eval_every_n_steps: int = 0
     """Evaluate every N steps (0: at the end of each epoch only); also at the end."""
+    eval_split: str = "val"
+    """The split those evaluations (early stop, best checkpoint) use: val or test. The
+    reference's periodic evaluation uses the first half of the last day: test in this
+    project's preprocessing (REFERENCE.md's order), val in data adopted from TorchRec."""
     loss: str = "bce"
     """bce, mse or wbce (--loss-function)."""
     loss_weights: List[float] = field(default_factory=lambda: [1.0, 1.0])
@@ -212,9 +216,9 @@ class TrainingConfig:
     seed: int = 123
     """Seed of every initialisation (--numpy-rand-seed)."""
     target_auc: float = 0.0
-    """Stop once validation AUC reaches this (MLPerf early stop; 0: off)."""
+    """Stop once the evaluation split's AUC reaches this (MLPerf early stop; 0: off)."""
     target_accuracy: float = 0.0
-    """Stop once validation accuracy reaches this (0: off)."""
+    """Stop once the evaluation split's accuracy reaches this (0: off)."""
     compile: str = "none"
     """torch.compile the data-parallel modules (bottom MLP, interaction, top MLP, loss):
     none, default, reduce-overhead (default plus CUDA graphs on GPU) or max-autotune.
@@ -611,6 +615,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(t.eval_every_n_steps >= 0, "training.eval_every_n_steps", t.eval_every_n_steps,
              "must be >= 0")
     _one_of("training.loss", t.loss, LOSSES)
+    _one_of("training.eval_split", t.eval_split, ("val", "test"))
     _one_of("training.compile", t.compile, COMPILE_MODES)
     _require(len(t.loss_weights) == 2, "training.loss_weights", t.loss_weights,
              "needs two weights: label 0, label 1")

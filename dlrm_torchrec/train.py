@@ -25,15 +25,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--eval-only", action="store_true",
                    help="load the checkpoint named by checkpoint.resume (a folder, or auto for "
                         "the newest) and evaluate --split; no training")
-    p.add_argument("--split", default="val", choices=["val", "test"],
-                   help="split evaluated by --eval-only (default val)")
+    p.add_argument("--split", default=None, choices=["val", "test"],
+                   help="split evaluated by --eval-only (default: training.eval_split)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
 
 
-def train(cfg: Config, eval_only: bool = False, split: str = "val") -> dict:
+def train(cfg: Config, eval_only: bool = False, split: Optional[str] = None) -> dict:
     """Train with `cfg` in this process (rank and world size from the environment), or
-    with `eval_only` evaluate the checkpoint named by checkpoint.resume on `split`."""
+    with `eval_only` evaluate the checkpoint named by checkpoint.resume on `split`
+    (default: training.eval_split)."""
     from dlrm_torchrec.distributed import init_distributed, shutdown
     from dlrm_torchrec.trainer import Trainer
 
@@ -42,7 +43,9 @@ def train(cfg: Config, eval_only: bool = False, split: str = "val") -> dict:
     try:
         validate(cfg, world_size=info.world_size)
         trainer = Trainer(cfg, info)
-        return trainer.evaluate_only(split) if eval_only else trainer.fit()
+        if eval_only:
+            return trainer.evaluate_only(split or cfg.training.eval_split)
+        return trainer.fit()
     finally:
         if trainer is not None:  # after an error: stop the profiler, flush TensorBoard
             trainer.run_logger.close()

@@ -206,13 +206,13 @@ class Trainer:
     def _eval_and_check_now(self, epoch: int) -> bool:
         t = self.cfg.training
         self.run_logger.eval_start(self.step)  # observability: mllog eval_start
-        res = self.evaluate("val", interruptible=True)
+        res = self.evaluate(t.eval_split, interruptible=True)
         if res is None:  # stopped on SIGTERM: the checkpoint saved next asks for it again
             self._eval_pending_epoch = epoch
             log(self.info, f"eval   step {self.step:>7d}  interrupted ({self.stop_request.signal_name}); "
                            f"a resumed run evaluates first")
             return False
-        res.update(step=self.step, epoch=epoch, split="val")
+        res.update(step=self.step, epoch=epoch, split=t.eval_split)
         self.evals.append(res)
         self.run_logger.eval(res)  # observability: TensorBoard, mllog eval_accuracy
         log(self.info, "eval   step {step:>7d}  auc {auc:.5f}  log_loss {log_loss:.5f}  "
@@ -257,7 +257,7 @@ class Trainer:
         total_steps = steps_per_epoch * t.epochs
         self.run_logger.run_start(  # observability
             min(total_steps, t.max_steps) if t.max_steps else total_steps, steps_per_epoch,
-            self.source.num_samples("train"), self.source.num_samples("val"))
+            self.source.num_samples("train"), self.source.num_samples(t.eval_split))
         loss_sum = self._loss_window  # restored with a checkpoint
         self._seen_at_start = int(self._all_reduce_sum(self.samples_seen))
         self._timed_from_step, self._last_log_time = self.step, time.perf_counter()
@@ -353,7 +353,7 @@ class Trainer:
         mem = summary["peak_memory"]
         log(self.info, f"done: {self.step} steps, {summary['train_samples_seen']:,} samples in "
                        f"{train_time:.1f}s ({summary['train_samples_per_s']:,.0f} samples/s); "
-                       f"val auc {final.get('auc', math.nan):.5f}; peak memory "
+                       f"{cfg.training.eval_split} auc {final.get('auc', math.nan):.5f}; peak memory "
                        f"{mem['gb']:.2f} GB ({mem['kind']}, rank 0); results in {self.run_dir}")
         return summary
 

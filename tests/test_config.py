@@ -62,6 +62,7 @@ def test_overrides_take_precedence_over_the_file(tmp_path):
     (["embeddings.dim=8"], "model.bottom_mlp=[512, 256, 64, 16]: the bottom MLP's output (16) must equal"),
     (["model.interaction=dott"], "model.interaction='dott': unknown; choose one of dot, cat, dcn"),
     (["training.loss=hinge"], "training.loss='hinge': unknown"),
+    (["training.eval_split=train"], "training.eval_split='train': unknown; choose one of val, test"),
     (["optimizer.sparse=lamb"], "optimizer.sparse='lamb': unknown"),
     (["optimizer.dense=rowwise_adagrad"], "optimizer.dense='rowwise_adagrad': unknown"),
     (["model.top_mlp=[8,2]"], "the last layer must have width 1"),

@@ -57,7 +57,9 @@ def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path,
 
     days = [("day_0", 900), ("day_1", 700), ("day_2", 301)]
     npy = torchrec_folder(tmp_path, days)
-    config, extra = "configs/criteo_kaggle.yaml", ["data.multi_hot_sizes=[]"]
+    # one-hot: evaluated on the second half of day 2 instead (TorchRec's test half)
+    config, extra = "configs/criteo_kaggle.yaml", ["data.multi_hot_sizes=[]",
+                                                   "training.eval_split=test"]
     if bags != "one-hot":
         config = "configs/mlperf_dcnv2.yaml"
         multi_hot = load_config(config).data.multi_hot_sizes
@@ -81,7 +83,9 @@ def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path,
     ], config)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["train_samples_seen"] == 1600 and m["steps"] == 13  # ceil(1600 / 128)
-    assert m["final"]["samples"] == 151  # TorchRec's validation: the first ceil(301 / 2)
+    # TorchRec's validation: the first ceil(301 / 2) rows; its test: the other 150
+    assert m["final"]["samples"] == (151 if bags != "one-hot" else 150)
+    assert m["final"]["split"] == ("val" if bags != "one-hot" else "test")
     assert 0.0 <= m["final"]["auc"] <= 1.0
     if bags != "one-hot":
         assert '"key": "eval_accuracy"' in (run_dir / "mlperf.log").read_text()
