@@ -123,9 +123,10 @@ def multi_hot_rates(out: str, batch: int, pareto: bool, batches: int = 8, repeat
                       multi_hot_sizes=MLPERF_MULTI_HOT,
                       multi_hot_distribution="pareto" if pareto else "uniform")
     src = CriteoSource(data, EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
-    ids = [src.ids(src.days[0][1][i * batch:(i + 1) * batch]) for i in range(batches)]
-    expanders = (src.multi_hot_values,
-                 lambda x: baseline_multi_hot(src.seed, x, MLPERF_MULTI_HOT, src.table_sizes,
+    enc = src.encoder
+    ids = [enc.ids(src.days[0][1][i * batch:(i + 1) * batch]) for i in range(batches)]
+    expanders = (enc.multi_hot_values,
+                 lambda x: baseline_multi_hot(src.seed, x, MLPERF_MULTI_HOT, enc.table_sizes,
                                               pareto))
     for expand in expanders:  # warm-up: first-touch page faults of the output arrays
         expand(ids[0])

@@ -167,7 +167,7 @@ def test_derived_multi_hot_ids_match_the_hash_spec_computed_independently(tmp_pa
                  seed=7)
     n = 20_000
     ids = np.random.default_rng(1).integers(0, 1000, (26, n))
-    values = src.multi_hot_values(ids)
+    values = src.encoder.multi_hot_values(ids)
     assert len(values) == n * sum(sizes)
     starts = np.cumsum([0] + [n * k for k in sizes])
     rng = np.random.default_rng(2)

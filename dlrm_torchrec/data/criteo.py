@@ -134,8 +134,6 @@ class CriteoSource:
         self.shuffle_window = data.shuffle_window
         self.seed = data.seed
         self.encoder = RowEncoder(data, embeddings, self.meta)
-        self.table_sizes = self.encoder.table_sizes
-        self.materialised = self.encoder.materialised
         self.days = self._open_days()
         ev = self.meta["eval_day"]
         n_ev = len(self.days[ev][2])
@@ -225,7 +223,7 @@ class CriteoSource:
                 dense, sparse, labels = self._take(split, self.order(epoch, sl.start, sl.stop))
             else:
                 dense, sparse, labels = self._range(split, sl.start, sl.stop)
-            yield self.make(dense, sparse, labels, per_rank, sample_weight(b, gb, n))
+            yield self.encoder.make(dense, sparse, labels, per_rank, sample_weight(b, gb, n))
 
     # ----------------------------------------------------------------- reading
     def order(self, epoch: int, start: int, stop: int) -> np.ndarray:
@@ -268,14 +266,17 @@ class CriteoSource:
         """Samples `idx` of `split`, in that order."""
         off = self.offsets[split]
         seg = np.searchsorted(off, idx, side="right") - 1
+        if len(idx) and (seg == seg[0]).all():  # the usual case: one day
+            d, first, _ = self.segments[split][seg[0]]
+            return tuple(a[idx - off[seg[0]] + first] for a in self.days[d])
         parts, positions = [], []
-        for s in np.unique(seg):  # usually one day
+        for s in np.unique(seg):
             d, first, _ = self.segments[split][s]
             sel = np.flatnonzero(seg == s)
             rows = idx[sel] - off[s] + first
             parts.append(tuple(a[rows] for a in self.days[d]))
             positions.append(sel)
-        if len(parts) <= 1:
+        if not parts:
             return self._concat(parts)
         gathered = self._concat(parts)  # grouped by day: put the samples back in order
         back = np.empty(len(idx), dtype=np.int64)
@@ -286,21 +287,12 @@ class CriteoSource:
         if len(parts) == 1:
             return parts[0]
         if not parts:
-            sparse = (MaterialisedBags([np.zeros((0, k), np.int32) for k in self.materialised])
-                      if self.materialised else np.zeros((0, NUM_SPARSE), np.int32))
+            bags = self.encoder.materialised
+            sparse = (MaterialisedBags([np.zeros((0, k), np.int32) for k in bags])
+                      if bags else np.zeros((0, NUM_SPARSE), np.int32))
             return (np.zeros((0, NUM_DENSE), np.float32), sparse, np.zeros((0, 1), np.int32))
         sparse = [p[1] for p in parts]
         return (np.concatenate([p[0] for p in parts]),
-                MaterialisedBags.concat(sparse) if self.materialised else np.concatenate(sparse),
+                (MaterialisedBags.concat(sparse) if self.encoder.materialised
+                 else np.concatenate(sparse)),
                 np.concatenate([p[2] for p in parts]))
-
-    # ----------------------------------------------------------------- batches
-    def ids(self, sparse: np.ndarray) -> np.ndarray:
-        return self.encoder.ids(sparse)
-
-    def multi_hot_values(self, ids: np.ndarray) -> np.ndarray:
-        return self.encoder.multi_hot_values(ids)
-
-    def make(self, dense: np.ndarray, sparse, labels: np.ndarray, per_rank: int,
-             weight: float = 1.0) -> Batch:
-        return self.encoder.make(dense, sparse, labels, per_rank, weight)
