@@ -21,7 +21,8 @@ SHARDING_TYPES = (
     "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise", "data_parallel",
 )
 COMPUTE_KERNELS = ("fused", "dense", "fused_uvm", "fused_uvm_caching")
-DATA_SOURCES = ("random", "synthetic", "criteo_kaggle", "criteo_terabyte")
+CRITEO_SOURCES = ("criteo_kaggle", "criteo_terabyte")  # preprocessed Criteo data
+DATA_SOURCES = ("random", "synthetic") + CRITEO_SOURCES
 QR_OPERATIONS = ("mult", "add", "concat")
 DENSE_AUTOCAST = ("none", "bf16")
 EMBEDDING_DTYPES = ("fp32", "fp16")

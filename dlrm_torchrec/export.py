@@ -42,7 +42,14 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
 from dlrm_torchrec import checkpoint
 from dlrm_torchrec.compression import FeatureSpec, embedding_layout, is_compressed
-from dlrm_torchrec.config import Config, ConfigError, load_config, to_yaml, validate
+from dlrm_torchrec.config import (
+    CRITEO_SOURCES,
+    Config,
+    ConfigError,
+    load_config,
+    to_yaml,
+    validate,
+)
 from dlrm_torchrec.model import DLRM, build_train_module
 
 FORMAT_VERSION = 1
@@ -318,7 +325,7 @@ def row_transform(cfg: Config) -> Optional[Dict[str, Any]]:
     that is not there."""
     from dlrm_torchrec.data.criteo import read_meta
 
-    if cfg.data.source not in ("criteo_kaggle", "criteo_terabyte"):
+    if cfg.data.source not in CRITEO_SOURCES:
         return None
     try:
         meta = read_meta(cfg.data.path)

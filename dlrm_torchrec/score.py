@@ -26,13 +26,13 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from dlrm_torchrec.cli import run_tool
-from dlrm_torchrec.config import Config, ConfigError, feature_names, load_config
+from dlrm_torchrec.config import CRITEO_SOURCES, Config, ConfigError, feature_names, load_config
 from dlrm_torchrec.data import criteo_text as ct
 from dlrm_torchrec.data import preprocess as pp
 from dlrm_torchrec.data.criteo import RowEncoder, read_meta
@@ -44,8 +44,6 @@ from dlrm_torchrec.export import (
     batch_inputs,
     prediction_metrics,
 )
-
-CRITEO_SOURCES = ("criteo_kaggle", "criteo_terabyte")
 
 
 class ScoreError(Exception):
@@ -135,24 +133,19 @@ def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
         with open(tmp, "w") as out:
             for path in inputs:
                 bad = report.bad.setdefault(path, ct.BadRows())
-                ends: List[ct.StreamEnd] = []
-                chunks = ct.read_chunks(path, chunk_bytes, ends)
-                while True:
-                    try:
-                        chunk = next(chunks)
-                    except StopIteration:
-                        break
-                    except ValueError as e:
-                        raise ScoreError(f"{path}: not Criteo text ({e})") from None
-                    _score_chunk(scorer, chunk.data, chunk.first_line, chunk.num_lines,
-                                 labelled, batch_size, bad, out, probs, labels, report)
-                end = ends[0] if ends else ct.StreamEnd(1)
-                if end.partial:  # a last line without newline is scored like any other
-                    _score_chunk(scorer, end.partial + b"\n", end.next_line, 1, labelled,
-                                 batch_size, bad, out, probs, labels, report)
-                if end.error is not None:
-                    bad.add(end.error.reason, end.next_line + bool(end.partial),
-                            end.error.detail)
+                for chunk in _line_chunks(path, chunk_bytes, bad):
+                    parsed = ct.parse_chunk(chunk.data if labelled else add_labels(chunk.data),
+                                            chunk.first_line)
+                    bad.merge(parsed.bad)
+                    p = scorer.score(parsed, batch_size)
+                    # one output line per input line: nan where the line is malformed
+                    line_probs = np.full(chunk.num_lines, np.nan, dtype=np.float32)
+                    line_probs[parsed.lines - chunk.first_line] = p
+                    out.write("\n".join(f"{x:.7f}" if x == x else "nan"
+                                        for x in line_probs.tolist()) + "\n")
+                    probs.append(p)
+                    labels.append(parsed.labels.astype(np.float32))
+                    report.lines += chunk.num_lines
         os.replace(tmp, out_path)
     finally:
         if os.path.exists(tmp):
@@ -169,17 +162,19 @@ def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
     return summary
 
 
-def _score_chunk(scorer, data, first_line, num_lines, labelled, batch_size, bad, out,
-                 probs, labels, report) -> None:
-    parsed = ct.parse_chunk(data if labelled else add_labels(data), first_line)
-    bad.merge(parsed.bad)
-    p = scorer.score(parsed, batch_size)
-    line_probs = np.full(num_lines, np.nan, dtype=np.float32)
-    line_probs[parsed.lines - first_line] = p
-    out.write("\n".join(f"{x:.7f}" if x == x else "nan" for x in line_probs.tolist()) + "\n")
-    probs.append(p)
-    labels.append(parsed.labels.astype(np.float32))
-    report.lines += num_lines
+def _line_chunks(path: str, chunk_bytes: int, bad: ct.BadRows) -> Iterator[ct.Chunk]:
+    """`path` as chunks of whole lines (`criteo_text.read_chunks`), a last line without
+    newline included as one more chunk; a gzip stream error is recorded in `bad`."""
+    ends: List[ct.StreamEnd] = []
+    try:
+        yield from ct.read_chunks(path, chunk_bytes, ends)
+    except ValueError as e:
+        raise ScoreError(f"{path}: not Criteo text ({e})") from None
+    end = ends[0] if ends else ct.StreamEnd(1)
+    if end.partial:  # scored like any other line
+        yield ct.Chunk(end.partial + b"\n", end.next_line, 1)
+    if end.error is not None:
+        bad.add(end.error.reason, end.next_line + bool(end.partial), end.error.detail)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
