@@ -78,6 +78,11 @@ class RawRowScorer:
             raise ScoreError(f"{data_dir} was adopted from TorchRec's preprocessing, whose dense "
                              "transform depends on each day file's smallest value; raw rows "
                              "cannot be transformed the same way")
+        if settings.get("source") == "dlrm_reference":
+            raise ScoreError(f"{data_dir} was adopted from the DLRM reference's preprocessing, "
+                             "whose ids come from its per-feature dictionaries "
+                             "(*_fea_dict_*.npz), which are not adopted; raw rows cannot be "
+                             "given the same ids")
         if meta.get("multi_hot_sizes") is not None:
             raise ScoreError(f"{data_dir} holds materialised multi-hot bags; raw rows have no "
                              "bags to score")

@@ -156,8 +156,15 @@ def test_mistakes_are_one_error_line_and_write_nothing(exported, tmp_path, capsy
     ckpt, _ = _fake_checkpoint(synthetic, tmp_path / "ckpt")
     export.export(synthetic, ckpt, tmp_path / "synthetic_export", eval_split="none",
                   log=lambda m: None)
+    from dlrm_torchrec.data import from_reference
+    from tests.test_from_reference import reference_days, write_bins
+
+    write_bins(tmp_path / "ref", "terabyte_processed", reference_days([6, 5])[0])
+    from_reference.adopt(str(tmp_path / "ref"), str(tmp_path / "adopted"), log=lambda m: None)
     cases = [
         ([str(tmp_path / "nope"), str(text)], "nope/config.yaml: not found"),
+        ([str(out), str(text), "--data-dir", str(tmp_path / "adopted")],
+         "adopted from the DLRM reference's preprocessing"),
         ([str(out), str(tmp_path / "missing.txt")], "input file(s) not found"),
         ([str(out), str(binary)], "not Criteo text"),
         ([str(tmp_path / "synthetic_export"), str(text)], "data.source='synthetic'"),

@@ -9,10 +9,13 @@ Splits: "train" is days 0 .. eval_day - 1 in order; the evaluation day is halved
 ceil(n / 2) rows "test", the rest "val" (the DLRM reference's order; meta.json's
 `eval_halves` ["val", "test"] swaps them, as TorchRec orders them).
 
-Files: `day_{d}_{dense,sparse,labels}.npy` in the folder, or, for data adopted from
-TorchRec's preprocessing (`dlrm_torchrec.data.from_torchrec`), meta.json's `day_files`:
-per day the three files (relative to the folder, or absolute) and the day's first row and
-rows in them.
+Files: `day_{d}_{dense,sparse,labels}.npy` in the folder, or, for adopted data
+(`dlrm_torchrec.data.from_torchrec`, `dlrm_torchrec.data.from_reference`), meta.json's
+`day_files`: per day the three files (relative to the folder, or absolute) and the day's
+first row and rows in them. A `.bin` file is the DLRM reference's MLPerf binary layout, rows
+of 40 int32 (label, 13 raw dense values, 26 ids) that serve all three parts; its raw dense
+values get log(x + 1) at load (meta.json `dense_raw`). meta.json's `split_days` ({"test":
+[d], "val": [d']}) names whole days as the evaluation splits instead of halving eval_day.
 
 Shuffling (train only, data.shuffle_window = W > 0): the epoch's sample order is the
 concatenation of consecutive windows of W samples, each permuted by a generator seeded with
@@ -38,12 +41,26 @@ import numpy as np
 
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
+from dlrm_torchrec.data.criteo_text import log_dense
 from dlrm_torchrec.data.materialised_bags import MaterialisedBags, NpzError
 from dlrm_torchrec.data.multi_hot import MultiHotBags
 
 NUM_DENSE = 13
 NUM_SPARSE = 26
 SPLITS = ("train", "val", "test")
+BIN_WIDTH = 1 + NUM_DENSE + NUM_SPARSE  # the reference's MLPerf binary rows, int32
+BIN_COLUMNS = {"labels": slice(0, 1), "dense": slice(1, 1 + NUM_DENSE),
+               "sparse": slice(1 + NUM_DENSE, BIN_WIDTH)}
+
+
+def open_bin_rows(path: str) -> np.ndarray:
+    """A reference MLPerf .bin file as an (n, 40) int32 memory map; ValueError when its size
+    is not a whole number of rows."""
+    size = os.path.getsize(path)
+    if size == 0 or size % (4 * BIN_WIDTH):
+        raise ValueError(f"{path}: {size} bytes, not a whole number of {BIN_WIDTH}-int32 rows "
+                         "(the DLRM reference's --mlperf-bin-loader layout)")
+    return np.memmap(path, dtype=np.int32, mode="r").reshape(-1, BIN_WIDTH)
 
 
 def read_meta(path: str) -> dict:
@@ -52,7 +69,8 @@ def read_meta(path: str) -> dict:
     if not os.path.isfile(meta_path):
         raise ConfigError(f"data.path={path!r}: no meta.json there; preprocess the raw data "
                           "first (python -m dlrm_torchrec.data.preprocess), or adopt TorchRec's "
-                          ".npy files (python -m dlrm_torchrec.data.from_torchrec)")
+                          ".npy files (python -m dlrm_torchrec.data.from_torchrec) or the DLRM "
+                          "reference's (python -m dlrm_torchrec.data.from_reference)")
     with open(meta_path) as f:
         meta = json.load(f)
     if meta.get("format_version") != 1:
@@ -88,6 +106,7 @@ class RowEncoder:
         self.multi_hot_bags = MultiHotBags(data.seed, self.multi_hot or [1] * NUM_SPARSE,
                                            self.table_sizes, data.multi_hot_distribution)
         self.feature_names = [f"cat_{i}" for i in range(NUM_SPARSE)]
+        self.dense_raw = bool(meta.get("dense_raw"))  # raw counts: log(x + 1) here
 
     def ids(self, sparse: np.ndarray) -> np.ndarray:
         """(n, 26) stored ids -> (26, n) int64 ids below the configured table sizes."""
@@ -105,6 +124,8 @@ class RowEncoder:
         """n stored rows -> a Batch padded to per_rank (see `batch.make_batch`); `sparse`
         is (n, 26) ids, or MaterialisedBags."""
         n = len(labels)
+        if self.dense_raw:
+            dense = log_dense(dense)
         sizes = self.multi_hot or [1] * NUM_SPARSE
         if self.materialised:
             values = sparse.values(self.table_sizes, self.mod_features)
@@ -136,15 +157,18 @@ class CriteoSource:
         self.encoder = RowEncoder(data, embeddings, self.meta)
         self.days = self._open_days()
         ev = self.meta["eval_day"]
-        n_ev = len(self.days[ev][2])
-        first_half, second_half = self.meta.get("eval_halves", ["test", "val"])
-        n_first = -(-n_ev // 2)
         # split -> segments (day, first row, rows)
         self.segments: Dict[str, List[Tuple[int, int, int]]] = {
-            "train": [(d, 0, len(self.days[d][2])) for d in range(ev)],
-            first_half: [(ev, 0, n_first)],
-            second_half: [(ev, n_first, n_ev - n_first)],
-        }
+            "train": [(d, 0, len(self.days[d][2])) for d in range(ev)]}
+        if "split_days" in self.meta:
+            for split, days in self.meta["split_days"].items():
+                self.segments[split] = [(d, 0, len(self.days[d][2])) for d in days]
+        else:
+            n_ev = len(self.days[ev][2])
+            first_half, second_half = self.meta.get("eval_halves", ["test", "val"])
+            n_first = -(-n_ev // 2)
+            self.segments[first_half] = [(ev, 0, n_first)]
+            self.segments[second_half] = [(ev, n_first, n_ev - n_first)]
         self.offsets = {k: np.cumsum([0] + [s[2] for s in v]) for k, v in self.segments.items()}
         self._perm_cache: Dict[Tuple[int, int], np.ndarray] = {}
 
@@ -166,6 +190,8 @@ class CriteoSource:
                         raise ConfigError(f"data.path={self.path!r}: {entry[part]} missing")
                     maps[fp] = self._open_file(fp)
                 arr = maps[fp]
+                if fp.endswith(".bin"):
+                    arr = arr[:, BIN_COLUMNS[part]]
                 if "first" in entry:
                     first, rows = entry["first"], entry["rows"]
                     if len(arr) < first + rows:
@@ -180,6 +206,11 @@ class CriteoSource:
 
     @staticmethod
     def _open_file(path: str):
+        if path.endswith(".bin"):
+            try:
+                return open_bin_rows(path)
+            except ValueError as e:
+                raise ConfigError(f"data.path: {e}") from None
         if not path.endswith(".npz"):
             return np.load(path, mmap_mode="r")
         try:

@@ -144,6 +144,12 @@ def _parse_numbers(win: np.ndarray, starts: np.ndarray, ends: np.ndarray, lut: n
 BLOCK_BYTES = 1 << 20  # numpy temporaries of a 1 MB block stay in the CPU caches
 
 
+def log_dense(values: np.ndarray) -> np.ndarray:
+    """Dense values >= 0 -> log(x + 1) as float32 (computed in float64: every path that
+    stores or loads dense values gives the same bits)."""
+    return np.log1p(np.asarray(values, dtype=np.float64)).astype(np.float32)
+
+
 def parse_chunk(data: bytes, first_line: int) -> ParsedChunk:
     """Parse `data` (whole lines, each ending in a newline) whose first line is line
     `first_line` of its file. Malformed rows are dropped and recorded in `bad`."""
@@ -279,7 +285,7 @@ def _parse_block(data: bytes, first_line: int) -> ParsedChunk:
 
     head = min(num_lines, HEAD_LINES)
     keep = row_ok
-    dense = np.log1p(dval[keep].astype(np.float64)).astype(np.float32)
+    dense = log_dense(dval[keep])
     return ParsedChunk(
         labels=lab[keep].astype(np.int32),
         dense=dense,
