@@ -1,6 +1,7 @@
 """Criteo pipeline benchmark: preprocessing rows/s, MB/s and peak memory, and loader
 samples/s per process, each beside a plain line-by-line Python baseline, on a generated
-Kaggle-shaped file.
+Kaggle-shaped file; then the adopted formats (TorchRec's materialised bags, the DLRM
+reference's .npz and .bin files) beside this project's own layout.
 
     python bench/bench_criteo.py [--rows 1000000] [--workers N] [--dir /tmp/criteo_bench]
 """
@@ -161,6 +162,53 @@ def materialise_bags(out: str, work: str) -> str:
     return adopted
 
 
+def reference_formats(out: str, work: str, batch: int) -> None:
+    """The DLRM reference's preprocessed formats, written from the preprocessed days (dense
+    counts recovered from log(x + 1)), adopted with from_reference: conversion rows/s of its
+    compressed per-day .npz, and loader samples/s of its .bin files read in place, beside
+    the loader on this project's own layout in the same run."""
+    from dlrm_torchrec.data import from_reference
+
+    ref = os.path.join(work, "reference")
+    shutil.rmtree(ref, ignore_errors=True)
+    os.makedirs(ref)
+    days = []
+    for d in range(pp.KAGGLE_DAYS):
+        arrs = [np.load(os.path.join(out, f"day_{d}_{p}.npy")) for p in ("dense", "sparse",
+                                                                          "labels")]
+        days.append((np.rint(np.expm1(arrs[0].astype(np.float64))).astype(np.int32),
+                     arrs[1].astype(np.int32), arrs[2].reshape(-1).astype(np.int32)))
+        # as data_utils writes the memory-map path's days: float64, compressed
+        np.savez_compressed(os.path.join(ref, f"day_{d}_reordered.npz"),
+                            X_cat=days[-1][1].astype(np.float64),
+                            X_int=days[-1][0].astype(np.float64),
+                            y=days[-1][2].astype(np.float64))
+    rows = [np.concatenate([y[:, None], x, c], axis=1) for x, c, y in days]
+    with open(os.path.join(ref, "terabyte_processed_train.bin"), "wb") as f:
+        for r in rows[:-1]:
+            f.write(r.tobytes())
+    mid = -(-len(rows[-1]) // 2)
+    rows[-1][:mid].tofile(os.path.join(ref, "terabyte_processed_test.bin"))
+    rows[-1][mid:].tofile(os.path.join(ref, "terabyte_processed_val.bin"))
+    np.savez_compressed(os.path.join(ref, "day_day_count.npz"),
+                        total_per_file=[len(r) for r in rows])
+    total = sum(len(r) for r in rows)
+    for layout in ("days", "bin"):
+        target = os.path.join(work, f"adopted_{layout}")
+        shutil.rmtree(target, ignore_errors=True)
+        t = time.perf_counter()
+        from_reference.adopt(ref, target, layout=layout, dataset="kaggle", workers=1,
+                             log=lambda m: None)
+        what = "convert compressed per-day .npz" if layout == "days" else "check .bin files"
+        print(f"from_reference {what} (1 worker): {total / (time.perf_counter() - t):,.0f} "
+              "rows/s")
+    for window, label in ((0, "sequential"), (1 << 20, "shuffle window 1M")):
+        own = loader_rate(out, batch, window)
+        binary = loader_rate(os.path.join(work, "adopted_bin"), batch, window)
+        print(f"loader {label}, batch {batch}: reference .bin in place {binary:,.0f} "
+              f"samples/s per process; this project's layout {own:,.0f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -212,6 +260,7 @@ def main() -> None:
         r = loader_rate(adopted, a.batch, window, MLPERF_MULTI_HOT, source="criteo_terabyte")
         print(f"loader materialised MLPerf bags (.npz, from_torchrec), {label}, batch "
               f"{a.batch}: {r:,.0f} samples/s per process")
+    reference_formats(out, a.dir, a.batch)
     src = CriteoSource(DataConfig(source="criteo_kaggle", path=out, batch_size=a.batch),
                        EmbeddingsConfig(num_embeddings_per_feature=[N_IDS] * 26))
     print(f"baseline loader sample by sample: {baseline_loader(src, 50_000, a.batch):,.0f} "
