@@ -201,7 +201,8 @@ def _bad_source(tmp_path, case):
         if case == "bin size":
             with open(src / "terabyte_processed_train.bin", "ab") as f:
                 f.write(b"\0" * 8)
-    elif case in ("fractional id", "npz label 2", "truncated npz", "not npz", "wrong array"):
+    elif case in ("fractional id", "npz label 2", "truncated npz", "damaged npz", "not npz",
+                  "wrong array"):
         if case == "npz label 2":
             days[1][2][6] = 2
         write_processed_days(src, "day", days, "processed")
@@ -214,6 +215,10 @@ def _bad_source(tmp_path, case):
         if case == "truncated npz":
             data = (src / "day_2_processed.npz").read_bytes()
             (src / "day_2_processed.npz").write_bytes(data[:len(data) // 2])
+        if case == "damaged npz":  # bytes inside X_cat's compressed stream (the first member)
+            data = bytearray((src / "day_2_processed.npz").read_bytes())
+            data[200:260] = bytes(60)
+            (src / "day_2_processed.npz").write_bytes(bytes(data))
         if case == "not npz":
             (src / "day_2_processed.npz").write_text("label,I1,C1\n")
         if case == "wrong array":
@@ -234,6 +239,7 @@ def _bad_source(tmp_path, case):
                       "not a whole number"),
     ("npz label 2", "day_1_processed.npz: y row 6 (0-based): label 2 is not 0 or 1"),
     ("truncated npz", "day_2_processed.npz"),
+    ("damaged npz", "day_2_processed.npz: array 'X_cat' is damaged"),
     ("not npz", "day_2_processed.npz: not a NumPy .npz file"),
     ("wrong array", "array 'X_int' is int32 (9, 12), expected n x 13"),
     ("empty folder", "no preprocessed data of the DLRM reference there"),

@@ -46,6 +46,7 @@ import sys
 import tempfile
 import time
 import zipfile
+import zlib
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -65,6 +66,7 @@ LAYOUTS = ("bin", "days", "file")
 # the reference's array names -> (our part, row width)
 ARRAYS = {"X_int": ("dense", NUM_DENSE), "X_cat": ("sparse", NUM_SPARSE), "y": ("labels", 1)}
 INT32_MAX = np.iinfo(np.int32).max
+DAMAGED = (OSError, EOFError, zipfile.BadZipFile, zlib.error)  # reading a zip member
 
 
 # --------------------------------------------------------------------------- checks
@@ -135,6 +137,8 @@ class NpzArray:
             shape, fortran, self.dtype = read(self.fp)
         except ValueError as e:
             raise AdoptError(f"{path}: array {key!r} is not a NumPy array ({e})") from None
+        except DAMAGED as e:
+            raise AdoptError(f"{path}: array {key!r} is damaged ({e})") from None
         if self.dtype.hasobject or len(shape) not in (1, 2) or \
                 (shape[1:] or (1,))[0] != self.width:
             raise AdoptError(f"{path}: array {key!r} is {self.dtype} {shape}, expected "
@@ -149,7 +153,10 @@ class NpzArray:
                              + (f", column {c}" if self.width > 1 else ""))
 
     def _read(self, count: int) -> np.ndarray:
-        data = self.fp.read(count * self.dtype.itemsize)
+        try:
+            data = self.fp.read(count * self.dtype.itemsize)
+        except DAMAGED as e:
+            raise AdoptError(f"{self.path}: array {self.key!r} is damaged ({e})") from None
         if len(data) != count * self.dtype.itemsize:
             raise AdoptError(f"{self.path}: array {self.key!r} ends early (a truncated file)")
         return np.frombuffer(data, dtype=self.dtype)
@@ -423,8 +430,8 @@ def adopt(src: str, out: str, layout: Optional[str] = None, dataset: Optional[st
                  if found.day_count_file else None)
     os.makedirs(out, exist_ok=True)
     meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path):
-        os.remove(meta_path)  # a previous adoption's; it is rewritten once this one is done
+    if found.layout != "bin" and os.path.exists(meta_path):
+        os.remove(meta_path)  # it names day files that are about to be rewritten
     t0 = time.time()
     log(f"{src}: the reference's '{found.layout}' layout, {found.dataset}; table sizes from "
         + (found.counts_file or (found.files[0] if counts is not None else
