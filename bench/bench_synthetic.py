@@ -81,6 +81,22 @@ def main() -> None:
                 new, old = rate(fast, batch, a.repeats, n), rate(plain, batch, a.repeats, n)
                 print(f"| {kind} | {shape} | {batch} | {new:,.0f} | {old:,.0f} | "
                       f"{new / old:.2f}x |", flush=True)
+    # power-law ids (data.id_distribution=zipf) beside uniform random ids, same run
+    sizes, bags = shapes()["terabyte one-hot"]
+    for batch in a.batches:
+        rates = {}
+        for dist in ("uniform", "zipf"):
+            src = GeneratedSource("random", sizes, 13, batch, batch, 10**9, batch, bags, True,
+                                  seed=0, rank=0, world_size=1, id_distribution=dist)
+
+            def one(b, src=src, batch=batch):
+                idx = np.arange(b * batch, (b + 1) * batch, dtype=np.uint64)
+                return src.make("train", 0, idx, batch)
+
+            rates[dist] = rate(one, batch, a.repeats, max(1, a.samples // batch))
+        print(f"| random, zipf ids (s = 1.05) | terabyte one-hot | {batch} | "
+              f"{rates['zipf']:,.0f} | uniform ids: {rates['uniform']:,.0f} | "
+              f"{rates['zipf'] / rates['uniform']:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -104,6 +104,13 @@ class DataConfig:
     """Per-feature bag sizes (MLPerf DCNv2 multi-hot); overrides num_indices_per_lookup."""
     multi_hot_distribution: str = "uniform"
     """How multi-hot ids are drawn from the one-hot id: uniform or pareto (Criteo and synthetic sources)."""
+    id_distribution: str = "uniform"
+    """random data: how ids are drawn, uniform (the reference's --rand-data-dist=uniform) or
+    zipf, a power law over each table with data.zipf_exponent, hot ids spread over the table
+    (for embedding-cache and load-balance benchmarks)."""
+    zipf_exponent: float = 1.05
+    """Exponent s of data.id_distribution=zipf: id rank r drawn with probability about
+    (r + 1)^-s."""
     shuffle_window: int = 0
     """Criteo sources: shuffle training samples within windows of this many (0: no shuffle)."""
     num_workers: int = -1
@@ -561,6 +568,14 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
         for i, k in enumerate(d.multi_hot_sizes):
             _require(k > 0, f"data.multi_hot_sizes[{i}]", k, "must be > 0")
     _one_of("data.multi_hot_distribution", d.multi_hot_distribution, ("uniform", "pareto"))
+    _one_of("data.id_distribution", d.id_distribution, ("uniform", "zipf"))
+    if d.id_distribution == "zipf":
+        _require(d.source == "random", "data.id_distribution", d.id_distribution,
+                 f"applies to data.source=random, not {d.source}")
+        _require(d.zipf_exponent > 0, "data.zipf_exponent", d.zipf_exponent, "must be > 0")
+        for i, n in enumerate(e.table_sizes()):
+            _require(n < 1 << 40, f"embeddings.num_embeddings_per_feature[{i}]", n,
+                     "zipf ids need tables below 2^40 rows")
     _require(d.shuffle_window >= 0, "data.shuffle_window", d.shuffle_window, "must be >= 0")
     _require(d.num_workers >= -1, "data.num_workers", d.num_workers, "must be >= 0, or -1 (auto)")
     if d.source.startswith("criteo"):

@@ -70,6 +70,9 @@ def test_overrides_take_precedence_over_the_file(tmp_path):
       "lr_schedule.num_decay_steps=5"], "lr_schedule.decay_start_step=5: must be >= lr_schedule.warmup_steps"),
     (["sharding.tables.t_nope.sharding_types=[table_wise]"], "sharding.tables.t_nope"),
     (["data.batch_size"], "expected key=value"),
+    (["data.id_distribution=zipf"], "data.id_distribution='zipf': applies to data.source=random, not synthetic"),
+    (["data.source=random", "data.id_distribution=zipf", "data.zipf_exponent=0"], "data.zipf_exponent=0.0: must be > 0"),
+    (["data.id_distribution=normal"], "data.id_distribution='normal': unknown"),
 ])
 def test_config_errors_name_the_key_and_the_value(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -75,3 +75,46 @@ def test_synthetic_ids_stay_below_their_tables_and_are_skewed():
     assert abs(np.mean(ids[1] < 125_000) - 0.5) < 0.02
     assert set(np.unique(labels)) == {0.0, 1.0}
     assert abs(labels.mean() - prob.mean()) < 0.02
+
+
+def _zipf_cdf(k, n, s):
+    """P(rank < k) of the continuous power law x^-s on [1, n + 1), in closed form."""
+    if s == 1.0:
+        return np.log(k + 1.0) / np.log(n + 1.0)
+    return ((k + 1.0) ** (1 - s) - 1) / ((n + 1.0) ** (1 - s) - 1)
+
+
+@pytest.mark.parametrize("exponent", [0.5, 1.0, 1.05, 1.4])
+def test_zipf_ids_follow_the_power_law_in_closed_form(exponent):
+    sizes = [1000, 50_000, 7, 1]
+    src = GeneratedSource("random", sizes, 2, 64, 64, 10**6, 100, [1] * 4, True, seed=5, rank=0,
+                          world_size=1, id_distribution="zipf", zipf_exponent=exponent)
+    m = 100_000
+    _, ids, _, _, _ = src.sample_arrays("train", 0, np.arange(m, dtype=np.uint64))
+    for f, n in enumerate(sizes):
+        assert ids[f].min() >= 0 and ids[f].max() < n
+        # ids are (rank * mult + offset) mod n: back to ranks with Python's modular inverse
+        inv = pow(int(src.zipf.mult[f]), -1, n) if n > 1 else 0
+        ranks = (ids[f] - int(src.zipf.offset[f])) % n * inv % n
+        for k in sorted({1, 2, 10, 100, n // 2, n}):
+            if k > n:
+                continue
+            p = _zipf_cdf(k, n, exponent)
+            sigma = np.sqrt(p * (1 - p) / m)
+            assert abs(np.mean(ranks < k) - p) <= 5 * sigma + 1e-12, (f, k)
+
+
+def test_zipf_hot_ids_are_spread_over_row_wise_shards():
+    n = 1_000_000
+    src = GeneratedSource("random", [n], 2, 64, 64, 10**6, 100, [1], True, seed=0, rank=0,
+                          world_size=1, id_distribution="zipf", zipf_exponent=1.05)
+    _, ids, _, _, _ = src.sample_arrays("train", 0, np.arange(50_000, dtype=np.uint64))
+    values, counts = np.unique(ids[0], return_counts=True)
+    hottest = values[np.argsort(-counts)[:16]]
+    assert len(set((hottest // (n // 8)).tolist())) >= 6  # of 8 equal row ranges
+    uniform = GeneratedSource("random", [n], 2, 64, 64, 10**6, 100, [1], True, seed=0, rank=0,
+                              world_size=1).sample_arrays("train", 0, np.arange(50_000,
+                                                                                dtype=np.uint64))
+    # the same hashes: only the id mapping differs, so dense values and labels are unchanged
+    _, _, _, labels, _ = src.sample_arrays("train", 0, np.arange(50_000, dtype=np.uint64))
+    np.testing.assert_array_equal(labels, uniform[3])

@@ -59,6 +59,7 @@ def build_data_source(data: DataConfig, embeddings: EmbeddingsConfig, dense_in_f
             fixed_bag_size=data.num_indices_per_lookup_fixed or bool(data.multi_hot_sizes),
             seed=data.seed, rank=rank, world_size=world_size,
             multi_hot_distribution=data.multi_hot_distribution,
+            id_distribution=data.id_distribution, zipf_exponent=data.zipf_exponent,
         )
     from dlrm_torchrec.data.criteo import CriteoSource  # issue 3
 

@@ -5,6 +5,7 @@ Every value is a counter-based hash of (seed, split, epoch, sample index, field)
 sample is the same whatever the world size, and each rank computes only its own share.
 """
 
+import math
 from typing import Iterator, List, Optional
 
 import numpy as np
@@ -15,6 +16,62 @@ from dlrm_torchrec.data.multi_hot import MultiHotBags
 
 _SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 SAMPLE_CHUNK = 2048  # samples generated at a time (bench/bench_synthetic.py)
+
+
+class ZipfIds:
+    """Power-law ids for random data (data.id_distribution=zipf), for benchmarks where the
+    id skew matters (embedding caches, row-wise load balance).
+
+    A uniform u in [0, 1) becomes a rank r in 0 .. N-1 through the inverse CDF of a
+    continuous power law x^-s on [1, N + 1): P(r < k) = ((k + 1)^(1-s) - 1) /
+    ((N + 1)^(1-s) - 1) (for s = 1: log(k + 1) / log(N + 1)). Rank r is then id
+    (r * mult + offset) mod N, a bijection (mult is coprime with N, near N / golden ratio),
+    so the hot ids lie spread over the table rather than in its first rows, as a real
+    vocabulary's do.
+
+    Args:
+        table_sizes: N per feature (each below 2^40).
+        exponent: s > 0.
+        seed: picks each feature's offset.
+    """
+
+    MAX_ROWS = 1 << 40  # mulmod below stays within uint64
+
+    def __init__(self, table_sizes: List[int], exponent: float, seed: int):
+        self.exponent = float(exponent)
+        self.sizes = np.asarray(table_sizes, dtype=np.uint64)
+        mult, offset = [], []
+        for f, n in enumerate(int(n) for n in table_sizes):
+            if n >= self.MAX_ROWS:
+                raise ValueError(f"table of {n} rows: zipf ids need fewer than 2^40")
+            m = max(1, int(n / 1.618033988749895)) | 1
+            while math.gcd(m, n) != 1:
+                m += 2
+            mult.append(m % n)
+            offset.append(int(hash_keys(seed, 6000 + f)) % n)
+        self.mult = np.asarray(mult, dtype=np.uint64)
+        self.offset = np.asarray(offset, dtype=np.uint64)
+
+    def ranks(self, u: np.ndarray, feats) -> np.ndarray:
+        """Uniform u (broadcast against feats' sizes) -> uint64 ranks below those sizes."""
+        size = self.sizes[feats]
+        n1 = size.astype(np.float64) + 1.0
+        s = self.exponent
+        if s == 1.0:
+            x = n1 ** u
+        else:
+            x = ((n1 ** (1.0 - s) - 1.0) * u + 1.0) ** (1.0 / (1.0 - s))
+        r = np.floor(np.maximum(x, 1.0)).astype(np.uint64) - np.uint64(1)
+        return np.minimum(r, size - np.uint64(1))
+
+    def ids(self, u: np.ndarray, feats) -> np.ndarray:
+        """Uniform u -> int64 ids of features `feats` (an index, or an F1 x 1 array)."""
+        size, mult = self.sizes[feats], self.mult[feats]
+        r = self.ranks(u, feats)
+        # (r * mult) mod size without overflow: mult split into two 20-bit halves
+        hi, lo = mult >> np.uint64(20), mult & np.uint64((1 << 20) - 1)
+        prod = ((r * hi) % size << np.uint64(20)) + r * lo
+        return ((prod % size + self.offset[feats]) % size).astype(np.int64)
 
 
 def _bag_means(values: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -49,10 +106,16 @@ class GeneratedSource:
     def __init__(self, kind: str, table_sizes: List[int], dense_in_features: int,
                  batch_size: int, eval_batch_size: int, train_samples: int,
                  eval_samples: int, bag_sizes: List[int], fixed_bag_size: bool,
-                 seed: int, rank: int, world_size: int, multi_hot_distribution: str = "uniform"):
+                 seed: int, rank: int, world_size: int, multi_hot_distribution: str = "uniform",
+                 id_distribution: str = "uniform", zipf_exponent: float = 1.05):
         if kind not in ("random", "synthetic"):
             raise ValueError(kind)
         self.kind = kind
+        self.zipf: Optional[ZipfIds] = None
+        if id_distribution == "zipf":
+            if kind != "random":
+                raise ValueError("zipf ids are for random data")
+            self.zipf = ZipfIds(table_sizes, zipf_exponent, seed)
         self.table_sizes = np.asarray(table_sizes, dtype=np.uint64)
         self.num_dense = dense_in_features
         self.batch_size = batch_size
@@ -145,7 +208,7 @@ class GeneratedSource:
             scratch = np.empty_like(h)
             splitmix64_(h, scratch)
             splitmix64_(h, scratch)  # ^ position 0 leaves h as it is
-            block = self._ids_from_hashes(h, self.table_sizes[feats][:, None])
+            block = self._ids_from_hashes(h, feats[:, None].astype(np.intp))
             for row, f in enumerate(one_hot):
                 ids[f] = block[row]
         for f, lens in enumerate(lengths):
@@ -154,7 +217,7 @@ class GeneratedSource:
                     np.cumsum(lens) - lens, lens).astype(np.uint64)
                 h = splitmix64(np.repeat(key_hash, lens) ^ np.uint64(3000 + f))
                 h = splitmix64(h ^ pos)
-                ids[f] = self._ids_from_hashes(h, self.table_sizes[f])
+                ids[f] = self._ids_from_hashes(h, f)
         if self.kind == "random":
             dense = dense_u.astype(np.float32)
             labels = (uniform01(hash_keys(key, 4000)) < 0.5).astype(np.float32)
@@ -170,9 +233,13 @@ class GeneratedSource:
             return np.full(len(key), k, dtype=np.int64)
         return 1 + (hash_keys(key, 2000 + f) % np.uint64(k)).astype(np.int64)
 
-    def _ids_from_hashes(self, h: np.ndarray, size) -> np.ndarray:
-        """int64 ids below `size` (broadcast against h) from uint64 hashes: uniform
-        (random) or skewed like real categorical data, floor(size u^3) (synthetic)."""
+    def _ids_from_hashes(self, h: np.ndarray, feats) -> np.ndarray:
+        """int64 ids of features `feats` (an index, or an F1 x 1 array broadcast against h)
+        from uint64 hashes: uniform or power law (random), or skewed like real categorical
+        data, floor(size u^3) (synthetic)."""
+        size = self.table_sizes[feats]
+        if self.zipf is not None:
+            return self.zipf.ids(uniform01(h), feats)
         if self.kind == "random":
             return (h % size).astype(np.int64)
         u = uniform01(h)
