@@ -243,7 +243,7 @@ def _bad_source(tmp_path, case):
     ("not npz", "day_2_processed.npz: not a NumPy .npz file"),
     ("wrong array", "array 'X_int' is int32 (9, 12), expected n x 13"),
     ("empty folder", "no preprocessed data of the DLRM reference there"),
-    ("our own output", "holds other data"),
+    ("our own output", "holds data preprocessed by dlrm_torchrec.data.preprocess"),
 ])
 def test_bad_input_stops_with_file_and_row_and_writes_no_meta(tmp_path, capsys, case, expect):
     src = _bad_source(tmp_path, case)

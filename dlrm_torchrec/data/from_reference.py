@@ -56,7 +56,7 @@ import numpy as np
 from dlrm_torchrec.cli import run_tool
 from dlrm_torchrec.data.criteo import BIN_COLUMNS, open_bin_rows
 from dlrm_torchrec.data.criteo_text import log_dense
-from dlrm_torchrec.data.from_torchrec import AdoptError, _stored_name
+from dlrm_torchrec.data.from_torchrec import AdoptError, _stored_name, check_output
 from dlrm_torchrec.data.preprocess import FORMAT_VERSION, NpyWriter, day_files, write_json
 
 NUM_DENSE, NUM_SPARSE = 13, 26
@@ -405,26 +405,12 @@ def _map(fn, tasks, workers: int):
 # --------------------------------------------------------------------------- adopt
 
 
-def _check_output(out: str) -> None:
-    meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise AdoptError(f"{meta_path}: unreadable ({e}); remove it or choose another "
-                             "output folder") from None
-        if old.get("settings", {}).get("source") != SOURCE:
-            raise AdoptError(f"{out} holds other data ({meta_path}); choose another output "
-                             "folder")
-
-
 def adopt(src: str, out: str, layout: Optional[str] = None, dataset: Optional[str] = None,
           counts_file: Optional[str] = None, day_count_file: Optional[str] = None,
           workers: int = 1, log=print) -> Dict:
     """Adopt the reference's preprocessed data in `src` into `out`; returns meta.json."""
     found = find_layout(src, layout, dataset, counts_file, day_count_file)
-    _check_output(out)
+    check_output(out, SOURCE)
     counts = read_counts(found)
     day_sizes = (_load_small(found.day_count_file, "total_per_file").tolist()
                  if found.day_count_file else None)

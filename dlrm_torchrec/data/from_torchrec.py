@@ -207,6 +207,24 @@ def _scan_all(file_sets: List[Tuple[str, str, str]], workers: int) -> Iterator:
         ex.shutdown(wait=True, cancel_futures=True)
 
 
+def check_output(out: str, source: str) -> None:
+    """An adoption (settings.source `source`) may rewrite its own meta.json in `out`, but
+    not another tool's."""
+    meta_path = os.path.join(out, "meta.json")
+    if not os.path.exists(meta_path):
+        return
+    try:
+        with open(meta_path) as f:
+            old = json.load(f).get("settings", {}).get("source")
+    except (OSError, ValueError, AttributeError) as e:
+        raise AdoptError(f"{meta_path}: unreadable ({e}); remove it or choose another "
+                         "output folder") from None
+    if old != source:
+        what = (f"data adopted from {old}" if old else
+                "data preprocessed by dlrm_torchrec.data.preprocess")
+        raise AdoptError(f"{out} holds {what}; choose another output folder")
+
+
 def _stored_name(path: str, out: str) -> str:
     """Paths inside the output folder are stored relative to it, others absolute."""
     path, out = os.path.realpath(path), os.path.realpath(out)
@@ -227,17 +245,8 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     dataset = dataset or detect_dataset(src)
     if dataset == "kaggle" and days:
         raise AdoptError(f"--days {days}: Kaggle's train_*.npy is always cut into 7 days")
+    check_output(out, SOURCE)
     meta_path = os.path.join(out, "meta.json")
-    if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                old = json.load(f)
-        except (OSError, ValueError) as e:
-            raise AdoptError(f"{meta_path}: unreadable ({e}); remove it or choose another "
-                             "output folder") from None
-        if old.get("settings", {}).get("source") != SOURCE:
-            raise AdoptError(f"{out} holds data preprocessed by dlrm_torchrec.data.preprocess;"
-                             " choose another output folder")
     os.makedirs(out, exist_ok=True)
     stems = find_stems(src, dataset, days)
     t0 = time.time()
