@@ -436,6 +436,8 @@ class Trainer:
                 raise checkpoint.CheckpointError(f"checkpoint.resume={want!r}: no such folder")
         state = checkpoint.read_trainer_state(path)
         checkpoint.check_signature(path, state.get("signature", {}), self.signature)
+        # an imported model (import_reference) has weights only: a fresh optimizer
+        with_optimizer = with_optimizer and not state.get("weights_only")
         checkpoint.load(path, self.model, self.optimizer if with_optimizer else None)
         self.step, self.epoch, self.next_batch = state["step"], state["epoch"], state["next_batch"]
         self.schedule.resume_at(self.step)
