@@ -4,7 +4,7 @@ of this project, to evaluate, export, score with or train on.
     python -m dlrm_torchrec.import_reference model.pt --config configs/criteo_kaggle.yaml \\
         [key=value ...] -o runs/from_reference
     python -m dlrm_torchrec.train --config configs/criteo_kaggle.yaml --eval-only \\
-        --checkpoint runs/from_reference/step_00000000
+        checkpoint.resume=runs/from_reference/step_00000000
     python -m dlrm_torchrec.export --checkpoint runs/from_reference/step_00000000 --out export/
     python -m dlrm_torchrec.train --config configs/criteo_kaggle.yaml \\
         checkpoint.resume=runs/from_reference/step_00000000          # train on from its weights
