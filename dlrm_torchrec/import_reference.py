@@ -33,6 +33,7 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -173,7 +174,9 @@ def import_reference(path: str, cfg: Config, out: Path, log=print) -> Path:
 def _write(tmp: Path, weights, saved, path: str, cfg: Config, module) -> None:
     from dlrm_torchrec.trainer import model_signature
 
-    dcp.save({"model": weights}, checkpoint_id=str(tmp), no_dist=True)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"model": weights}, checkpoint_id=str(tmp), no_dist=True)
     state = {
         "format_version": checkpoint.FORMAT_VERSION, "step": 0, "epoch": 0, "next_batch": 0,
         "samples_seen": 0, "best_auc": None, "best_step": -1, "history": [], "evals": [],
