@@ -1,5 +1,5 @@
 """Export a checkpoint to a single-host inference model:
-`python -m dlrm_torchrec.export --config FILE --checkpoint DIR|auto --out OUT [--quantize int8]`.
+`python -m dlrm_torchrec.export --config FILE --checkpoint DIR|auto --out OUT [--quantize int8,int4]`.
 
 The checkpoint (DCP shards written by any world size and sharding plan) is read on one CPU
 process without a process group: DCP reassembles every sharded table into the plain
@@ -10,8 +10,9 @@ process without a process group: DCP reassembles every sharded table into the pl
 - `model.pt2`: a `torch.export` program of `InferenceModel`: (dense B x D float32, ids: F
   1-D int64 tensors, lengths: F tensors of B int64) -> click probabilities B. Quotient-remainder
   id splits happen inside, so callers always pass the raw feature ids;
-- with `--quantize int8`, `model_int8.pt2`: the same program with every table quantized to
-  int8 rows (row-wise scale and bias) by TorchRec's `quantize_inference_model`, looked up by
+- with `--quantize int8` (or int4, int2, fp16; several comma-separated), `model_int8.pt2`
+  (`model_<kind>.pt2`): the same program with every table quantized to int8 rows (row-wise
+  scale and bias; fp16 rows have none) by TorchRec's `quantize_inference_model`, looked up by
   FBGEMM's IntNBit inference kernel; it needs `import fbgemm_gpu` (or torchrec) before
   `torch.export.load`;
 - `export.json`: inputs, feature order, tables, files, the validation report (metrics of
@@ -56,7 +57,19 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.yaml"
 PROGRAM_FILE = "model.pt2"
-INT8_PROGRAM_FILE = "model_int8.pt2"
+# table precisions of --quantize: TorchRec's quantize_inference_model dtypes (the integer
+# ones with a row-wise scale and bias; FBGEMM's IntNBit CPU/GPU kernels), as the reference's
+# --quantize-emb-with-bit 8 / 4 (and 2 bits, and fp16 rows)
+QUANTIZED_TABLES = {"int8": torch.int8, "int4": torch.quint4x2, "int2": torch.quint2x4,
+                    "fp16": torch.float16}
+
+
+def program_file(kind: str) -> str:
+    """The program file of `kind`: "float" (model.pt2) or one of QUANTIZED_TABLES."""
+    return PROGRAM_FILE if kind == "float" else f"model_{kind}.pt2"
+
+
+INT8_PROGRAM_FILE = program_file("int8")
 INFO_FILE = "export.json"
 LOG_LOSS_EPS = 1e-12  # as dlrm_torchrec.metrics
 
@@ -114,13 +127,24 @@ def load_weights(cfg: Config, weights: Path) -> DLRM:
     return model.eval()
 
 
-def quantize_int8(model: DLRM) -> nn.Module:
-    """A copy of `model` whose EmbeddingBagCollection is TorchRec's quantized one (int8
-    rows with a row-wise scale and bias; FBGEMM IntNBit lookups, float32 output)."""
+def quantize_tables(model: DLRM, kind: str) -> nn.Module:
+    """A copy of `model` whose EmbeddingBagCollection is TorchRec's quantized one with
+    `kind` rows (QUANTIZED_TABLES; FBGEMM lookups, float32 output)."""
     from torchrec.inference.modules import quantize_inference_model
 
-    return quantize_inference_model(copy.deepcopy(model), quantization_dtype=torch.int8,
+    return quantize_inference_model(copy.deepcopy(model),
+                                    quantization_dtype=QUANTIZED_TABLES[kind],
                                     output_dtype=torch.float32).eval()
+
+
+def parse_quantize(spec: str) -> List[str]:
+    """--quantize "int8,int4" -> ["int8", "int4"]; ConfigError for an unknown kind."""
+    kinds = [k.strip() for k in spec.split(",") if k.strip()]
+    for k in kinds:
+        if k not in QUANTIZED_TABLES:
+            raise ConfigError(f"--quantize {spec!r}: {k!r} unknown; choose from "
+                              + ", ".join(QUANTIZED_TABLES) + " (comma-separated)")
+    return list(dict.fromkeys(kinds))
 
 
 def _example_inputs(cfg: Config, batch: int = 4, per_bag: int = 2):
@@ -340,6 +364,7 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
            eval_batches: int = 0, log=print) -> Dict[str, Any]:
     """Write the export of checkpoint `ckpt` (a model of `cfg`) to `out`; returns the
     contents of export.json."""
+    kinds = parse_quantize(quantize)
     _check_writable(out)
     start = time.perf_counter()
     model, state = load_checkpoint(cfg, ckpt)
@@ -351,10 +376,9 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
     _publish(out, CONFIG_FILE, lambda p: p.write_text(to_yaml(cfg)))
 
     programs = {"float": (PROGRAM_FILE, InferenceModel(model, layout).eval())}
-    if quantize == "int8":
-        programs["int8"] = (INT8_PROGRAM_FILE, InferenceModel(quantize_int8(model), layout).eval())
-    elif quantize:
-        raise ConfigError(f"--quantize {quantize!r}: only int8 is offered")
+    for kind in kinds:
+        programs[kind] = (program_file(kind),
+                          InferenceModel(quantize_tables(model, kind), layout).eval())
     loaded = {}
     for kind, (name, wrapper) in programs.items():
         ep = export_program(wrapper, cfg)
@@ -367,12 +391,13 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
         "checkpoint": str(ckpt), "step": state.get("step"),
         "written_by_world_size": state.get("world_size"),
         "files": {"weights": WEIGHTS_FILE, "config": CONFIG_FILE, "program": PROGRAM_FILE,
-                  **({"program_int8": INT8_PROGRAM_FILE} if "int8" in loaded else {})},
+                  **{f"program_{k}": program_file(k) for k in loaded if k != "float"}},
         "weights": "state dict of dlrm_torchrec.model.DLRM(config, device=cpu); "
                    "export.load_weights(config, path)",
-        "quantization": ("int8 rows, row-wise scale/bias, TorchRec quantize_inference_model "
-                         "(FBGEMM IntNBit kernel; import fbgemm_gpu before torch.export.load)"
-                         if "int8" in loaded else None),
+        "quantization": ({k: (f"{k} rows" + (", row-wise scale/bias" if k != "fp16" else "")
+                              + ", TorchRec quantize_inference_model (FBGEMM kernels; import "
+                              "fbgemm_gpu before torch.export.load)")
+                          for k in loaded if k != "float"} or None),
         "inputs": describe_inputs(cfg),
         **({"row_transform": row} if (row := row_transform(cfg)) else {}),
         "versions": {"torch": torch.__version__, "torchrec": _version("torchrec")},
@@ -385,9 +410,10 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
             for k, m in v["metrics"].items()))
         for k, d in v["max_abs_prob_diff"].items():
             log(f"  max |p_{k} - p_eager| = {d:.3g}")
-        if "auc_change_int8" in v:
-            log(f"  int8: auc change {v['auc_change_int8']:+.6f}, "
-                f"log_loss change {v['log_loss_change_int8']:+.6f}")
+        for k in loaded:
+            if f"auc_change_{k}" in v:
+                log(f"  {k}: auc change {v[f'auc_change_{k}']:+.6f}, "
+                    f"log_loss change {v[f'log_loss_change_{k}']:+.6f}")
     info["seconds"] = round(time.perf_counter() - start, 2)
     _publish(out, INFO_FILE, lambda p: p.write_text(json.dumps(info, indent=1, default=_nan_null)))
     log(f"export of {ckpt} -> {out} ({info['seconds']:.1f}s)")
@@ -405,12 +431,12 @@ def validate_export(cfg: Config, model: DLRM, layout, loaded: Dict[str, Any], sp
         "max_abs_prob_diff": {k: float((p - probs["eager"]).abs().max()) if len(p) else 0.0
                               for k, p in probs.items() if k != "eager"},
     }
-    if "int8" in metrics:
-        res["max_abs_prob_diff_int8_vs_float"] = (
-            float((probs["int8"] - probs["float"]).abs().max()) if len(labels) else 0.0)
-        res["auc_change_int8"] = metrics["int8"].get("auc", math.nan) - metrics["float"].get("auc", math.nan)
-        res["log_loss_change_int8"] = (metrics["int8"].get("log_loss", math.nan)
-                                       - metrics["float"].get("log_loss", math.nan))
+    for k in (k for k in metrics if k != "float"):
+        res[f"max_abs_prob_diff_{k}_vs_float"] = (
+            float((probs[k] - probs["float"]).abs().max()) if len(labels) else 0.0)
+        for m in ("auc", "log_loss"):
+            res[f"{m}_change_{k}"] = (metrics[k].get(m, math.nan)
+                                      - metrics["float"].get(m, math.nan))
     return res
 
 
@@ -440,14 +466,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m dlrm_torchrec.export",
         description="Export a (sharded) checkpoint to a single-host inference model: "
-                    "unsharded weights, a torch.export program, optionally int8 tables.")
+                    "unsharded weights, a torch.export program, optionally quantized tables.")
     p.add_argument("--config", default=None,
                    help="YAML config of the model (default: the config stored in the checkpoint)")
     p.add_argument("--checkpoint", required=True,
                    help="checkpoint folder (step_<N>), or auto for the newest of the run")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--quantize", default="", choices=["", "int8"],
-                   help="also write model_int8.pt2 with int8 embedding tables")
+    p.add_argument("--quantize", default="", metavar="KINDS",
+                   help="also write model_<kind>.pt2 with quantized embedding tables, for each "
+                        "of the comma-separated " + ", ".join(QUANTIZED_TABLES)
+                        + " (e.g. int8,int4)")
     p.add_argument("--eval-split", default="val", choices=["val", "test", "none"],
                    help="split on which the exported programs are checked (default val)")
     p.add_argument("--eval-batches", type=int, default=0,

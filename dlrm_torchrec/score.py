@@ -1,7 +1,7 @@
 """Score raw Criteo text with an exported model: click probabilities for new logs, through
 exactly the transforms the model was trained with.
 
-    python -m dlrm_torchrec.score runs/x/export day_24.gz -o scores.txt [--int8] [--no-labels]
+    python -m dlrm_torchrec.score runs/x/export day_24.gz -o scores.txt [--program int8] [--no-labels]
 
 The export folder (`python -m dlrm_torchrec.export`) holds the program, the training config
 and, in export.json, the row transform: the preprocessing settings and stored table sizes
@@ -39,10 +39,10 @@ from dlrm_torchrec.data.criteo import RowEncoder, read_meta
 from dlrm_torchrec.export import (
     CONFIG_FILE,
     INFO_FILE,
-    INT8_PROGRAM_FILE,
-    PROGRAM_FILE,
+    QUANTIZED_TABLES,
     batch_inputs,
     prediction_metrics,
+    program_file,
 )
 
 
@@ -53,14 +53,15 @@ class ScoreError(Exception):
 class RawRowScorer:
     """Raw Criteo rows -> click probabilities, as the exported model saw its training rows."""
 
-    def __init__(self, export_dir: str, data_dir: Optional[str] = None, int8: bool = False):
+    def __init__(self, export_dir: str, data_dir: Optional[str] = None,
+                 program: str = "float"):
         folder = Path(export_dir)
-        name = INT8_PROGRAM_FILE if int8 else PROGRAM_FILE
+        name = program_file(program)
         for f in (CONFIG_FILE, name):
             if not (folder / f).is_file():
                 raise ScoreError(f"{folder / f}: not found (the output of python -m "
-                                 "dlrm_torchrec.export" + (" --quantize int8" if int8 else "")
-                                 + ")")
+                                 "dlrm_torchrec.export"
+                                 + (f" --quantize {program}" if program != "float" else "") + ")")
         self.cfg: Config = load_config(str(folder / CONFIG_FILE))
         if self.cfg.data.source not in CRITEO_SOURCES:
             raise ScoreError(f"the model was trained on data.source={self.cfg.data.source!r}; "
@@ -95,8 +96,8 @@ class RawRowScorer:
                              "frequency vocabulary (--data-dir: the folder that holds it now)")
         self.encoder = RowEncoder(self.cfg.data, self.cfg.embeddings, meta)
         self.names = feature_names(self.cfg.embeddings)
-        if int8:
-            import fbgemm_gpu  # noqa: F401  (registers the int8 kernels the program calls)
+        if program != "float":
+            import fbgemm_gpu  # noqa: F401  (registers the quantized kernels the program calls)
         self.program = torch.export.load(str(folder / name)).module()
 
     @torch.no_grad()
@@ -194,7 +195,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None,
                     help="the preprocessed data the model was trained on (meta.json, vocab/); "
                          "default: data.path of the export's config")
-    ap.add_argument("--int8", action="store_true", help="score with model_int8.pt2")
+    ap.add_argument("--program", default="float", choices=["float", *QUANTIZED_TABLES],
+                    help="score with model.pt2 (float) or model_<kind>.pt2 (quantized tables)")
+    ap.add_argument("--int8", action="store_const", dest="program", const="int8",
+                    help="the same as --program int8")
     ap.add_argument("--no-labels", action="store_true",
                     help="rows have no label column (39 columns, as Kaggle's test.txt)")
     ap.add_argument("--batch-size", type=int, default=8192)
@@ -206,7 +210,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
-    rc, s = run_tool(lambda: score_files(RawRowScorer(a.export, a.data_dir, a.int8), a.inputs,
+    rc, s = run_tool(lambda: score_files(RawRowScorer(a.export, a.data_dir, a.program), a.inputs,
                                          a.output, a.batch_size, not a.no_labels),
                      (ScoreError, ConfigError), "interrupted; no output written")
     if rc:

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dlrm_torchrec import checkpoint, export
-from dlrm_torchrec.config import feature_names, load_config, to_dict
+from dlrm_torchrec.config import ConfigError, feature_names, load_config, to_dict
 from tests.dist_utils import run_ranks
 
 BASE = [
@@ -225,6 +225,34 @@ def test_checkpoint_of_another_model_is_refused_naming_the_difference(trained, t
     assert err.startswith("error: ") and "was written by a different model" in err
     assert "table t_cat_0: checkpoint rows x dim 1000 x 16, config 1000 x 8" in err
     assert not (tmp_path / "out" / "weights.pt").exists()
+
+
+def test_fewer_bits_per_table_row_give_larger_prediction_errors(trained, tmp_path):
+    """One export with every table precision: each program is written and checked, and its
+    largest prediction error against float32 tables grows as the rows lose bits (fp16 keeps
+    11 significant bits, then int8, int4, int2 with a row-wise scale and bias)."""
+    import fbgemm_gpu  # noqa: F401  (registers the quantized kernels the programs call)
+
+    run, _ = trained
+    ckpt = checkpoint.latest_checkpoint(run / "checkpoints").path
+    cfg = load_config("configs/tiny_cpu.yaml", BASE + [f"logging.run_dir={run}"])
+    out = tmp_path / "out"
+    info = export.export(cfg, ckpt, out, quantize="int2,int4,int8,fp16", log=lambda _: None)
+    v = info["validation"]
+    errors = [v[f"max_abs_prob_diff_{k}_vs_float"] for k in ("fp16", "int8", "int4", "int2")]
+    print("max |dp| fp16, int8, int4, int2:", errors,
+          {k: round(v[f"auc_change_{k}"], 6) for k in ("fp16", "int8", "int4", "int2")})
+    assert errors == sorted(errors) and len(set(errors)) == 4
+    assert errors[0] < 1e-3 and errors[1] < INT8_MAX_PROB_DIFF
+    inputs = export.batch_inputs(_first_val_batch(cfg), feature_names(cfg.embeddings))
+    float_p = torch.export.load(str(out / "model.pt2")).module()(*inputs)
+    for kind in ("fp16", "int8", "int4", "int2"):
+        assert info["files"][f"program_{kind}"] == f"model_{kind}.pt2"
+        p = torch.export.load(str(out / f"model_{kind}.pt2")).module()(*inputs)
+        assert float((p - float_p).abs().max()) <= v[f"max_abs_prob_diff_{kind}_vs_float"]
+    with pytest.raises(ConfigError, match="--quantize 'int3': 'int3' unknown; choose from int8"):
+        export.export(cfg, ckpt, tmp_path / "bad", quantize="int3", log=lambda _: None)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_unwritable_output_folder_is_an_error(trained, tmp_path, capsys):

@@ -122,17 +122,20 @@ def test_export_carries_the_row_transform_so_the_data_folder_may_move(tmp_path, 
                                   read_scores(tmp_path / "after.txt"))
 
 
-def test_int8_export_scores_within_the_export_tolerance(tmp_path):
+def test_quantized_exports_score_within_the_export_tolerance(tmp_path):
     from tests.test_export import INT8_MAX_PROB_DIFF
 
-    lines, _, out = _exported(tmp_path, "hash", quantize="int8")
+    lines, _, out = _exported(tmp_path, "hash", quantize="int8,int4")
     raw = write(tmp_path / "t.txt", lines)
     assert score.main([str(out), str(raw), "-o", str(tmp_path / "f.txt")]) == 0
     assert score.main([str(out), str(raw), "-o", str(tmp_path / "q.txt"), "--int8"]) == 0
-    f, q = read_scores(tmp_path / "f.txt"), read_scores(tmp_path / "q.txt")
+    assert score.main([str(out), str(raw), "-o", str(tmp_path / "q4.txt"), "--program",
+                       "int4"]) == 0
+    f, q, q4 = (read_scores(tmp_path / n) for n in ("f.txt", "q.txt", "q4.txt"))
     np.testing.assert_array_equal(np.isnan(f), np.isnan(q))
-    diff = np.nanmax(np.abs(f - q))
+    diff, diff4 = np.nanmax(np.abs(f - q)), np.nanmax(np.abs(f - q4))
     assert 0 < diff < INT8_MAX_PROB_DIFF  # int8 rows: close, not identical
+    assert diff < diff4 < 0.25  # int4 rows: further off, still near
 
 
 def test_unlabelled_rows_score_the_same(exported, tmp_path):
