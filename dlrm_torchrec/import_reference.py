@@ -72,7 +72,9 @@ def read_reference_file(path: str) -> Dict[str, Any]:
     if not Path(path).is_file():
         raise ReferenceModelError(f"{path}: not found")
     try:
-        with torch.serialization.safe_globals(_numpy_globals()):
+        with torch.serialization.safe_globals(_numpy_globals()), warnings.catch_warnings():
+            # files of torch.save's legacy (non-zip) format carry pickle protocol 4
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle's and zipfile's errors, torch's refusals
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
