@@ -68,8 +68,6 @@ def program_file(kind: str) -> str:
     """The program file of `kind`: "float" (model.pt2) or one of QUANTIZED_TABLES."""
     return PROGRAM_FILE if kind == "float" else f"model_{kind}.pt2"
 
-
-INT8_PROGRAM_FILE = program_file("int8")
 INFO_FILE = "export.json"
 LOG_LOSS_EPS = 1e-12  # as dlrm_torchrec.metrics
 
