@@ -57,6 +57,8 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.pt"
 CONFIG_FILE = "config.yaml"
 PROGRAM_FILE = "model.pt2"
+INFO_FILE = "export.json"
+LOG_LOSS_EPS = 1e-12  # as dlrm_torchrec.metrics
 # table precisions of --quantize: TorchRec's quantize_inference_model dtypes (the integer
 # ones with a row-wise scale and bias; FBGEMM's IntNBit CPU/GPU kernels), as the reference's
 # --quantize-emb-with-bit 8 / 4 (and 2 bits, and fp16 rows)
@@ -67,9 +69,6 @@ QUANTIZED_TABLES = {"int8": torch.int8, "int4": torch.quint4x2, "int2": torch.qu
 def program_file(kind: str) -> str:
     """The program file of `kind`: "float" (model.pt2) or one of QUANTIZED_TABLES."""
     return PROGRAM_FILE if kind == "float" else f"model_{kind}.pt2"
-
-INFO_FILE = "export.json"
-LOG_LOSS_EPS = 1e-12  # as dlrm_torchrec.metrics
 
 
 class ExportError(RuntimeError):
