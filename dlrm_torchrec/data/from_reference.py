@@ -47,7 +47,6 @@ import tempfile
 import time
 import zipfile
 import zlib
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -56,7 +55,7 @@ import numpy as np
 from dlrm_torchrec.cli import run_tool
 from dlrm_torchrec.data.criteo import BIN_COLUMNS, open_bin_rows
 from dlrm_torchrec.data.criteo_text import log_dense
-from dlrm_torchrec.data.from_torchrec import AdoptError, _stored_name, check_output
+from dlrm_torchrec.data.from_torchrec import AdoptError, check_output, map_in_workers, stored_name
 from dlrm_torchrec.data.preprocess import FORMAT_VERSION, NpyWriter, day_files, write_json
 
 NUM_DENSE, NUM_SPARSE = 13, 26
@@ -365,10 +364,6 @@ def convert_file(path: str, segments: List[Tuple[int, int, int]], out: str,
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _convert_args(args):
-    return convert_file(*args)
-
-
 def scan_bin(path: str, lo: int, hi: int, counts: Optional[np.ndarray]) -> np.ndarray:
     """Check rows lo..hi of a reference .bin file; each feature's largest id + 1."""
     rows = open_bin_rows(path)
@@ -382,24 +377,6 @@ def scan_bin(path: str, lo: int, hi: int, counts: Optional[np.ndarray]) -> np.nd
         np.maximum(top, block[:, BIN_COLUMNS["sparse"]].max(axis=0).astype(np.int64) + 1,
                    out=top)
     return top
-
-
-def _scan_bin_args(args):
-    return scan_bin(*args)
-
-
-def _map(fn, tasks, workers: int):
-    if workers <= 1 or len(tasks) <= 1:
-        yield from map(fn, tasks)
-        return
-    import multiprocessing as mp
-
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
-    try:
-        yield from ex.map(fn, tasks)
-    finally:
-        ex.shutdown(wait=True, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- adopt
@@ -462,7 +439,7 @@ def _adopt_bin(found: Found, out: str, counts, day_sizes, workers: int, log) -> 
     tasks = [(f, lo, min(arrays[f], lo + (1 << 24)), counts) for f in found.files
              for lo in range(0, arrays[f], 1 << 24)]
     top = np.zeros(NUM_SPARSE, dtype=np.int64)
-    for t in _map(_scan_bin_args, tasks, workers):
+    for t in map_in_workers(scan_bin, tasks, workers):
         np.maximum(top, t, out=top)
     entries = []
     first = 0
@@ -470,7 +447,7 @@ def _adopt_bin(found: Found, out: str, counts, day_sizes, workers: int, log) -> 
         entries.append((train, first, n))
         first += n
     entries += [(test, 0, arrays[test]), (val, 0, arrays[val])]
-    name = {f: _stored_name(f, out) for f in found.files}
+    name = {f: stored_name(f, out) for f in found.files}
     ev = len(train_days)
     return {"num_days": len(entries), "eval_day": ev,
             "split_days": {"test": [ev], "val": [ev + 1]},
@@ -524,7 +501,7 @@ def _adopt_npz(found: Found, out: str, counts, day_sizes, workers: int, log) -> 
     if num_days < 2:
         raise AdoptError(f"{found.files[0]}: one day only; the reference's data has training "
                          "days and an evaluation day")
-    for done in _map(_convert_args, tasks, workers):
+    for done in map_in_workers(convert_file, tasks, workers):
         for day, n, t in done:
             rows[day] = n
             np.maximum(top, t, out=top)

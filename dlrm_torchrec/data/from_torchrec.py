@@ -44,7 +44,7 @@ import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -187,23 +187,21 @@ def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.n
     return n, top + 1, str(blocks[0].dtype), bag_sizes
 
 
-def _scan_args(args: Tuple[str, str, str]):
-    return scan_file_set(*args)
-
-
-def _scan_all(file_sets: List[Tuple[str, str, str]], workers: int) -> Iterator:
-    """scan_file_set of each (dense, sparse, labels) set, in order; up to `workers` days at
-    once in worker processes (a day's scan reads its files once, at the disk's speed)."""
-    if workers <= 1 or len(file_sets) == 1:
-        yield from map(_scan_args, file_sets)
+def map_in_workers(fn: Callable, tasks: Sequence[tuple], workers: int) -> Iterator:
+    """fn(*task) for each task, in order; up to `workers` tasks at once in worker processes
+    (each adoption task reads its files once, at the disk's speed)."""
+    if not tasks:
+        return
+    if workers <= 1 or len(tasks) == 1:
+        yield from map(fn, *zip(*tasks))
         return
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    ex = ProcessPoolExecutor(min(workers, len(file_sets)), mp_context=ctx)
+    ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
     try:
-        yield from ex.map(_scan_args, file_sets)
-    finally:  # on an error, days not yet started are dropped
+        yield from ex.map(fn, *zip(*tasks))
+    finally:  # on an error, tasks not yet started are dropped
         ex.shutdown(wait=True, cancel_futures=True)
 
 
@@ -225,7 +223,7 @@ def check_output(out: str, source: str) -> None:
         raise AdoptError(f"{out} holds {what}; choose another output folder")
 
 
-def _stored_name(path: str, out: str) -> str:
+def stored_name(path: str, out: str) -> str:
     """Paths inside the output folder are stored relative to it, others absolute."""
     path, out = os.path.realpath(path), os.path.realpath(out)
     return os.path.relpath(path, out) if os.path.dirname(path) == out else path
@@ -255,7 +253,8 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     part_sets = [{"dense": os.path.join(src, f"{stem}_dense.npy"),
                   "sparse": sparse_path(sparse_dir, stem, sparse_suffix),
                   "labels": os.path.join(src, f"{stem}_labels.npy")} for stem in stems]
-    scans = _scan_all([(p["dense"], p["sparse"], p["labels"]) for p in part_sets], workers)
+    scans = map_in_workers(scan_file_set, [(p["dense"], p["sparse"], p["labels"])
+                                           for p in part_sets], workers)
     dtypes = set()
     for stem, parts, (n, top, dtype, day_bags) in zip(stems, part_sets, scans):
         dtypes.add(dtype)
@@ -264,7 +263,7 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
                              f"{files[0]['sparse']} has {bag_sizes}")
         bag_sizes = day_bags
         np.maximum(sizes, top, out=sizes)
-        files.append({k: _stored_name(v, out) for k, v in parts.items()})
+        files.append({k: stored_name(v, out) for k, v in parts.items()})
         rows.append(n)
         log(f"{stem}: {n:,} rows, ids < {top.max():,} ({os.path.basename(parts['sparse'])})")
     if dataset == "kaggle":
