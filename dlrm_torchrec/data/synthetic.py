@@ -237,9 +237,9 @@ class GeneratedSource:
         """int64 ids of features `feats` (an index, or an F1 x 1 array broadcast against h)
         from uint64 hashes: uniform or power law (random), or skewed like real categorical
         data, floor(size u^3) (synthetic)."""
-        size = self.table_sizes[feats]
         if self.zipf is not None:
             return self.zipf.ids(uniform01(h), feats)
+        size = self.table_sizes[feats]
         if self.kind == "random":
             return (h % size).astype(np.int64)
         u = uniform01(h)
