@@ -372,12 +372,12 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
     _publish(out, WEIGHTS_FILE, lambda p: torch.save(weights, p))
     _publish(out, CONFIG_FILE, lambda p: p.write_text(to_yaml(cfg)))
 
-    programs = {"float": (PROGRAM_FILE, InferenceModel(model, layout).eval())}
+    programs = {"float": InferenceModel(model, layout).eval()}
     for kind in kinds:
-        programs[kind] = (program_file(kind),
-                          InferenceModel(quantize_tables(model, kind), layout).eval())
+        programs[kind] = InferenceModel(quantize_tables(model, kind), layout).eval()
     loaded = {}
-    for kind, (name, wrapper) in programs.items():
+    for kind, wrapper in programs.items():
+        name = program_file(kind)
         ep = export_program(wrapper, cfg)
         _publish(out, name, lambda p, ep=ep: _save_program(ep, p))
         loaded[kind] = torch.export.load(str(out / name)).module()  # what users will run
