@@ -78,11 +78,11 @@ def read_reference_file(path: str) -> Dict[str, Any]:
             saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # pickle's and zipfile's errors, torch's refusals
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ReferenceModelError(f"{path}: not a weights-only torch.save file of the reference "
-                           f"({first}); it is never unpickled") from None
+        raise ReferenceModelError(f"{path}: not a weights-only torch.save file of the "
+                                  f"reference ({first}); it is never unpickled") from None
     if not isinstance(saved, dict):
-        raise ReferenceModelError(f"{path}: holds a {type(saved).__name__}, expected the reference's "
-                           "dict with a 'state_dict'")
+        raise ReferenceModelError(f"{path}: holds a {type(saved).__name__}, expected the "
+                                  "reference's dict with a 'state_dict'")
     state = saved.get("state_dict", saved)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor)
                                               for v in state.values()):
