@@ -45,6 +45,15 @@ from dlrm_torchrec.export import (
     program_file,
 )
 
+# adopted data (settings.source) whose raw-row transform cannot be reproduced, and why
+UNSCORABLE_SOURCES = {
+    "torchrec_npy": "TorchRec's preprocessing, whose dense transform depends on each day "
+                    "file's smallest value; raw rows cannot be transformed the same way",
+    "dlrm_reference": "the DLRM reference's preprocessing, whose ids come from its "
+                      "per-feature dictionaries (*_fea_dict_*.npz), which are not adopted; "
+                      "raw rows cannot be given the same ids",
+}
+
 
 class ScoreError(Exception):
     """A user-facing problem: printed as `error: ...` with exit status 2, no traceback."""
@@ -75,15 +84,10 @@ class RawRowScorer:
         else:
             data_dir, meta = recorded["data_path"], recorded["meta"]
         settings = meta["settings"]
-        if settings.get("source") == "torchrec_npy":
-            raise ScoreError(f"{data_dir} was adopted from TorchRec's preprocessing, whose dense "
-                             "transform depends on each day file's smallest value; raw rows "
-                             "cannot be transformed the same way")
-        if settings.get("source") == "dlrm_reference":
-            raise ScoreError(f"{data_dir} was adopted from the DLRM reference's preprocessing, "
-                             "whose ids come from its per-feature dictionaries "
-                             "(*_fea_dict_*.npz), which are not adopted; raw rows cannot be "
-                             "given the same ids")
+        adopted_from = settings.get("source")  # only dlrm_torchrec.data.preprocess leaves none
+        if adopted_from:
+            raise ScoreError(f"{data_dir} was adopted from "
+                             + UNSCORABLE_SOURCES.get(adopted_from, adopted_from))
         if meta.get("multi_hot_sizes") is not None:
             raise ScoreError(f"{data_dir} holds materialised multi-hot bags; raw rows have no "
                              "bags to score")
