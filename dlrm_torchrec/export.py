@@ -51,6 +51,16 @@ from dlrm_torchrec.config import (
     to_yaml,
     validate,
 )
+from dlrm_torchrec.export_onnx import (
+    ONNX_KINDS,
+    ONNX_OPTION_NAMES,
+    OnnxProgram,
+    OnnxUnavailable,
+    onnx_ready,
+    require_packages,
+    write_mlp_int8,
+    write_program,
+)
 from dlrm_torchrec.model import DLRM, build_train_module
 
 FORMAT_VERSION = 1
@@ -67,8 +77,31 @@ QUANTIZED_TABLES = {"int8": torch.int8, "int4": torch.quint4x2, "int2": torch.qu
 
 
 def program_file(kind: str) -> str:
-    """The program file of `kind`: "float" (model.pt2) or one of QUANTIZED_TABLES."""
+    """The program file of `kind`: "float" (model.pt2), one of QUANTIZED_TABLES
+    (model_<kind>.pt2) or of export_onnx.ONNX_KINDS (model.onnx, model_mlp_int8.onnx)."""
+    if kind in ONNX_KINDS:
+        return ONNX_KINDS[kind]
     return PROGRAM_FILE if kind == "float" else f"model_{kind}.pt2"
+
+
+def export_flag(kind: str) -> str:
+    """The export option that writes the program of `kind` ("" for the float one)."""
+    if kind in ONNX_KINDS:
+        return f"--onnx {ONNX_OPTION_NAMES[kind]}"
+    return "" if kind == "float" else f"--quantize {kind}"
+
+
+def load_program(folder: Path, kind: str):
+    """The program of `kind` in an export folder, as a callable with InferenceModel's call
+    (dense, ids, lengths) -> probabilities: a torch.export module, or an ONNX Runtime
+    session for the ONNX kinds."""
+    path = folder / program_file(kind)
+    if kind in ONNX_KINDS:
+        require_packages()
+        return OnnxProgram(path)
+    if kind != "float":
+        import fbgemm_gpu  # noqa: F401  (registers the quantized kernels the program calls)
+    return torch.export.load(str(path)).module()
 
 
 class ExportError(RuntimeError):
@@ -142,6 +175,18 @@ def parse_quantize(spec: str) -> List[str]:
             raise ConfigError(f"--quantize {spec!r}: {k!r} unknown; choose from "
                               + ", ".join(QUANTIZED_TABLES) + " (comma-separated)")
     return list(dict.fromkeys(kinds))
+
+
+def parse_onnx(spec: str) -> List[str]:
+    """--onnx "float,mlp-int8" -> ["onnx", "onnx-mlp-int8"] (ONNX_KINDS); ConfigError for an
+    unknown kind. mlp-int8 is made from the float program, so it brings model.onnx along."""
+    names = [k.strip() for k in spec.split(",") if k.strip()]
+    for k in names:
+        if k not in ONNX_OPTION_NAMES.values():
+            raise ConfigError(f"--onnx {spec!r}: {k!r} unknown; choose from "
+                              + ", ".join(ONNX_OPTION_NAMES.values()) + " (comma-separated)")
+    return [kind for kind, name in ONNX_OPTION_NAMES.items()
+            if name in names or (names and kind == "onnx")]
 
 
 def _example_inputs(cfg: Config, batch: int = 4, per_bag: int = 2):
@@ -340,6 +385,20 @@ def describe_inputs(cfg: Config) -> Dict[str, Any]:
     }
 
 
+def describe_onnx(loaded: Dict[str, Any]) -> Dict[str, Any]:
+    """How to run the ONNX programs (export_onnx)."""
+    onnx = [k for k in loaded if k in ONNX_KINDS]
+    return {
+        "call": "session.run(None, {name: array for name, array in zip(input_names, "
+                "[dense, *ids, *lengths])})[0] -> probabilities B (float32)",
+        "input_names": loaded[onnx[0]].input_names,
+        "programs": {program_file(k): ("float32" if k == "onnx" else
+                                       "MatMul/Gemm dynamically quantized to int8 by ONNX "
+                                       "Runtime (tables float32)") for k in onnx},
+        "versions": {p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")},
+    }
+
+
 def row_transform(cfg: Config) -> Optional[Dict[str, Any]]:
     """How raw Criteo rows became the training rows: the data folder (absolute) and its
     meta.json without the per-day bookkeeping; None for generated data or a data folder
@@ -358,10 +417,13 @@ def row_transform(cfg: Config) -> Optional[Dict[str, Any]]:
 
 
 def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: str = "val",
-           eval_batches: int = 0, log=print) -> Dict[str, Any]:
+           eval_batches: int = 0, log=print, onnx: str = "") -> Dict[str, Any]:
     """Write the export of checkpoint `ckpt` (a model of `cfg`) to `out`; returns the
-    contents of export.json."""
+    contents of export.json. `quantize` and `onnx` as the --quantize and --onnx options."""
     kinds = parse_quantize(quantize)
+    onnx_kinds = parse_onnx(onnx)
+    if onnx_kinds:
+        require_packages()
     _check_writable(out)
     start = time.perf_counter()
     model, state = load_checkpoint(cfg, ckpt)
@@ -380,7 +442,16 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
         name = program_file(kind)
         ep = export_program(wrapper, cfg)
         _publish(out, name, lambda p, ep=ep: _save_program(ep, p))
-        loaded[kind] = torch.export.load(str(out / name)).module()  # what users will run
+        loaded[kind] = load_program(out, kind)  # what users will run
+        log(f"wrote {out / name}")
+    for kind in onnx_kinds:
+        name = program_file(kind)
+        if kind == "onnx":
+            ep = export_program(InferenceModel(onnx_ready(model), layout).eval(), cfg)
+            write_program(ep, out, name)
+        else:  # onnx-mlp-int8, from model.onnx
+            write_mlp_int8(out, program_file("onnx"), name)
+        loaded[kind] = load_program(out, kind)
         log(f"wrote {out / name}")
 
     info: Dict[str, Any] = {
@@ -394,8 +465,9 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
         "quantization": ({k: (f"{k} rows" + (", row-wise scale/bias" if k != "fp16" else "")
                               + ", TorchRec quantize_inference_model (FBGEMM kernels; import "
                               "fbgemm_gpu before torch.export.load)")
-                          for k in loaded if k != "float"} or None),
+                          for k in loaded if k in QUANTIZED_TABLES} or None),
         "inputs": describe_inputs(cfg),
+        **({"onnx": describe_onnx(loaded)} if onnx_kinds else {}),
         **({"row_transform": row} if (row := row_transform(cfg)) else {}),
         "versions": {"torch": torch.__version__, "torchrec": _version("torchrec")},
     }
@@ -473,6 +545,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="also write model_<kind>.pt2 with quantized embedding tables, for each "
                         "of the comma-separated " + ", ".join(QUANTIZED_TABLES)
                         + " (e.g. int8,int4)")
+    p.add_argument("--onnx", default="", metavar="KINDS",
+                   help="also write ONNX programs for ONNX Runtime: float (model.onnx) and/or "
+                        "mlp-int8 (model_mlp_int8.onnx: MLPs dynamically quantized to int8), "
+                        "comma-separated")
     p.add_argument("--eval-split", default="val", choices=["val", "test", "none"],
                    help="split on which the exported programs are checked (default val)")
     p.add_argument("--eval-batches", type=int, default=0,
@@ -489,6 +565,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     # loading a program notes each data-dependent size it does not need again
     logging.getLogger("torch._export.serde.serialize").setLevel(logging.ERROR)
     try:
+        parse_quantize(args.quantize)  # option mistakes first, before reading anything
+        parse_onnx(args.onnx)
         if args.config:
             cfg = load_config(args.config, args.overrides)
             ckpt = resolve_checkpoint(args.checkpoint, cfg)
@@ -496,11 +574,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             ckpt = resolve_checkpoint(args.checkpoint, None)
             cfg = config_of_checkpoint(ckpt, args.overrides)
         validate(cfg)
-        export(cfg, ckpt, Path(args.out), args.quantize, args.eval_split, args.eval_batches)
+        export(cfg, ckpt, Path(args.out), args.quantize, args.eval_split, args.eval_batches,
+               onnx=args.onnx)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (checkpoint.CheckpointError, ExportError) as e:
+    except (checkpoint.CheckpointError, ExportError, OnnxUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

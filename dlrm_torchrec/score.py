@@ -41,9 +41,12 @@ from dlrm_torchrec.export import (
     INFO_FILE,
     QUANTIZED_TABLES,
     batch_inputs,
+    export_flag,
+    load_program,
     prediction_metrics,
     program_file,
 )
+from dlrm_torchrec.export_onnx import ONNX_KINDS, OnnxUnavailable
 
 # adopted data (settings.source) whose raw-row transform cannot be reproduced, and why
 UNSCORABLE_SOURCES = {
@@ -70,7 +73,8 @@ class RawRowScorer:
             if not (folder / f).is_file():
                 raise ScoreError(f"{folder / f}: not found (the output of python -m "
                                  "dlrm_torchrec.export"
-                                 + (f" --quantize {program}" if program != "float" else "") + ")")
+                                 + (f" {export_flag(program)}" if program != "float" else "")
+                                 + ")")
         self.cfg: Config = load_config(str(folder / CONFIG_FILE))
         if self.cfg.data.source not in CRITEO_SOURCES:
             raise ScoreError(f"the model was trained on data.source={self.cfg.data.source!r}; "
@@ -100,9 +104,10 @@ class RawRowScorer:
                              "frequency vocabulary (--data-dir: the folder that holds it now)")
         self.encoder = RowEncoder(self.cfg.data, self.cfg.embeddings, meta)
         self.names = feature_names(self.cfg.embeddings)
-        if program != "float":
-            import fbgemm_gpu  # noqa: F401  (registers the quantized kernels the program calls)
-        self.program = torch.export.load(str(folder / name)).module()
+        try:
+            self.program = load_program(folder, program)
+        except OnnxUnavailable as e:
+            raise ScoreError(str(e).replace("--onnx", f"--program {program}")) from None
 
     @torch.no_grad()
     def score(self, parsed: ct.ParsedChunk, batch_size: int) -> np.ndarray:
@@ -199,8 +204,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None,
                     help="the preprocessed data the model was trained on (meta.json, vocab/); "
                          "default: data.path of the export's config")
-    ap.add_argument("--program", default="float", choices=["float", *QUANTIZED_TABLES],
-                    help="score with model.pt2 (float) or model_<kind>.pt2 (quantized tables)")
+    ap.add_argument("--program", default="float",
+                    choices=["float", *QUANTIZED_TABLES, *ONNX_KINDS],
+                    help="score with model.pt2 (float), model_<kind>.pt2 (quantized tables), "
+                         "or an ONNX program in ONNX Runtime (onnx: model.onnx, onnx-mlp-int8: "
+                         "model_mlp_int8.onnx)")
     ap.add_argument("--int8", action="store_const", dest="program", const="int8",
                     help="the same as --program int8")
     ap.add_argument("--no-labels", action="store_true",

@@ -60,7 +60,7 @@ def exported(trained, tmp_path_factory):
     run, _ = trained
     out = tmp_path_factory.mktemp("export")
     rc = export.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
-                      str(out), "--quantize", "int8", *BASE, f"logging.run_dir={run}"])
+                      str(out), "--quantize", "int8", "--onnx", "float", *BASE, f"logging.run_dir={run}"])
     assert rc == 0
     return out
 
@@ -92,6 +92,10 @@ def test_exported_weights_and_program_predict_what_the_sharded_model_predicts(tr
     got_program = program(*inputs).detach()
     assert (got_program - want)[real].abs().max() < 1e-6
 
+    # the ONNX program in ONNX Runtime (export --onnx)
+    got_onnx = export.load_program(exported, "onnx")(*inputs)
+    assert (got_onnx - want)[real].abs().max() < 1e-6
+
     # over the whole validation split: the program's metrics are the sharded eval's
     final = json.loads((run / "metrics.json").read_text())["final"]
     info = json.loads((exported / "export.json").read_text())
@@ -100,6 +104,8 @@ def test_exported_weights_and_program_predict_what_the_sharded_model_predicts(tr
     assert v["metrics"]["float"]["log_loss"] == pytest.approx(final["log_loss"], abs=1e-6)
     assert v["metrics"]["float"]["auc"] == pytest.approx(final["auc"], abs=1e-6)
     assert v["max_abs_prob_diff"]["float"] < 1e-6
+    assert v["metrics"]["onnx"]["auc"] == pytest.approx(final["auc"], abs=1e-6)
+    assert v["max_abs_prob_diff"]["onnx"] < 1e-6
     assert info["inputs"]["feature_order"] == feature_names(cfg.embeddings)
     assert info["written_by_world_size"] == 2
 

@@ -1,0 +1,163 @@
+"""ONNX export (`export --onnx`): the scatter-add pooling equals a loop over the bags; the
+ONNX programs, run by ONNX Runtime, predict what the plain eager model predicts for any
+batch size, empty bags, ids past a table's rows and QR/MD/cat/DCN models; int8 MLPs stay
+within a tolerance; large tables go to an external data file; missing packages and unknown
+kinds are one error line. (The program against the 2-rank sharded model: test_export.)"""
+
+import shutil
+import sys
+
+import pytest
+import torch
+
+from dlrm_torchrec import export, export_onnx
+from dlrm_torchrec.compression import split_qr_ids
+from dlrm_torchrec.config import feature_names, load_config
+from tests.test_export import _fake_checkpoint, _first_val_batch
+
+# int8 MLPs (ONNX Runtime's dynamic quantization) against float32, on these small models
+MLP_INT8_MAX_PROB_DIFF = 0.05
+
+
+def _loop_bag_sum(weight, ids, lengths):
+    """The definition: bag b sums the rows of its ids, one bag at a time."""
+    out, pos = torch.zeros(len(lengths), weight.shape[1]), 0
+    for b, n in enumerate(lengths.tolist()):
+        for i in ids[pos:pos + n].tolist():
+            out[b] += weight[i]
+        pos += n
+    return out
+
+
+@pytest.mark.parametrize("lengths", [[2, 0, 3, 1], [0, 0, 4, 0, 0], [0], [5], [1, 1, 1], [0, 3]])
+def test_scatter_add_pooling_equals_a_loop_over_the_bags(lengths):
+    g = torch.Generator().manual_seed(len(lengths))
+    weight = torch.randn(9, 4, generator=g)
+    lengths = torch.tensor(lengths, dtype=torch.int64)
+    ids = torch.randint(0, 9, (int(lengths.sum()),), generator=g)
+    got = export_onnx.bag_sum(weight, ids, lengths)
+    torch.testing.assert_close(got, _loop_bag_sum(weight, ids, lengths), rtol=0, atol=1e-6)
+
+
+def _export_fake(tmp_path, overrides, onnx="float,mlp-int8", eval_split="val"):
+    cfg = load_config("configs/tiny_cpu.yaml", ["data.eval_samples=512", *overrides])
+    ckpt, model = _fake_checkpoint(cfg, tmp_path / "ck")
+    out = tmp_path / "out"
+    info = export.export(cfg, ckpt, out, onnx=onnx, eval_split=eval_split, log=lambda _: None)
+    return cfg, model, out, info
+
+
+def _eager(model, cfg, dense, ids, lengths):
+    """The plain DLRM (TorchRec's EmbeddingBagCollection) on ids folded by hand."""
+    from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+
+    rows = cfg.embeddings.table_sizes()
+    kjt = KeyedJaggedTensor(keys=feature_names(cfg.embeddings),
+                            values=torch.cat([i % r for i, r in zip(ids, rows)]),
+                            lengths=torch.cat(lengths))
+    kjt = split_qr_ids(kjt, export.embedding_layout(cfg.embeddings))
+    with torch.no_grad():
+        return torch.sigmoid(model(dense, kjt))
+
+
+@pytest.fixture(scope="module")
+def plain_export(tmp_path_factory):
+    return _export_fake(tmp_path_factory.mktemp("onnx"), [])
+
+
+def test_onnx_program_takes_any_batch_size_empty_bags_and_ids_past_the_rows(plain_export):
+    cfg, model, out, info = plain_export
+    program = export_onnx.OnnxProgram(out / "model.onnx")
+    assert program.input_names == info["onnx"]["input_names"]
+    rows = cfg.embeddings.table_sizes()
+    g = torch.Generator().manual_seed(1)
+    for b, most in ((1, 1), (1, 0), (5, 0), (33, 4), (700, 3)):
+        dense = torch.rand(b, cfg.model.dense_in_features, generator=g)
+        lengths = [torch.randint(0, most + 1, (b,), generator=g) for _ in rows]
+        # ids up to 3x past each table's rows: folded (id mod rows) as the training loader does
+        ids = [torch.randint(0, 3 * r, (int(n.sum()),), generator=g) for n, r in zip(lengths, rows)]
+        got = program(dense, ids, lengths)
+        assert got.shape == (b,) and got.dtype == torch.float32
+        torch.testing.assert_close(got, _eager(model, cfg, dense, ids, lengths),
+                                   rtol=0, atol=1e-6)
+
+
+def test_int8_mlp_program_is_quantized_and_stays_within_tolerance(plain_export):
+    import onnx
+
+    cfg, model, out, info = plain_export
+    ops = [n.op_type for n in onnx.load(str(out / "model_mlp_int8.onnx")).graph.node]
+    linear_layers = len(cfg.model.bottom_mlp) + len(cfg.model.top_mlp)
+    assert ops.count("MatMulInteger") == linear_layers and "Gemm" not in ops
+    v = info["validation"]
+    assert v["max_abs_prob_diff"]["onnx"] < 1e-6
+    assert 0 < v["max_abs_prob_diff_onnx-mlp-int8_vs_float"] < MLP_INT8_MAX_PROB_DIFF
+    assert v["metrics"]["onnx-mlp-int8"]["samples"] == 512
+    # eager check on one batch, independent of the export's own validation
+    batch = _first_val_batch(cfg)
+    inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
+    got = export_onnx.OnnxProgram(out / "model_mlp_int8.onnx")(*inputs)
+    diff = (got - _eager(model, cfg, *inputs)).abs().max()
+    assert 0 < diff < MLP_INT8_MAX_PROB_DIFF
+
+
+@pytest.mark.parametrize("overrides", [
+    ["embeddings.qr_threshold=600", "embeddings.qr_collisions=7", "embeddings.qr_operation=mult"],
+    ["embeddings.qr_threshold=600", "embeddings.qr_operation=concat", "model.bottom_mlp=[64,32]"],
+    ["embeddings.md_alpha=0.3"],
+    ["model.interaction=cat", "model.interaction_itself=false"],
+    ["model.interaction=dot", "model.interaction_itself=true"],
+    ["model.interaction=dcn"],
+    ["precision.embedding_dtype=fp16"],
+], ids=["qr-mult", "qr-concat", "md", "cat", "dot-itself", "dcn", "fp16-tables"])
+def test_compressed_and_other_architectures_export_to_onnx(tmp_path, overrides):
+    cfg, model, out, info = _export_fake(tmp_path, overrides, onnx="float", eval_split="none")
+    batch = _first_val_batch(cfg)
+    inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
+    got = export_onnx.OnnxProgram(out / "model.onnx")(*inputs)
+    torch.testing.assert_close(got, _eager(model, cfg, *inputs), rtol=0, atol=2e-6)
+
+
+def test_large_tables_go_to_an_external_data_file_beside_the_program(tmp_path, monkeypatch):
+    monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 0)
+    cfg, model, out, _ = _export_fake(tmp_path, [], eval_split="none")
+    table_bytes = 4 * cfg.embeddings.dim * sum(cfg.embeddings.table_sizes())
+    for name in ("model.onnx", "model_mlp_int8.onnx"):
+        assert (out / f"{name}.data").stat().st_size > table_bytes
+        assert (out / name).stat().st_size < table_bytes / 2  # the graph, without the tables
+    assert not list(out.glob(".tmp*")) and not list(out.glob("*inferred*"))
+    moved = tmp_path / "moved"  # the folder is self-contained: it moves as a whole
+    shutil.copytree(out, moved)
+    shutil.rmtree(out)
+    batch = _first_val_batch(cfg)
+    inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
+    want = _eager(model, cfg, *inputs)
+    torch.testing.assert_close(export_onnx.OnnxProgram(moved / "model.onnx")(*inputs), want,
+                               rtol=0, atol=1e-6)
+    got8 = export_onnx.OnnxProgram(moved / "model_mlp_int8.onnx")(*inputs)
+    assert (got8 - want).abs().max() < MLP_INT8_MAX_PROB_DIFF
+
+
+def test_missing_onnx_packages_is_one_error_line_before_any_work(tmp_path, monkeypatch, capsys):
+    cfg = load_config("configs/tiny_cpu.yaml")
+    ckpt, _ = _fake_checkpoint(cfg, tmp_path / "ck")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    out = tmp_path / "out"
+    assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--onnx", "float"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --onnx needs") and "missing: onnxruntime" in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("spec,kinds", [("float", ["onnx"]), ("mlp-int8", ["onnx", "onnx-mlp-int8"]),
+                                        ("mlp-int8, float", ["onnx", "onnx-mlp-int8"]), ("", [])])
+def test_onnx_kinds_parse_and_int8_brings_the_float_program(spec, kinds):
+    assert export.parse_onnx(spec) == kinds
+
+
+def test_unknown_onnx_kind_is_a_config_error(tmp_path, capsys):
+    assert export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
+                        "--onnx", "float,int3"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --onnx 'float,int3': 'int3' unknown; choose from float, mlp-int8" in err
