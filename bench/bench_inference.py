@@ -57,6 +57,7 @@ def samples_per_s(program, batches, seconds: float) -> float:
             return n / elapsed
 
 
+@torch.no_grad()
 def run_arch(arch: str, args) -> list:
     over = ["data.source=random", f"embeddings.max_ind_range={args.max_rows}",
             "data.eval_samples=0", "data.train_samples=1024", "data.batch_size=256"]

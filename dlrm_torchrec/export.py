@@ -1,5 +1,6 @@
 """Export a checkpoint to a single-host inference model:
-`python -m dlrm_torchrec.export --config FILE --checkpoint DIR|auto --out OUT [--quantize int8,int4]`.
+`python -m dlrm_torchrec.export --config FILE --checkpoint DIR|auto --out OUT [--quantize int8,int4]
+[--onnx float,mlp-int8]`.
 
 The checkpoint (DCP shards written by any world size and sharding plan) is read on one CPU
 process without a process group: DCP reassembles every sharded table into the plain
@@ -15,6 +16,9 @@ process without a process group: DCP reassembles every sharded table into the pl
   scale and bias; fp16 rows have none) by TorchRec's `quantize_inference_model`, looked up by
   FBGEMM's IntNBit inference kernel; it needs `import fbgemm_gpu` (or torchrec) before
   `torch.export.load`;
+- with `--onnx float` (and/or `mlp-int8`), `model.onnx` (`model_mlp_int8.onnx`): ONNX programs
+  of the same call for ONNX Runtime, the MLPs of the second dynamically quantized to int8
+  (`dlrm_torchrec.export_onnx`);
 - `export.json`: inputs, feature order, tables, files, the validation report (metrics of
   the exported programs on a split and their largest prediction differences) and, for
   models of Criteo data, `row_transform`: the data folder's preprocessing settings and
@@ -101,6 +105,8 @@ def load_program(folder: Path, kind: str):
         return OnnxProgram(path)
     if kind != "float":
         import fbgemm_gpu  # noqa: F401  (registers the quantized kernels the program calls)
+    # loading a program notes each data-dependent size it does not need again
+    logging.getLogger("torch._export.serde.serialize").setLevel(logging.ERROR)
     return torch.export.load(str(path)).module()
 
 
@@ -562,8 +568,6 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = parse_args(argv)
     quiet_libraries()
-    # loading a program notes each data-dependent size it does not need again
-    logging.getLogger("torch._export.serde.serialize").setLevel(logging.ERROR)
     try:
         parse_quantize(args.quantize)  # option mistakes first, before reading anything
         parse_onnx(args.onnx)

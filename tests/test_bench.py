@@ -1,6 +1,6 @@
 """The GPU benchmark's code path on CPU (--smoke), so the one device call a GPU session gets
 does not die of a plain Python error: every requested row runs and reports, and --report
-turns the JSON into the README's table."""
+turns the JSON into the README's table. The inference benchmark's too, on a tiny model."""
 
 import json
 import subprocess
@@ -55,3 +55,19 @@ def test_profile_row_counts_the_operators_of_each_step():
         assert "aten::mul" in table and "aten::add_" in table
     assert is_host_sync("cudaStreamSynchronize") and is_host_sync("cudaMemcpy")
     assert not is_host_sync("cudaMemcpyAsync") and not is_host_sync("cudaLaunchKernel")
+
+
+def test_bench_inference_smoke_times_every_program_and_checks_their_answers(tmp_path):
+    out = tmp_path / "inference.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/bench_inference.py", "--smoke", "--arch", "kaggle",
+         "--max-rows", "1000", "--batches", "1,32", "--seconds", "0.05", "--json", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [r["batch"] for r in rows] == [1, 32]
+    for r in rows:
+        assert all(r[k] > 0 for k in ("eager", "float", "int8", "onnx", "onnx-mlp-int8"))
+        assert r["float_max_diff"] < 1e-6 and r["onnx_max_diff"] < 1e-5
+        assert 0 < r["int8_max_diff"] < 0.05 and 0 < r["onnx-mlp-int8_max_diff"] < 0.15
+    assert "| kaggle | 32 |" in proc.stdout
