@@ -6,6 +6,8 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 ROWS = ["torchrec", "pytorch", "trainer fp32", "trainer fp16-tables", "trainer cudagraphs"]
 
 
@@ -57,6 +59,7 @@ def test_profile_row_counts_the_operators_of_each_step():
     assert not is_host_sync("cudaMemcpyAsync") and not is_host_sync("cudaLaunchKernel")
 
 
+@pytest.mark.slow  # 50 s: five programs of the Kaggle architecture exported and timed
 def test_bench_inference_smoke_times_every_program_and_checks_their_answers(tmp_path):
     out = tmp_path / "inference.json"
     proc = subprocess.run(

@@ -18,7 +18,7 @@ from tests.test_export import _fake_checkpoint
 ROWS = 1000  # max_ind_range of the hash-mode data, and every table's rows
 
 
-def _exported(tmp_path, mode, quantize="", onnx=""):
+def _exported(tmp_path, mode, quantize=""):
     lines = make_lines(700, seed=5)
     raw = write(tmp_path / "train.txt", lines)
     data = tmp_path / "data"
@@ -30,8 +30,7 @@ def _exported(tmp_path, mode, quantize="", onnx=""):
         "model.top_mlp=[32,1]", "data.eval_batch_size=64", "data.batch_size=64"])
     ckpt, _ = _fake_checkpoint(cfg, tmp_path / "ckpt")
     out = tmp_path / "export"
-    export.export(cfg, ckpt, out, quantize=quantize, eval_split="none", log=lambda m: None,
-                  onnx=onnx)
+    export.export(cfg, ckpt, out, quantize=quantize, eval_split="none", log=lambda m: None)
     return lines, cfg, out
 
 
@@ -140,18 +139,22 @@ def test_quantized_exports_score_within_the_export_tolerance(tmp_path):
 
 
 
-def test_onnx_exports_score_what_the_program_scores(tmp_path):
-    lines, _, out = _exported(tmp_path, "hash", onnx="float,mlp-int8")
+def test_onnx_exports_score_what_the_program_scores(exports, tmp_path):
+    from dlrm_torchrec.export_onnx import onnx_ready, write_program
+
+    lines, cfg, out = exports("hash")
+    if not (out / "model.onnx").exists():  # what export --onnx float adds to the folder
+        model = onnx_ready(export.load_weights(cfg, out / "weights.pt"))
+        wrapper = export.InferenceModel(model, export.embedding_layout(cfg.embeddings)).eval()
+        write_program(export.export_program(wrapper, cfg), out, "model.onnx")
     raw = write(tmp_path / "t.txt", lines)
-    for program in ("float", "onnx", "onnx-mlp-int8"):
+    for program in ("float", "onnx"):
         assert score.main([str(out), str(raw), "-o", str(tmp_path / f"{program}.txt"),
                            "--program", program]) == 0
-    f, o, o8 = (read_scores(tmp_path / f"{n}.txt") for n in ("float", "onnx", "onnx-mlp-int8"))
-    np.testing.assert_array_equal(np.isnan(f), np.isnan(o8))
+    f, o = (read_scores(tmp_path / f"{n}.txt") for n in ("float", "onnx"))
+    assert np.isnan(f).sum() > 0  # the malformed lines score nan in both
     np.testing.assert_allclose(o, f, rtol=0, atol=1e-6, equal_nan=True)
-    # int8 MLPs: off, not far; this untrained model's activations on raw log-dense values
-    # are large (tables uniform in +-0.5), so its int8 error is larger than a trained one's
-    assert 0 < np.nanmax(np.abs(o8 - f)) < 0.15
+
 
 def test_unlabelled_rows_score_the_same(exported, tmp_path):
     lines, _, out = exported
