@@ -1,14 +1,15 @@
 """Inference throughput of the exported programs, side by side in one run on the same
 pre-generated batches: the eager plain `DLRM` (TorchRec's EmbeddingBagCollection) as the
 baseline, the torch.export program (`model.pt2`), its int8-table twin (`model_int8.pt2`,
-FBGEMM), and the ONNX programs in ONNX Runtime (`model.onnx`, `model_mlp_int8.onnx`).
+FBGEMM), and the ONNX programs in ONNX Runtime (`model.onnx`, `model_mlp_int8.onnx`,
+`model_int8.onnx`).
 
     python bench/bench_inference.py [--arch kaggle terabyte] [--max-rows 200000]
                                     [--batches 1,256,8192] [--threads 0] [--seconds 3]
 
 The models are randomly initialised (tables uniform in +-0.5, as the tests' checkpoints)
-and written by the real `export.export` from a one-process checkpoint; ids are uniform over each capped table, one
-per bag as Criteo. Each cell is samples/s over at least --seconds after one warm-up call;
+and written by the real `export.export` from a one-process checkpoint; ids are uniform over
+each capped table, one per bag as Criteo. Each cell is samples/s over at least --seconds after one warm-up call;
 with --threads 0 torch and ONNX Runtime use every core (their defaults), otherwise both are
 held to that many threads. `--smoke` runs a tiny model for the tests.
 """
@@ -29,7 +30,7 @@ from dlrm_torchrec.config import load_config  # noqa: E402
 from tests.test_export import _fake_checkpoint  # noqa: E402
 
 ARCHS = {"kaggle": "configs/criteo_kaggle.yaml", "terabyte": "configs/criteo_terabyte.yaml"}
-PROGRAMS = ["eager", "float", "int8", "onnx", "onnx-mlp-int8"]
+PROGRAMS = ["eager", "float", "int8", "onnx", "onnx-mlp-int8", "onnx-int8"]
 
 
 def make_batches(cfg, batch: int, count: int):
@@ -68,7 +69,7 @@ def run_arch(arch: str, args) -> list:
         ckpt, _ = _fake_checkpoint(cfg, Path(tmp) / "ck")
         out = Path(tmp) / "export"
         t = time.perf_counter()
-        export.export(cfg, ckpt, out, quantize="int8", onnx="float,mlp-int8", eval_split="none",
+        export.export(cfg, ckpt, out, quantize="int8", onnx="float,mlp-int8,int8", eval_split="none",
                       log=lambda m: None)
         print(f"{arch}: export {time.perf_counter() - t:.1f}s", flush=True)
         model = export.load_weights(cfg, out / "weights.pt")
@@ -76,7 +77,7 @@ def run_arch(arch: str, args) -> list:
         programs.update({k: export.load_program(out, k) for k in PROGRAMS if k != "eager"})
         if args.threads:
             torch.set_num_threads(args.threads)
-            for k in ("onnx", "onnx-mlp-int8"):
+            for k in ("onnx", "onnx-mlp-int8", "onnx-int8"):
                 programs[k] = export.OnnxProgram(out / export.program_file(k), args.threads)
         rows = []
         for b in args.batches:

@@ -1,6 +1,6 @@
 """Export a checkpoint to a single-host inference model:
 `python -m dlrm_torchrec.export --config FILE --checkpoint DIR|auto --out OUT [--quantize int8,int4]
-[--onnx float,mlp-int8]`.
+[--onnx float,mlp-int8,int8]`.
 
 The checkpoint (DCP shards written by any world size and sharding plan) is read on one CPU
 process without a process group: DCP reassembles every sharded table into the plain
@@ -16,9 +16,9 @@ process without a process group: DCP reassembles every sharded table into the pl
   scale and bias; fp16 rows have none) by TorchRec's `quantize_inference_model`, looked up by
   FBGEMM's IntNBit inference kernel; it needs `import fbgemm_gpu` (or torchrec) before
   `torch.export.load`;
-- with `--onnx float` (and/or `mlp-int8`), `model.onnx` (`model_mlp_int8.onnx`): ONNX programs
-  of the same call for ONNX Runtime, the MLPs of the second dynamically quantized to int8
-  (`dlrm_torchrec.export_onnx`);
+- with `--onnx float` (and/or `mlp-int8`, `int8`), `model.onnx` (`model_mlp_int8.onnx`,
+  `model_int8.onnx`): ONNX programs of the same call for ONNX Runtime, with int8 MLPs
+  (and int8 tables) in the quantized ones (`dlrm_torchrec.export_onnx`);
 - `export.json`: inputs, feature order, tables, files, the validation report (metrics of
   the exported programs on a split and their largest prediction differences) and, for
   models of Criteo data, `row_transform`: the data folder's preprocessing settings and
@@ -62,8 +62,7 @@ from dlrm_torchrec.export_onnx import (
     OnnxUnavailable,
     onnx_ready,
     require_packages,
-    write_mlp_int8,
-    write_program,
+    write_kind,
 )
 from dlrm_torchrec.model import DLRM, build_train_module
 
@@ -184,15 +183,16 @@ def parse_quantize(spec: str) -> List[str]:
 
 
 def parse_onnx(spec: str) -> List[str]:
-    """--onnx "float,mlp-int8" -> ["onnx", "onnx-mlp-int8"] (ONNX_KINDS); ConfigError for an
-    unknown kind. mlp-int8 is made from the float program, so it brings model.onnx along."""
+    """--onnx "float,mlp-int8" -> ["onnx", "onnx-mlp-int8"] (ONNX_KINDS, in that order);
+    ConfigError for an unknown kind. mlp-int8 is made from the float program, so it brings
+    model.onnx along."""
     names = [k.strip() for k in spec.split(",") if k.strip()]
     for k in names:
         if k not in ONNX_OPTION_NAMES.values():
             raise ConfigError(f"--onnx {spec!r}: {k!r} unknown; choose from "
                               + ", ".join(ONNX_OPTION_NAMES.values()) + " (comma-separated)")
     return [kind for kind, name in ONNX_OPTION_NAMES.items()
-            if name in names or (names and kind == "onnx")]
+            if name in names or (kind == "onnx" and "mlp-int8" in names)]
 
 
 def _example_inputs(cfg: Config, batch: int = 4, per_bag: int = 2):
@@ -391,6 +391,15 @@ def describe_inputs(cfg: Config) -> Dict[str, Any]:
     }
 
 
+ONNX_DESCRIPTIONS = {
+    "onnx": "float32",
+    "onnx-mlp-int8": "MatMul/Gemm dynamically quantized to int8 by ONNX Runtime (tables "
+                     "float32)",
+    "onnx-int8": "int8 table rows (row-wise float32 scale and bias, dequantized after the "
+                 "gather) and MatMul/Gemm dynamically quantized to int8 by ONNX Runtime",
+}
+
+
 def describe_onnx(loaded: Dict[str, Any]) -> Dict[str, Any]:
     """How to run the ONNX programs (export_onnx)."""
     onnx = [k for k in loaded if k in ONNX_KINDS]
@@ -398,9 +407,7 @@ def describe_onnx(loaded: Dict[str, Any]) -> Dict[str, Any]:
         "call": "session.run(None, {name: array for name, array in zip(input_names, "
                 "[dense, *ids, *lengths])})[0] -> probabilities B (float32)",
         "input_names": loaded[onnx[0]].input_names,
-        "programs": {program_file(k): ("float32" if k == "onnx" else
-                                       "MatMul/Gemm dynamically quantized to int8 by ONNX "
-                                       "Runtime (tables float32)") for k in onnx},
+        "programs": {program_file(k): ONNX_DESCRIPTIONS[k] for k in onnx},
         "versions": {p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")},
     }
 
@@ -451,14 +458,10 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
         loaded[kind] = load_program(out, kind)  # what users will run
         log(f"wrote {out / name}")
     for kind in onnx_kinds:
-        name = program_file(kind)
-        if kind == "onnx":
-            ep = export_program(InferenceModel(onnx_ready(model), layout).eval(), cfg)
-            write_program(ep, out, name)
-        else:  # onnx-mlp-int8, from model.onnx
-            write_mlp_int8(out, program_file("onnx"), name)
+        write_kind(kind, out, lambda int8_rows: export_program(
+            InferenceModel(onnx_ready(model, int8_rows), layout).eval(), cfg))
         loaded[kind] = load_program(out, kind)
-        log(f"wrote {out / name}")
+        log(f"wrote {out / program_file(kind)}")
 
     info: Dict[str, Any] = {
         "format_version": FORMAT_VERSION,
@@ -552,9 +555,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                         "of the comma-separated " + ", ".join(QUANTIZED_TABLES)
                         + " (e.g. int8,int4)")
     p.add_argument("--onnx", default="", metavar="KINDS",
-                   help="also write ONNX programs for ONNX Runtime: float (model.onnx) and/or "
-                        "mlp-int8 (model_mlp_int8.onnx: MLPs dynamically quantized to int8), "
-                        "comma-separated")
+                   help="also write ONNX programs for ONNX Runtime, comma-separated: float "
+                        "(model.onnx), mlp-int8 (model_mlp_int8.onnx: MLPs dynamically "
+                        "quantized to int8), int8 (model_int8.onnx: int8 tables and MLPs)")
     p.add_argument("--eval-split", default="val", choices=["val", "test", "none"],
                    help="split on which the exported programs are checked (default val)")
     p.add_argument("--eval-batches", type=int, default=0,

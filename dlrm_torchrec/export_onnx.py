@@ -18,7 +18,11 @@ kinds (ONNX_KINDS):
 - `onnx`: float32 everything (`model.onnx`);
 - `onnx-mlp-int8`: the same with every MatMul/Gemm of the MLPs and the DCN cross layers
   dynamically quantized to int8 by ONNX Runtime's `quantize_dynamic` (int8 weights, per-batch
-  activation scales), as the reference's `--quantize-mlp-with-bit 8`; the tables stay float32.
+  activation scales), as the reference's `--quantize-mlp-with-bit 8`; the tables stay float32;
+- `onnx-int8`: int8 MLPs as above and int8 tables (`model_int8.onnx`): each row stored as
+  8-bit codes with a row-wise float32 scale and bias (min/max, as FBGEMM's int8 rows),
+  dequantized after the gather, before pooling; a quarter of the float tables' memory plus
+  8 bytes a row (the reference's `--quantize-emb-with-bit 8` with `--quantize-mlp-with-bit 8`).
 
 Tables above ONNX's 2 GB protobuf limit go to an external data file beside the program
 (`model.onnx.data`), which must stay in the same folder.
@@ -27,8 +31,9 @@ Tables above ONNX's 2 GB protobuf limit go to an external data file beside the p
 import logging
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Callable, Iterator, List, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -36,64 +41,111 @@ from torchrec.modules.embedding_modules import EmbeddingBagCollection
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 # kind -> file, and kind -> its name in export's --onnx option
-ONNX_KINDS = {"onnx": "model.onnx", "onnx-mlp-int8": "model_mlp_int8.onnx"}
-ONNX_OPTION_NAMES = {"onnx": "float", "onnx-mlp-int8": "mlp-int8"}
+ONNX_KINDS = {"onnx": "model.onnx", "onnx-mlp-int8": "model_mlp_int8.onnx",
+              "onnx-int8": "model_int8.onnx"}
+ONNX_OPTION_NAMES = {"onnx": "float", "onnx-mlp-int8": "mlp-int8", "onnx-int8": "int8"}
 ONNX_PACKAGES = "onnx, onnxscript and onnxruntime (pip install onnx onnxscript onnxruntime)"
 # ONNX's protobuf limit is 2 GiB; larger programs keep their weights in an external file
 EXTERNAL_DATA_BYTES = 1 << 30
-LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx", "torch.onnx._internal.exporter._registration")
+# the exporter's progress lines and optimizer notes; "" is the root logger, on which ONNX
+# Runtime's quantizer warns
+LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx",
+           "torch.onnx._internal.exporter._registration", "")
 
 
 class OnnxUnavailable(RuntimeError):
     """The ONNX packages are not installed."""
 
 
-def bag_sum(weight: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Sum pooling: weight (n x d), ids (N, rows of all bags back to back), lengths (B, ids
-    per bag; 0 allowed) -> B x d, bag b the sum of its rows (zeros when empty).
+def bag_sum(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Sum pooling of gathered rows: rows (N x d, the rows of all bags back to back), lengths
+    (B, rows per bag; 0 allowed) -> B x d float32, bag b the sum of its rows (zeros when empty).
 
-    The bag of each id comes from counting bag starts: a 1 is added at every bag's first
+    The bag of each row comes from counting bag starts: a 1 is added at every bag's first
     position (start = cumsum(lengths) - lengths; empty bags share their successor's start,
     trailing ones fall on the extra slot N), and the running count minus one at position j is
-    the bag of id j. No slicing by the batch size, so the export stays valid for B = 1.
+    the bag of row j. No slicing by the batch size, so the export stays valid for B = 1.
+    Summed in float32 whatever the rows' dtype: ONNX Runtime's CPU scatter-add has no fp16
+    kernel (and an fp16 running sum would lose what the eager kernel keeps).
     """
-    n_ids = ids.shape[0]
+    n_rows = rows.shape[0]
     starts = torch.cumsum(lengths, 0) - lengths
-    marks = torch.zeros(n_ids + 1, dtype=torch.int64).index_add(0, starts, torch.ones_like(starts))
-    bag = torch.cumsum(marks[:n_ids], 0) - 1
-    # summed in float32 whatever the table's dtype: ONNX Runtime's CPU scatter-add has no
-    # fp16 kernel (and an fp16 running sum would lose what the eager kernel keeps)
-    pooled = torch.zeros(lengths.shape[0], weight.shape[1], dtype=torch.float32)
-    return pooled.index_add(0, bag, weight[ids].float()).to(weight.dtype)
+    marks = torch.zeros(n_rows + 1, dtype=torch.int64).index_add(0, starts, torch.ones_like(starts))
+    bag = torch.cumsum(marks[:n_rows], 0) - 1
+    pooled = torch.zeros(lengths.shape[0], rows.shape[1], dtype=torch.float32)
+    return pooled.index_add(0, bag, rows.float())
+
+
+def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight (n x d) -> codes (n x d uint8), scale (n x 1), bias (n x 1) float32 with
+    codes * scale + bias within scale / 2 of each value: bias the row's minimum, scale its
+    range / 255 (1 for a constant row, which its bias gives exactly)."""
+    w = weight.detach().float()
+    bias = w.amin(dim=1, keepdim=True)
+    scale = (w.amax(dim=1, keepdim=True) - bias) / 255
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round((w - bias) / scale).clamp_(0, 255).to(torch.uint8)
+    return codes, scale, bias
+
+
+class FloatRows(nn.Module):
+    """A table's rows as they are: ids (N) -> N x d, in the table's dtype."""
+
+    def __init__(self, weight: nn.Parameter):
+        super().__init__()
+        self.weight = weight  # shared with the model, not copied
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids]
+
+
+class Int8Rows(nn.Module):
+    """A table's rows as int8 codes with a row-wise scale and bias (quantize_rows):
+    ids (N) -> N x d float32, dequantized."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        codes, scale, bias = quantize_rows(weight)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("bias", bias)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.codes[ids].float() * self.scale[ids] + self.bias[ids]
 
 
 class GatherSumCollection(nn.Module):
     """A stand-in for a plain (unsharded, unquantized) sum-pooled `EmbeddingBagCollection`:
-    KJT -> KeyedTensor of the same keys, widths and values, from the same weight tensors
-    (shared, not copied), written with operators ONNX has (see the module docstring)."""
+    KJT -> KeyedTensor of the same keys, widths and dtype, from the same weights (shared;
+    with `int8_rows`, their quantize_rows codes), written with operators ONNX has (see the
+    module docstring)."""
 
-    def __init__(self, ebc: EmbeddingBagCollection):
+    def __init__(self, ebc: EmbeddingBagCollection, int8_rows: bool = False):
         super().__init__()
         configs = ebc.embedding_bag_configs()
         self.keys: List[str] = [c.feature_names[0] for c in configs]
         self.dims: List[int] = [c.embedding_dim for c in configs]
-        self.weights = nn.ParameterList([ebc.embedding_bags[c.name].weight for c in configs])
+        weights = [ebc.embedding_bags[c.name].weight for c in configs]
+        self.dtype = torch.float32 if int8_rows else weights[0].dtype
+        self.tables = nn.ModuleList([Int8Rows(w) if int8_rows else FloatRows(w)
+                                     for w in weights])
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         by_key = features.to_dict()
-        pooled = [bag_sum(w, by_key[k].values(), by_key[k].lengths())
-                  for k, w in zip(self.keys, self.weights)]
+        pooled = [bag_sum(table(by_key[k].values()), by_key[k].lengths())
+                  for k, table in zip(self.keys, self.tables)]
         return KeyedTensor(keys=self.keys, length_per_key=self.dims,
-                           values=torch.cat(pooled, dim=1))
+                           values=torch.cat(pooled, dim=1).to(self.dtype))
 
 
-def onnx_ready(model: nn.Module) -> nn.Module:
+def onnx_ready(model: nn.Module, int8_rows: bool = False) -> nn.Module:
     """A shallow copy of the DLRM `model` whose lookup is a GatherSumCollection over the
-    same weights; everything else (MLPs, interaction, QR/MD outputs) is the model's own."""
+    same weights (or their int8 codes); everything else (MLPs, interaction, QR/MD outputs)
+    is the model's own."""
     twin = nn.Module.__new__(type(model))
     twin.__dict__ = dict(model.__dict__)
     twin._modules = dict(model._modules)
-    twin.sparse_arch = GatherSumCollection(model.sparse_arch)
+    twin.sparse_arch = GatherSumCollection(model.sparse_arch, int8_rows)
     return twin
 
 
@@ -109,14 +161,18 @@ def require_packages() -> None:
         raise OnnxUnavailable(f"--onnx needs {ONNX_PACKAGES}; missing: {', '.join(missing)}")
 
 
-def _quiet() -> Dict[str, int]:
-    """Silence the exporter's progress lines and optimizer notes; returns the old levels."""
-    old = {}
-    for name in LOGGERS:
-        log = logging.getLogger(name)
-        old[name] = log.level
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """LOGGERS at ERROR for the block, then as they were."""
+    loggers = [logging.getLogger(name) for name in LOGGERS]
+    old = [log.level for log in loggers]
+    for log in loggers:
         log.setLevel(logging.ERROR)
-    return old
+    try:
+        yield
+    finally:
+        for log, level in zip(loggers, old):
+            log.setLevel(level)
 
 
 def _move_into(tmp: Path, out: Path, name: str) -> None:
@@ -132,38 +188,43 @@ def _move_into(tmp: Path, out: Path, name: str) -> None:
 def write_program(exported: torch.export.ExportedProgram, out: Path, name: str) -> None:
     """The ONNX program of the torch.export program `exported` (of an `onnx_ready` model) as
     out/name (+ out/name.data when its weights exceed EXTERNAL_DATA_BYTES)."""
-    old = _quiet()
-    try:
+    with _quiet():
         program = torch.onnx.export(exported, dynamo=True, verbose=False,
                                     optimize=True, report=False)
-    finally:
-        for log_name, level in old.items():
-            logging.getLogger(log_name).setLevel(level)
     size = sum(p.numel() * p.element_size() for p in exported.state_dict.values())
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-onnx-") as tmp:
         program.save(str(Path(tmp) / name), external_data=size > EXTERNAL_DATA_BYTES)
         _move_into(Path(tmp), out, name)
 
 
-def write_mlp_int8(out: Path, float_name: str, name: str) -> None:
-    """out/name: out/float_name with every MatMul and Gemm dynamically quantized to int8 by
-    ONNX Runtime (int8 weights, activations scaled per batch); the tables stay float."""
+def write_mlp_int8(src: Path, out: Path, name: str) -> None:
+    """out/name: the ONNX program `src` with every MatMul and Gemm dynamically quantized to
+    int8 by ONNX Runtime (int8 weights, activations scaled per batch); tables as they are."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    src = out / float_name
-    external = (out / f"{float_name}.data").exists()
-    old = _quiet()
-    logging.getLogger("root").setLevel(logging.ERROR)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-onnx-") as tmp:
-        try:
-            quantize_dynamic(src, Path(tmp) / name, op_types_to_quantize=["MatMul", "Gemm"],
-                             weight_type=QuantType.QInt8, use_external_data_format=external)
-        finally:
-            for log_name, level in old.items():
-                logging.getLogger(log_name).setLevel(level)
+    external = Path(f"{src}.data").exists()
+    with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-onnx-") as tmp, _quiet():
+        quantize_dynamic(src, Path(tmp) / name, op_types_to_quantize=["MatMul", "Gemm"],
+                         weight_type=QuantType.QInt8, use_external_data_format=external)
         for leftover in Path(tmp).glob("*-inferred.onnx"):  # ORT's shape-inference scratch
             leftover.unlink()
         _move_into(Path(tmp), out, name)
+
+
+def write_kind(kind: str, out: Path,
+               exported_of: Callable[[bool], torch.export.ExportedProgram]) -> None:
+    """Write the program of `kind` (ONNX_KINDS) to `out`. exported_of(int8_rows) gives the
+    torch.export program of the onnx_ready model; onnx-mlp-int8 is made from out's
+    model.onnx, which must be written first (export.parse_onnx orders the kinds so)."""
+    name = ONNX_KINDS[kind]
+    if kind == "onnx":
+        write_program(exported_of(False), out, name)
+    elif kind == "onnx-mlp-int8":
+        write_mlp_int8(out / ONNX_KINDS["onnx"], out, name)
+    else:  # onnx-int8: int8 tables in the graph, then int8 MLPs
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-onnx-") as tmp:
+            write_program(exported_of(True), Path(tmp), "tables_int8.onnx")
+            write_mlp_int8(Path(tmp) / "tables_int8.onnx", out, name)
 
 
 class OnnxProgram:

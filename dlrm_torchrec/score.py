@@ -208,7 +208,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                     choices=["float", *QUANTIZED_TABLES, *ONNX_KINDS],
                     help="score with model.pt2 (float), model_<kind>.pt2 (quantized tables), "
                          "or an ONNX program in ONNX Runtime (onnx: model.onnx, onnx-mlp-int8: "
-                         "model_mlp_int8.onnx)")
+                         "model_mlp_int8.onnx, onnx-int8: model_int8.onnx)")
     ap.add_argument("--int8", action="store_const", dest="program", const="int8",
                     help="the same as --program int8")
     ap.add_argument("--no-labels", action="store_true",

@@ -70,7 +70,9 @@ def test_bench_inference_smoke_times_every_program_and_checks_their_answers(tmp_
     rows = json.loads(out.read_text())
     assert [r["batch"] for r in rows] == [1, 32]
     for r in rows:
-        assert all(r[k] > 0 for k in ("eager", "float", "int8", "onnx", "onnx-mlp-int8"))
+        assert all(r[k] > 0 for k in ("eager", "float", "int8", "onnx", "onnx-mlp-int8",
+                                      "onnx-int8"))
         assert r["float_max_diff"] < 1e-6 and r["onnx_max_diff"] < 1e-5
         assert 0 < r["int8_max_diff"] < 0.05 and 0 < r["onnx-mlp-int8_max_diff"] < 0.15
+        assert 0 < r["onnx-int8_max_diff"] < 0.15
     assert "| kaggle | 32 |" in proc.stdout

@@ -35,11 +35,33 @@ def test_scatter_add_pooling_equals_a_loop_over_the_bags(lengths):
     weight = torch.randn(9, 4, generator=g)
     lengths = torch.tensor(lengths, dtype=torch.int64)
     ids = torch.randint(0, 9, (int(lengths.sum()),), generator=g)
-    got = export_onnx.bag_sum(weight, ids, lengths)
+    got = export_onnx.bag_sum(weight[ids], lengths)
     torch.testing.assert_close(got, _loop_bag_sum(weight, ids, lengths), rtol=0, atol=1e-6)
 
 
-def _export_fake(tmp_path, overrides, onnx="float,mlp-int8", eval_split="val"):
+def test_int8_rows_are_within_half_a_step_of_the_weights_and_span_the_codes():
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(50, 8, generator=g) * torch.rand(50, 1, generator=g)
+    weight[7] = 0.25  # a constant row
+    codes, scale, bias = export_onnx.quantize_rows(weight)
+    assert codes.dtype == torch.uint8 and scale.shape == bias.shape == (50, 1)
+    w = weight.double()
+    step = (w.max(1, keepdim=True).values - w.min(1, keepdim=True).values) / 255
+    back = codes.double() * scale.double() + bias.double()
+    assert bool(((back - w).abs() <= step / 2 + 1e-6).all())
+    assert torch.equal(back[7], w[7])
+    varied = [r for r in range(50) if r != 7]
+    assert bool((codes[varied].amin(1) == 0).all()) and bool((codes[varied].amax(1) == 255).all())
+    # the ONNX lookup pools the dequantized rows
+    ids, lengths = torch.tensor([3, 7, 7, 49, 0]), torch.tensor([2, 0, 3])
+    rows = export_onnx.Int8Rows(weight)(ids)
+    want = torch.stack([back[[3, 7]].sum(0), torch.zeros(8, dtype=torch.float64),
+                        back[[7, 49, 0]].sum(0)])
+    torch.testing.assert_close(export_onnx.bag_sum(rows, lengths).double(), want,
+                               rtol=0, atol=1e-5)
+
+
+def _export_fake(tmp_path, overrides, onnx="float,mlp-int8,int8", eval_split="val"):
     cfg = load_config("configs/tiny_cpu.yaml", ["data.eval_samples=512", *overrides])
     ckpt, model = _fake_checkpoint(cfg, tmp_path / "ck")
     out = tmp_path / "out"
@@ -115,6 +137,30 @@ def _write_onnx_only(tmp_path, overrides):
     return cfg, model, out
 
 
+def test_int8_program_stores_its_tables_as_int8_codes_and_stays_within_tolerance(plain_export):
+    import onnx
+
+    cfg, model, out, info = plain_export
+    graph = onnx.load(str(out / "model_int8.onnx")).graph
+    dims = {tuple(t.dims): t.data_type for t in graph.initializer}
+    for rows in cfg.embeddings.table_sizes():
+        assert dims.get((rows, cfg.embeddings.dim)) == onnx.TensorProto.UINT8
+    ops = [n.op_type for n in graph.node]
+    assert ops.count("MatMulInteger") == len(cfg.model.bottom_mlp) + len(cfg.model.top_mlp)
+    def weight_bytes(path):
+        return sum(onnx.numpy_helper.to_array(t).nbytes
+                   for t in onnx.load(str(path)).graph.initializer)
+
+    # a byte a value, plus 8 a row: 3/8 of the float tables (d = 16), MLPs a quarter
+    assert weight_bytes(out / "model_int8.onnx") < 0.4 * weight_bytes(out / "model.onnx")
+    v = info["validation"]
+    assert 0 < v["max_abs_prob_diff_onnx-int8_vs_float"] < MLP_INT8_MAX_PROB_DIFF
+    batch = _first_val_batch(cfg)
+    inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
+    got = export.load_program(out, "onnx-int8")(*inputs)
+    assert 0 < (got - _eager(model, cfg, *inputs)).abs().max() < MLP_INT8_MAX_PROB_DIFF
+
+
 @pytest.mark.parametrize("overrides", [
     ["embeddings.qr_threshold=600", "embeddings.qr_collisions=7", "embeddings.qr_operation=mult"],
     ["embeddings.md_alpha=0.3"],
@@ -133,7 +179,7 @@ def test_compressed_and_other_architectures_export_to_onnx(tmp_path, overrides):
 def test_large_tables_go_to_an_external_data_file_beside_the_program(tmp_path, monkeypatch):
     monkeypatch.setattr(export_onnx, "EXTERNAL_DATA_BYTES", 0)
     cfg, model, out = _write_onnx_only(tmp_path, [])
-    export_onnx.write_mlp_int8(out, "model.onnx", "model_mlp_int8.onnx")
+    export_onnx.write_mlp_int8(out / "model.onnx", out, "model_mlp_int8.onnx")
     table_bytes = 4 * cfg.embeddings.dim * sum(cfg.embeddings.table_sizes())
     for name in ("model.onnx", "model_mlp_int8.onnx"):
         assert (out / f"{name}.data").stat().st_size > table_bytes
@@ -163,8 +209,9 @@ def test_missing_onnx_packages_is_one_error_line_before_any_work(tmp_path, monke
     assert not out.exists()
 
 
-@pytest.mark.parametrize("spec,kinds", [("float", ["onnx"]), ("mlp-int8", ["onnx", "onnx-mlp-int8"]),
-                                        ("mlp-int8, float", ["onnx", "onnx-mlp-int8"]), ("", [])])
+@pytest.mark.parametrize("spec,kinds", [
+    ("float", ["onnx"]), ("mlp-int8", ["onnx", "onnx-mlp-int8"]), ("int8", ["onnx-int8"]),
+    ("int8, mlp-int8", ["onnx", "onnx-mlp-int8", "onnx-int8"]), ("", [])])
 def test_onnx_kinds_parse_and_int8_brings_the_float_program(spec, kinds):
     assert export.parse_onnx(spec) == kinds
 
@@ -173,4 +220,4 @@ def test_unknown_onnx_kind_is_a_config_error(tmp_path, capsys):
     assert export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
                         "--onnx", "float,int3"]) == 2
     err = capsys.readouterr().err
-    assert "error: --onnx 'float,int3': 'int3' unknown; choose from float, mlp-int8" in err
+    assert "error: --onnx 'float,int3': 'int3' unknown; choose from float, mlp-int8, int8" in err
