@@ -58,6 +58,7 @@ from dlrm_torchrec.config import (
 from dlrm_torchrec.export_onnx import (
     ONNX_KINDS,
     ONNX_OPTION_NAMES,
+    ONNX_PACKAGES,
     OnnxProgram,
     OnnxUnavailable,
     onnx_ready,
@@ -100,7 +101,6 @@ def load_program(folder: Path, kind: str):
     session for the ONNX kinds."""
     path = folder / program_file(kind)
     if kind in ONNX_KINDS:
-        require_packages()
         return OnnxProgram(path)
     if kind != "float":
         import fbgemm_gpu  # noqa: F401  (registers the quantized kernels the program calls)
@@ -408,7 +408,7 @@ def describe_onnx(loaded: Dict[str, Any]) -> Dict[str, Any]:
                 "[dense, *ids, *lengths])})[0] -> probabilities B (float32)",
         "input_names": loaded[onnx[0]].input_names,
         "programs": {program_file(k): ONNX_DESCRIPTIONS[k] for k in onnx},
-        "versions": {p: _version(p) for p in ("onnx", "onnxscript", "onnxruntime")},
+        "versions": {p: _version(p) for p in ONNX_PACKAGES},
     }
 
 
@@ -436,7 +436,7 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
     kinds = parse_quantize(quantize)
     onnx_kinds = parse_onnx(onnx)
     if onnx_kinds:
-        require_packages()
+        require_packages("--onnx")
     _check_writable(out)
     start = time.perf_counter()
     model, state = load_checkpoint(cfg, ckpt)

@@ -44,7 +44,7 @@ from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 ONNX_KINDS = {"onnx": "model.onnx", "onnx-mlp-int8": "model_mlp_int8.onnx",
               "onnx-int8": "model_int8.onnx"}
 ONNX_OPTION_NAMES = {"onnx": "float", "onnx-mlp-int8": "mlp-int8", "onnx-int8": "int8"}
-ONNX_PACKAGES = "onnx, onnxscript and onnxruntime (pip install onnx onnxscript onnxruntime)"
+ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 # ONNX's protobuf limit is 2 GiB; larger programs keep their weights in an external file
 EXTERNAL_DATA_BYTES = 1 << 30
 # the exporter's progress lines and optimizer notes; "" is the root logger, on which ONNX
@@ -149,16 +149,18 @@ def onnx_ready(model: nn.Module, int8_rows: bool = False) -> nn.Module:
     return twin
 
 
-def require_packages() -> None:
-    """OnnxUnavailable naming what to install, before any work."""
+def require_packages(option: str) -> None:
+    """OnnxUnavailable naming the `option` that needs ONNX_PACKAGES and what to install,
+    before any work."""
     missing = []
-    for name in ("onnx", "onnxscript", "onnxruntime"):
+    for name in ONNX_PACKAGES:
         try:
             __import__(name)
         except ImportError:
             missing.append(name)
     if missing:
-        raise OnnxUnavailable(f"--onnx needs {ONNX_PACKAGES}; missing: {', '.join(missing)}")
+        raise OnnxUnavailable(f"{option} needs onnx, onnxscript and onnxruntime (pip install "
+                              f"{' '.join(ONNX_PACKAGES)}); missing: {', '.join(missing)}")
 
 
 @contextmanager

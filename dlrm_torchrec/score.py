@@ -46,7 +46,7 @@ from dlrm_torchrec.export import (
     prediction_metrics,
     program_file,
 )
-from dlrm_torchrec.export_onnx import ONNX_KINDS, OnnxUnavailable
+from dlrm_torchrec.export_onnx import ONNX_KINDS, OnnxUnavailable, require_packages
 
 # adopted data (settings.source) whose raw-row transform cannot be reproduced, and why
 UNSCORABLE_SOURCES = {
@@ -104,10 +104,12 @@ class RawRowScorer:
                              "frequency vocabulary (--data-dir: the folder that holds it now)")
         self.encoder = RowEncoder(self.cfg.data, self.cfg.embeddings, meta)
         self.names = feature_names(self.cfg.embeddings)
-        try:
-            self.program = load_program(folder, program)
-        except OnnxUnavailable as e:
-            raise ScoreError(str(e).replace("--onnx", f"--program {program}")) from None
+        if program in ONNX_KINDS:
+            try:
+                require_packages(f"--program {program}")
+            except OnnxUnavailable as e:
+                raise ScoreError(str(e)) from None
+        self.program = load_program(folder, program)
 
     @torch.no_grad()
     def score(self, parsed: ct.ParsedChunk, batch_size: int) -> np.ndarray:
