@@ -233,6 +233,13 @@ def export_program(model: InferenceModel, cfg: Config):
             root.removeFilter(_quiet_kjt_warning)
 
 
+def onnx_export_program(model: DLRM, cfg: Config, int8_rows: bool = False):
+    """The torch.export program (export_program) of `model` with its lookup made ONNX-ready
+    (export_onnx.onnx_ready): what export_onnx.write_program turns into an ONNX program."""
+    ready = onnx_ready(model, int8_rows)
+    return export_program(InferenceModel(ready, embedding_layout(cfg.embeddings)).eval(), cfg)
+
+
 def _quiet_kjt_warning(record: logging.LogRecord) -> bool:
     """TorchRec warns (on the root logger) on every export that splitting a KJT by key is
     slow to trace; it is, once."""
@@ -458,8 +465,7 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
         loaded[kind] = load_program(out, kind)  # what users will run
         log(f"wrote {out / name}")
     for kind in onnx_kinds:
-        write_kind(kind, out, lambda int8_rows: export_program(
-            InferenceModel(onnx_ready(model, int8_rows), layout).eval(), cfg))
+        write_kind(kind, out, lambda int8_rows: onnx_export_program(model, cfg, int8_rows))
         loaded[kind] = load_program(out, kind)
         log(f"wrote {out / program_file(kind)}")
 

@@ -129,11 +129,9 @@ def _write_onnx_only(tmp_path, overrides):
     ONNX side."""
     cfg = load_config("configs/tiny_cpu.yaml", ["data.eval_samples=512", *overrides])
     _, model = _fake_checkpoint(cfg, tmp_path / "ck")
-    wrapper = export.InferenceModel(export_onnx.onnx_ready(model),
-                                    export.embedding_layout(cfg.embeddings)).eval()
     out = tmp_path / "out"
     out.mkdir()
-    export_onnx.write_program(export.export_program(wrapper, cfg), out, "model.onnx")
+    export_onnx.write_program(export.onnx_export_program(model, cfg), out, "model.onnx")
     return cfg, model, out
 
 

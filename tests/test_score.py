@@ -138,15 +138,13 @@ def test_quantized_exports_score_within_the_export_tolerance(tmp_path):
     assert diff < diff4 < 0.25  # int4 rows: further off, still near
 
 
-
 def test_onnx_exports_score_what_the_program_scores(exports, tmp_path):
-    from dlrm_torchrec.export_onnx import onnx_ready, write_program
+    from dlrm_torchrec.export_onnx import write_program
 
     lines, cfg, out = exports("hash")
     if not (out / "model.onnx").exists():  # what export --onnx float adds to the folder
-        model = onnx_ready(export.load_weights(cfg, out / "weights.pt"))
-        wrapper = export.InferenceModel(model, export.embedding_layout(cfg.embeddings)).eval()
-        write_program(export.export_program(wrapper, cfg), out, "model.onnx")
+        model = export.load_weights(cfg, out / "weights.pt")
+        write_program(export.onnx_export_program(model, cfg), out, "model.onnx")
     raw = write(tmp_path / "t.txt", lines)
     for program in ("float", "onnx"):
         assert score.main([str(out), str(raw), "-o", str(tmp_path / f"{program}.txt"),
