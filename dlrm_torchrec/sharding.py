@@ -140,10 +140,12 @@ def build_planner(cfg: ShardingConfig, tables: List[EmbeddingBagConfig], world_s
 
 
 class _SingleProcess(DataParallelWrapper):
-    """With one rank there is nothing to all-reduce: skip DDP's bucketing and hooks."""
+    """With one rank there is nothing to all-reduce: skip DDP's bucketing and hooks, but still
+    move the dense modules to `device`, as TorchRec's DDP wrapper does before it wraps them
+    (the sharded tables are already there; `.to` leaves them as they are)."""
 
     def wrap(self, dmp, env, device) -> None:
-        pass
+        dmp._dmp_wrapped_module.to(device)
 
 
 def sharders(fused_params: Optional[Dict] = None, qcomm_codecs_registry: Optional[Dict] = None) -> List:

@@ -103,3 +103,18 @@ def test_loader_workers_train_exactly_as_the_training_process_alone(tmp_path):
     assert [h["train_loss"] for h in piped["history"]] == [h["train_loss"] for h in base["history"]]
     assert piped["final"]["auc"] == base["final"]["auc"]
     assert piped["final"]["log_loss"] == base["final"]["log_loss"]
+
+
+def test_one_rank_moves_the_dense_modules_to_the_training_device():
+    """With one rank the trainer skips DDP (sharding._SingleProcess), and DDP's wrapper is
+    where TorchRec moves the dense MLPs to the device: skipping it left them on the CPU of a
+    GPU machine. `meta` stands in for `cuda` here (a real move, on a CPU-only machine)."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from dlrm_torchrec.sharding import _SingleProcess
+
+    dmp = SimpleNamespace(_dmp_wrapped_module=nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)))
+    _SingleProcess().wrap(dmp, env=None, device=torch.device("meta"))
+    assert {p.device.type for p in dmp._dmp_wrapped_module.parameters()} == {"meta"}

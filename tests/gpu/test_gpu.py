@@ -10,6 +10,7 @@ on random data.
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -24,6 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 QUIET = ["logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false"]
 TINY = ["sharding.device=cuda", "sharding.compute_kernel=fused", "data.train_samples=65536",
         "data.eval_samples=8192", "training.eval_every_n_steps=0", "logging.log_every_n_steps=10"]
+ENTRY_POINT_TIMEOUT_S = 120  # 200 tiny steps take seconds; leaves the one device call time
 
 
 def _cfg(tmp_path, overrides, config="configs/tiny_cpu.yaml"):
@@ -49,8 +51,16 @@ def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path):
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
            *TINY, "training.max_steps=200", f"logging.run_dir={tmp_path}", *QUIET]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
+    # its own process session: on a timeout the loader workers it forked die with it (they
+    # hold its pipes, so killing the trainer alone would leave communicate() waiting)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=ENTRY_POINT_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"no exit after {ENTRY_POINT_TIMEOUT_S} s:\n{out[-4000:]}")
     assert proc.returncode == 0, out[-4000:]
     assert "1 ranks, cuda" in out and "kernel=fused" in out, out[-4000:]
     # data.num_workers auto: batches come from worker processes forked after CUDA started
