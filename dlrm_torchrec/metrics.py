@@ -32,6 +32,10 @@ from torchmetrics.classification import (
 LOG_LOSS_EPS = 1e-12
 
 
+def _several_ranks() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 class EvalMetrics:
     """Accumulates predictions of real (weight > 0) samples on this rank; `compute()`, called
     once at the end, is a collective: every rank must call it. AUC and the threshold metrics come from
@@ -39,15 +43,18 @@ class EvalMetrics:
 
     def __init__(self, device: torch.device, extended: bool = False):
         self.device = device
-        # labels are checked to be 0/1 here (rounded), not by torchmetrics per update
-        self.auc = BinaryAUROC(validate_args=False).to(device)
+        # labels are checked to be 0/1 here (rounded), not by torchmetrics per update; with one
+        # rank there is nothing to gather (torchmetrics would still all-gather over the world
+        # of one, and a CPU metric under NCCL cannot)
+        kw = {"validate_args": False, "sync_on_compute": _several_ranks()}
+        self.auc = BinaryAUROC(**kw).to(device)
         self.extra = {}
         if extended:
             self.extra = {
-                "precision": BinaryPrecision(validate_args=False).to(device),
-                "recall": BinaryRecall(validate_args=False).to(device),
-                "f1": BinaryF1Score(validate_args=False).to(device),
-                "average_precision": BinaryAveragePrecision(validate_args=False).to(device),
+                "precision": BinaryPrecision(**kw).to(device),
+                "recall": BinaryRecall(**kw).to(device),
+                "f1": BinaryF1Score(**kw).to(device),
+                "average_precision": BinaryAveragePrecision(**kw).to(device),
             }
         # sums of: log loss, correct at 0.5, samples, positives, predicted probabilities
         self.sums = torch.zeros(5, dtype=torch.float64, device=device)
@@ -74,7 +81,7 @@ class EvalMetrics:
 
     def compute(self) -> Dict[str, float]:
         sums = self.sums.clone()
-        if dist.is_initialized() and dist.get_world_size() > 1:
+        if _several_ranks():
             dist.all_reduce(sums)
         logloss, correct, count, positives, predicted = sums.tolist()
         out = {"samples": int(count)}
