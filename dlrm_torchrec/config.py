@@ -28,6 +28,7 @@ DENSE_AUTOCAST = ("none", "bf16")
 EMBEDDING_DTYPES = ("fp32", "fp16")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
+STEP_KINDS = ("pipeline", "direct", "cuda_graph")
 
 
 class ConfigError(ValueError):
@@ -231,6 +232,13 @@ class TrainingConfig:
     """torch.compile the data-parallel modules (bottom MLP, interaction, top MLP, loss):
     none, default, reduce-overhead (default plus CUDA graphs on GPU) or max-autotune.
     Removes per-step kernel-launch overhead; the first steps pay the compilation."""
+    step: str = "pipeline"
+    """How a training step runs. pipeline: TorchRec's TrainPipelineSparseDist (any world
+    size). One rank only (one GPU, or one CPU process), SGD, one fused table group, no
+    QR/MD: direct calls the sharded collection's FBGEMM kernel itself, without input
+    distribution or pipeline; cuda_graph (CUDA) also replays the whole step (lookup, MLPs,
+    loss, backward with the fused table update, dense SGD) as one CUDA graph while the
+    learning rate stays the one it was captured with (one_rank_step.py)."""
     crash_at_step: int = 0
     """Fault-injection for tests: rank crash_rank exits at this step on a job's first
     attempt (TORCHELASTIC_RESTART_COUNT=0); 0: off."""
@@ -633,6 +641,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _one_of("training.loss", t.loss, LOSSES)
     _one_of("training.eval_split", t.eval_split, ("val", "test"))
     _one_of("training.compile", t.compile, COMPILE_MODES)
+    _one_of("training.step", t.step, STEP_KINDS)
     _require(len(t.loss_weights) == 2, "training.loss_weights", t.loss_weights,
              "needs two weights: label 0, label 1")
     _require(0 <= t.target_auc <= 1, "training.target_auc", t.target_auc, "must be in [0, 1]")

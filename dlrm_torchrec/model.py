@@ -216,6 +216,12 @@ class DLRM(nn.Module):
         x = self.dense_arch(dense_features)
         pooled: KeyedTensor = self.sparse_arch(sparse_features)
         sparse = self.in_order(pooled) if self.embedding_out is None else self.embedding_out(pooled)
+        return self.top(x, sparse)
+
+    def top(self, x: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
+        """Interaction and top MLP: bottom-MLP output x (B x d) and the pooled embeddings in
+        feature order (B x F*d) -> logits B. Also the one-rank direct step's (one_rank_step.py),
+        which pools with the FBGEMM kernel itself."""
         r = self.interaction(x, sparse)
         return self.over_arch(r).squeeze(-1).float()  # fp32 logits under dense_autocast too
 

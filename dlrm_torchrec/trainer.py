@@ -18,7 +18,7 @@ from torchrec.optim.keyed import CombinedOptimizer
 
 from dlrm_torchrec import checkpoint
 from dlrm_torchrec.compression import is_compressed, memory_report, wrap_source
-from dlrm_torchrec.config import Config, to_dict, to_yaml
+from dlrm_torchrec.config import Config, feature_names, to_dict, to_yaml
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.data.loader import prefetching, resolve_num_workers
 from dlrm_torchrec.distributed import DistInfo
@@ -29,6 +29,7 @@ from dlrm_torchrec.model import (
     compile_dense_modules,
 )
 from dlrm_torchrec.observability import RunLogger, write_line
+from dlrm_torchrec.one_rank_step import OneRankStep, check_one_rank_step
 from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
 from dlrm_torchrec.precision import (
     apply_matmul_precision,
@@ -69,6 +70,7 @@ class Trainer:
                                   d.pin_memory and info.device.type == "cuda")
 
         check_compile_supported(cfg.training.compile, info.device.type)
+        check_one_rank_step(cfg, info.world_size, info.device.type)
         module = build_train_module(cfg)
         if cfg.training.compile != "none":  # compiled lazily, at the first step
             compile_dense_modules(module, cfg.training.compile)
@@ -93,6 +95,14 @@ class Trainer:
         self.schedule = LRSchedule(self.optimizer, cfg.lr_schedule)
         self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, info.device,
                                                 execute_all_batches=True)
+        # training steps: the pipeline, or on one rank the direct / CUDA-graph step
+        # (training.step); evaluation always goes through the pipeline
+        self.train_step = self.pipeline
+        if cfg.training.step != "pipeline":
+            self.train_step = OneRankStep(
+                self.model, self.optimizer, self.dense_optimizer, feature_names(cfg.embeddings),
+                info.device,
+                capture=cfg.training.step == "cuda_graph")
         self.step = 0
         self.epoch = 0
         self.next_batch = 0  # data position: the next global batch of self.epoch
@@ -125,7 +135,7 @@ class Trainer:
         while True:
             self._step_begin()
             try:
-                loss, _, _, weights = self.pipeline.progress(it)
+                loss, _, _, weights = self.train_step.progress(it)
             except StopIteration:
                 return taken
             self.schedule.step()

@@ -1,0 +1,242 @@
+"""The training step of a one-rank run without TorchRec's pipeline (`training.step`).
+
+With one rank there is nothing to distribute. TorchRec's input distribution (splits, the
+KJT all-to-all, awaitables) and TrainPipelineSparseDist's streams, events and
+record_stream calls are then host work on every step and do nothing else. On the H200
+(issue 7) the pipelined trainer took about 6 ms per step at batch 8192 and 32768 alike,
+so the host bounded it, not the GPU.
+
+- `direct`: the step calls the sharded collection's own FBGEMM kernel
+  (SplitTableBatchedEmbeddingBagsCodegen: the same weights, and the same fused SGD/Adagrad
+  update in its backward) on the batch's ids and offsets. The model's dense modules run
+  around it (`DLRM.dense_arch`, `DLRM.top`), then the loss, backward and the optimizers'
+  step, in the pipeline's order. The arithmetic is the pipeline's (`tests/test_one_rank_step.py`
+  compares losses and weights).
+- `cuda_graph`: as direct for the first steps (warm-up, on the capture stream). Then the
+  whole step (lookup, MLPs, loss, backward with the table update, dense SGD) is captured
+  once into a CUDA graph. Each later step copies its batch into the graph's input buffers
+  and replays it, which is a few host calls instead of hundreds.
+  - Replay needs the captured shapes. Every batch has the full per-rank size (tails are
+    padded), so only the number of ids can change: never with one-hot data or fixed
+    multi-hot bags. A batch with another count runs direct.
+  - It also needs the captured learning rates. FBGEMM takes the table rate from a host
+    tensor and fused SGD takes a float, both at launch, so a replay keeps the rates of its
+    capture. Steps whose scheduled rate differs (warm-up, decay) run direct; the constant
+    phase between them replays.
+  - If the capture fails (an operation that waits for the GPU, in some release), the
+    run goes on direct after one warning line.
+"""
+
+import logging
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from dlrm_torchrec.compression import is_compressed
+from dlrm_torchrec.config import Config, ConfigError
+
+log = logging.getLogger(__name__)
+
+STEP_KINDS_ONE_RANK = ("direct", "cuda_graph")
+GRAPH_WARMUP_STEPS = 3  # direct steps before the capture: lazy initialisation stays out of it
+
+
+def check_one_rank_step(cfg: Config, world_size: int, device_type: str) -> None:
+    """training.step direct / cuda_graph: what they need, as a ConfigError naming the key."""
+    kind = cfg.training.step
+    if kind not in STEP_KINDS_ONE_RANK:
+        return
+    key = f"training.step={kind}"
+    if world_size != 1:
+        raise ConfigError(f"{key} runs one rank (nothing to distribute); this run has "
+                          f"{world_size}: use training.step=pipeline")
+    if is_compressed(cfg.embeddings):
+        raise ConfigError(f"{key} takes plain tables; QR/MD embeddings "
+                          "(embeddings.qr_threshold, embeddings.md_alpha) need "
+                          "training.step=pipeline")
+    if cfg.sharding.compute_kernel not in ("fused", "auto"):
+        raise ConfigError(f"{key} calls the fused FBGEMM kernel; sharding.compute_kernel="
+                          f"{cfg.sharding.compute_kernel} needs training.step=pipeline")
+    if kind == "cuda_graph":
+        if device_type != "cuda":
+            raise ConfigError(f"{key} needs a CUDA device (sharding.device={device_type}); "
+                              "training.step=direct runs the same step without the graph")
+        bad = [f"optimizer.{k}={v}" for k, v in (("dense", cfg.optimizer.dense),
+                                                 ("sparse", cfg.optimizer.sparse)) if v != "sgd"]
+        if bad:
+            raise ConfigError(f"{key} captures SGD steps (no optimizer state to step on the "
+                              f"host); {', '.join(bad)}: use training.step=direct")
+        if cfg.training.compile in ("reduce-overhead", "max-autotune"):
+            raise ConfigError(f"{key} and training.compile={cfg.training.compile} both make "
+                              "CUDA graphs: use training.compile=default (or none)")
+
+
+class StepUnsupported(ConfigError):
+    """The sharding plan does not give the one-rank step one fused kernel to call."""
+
+
+def single_fused_kernel(sharded_ebc: nn.Module, feature_names: List[str]):
+    """(FBGEMM kernel, index dtype, offset dtype) of a one-rank sharded collection whose tables
+    all sit in one fused kernel, in feature order, with whole columns. Otherwise
+    StepUnsupported, which says what the plan did instead."""
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
+
+    lookups = list(getattr(sharded_ebc, "_lookups", []))
+    kernels = [m for lookup in lookups for m in getattr(lookup, "_emb_modules", [])]
+    if len(kernels) != 1:
+        raise StepUnsupported(
+            f"training.step needs every table in one fused kernel group; the plan made "
+            f"{len(kernels)} (tables on several kernels or memory kinds, e.g. UVM caching): "
+            "use training.step=pipeline")
+    kernel = kernels[0]
+    tbe = getattr(kernel, "emb_module", None)
+    if not isinstance(tbe, SplitTableBatchedEmbeddingBagsCodegen):
+        raise StepUnsupported(f"training.step needs FBGEMM's fused training kernel; the plan "
+                              f"chose {type(tbe).__name__}: use training.step=pipeline")
+    tables = kernel.config.embedding_tables
+    order = [f for t in tables for f in t.feature_names]
+    if order != list(feature_names):
+        raise StepUnsupported(f"training.step: the fused kernel holds features {order}, "
+                              f"not the model's {list(feature_names)}: use training.step=pipeline")
+    split = [t.name for t in tables if t.local_cols != t.embedding_dim]
+    if split:
+        raise StepUnsupported(f"training.step: tables {split} are split by columns: use "
+                              "training.step=pipeline")
+    return (tbe, getattr(kernel, "_embedding_table_index_type", torch.int64),
+            getattr(kernel, "_embedding_table_offset_type", torch.int64))
+
+
+class OneRankStep:
+    """`progress(batches)` as TrainPipelineSparseDist's: takes the next batch (StopIteration
+    when there is none), trains on it, returns (loss, logits, labels, weights), detached.
+
+    dmp: the one-rank DistributedModelParallel of a DLRMTrain. optimizer: the trainer's
+    CombinedOptimizer (fused tables + dense), used as the pipeline uses it: its zero_grad
+    also hands the tables their scheduled rate (TorchRec's fused optimizer sets the FBGEMM
+    kernel's rate there), so step k's table update uses lr(k), as the dense one does.
+    capture: the cuda_graph kind."""
+
+    def __init__(self, dmp: nn.Module, optimizer, dense_optimizer, feature_names: List[str],
+                 device: torch.device, capture: bool = False):
+        self.train_module = dmp.module  # DLRMTrain
+        self.model = self.train_module.model
+        self.optimizer = optimizer
+        self.dense_optimizer = dense_optimizer
+        self.device = device
+        self.tbe, self.index_dtype, self.offset_dtype = single_fused_kernel(
+            self.model.sparse_arch, feature_names)
+        self.capture = capture
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.capture_failed = False
+        self.direct_steps = 0
+        self.replays = 0
+        self._stream = torch.cuda.Stream(device) if capture else None
+        self._inputs: Dict[str, torch.Tensor] = {}
+        self._outputs: Tuple[torch.Tensor, ...] = ()
+        self._captured_lrs: Tuple = ()
+
+    # ---------------------------------------------------------------- the step itself
+    def _ids(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The KJT's ids and bag lengths, as built (and pinned) by the loader: offsets made
+        on the host would be neither pinned nor inside the graph."""
+        kjt = batch.sparse_features
+        return kjt.values().to(self.index_dtype), kjt.lengths()
+
+    def _loss(self, dense: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor,
+              labels: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """dense B x D, indices N, lengths F*B (feature-major, as the KJT's), labels and
+        weights B -> (loss, logits B)."""
+        x = self.model.dense_arch(dense)
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths).to(self.offset_dtype)
+        pooled = self.tbe(indices=indices, offsets=offsets)  # B x F*d, the features in order
+        logits = self.model.top(x, pooled)
+        return self.train_module.loss_fn(logits, labels, weights), logits
+
+    def _direct(self, batch) -> Tuple[torch.Tensor, ...]:
+        batch = batch.to(self.device, non_blocking=True)
+        self.optimizer.zero_grad()  # also sets the tables' rate for this step's update
+        loss, logits = self._loss(batch.dense_features, *self._ids(batch), batch.labels,
+                                  batch.weights)
+        loss.backward()  # the table update, fused into the kernel's backward
+        self.optimizer.step()
+        self.direct_steps += 1
+        return loss.detach(), logits.detach(), batch.labels, batch.weights
+
+    def progress(self, batches: Iterator) -> Tuple[torch.Tensor, ...]:
+        batch = next(batches)
+        if not self.capture or self.capture_failed:
+            return self._direct(batch)
+        if self.graph is None and self.direct_steps >= GRAPH_WARMUP_STEPS:
+            self._try_capture(batch)
+        if self._replayable(batch):
+            self._fill(batch)
+            self.graph.replay()
+            self.replays += 1
+            return self._outputs
+        # warm-up, a rate the graph was not captured with, another id count: direct, on the
+        # capture stream until the capture (its lazy initialisation belongs there)
+        if self.graph is None:
+            return self._on_capture_stream(batch)
+        return self._direct(batch)
+
+    # ---------------------------------------------------------------- the CUDA graph
+    def _lrs(self) -> Tuple[float, ...]:
+        """The scheduled rates of this step, tables' and dense (what zero_grad would hand
+        the kernel; its own host copy holds the last direct step's)."""
+        return tuple(g["lr"] for g in self.optimizer.param_groups)
+
+    def _replayable(self, batch) -> bool:
+        return (self.graph is not None and self._lrs() == self._captured_lrs
+                and batch.sparse_features.values().numel() == self._inputs["indices"].numel())
+
+    def _fill(self, batch) -> None:
+        """The batch into the graph's input buffers (from pinned host memory: asynchronous)."""
+        indices, lengths = self._ids(batch)
+        for name, src in (("dense", batch.dense_features), ("indices", indices),
+                          ("lengths", lengths), ("labels", batch.labels),
+                          ("weights", batch.weights)):
+            self._inputs[name].copy_(src, non_blocking=True)
+
+    def _on_capture_stream(self, batch) -> Tuple[torch.Tensor, ...]:
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with torch.cuda.stream(self._stream):
+            out = self._direct(batch)
+        current.wait_stream(self._stream)
+        for t in out:
+            t.record_stream(current)
+        return out
+
+    def _try_capture(self, batch) -> None:
+        b = batch.to(self.device)
+        indices, lengths = self._ids(b)
+        self._inputs = {"dense": b.dense_features.clone(), "indices": indices.clone(),
+                        "lengths": lengths.clone(), "labels": b.labels.clone(),
+                        "weights": b.weights.clone()}
+        lrs = self._lrs()
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize(self.device)
+        # no gradients: the captured backward allocates them in the graph's pool and each
+        # replay writes them afresh (zeroed ones would be accumulated into, replay on
+        # replay); zero_grad also sets the tables' rate the capture records
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            with torch.cuda.graph(graph, stream=self._stream):
+                x = self._inputs
+                loss, logits = self._loss(x["dense"], x["indices"], x["lengths"], x["labels"],
+                                          x["weights"])
+                loss.backward()
+                self.dense_optimizer.step()
+        except RuntimeError as e:
+            self.capture_failed = True
+            self.optimizer.zero_grad(set_to_none=True)
+            torch.cuda.synchronize(self.device)
+            log.warning("training.step=cuda_graph: the step could not be captured (%s); "
+                        "training goes on with direct steps", str(e).splitlines()[0][:300])
+            return
+        self.graph = graph
+        self._captured_lrs = lrs
+        self._outputs = (loss.detach(), logits.detach(), x["labels"], x["weights"])

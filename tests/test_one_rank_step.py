@@ -1,0 +1,94 @@
+"""training.step=direct: one rank trains without TorchRec's pipeline and input distribution,
+calling the sharded collection's FBGEMM kernel itself, and computes what the pipeline
+computes, step by step. The CUDA-graph kind is checked on the GPU (tests/gpu)."""
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from dlrm_torchrec.config import ConfigError, load_config
+from dlrm_torchrec.one_rank_step import StepUnsupported, check_one_rank_step, single_fused_kernel
+from tests.dist_utils import run_ranks
+from tests.test_training import _train_worker
+
+TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=256",
+        "logging.log_every_n_steps=1", "training.eval_every_n_steps=0",
+        "logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false"]
+
+
+def _history(tmp_path, overrides):
+    run_ranks(1, _train_worker, TINY + overrides + [f"logging.run_dir={tmp_path}"])
+    return json.loads((tmp_path / "metrics.json").read_text())
+
+
+# the config's own Adagrad + row-wise Adagrad (with its 20-step lr warm-up), and SGD with
+# warm-up and decay: the table update uses the rate the optimizer step handed it one step
+# earlier, in both paths
+@pytest.mark.parametrize("optim", [
+    [],
+    ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5", "lr_schedule.warmup_steps=4",
+     "lr_schedule.decay_start_step=8", "lr_schedule.num_decay_steps=6"],
+], ids=["adagrad", "sgd-schedule"])
+def test_direct_step_trains_as_the_pipeline_does(tmp_path, optim):
+    runs = {kind: _history(tmp_path / kind, optim + [f"training.step={kind}"])
+            for kind in ("pipeline", "direct")}
+    pipe, direct = runs["pipeline"], runs["direct"]
+    assert direct["steps"] == pipe["steps"] == 16
+    got = torch.tensor([h["train_loss"] for h in direct["history"]], dtype=torch.float64)
+    want = torch.tensor([h["train_loss"] for h in pipe["history"]], dtype=torch.float64)
+    assert len(want) == 16
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert [h["lr"] for h in direct["history"]] == [h["lr"] for h in pipe["history"]]
+    assert direct["train_samples_seen"] == pipe["train_samples_seen"] == 4096
+    for key in ("auc", "log_loss", "accuracy"):
+        assert direct["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), key
+
+
+def _cfg(*overrides):
+    return load_config("configs/tiny_cpu.yaml", list(overrides))
+
+
+@pytest.mark.parametrize("overrides, world, device, message", [
+    (["training.step=direct"], 2, "cpu", "training.step=direct runs one rank"),
+    (["training.step=cuda_graph"], 1, "cpu", "needs a CUDA device"),
+    (["training.step=cuda_graph"], 1, "cuda", "optimizer.dense=adagrad, optimizer.sparse=rowwise_adagrad"),
+    (["training.step=cuda_graph", "optimizer.dense=sgd", "optimizer.sparse=sgd",
+      "training.compile=reduce-overhead"], 1, "cuda", "both make CUDA graphs"),
+    (["training.step=direct", "embeddings.qr_threshold=100"], 1, "cpu", "QR/MD"),
+    (["training.step=direct", "sharding.compute_kernel=dense"], 1, "cpu",
+     "sharding.compute_kernel=dense"),
+])
+def test_what_the_one_rank_step_cannot_do_is_a_config_error(overrides, world, device, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_one_rank_step(_cfg(*overrides), world, device)
+
+
+def test_pipeline_step_has_no_one_rank_conditions():
+    check_one_rank_step(_cfg("optimizer.dense=adam", "embeddings.qr_threshold=100"), 8, "cpu")
+
+
+def test_unknown_step_kind_is_a_config_error():
+    with pytest.raises(ConfigError, match="training.step='graph'"):
+        _cfg("training.step=graph")
+
+
+def test_a_plan_with_several_kernel_groups_is_refused_with_what_it_made():
+    lookup = SimpleNamespace(_emb_modules=[object(), object()])
+    with pytest.raises(StepUnsupported, match="the plan made 2"):
+        single_fused_kernel(SimpleNamespace(_lookups=[lookup]), ["cat_0", "cat_1"])
+
+
+def test_direct_step_on_two_ranks_stops_before_training(tmp_path):
+    """From the entry point: one `error:` line naming the key, exit status 2."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
+         *TINY, "training.step=cuda_graph", f"logging.run_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "training.step=cuda_graph needs a CUDA device" in proc.stderr
+    assert "Traceback" not in proc.stderr
