@@ -63,13 +63,18 @@ from dlrm_torchrec.data.batch import Batch  # noqa: E402
 
 TRAINER_ROWS = ["trainer fp32", "trainer tf32", "trainer bf16", "trainer tf32+bf16",
                 "trainer fp16-tables", "trainer all"]
-# rows whose trainer is built with training.compile (and precision) from the start: a
-# compiled module guards on the precision attributes, so these are not toggled per row
+ALL_PRECISION = ["precision.tf32=true", "precision.dense_autocast=bf16",
+                 "precision.embedding_dtype=fp16"]
+# rows whose trainer is built with its own settings from the start: training.compile (a
+# compiled module guards on the precision attributes, so these are not toggled per row) and
+# training.step (the one-rank direct step, and the whole step as one CUDA graph)
 COMPILED_ROWS = {
     "trainer compile": ["training.compile=default"],
     "trainer cudagraphs": ["training.compile=reduce-overhead"],
-    "trainer all+cudagraphs": ["training.compile=reduce-overhead", "precision.tf32=true",
-                               "precision.dense_autocast=bf16", "precision.embedding_dtype=fp16"],
+    "trainer all+cudagraphs": ["training.compile=reduce-overhead"] + ALL_PRECISION,
+    "trainer direct": ["training.step=direct"],
+    "trainer cuda_graph": ["training.step=cuda_graph"],
+    "trainer all+cuda_graph": ["training.step=cuda_graph"] + ALL_PRECISION,
 }
 ALL_ROWS = TRAINER_ROWS + list(COMPILED_ROWS) + ["torchrec", "pytorch"]
 
@@ -440,7 +445,7 @@ def profile_row(run: Callable, batches: List[DeviceBatch], steps: int,
         "gpu_ms": device_us / 1e3 / steps,
     }
     top = table.table(sort_by="self_cpu_time_total", row_limit=15)
-    return per_step, top + "\n" + python_profile(run, batches, steps, device)
+    return per_step, top + "\n" + python_profile(run, batches, max(steps, 20), device)
 
 
 def python_profile(run: Callable, batches: List[DeviceBatch], steps: int,

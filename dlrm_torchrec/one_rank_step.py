@@ -21,8 +21,9 @@ so the host bounded it, not the GPU.
     multi-hot bags. A batch with another count runs direct.
   - It also needs the captured learning rates. FBGEMM takes the table rate from a host
     tensor and fused SGD takes a float, both at launch, so a replay keeps the rates of its
-    capture. Steps whose scheduled rate differs (warm-up, decay) run direct; the constant
-    phase between them replays.
+    capture. Steps whose rates change from step to step (warm-up, decay) therefore run
+    direct. The capture waits for two steps with the same rates and is redone when the
+    rates settle at new values, so the constant phase and the end after the decay replay.
   - If the capture fails (an operation that waits for the GPU, in some release), the
     run goes on direct after one warning line.
 """
@@ -137,6 +138,7 @@ class OneRankStep:
         self._inputs: Dict[str, torch.Tensor] = {}
         self._outputs: Tuple[torch.Tensor, ...] = ()
         self._captured_lrs: Tuple = ()
+        self._previous_lrs: Tuple = ()
 
     # ---------------------------------------------------------------- the step itself
     def _ids(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -169,15 +171,19 @@ class OneRankStep:
         batch = next(batches)
         if not self.capture or self.capture_failed:
             return self._direct(batch)
-        if self.graph is None and self.direct_steps >= GRAPH_WARMUP_STEPS:
+        lrs = self._lrs()
+        settled, self._previous_lrs = lrs == self._previous_lrs, lrs
+        if self.graph is not None and settled and lrs != self._captured_lrs:
+            self.graph = None  # rates settled at new values: capture again (frees the old)
+        if self.graph is None and settled and self.direct_steps >= GRAPH_WARMUP_STEPS:
             self._try_capture(batch)
         if self._replayable(batch):
             self._fill(batch)
             self.graph.replay()
             self.replays += 1
             return self._outputs
-        # warm-up, a rate the graph was not captured with, another id count: direct, on the
-        # capture stream until the capture (its lazy initialisation belongs there)
+        # warm-up, rates the graph was not captured with, another id count: direct, on the
+        # capture stream while there is no graph (its lazy initialisation belongs there)
         if self.graph is None:
             return self._on_capture_stream(batch)
         return self._direct(batch)

@@ -8,7 +8,8 @@ import sys
 
 import pytest
 
-ROWS = ["torchrec", "pytorch", "trainer fp32", "trainer fp16-tables", "trainer cudagraphs"]
+ROWS = ["torchrec", "pytorch", "trainer fp32", "trainer fp16-tables", "trainer cudagraphs",
+        "trainer direct"]
 
 
 def test_bench_gpu_smoke_runs_every_row_and_reports_them(tmp_path):

@@ -193,6 +193,37 @@ def test_compiled_dense_modules_train_as_eager(info, tmp_path, mode):
         assert manager is not None and manager.roots, f"no CUDA graph recorded ({skips} skips)"
 
 
+@pytest.mark.parametrize("step", ["direct", "cuda_graph"])
+def test_one_rank_steps_train_as_the_pipeline(info, tmp_path, step):
+    """training.step direct / cuda_graph against TorchRec's pipeline: the same losses within
+    float noise. cuda_graph: the warm-up and the decay (rates change each step) run direct;
+    the constant phase and the end after the decay replay graphs (captured twice)."""
+    from dlrm_torchrec.trainer import Trainer
+
+    sgd = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5",
+           "lr_schedule.warmup_steps=5", "lr_schedule.decay_start_step=30",
+           "lr_schedule.num_decay_steps=5", "training.max_steps=45",
+           "logging.log_every_n_steps=1", "data.num_workers=0"]
+    runs, trainers = {}, {}
+    for kind in ("pipeline", step):
+        trainers[kind] = Trainer(_cfg(tmp_path / kind, TINY + sgd + [f"training.step={kind}"]),
+                                 info)
+        runs[kind] = trainers[kind].fit()
+    pipe, ours = runs["pipeline"], runs[step]
+    assert ours["steps"] == pipe["steps"] == 45
+    got = torch.tensor([h["train_loss"] for h in ours["history"]])
+    want = torch.tensor([h["train_loss"] for h in pipe["history"]])
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    assert abs(ours["final"]["auc"] - pipe["final"]["auc"]) < 1e-4
+    if step == "cuda_graph":
+        ts = trainers[step].train_step
+        assert not ts.capture_failed
+        # multipliers (REFERENCE.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
+        # 1.0 0.64 0.36 0.16 0.04 and 0.04 to the end. Direct: steps 1-4 (changing) and
+        # 30-34; captured at step 5 (0.8 twice), again at 35 (0.04 twice): 25 + 11 replays
+        assert (ts.replays, ts.direct_steps) == (36, 9)
+
+
 def test_evaluation_metrics_update_without_a_host_sync():
     """EvalMetrics.update must not wait for the GPU (no boolean index, no torchmetrics
     argument checks): torch's sync debug mode turns any synchronisation into an error. The
