@@ -230,7 +230,9 @@ class OneRankStep:
         # replay); zero_grad also sets the tables' rate the capture records
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            with torch.cuda.graph(graph, stream=self._stream):
+            # thread_local: the loader's pin-memory thread may pin the next batches meanwhile
+            # (with "global", any such call in another thread would break the capture)
+            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
                 x = self._inputs
                 loss, logits = self._loss(x["dense"], x["indices"], x["lengths"], x["labels"],
                                           x["weights"])

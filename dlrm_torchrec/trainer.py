@@ -348,6 +348,7 @@ class Trainer:
             "best_step": self.best_step,
             "last_checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "peak_memory": peak_memory(self.info.device),
+            "train_step": self._train_step_report(),
             "final": self.evals[-1] if self.evals else {},
             "evals": self.evals,
             "history": self.history,
@@ -366,6 +367,16 @@ class Trainer:
                        f"{cfg.training.eval_split} auc {final.get('auc', math.nan):.5f}; peak memory "
                        f"{mem['gb']:.2f} GB ({mem['kind']}, rank 0); results in {self.run_dir}")
         return summary
+
+    def _train_step_report(self) -> Dict[str, Any]:
+        """training.step, and for the one-rank kinds how this process's steps ran: direct, or
+        as CUDA-graph replays (and whether the capture held)."""
+        report: Dict[str, Any] = {"kind": self.cfg.training.step}
+        if isinstance(self.train_step, OneRankStep):
+            report.update(direct_steps=self.train_step.direct_steps,
+                          graph_replays=self.train_step.replays,
+                          capture_failed=self.train_step.capture_failed)
+        return report
 
     def evaluate_only(self, split: str = "val") -> Dict[str, Any]:
         """Load the checkpoint named by checkpoint.resume and evaluate `split` with every

@@ -42,6 +42,9 @@ def test_direct_step_trains_as_the_pipeline_does(tmp_path, optim):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     assert [h["lr"] for h in direct["history"]] == [h["lr"] for h in pipe["history"]]
     assert direct["train_samples_seen"] == pipe["train_samples_seen"] == 4096
+    assert pipe["train_step"] == {"kind": "pipeline"}
+    assert direct["train_step"] == {"kind": "direct", "direct_steps": 16, "graph_replays": 0,
+                                    "capture_failed": False}
     for key in ("auc", "log_loss", "accuracy"):
         assert direct["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), key
 

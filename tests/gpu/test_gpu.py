@@ -45,12 +45,17 @@ def _finite_losses(summary):
     return bool(losses) and all(math.isfinite(x) for x in losses)
 
 
-# runs first, in its own process, before this process starts its process group
-def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path):
+# runs first, in its own process, before this process starts its process group; with
+# cuda_graph, its loader workers and pin-memory thread run while the step is captured
+@pytest.mark.parametrize("step", [
+    [],
+    ["training.step=cuda_graph", "optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5"],
+], ids=["pipeline", "cuda_graph"])
+def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path, step):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
-           *TINY, "training.max_steps=200", f"logging.run_dir={tmp_path}", *QUIET]
+           *TINY, "training.max_steps=200", f"logging.run_dir={tmp_path}", *QUIET, *step]
     # its own process session: on a timeout the loader workers it forked die with it (they
     # hold its pipes, so killing the trainer alone would leave communicate() waiting)
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
@@ -69,6 +74,9 @@ def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path):
     assert m["steps"] == 200
     assert m["final"]["auc"] > 0.6, m["final"]
     assert m["peak_memory"]["kind"] == "cuda allocated" and 0 < m["peak_memory"]["gb"] < 80
+    if step:  # the config's 20 warm-up steps run direct, the rest replay one graph
+        assert m["train_step"] == {"kind": "cuda_graph", "direct_steps": 20,
+                                   "graph_replays": 180, "capture_failed": False}, m["train_step"]
 
 
 @pytest.fixture(scope="module")
