@@ -23,14 +23,16 @@ def _history(tmp_path, overrides):
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
-# the config's own Adagrad + row-wise Adagrad (with its 20-step lr warm-up), and SGD with
-# warm-up and decay: the table update uses the rate the optimizer step handed it one step
-# earlier, in both paths
+# the config's own Adagrad + row-wise Adagrad (with its 20-step lr warm-up); SGD with
+# warm-up and decay (the fused optimizer's zero_grad hands the tables each step's rate); fp16
+# tables, the DCN interaction and multi-hot bags (pooled sums of several ids)
 @pytest.mark.parametrize("optim", [
     [],
     ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5", "lr_schedule.warmup_steps=4",
      "lr_schedule.decay_start_step=8", "lr_schedule.num_decay_steps=6"],
-], ids=["adagrad", "sgd-schedule"])
+    ["precision.embedding_dtype=fp16", "model.interaction=dcn", "model.dcn_low_rank_dim=8",
+     "data.multi_hot_sizes=[3,1,2,1,1,4,1,2]"],
+], ids=["adagrad", "sgd-schedule", "fp16-tables-dcn-multi-hot"])
 def test_direct_step_trains_as_the_pipeline_does(tmp_path, optim):
     runs = {kind: _history(tmp_path / kind, optim + [f"training.step={kind}"])
             for kind in ("pipeline", "direct")}
