@@ -23,16 +23,16 @@ def _history(tmp_path, overrides):
     return json.loads((tmp_path / "metrics.json").read_text())
 
 
-# the config's own Adagrad + row-wise Adagrad (with its 20-step lr warm-up); SGD with
-# warm-up and decay (the fused optimizer's zero_grad hands the tables each step's rate); fp16
-# tables, the DCN interaction and multi-hot bags (pooled sums of several ids)
+# the config's own Adagrad + row-wise Adagrad (with its 20-step lr warm-up); and SGD with
+# warm-up and decay (the fused optimizer's zero_grad hands the tables each step's rate) on
+# fp16 tables, the DCN interaction and multi-hot bags (pooled sums of several ids)
 @pytest.mark.parametrize("optim", [
     [],
     ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5", "lr_schedule.warmup_steps=4",
-     "lr_schedule.decay_start_step=8", "lr_schedule.num_decay_steps=6"],
-    ["precision.embedding_dtype=fp16", "model.interaction=dcn", "model.dcn_low_rank_dim=8",
+     "lr_schedule.decay_start_step=8", "lr_schedule.num_decay_steps=6",
+     "precision.embedding_dtype=fp16", "model.interaction=dcn", "model.dcn_low_rank_dim=8",
      "data.multi_hot_sizes=[3,1,2,1,1,4,1,2]"],
-], ids=["adagrad", "sgd-schedule", "fp16-tables-dcn-multi-hot"])
+], ids=["adagrad", "sgd-schedule-fp16-tables-dcn-multi-hot"])
 def test_direct_step_trains_as_the_pipeline_does(tmp_path, optim):
     runs = {kind: _history(tmp_path / kind, optim + [f"training.step={kind}"])
             for kind in ("pipeline", "direct")}
@@ -85,7 +85,7 @@ def test_a_plan_with_several_kernel_groups_is_refused_with_what_it_made():
         single_fused_kernel(SimpleNamespace(_lookups=[lookup]), ["cat_0", "cat_1"])
 
 
-def test_direct_step_on_two_ranks_stops_before_training(tmp_path):
+def test_cuda_graph_step_on_cpu_stops_before_training_with_one_error_line(tmp_path):
     """From the entry point: one `error:` line naming the key, exit status 2."""
     import subprocess
     import sys
