@@ -56,9 +56,19 @@ def check_one_rank_step(cfg: Config, world_size: int, device_type: str) -> None:
         raise ConfigError(f"{key} takes plain tables; QR/MD embeddings "
                           "(embeddings.qr_threshold, embeddings.md_alpha) need "
                           "training.step=pipeline")
-    if cfg.sharding.compute_kernel not in ("fused", "auto"):
-        raise ConfigError(f"{key} calls the fused FBGEMM kernel; sharding.compute_kernel="
-                          f"{cfg.sharding.compute_kernel} needs training.step=pipeline")
+    kernels = {"sharding.compute_kernel": [cfg.sharding.compute_kernel]}
+    kernels.update({f"sharding.tables.{name}.compute_kernels": t.compute_kernels
+                    for name, t in cfg.sharding.tables.items() if t.compute_kernels})
+    # fused only: UVM caching would need the prefetch TorchRec's pipeline does
+    bad = [f"{k}={v}" for k, v in kernels.items() if any(x != "fused" for x in v)]
+    if bad:
+        raise ConfigError(f"{key} calls the fused FBGEMM kernel with tables in GPU memory; "
+                          f"{', '.join(bad)} needs training.step=pipeline")
+    if cfg.sharding.sharding_type == "data_parallel" or any(
+            "data_parallel" in t.sharding_types for t in cfg.sharding.tables.values()):
+        raise ConfigError(f"{key} calls the sharded tables' kernel; data_parallel tables "
+                          "(sharding.sharding_type, sharding.tables.*.sharding_types) need "
+                          "training.step=pipeline")
     if kind == "cuda_graph":
         if device_type != "cuda":
             raise ConfigError(f"{key} needs a CUDA device (sharding.device={device_type}); "
