@@ -465,7 +465,7 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
         loaded[kind] = load_program(out, kind)  # what users will run
         log(f"wrote {out / name}")
     for kind in onnx_kinds:
-        write_kind(kind, out, lambda int8_rows: onnx_export_program(model, cfg, int8_rows))
+        _write_onnx(kind, out, lambda int8_rows: onnx_export_program(model, cfg, int8_rows))
         loaded[kind] = load_program(out, kind)
         log(f"wrote {out / program_file(kind)}")
 
@@ -570,6 +570,16 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="check only the first N global batches (0: the whole split)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     return p.parse_args(argv)
+
+
+def _write_onnx(kind: str, out: Path, exported_of) -> None:
+    """export_onnx.write_kind, with a failed write (a full disk, a vanished folder) as an
+    ExportError naming the file, like _publish's. The program and its data are written in
+    a temp folder that goes with the error, so nothing half-written is left in `out`."""
+    try:
+        write_kind(kind, out, exported_of)
+    except OSError as e:
+        raise ExportError(f"{out / program_file(kind)}: cannot write ({e.strerror or e})") from None
 
 
 def main(argv: Optional[List[str]] = None) -> int:

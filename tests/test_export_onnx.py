@@ -6,6 +6,7 @@ kinds are one error line. (The program against the 2-rank sharded model: test_ex
 
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -205,6 +206,24 @@ def test_missing_onnx_packages_is_one_error_line_before_any_work(tmp_path, monke
     assert err.startswith("error: --onnx needs") and "missing: onnxruntime" in err
     assert err.count("\n") == 1 and "Traceback" not in err
     assert not out.exists()
+
+
+def test_a_full_disk_while_writing_a_program_is_an_error_naming_it_and_leaves_nothing(
+        tmp_path, monkeypatch):
+    cfg = load_config("configs/tiny_cpu.yaml")
+    _, model = _fake_checkpoint(cfg, tmp_path / "ck")
+
+    def full_disk(self, path, **kwargs):
+        Path(path).write_bytes(b"half a program")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", full_disk)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(export.ExportError) as e:
+        export._write_onnx("onnx", out, lambda int8: export.onnx_export_program(model, cfg, int8))
+    assert str(e.value) == f"{out / 'model.onnx'}: cannot write (No space left on device)"
+    assert list(out.iterdir()) == []  # no program, no temp folder
 
 
 @pytest.mark.parametrize("spec,kinds", [
