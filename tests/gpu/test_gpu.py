@@ -40,6 +40,16 @@ def _plan_kernels(plan):
             for table, ps in module_plan.items()}
 
 
+def _assert_trained_alike(got, want, steps, rtol, atol, auc):
+    """Two runs' summaries: the same number of steps, every logged loss within rtol/atol, the
+    final AUC within `auc`."""
+    assert got["steps"] == want["steps"] == steps
+    torch.testing.assert_close(torch.tensor([h["train_loss"] for h in got["history"]]),
+                               torch.tensor([h["train_loss"] for h in want["history"]]),
+                               rtol=rtol, atol=atol)
+    assert abs(got["final"]["auc"] - want["final"]["auc"]) < auc
+
+
 def _finite_losses(summary):
     losses = [h["train_loss"] for h in summary["history"]]
     return bool(losses) and all(math.isfinite(x) for x in losses)
@@ -187,12 +197,7 @@ def test_compiled_dense_modules_train_as_eager(info, tmp_path, mode):
         torch._dynamo.utils.counters.clear()
         trainers[m] = Trainer(_cfg(tmp_path / m, TINY + sgd + [f"training.compile={m}"]), info)
         runs[m] = trainers[m].fit()  # the trainer stays alive: its graphs with it
-    eager, compiled = runs["none"], runs[mode]
-    assert compiled["steps"] == eager["steps"] == 40
-    got = torch.tensor([h["train_loss"] for h in compiled["history"]])
-    want = torch.tensor([h["train_loss"] for h in eager["history"]])
-    torch.testing.assert_close(got, want, rtol=2e-3, atol=1e-5)
-    assert abs(compiled["final"]["auc"] - eager["final"]["auc"]) < 5e-3
+    _assert_trained_alike(runs[mode], runs["none"], steps=40, rtol=2e-3, atol=1e-5, auc=5e-3)
     if mode == "reduce-overhead":
         from torch._inductor.cudagraph_trees import get_container
 
@@ -217,12 +222,7 @@ def test_one_rank_steps_train_as_the_pipeline(info, tmp_path, step):
         trainers[kind] = Trainer(_cfg(tmp_path / kind, TINY + sgd + [f"training.step={kind}"]),
                                  info)
         runs[kind] = trainers[kind].fit()
-    pipe, ours = runs["pipeline"], runs[step]
-    assert ours["steps"] == pipe["steps"] == 45
-    got = torch.tensor([h["train_loss"] for h in ours["history"]])
-    want = torch.tensor([h["train_loss"] for h in pipe["history"]])
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
-    assert abs(ours["final"]["auc"] - pipe["final"]["auc"]) < 1e-4
+    _assert_trained_alike(runs[step], runs["pipeline"], steps=45, rtol=1e-4, atol=1e-6, auc=1e-4)
     if step == "cuda_graph":
         ts = trainers[step].train_step
         assert not ts.capture_failed
