@@ -210,18 +210,19 @@ def test_missing_onnx_packages_is_one_error_line_before_any_work(tmp_path, monke
 
 def test_a_full_disk_while_writing_a_program_is_an_error_naming_it_and_leaves_nothing(
         tmp_path, monkeypatch):
-    cfg = load_config("configs/tiny_cpu.yaml")
-    _, model = _fake_checkpoint(cfg, tmp_path / "ck")
+    """write_program's temp folder and _write_onnx's error, with the ONNX conversion replaced
+    by a program whose save writes half a file and finds the disk full."""
+    from types import SimpleNamespace
 
-    def full_disk(self, path, **kwargs):
+    def full_disk(path, **kwargs):
         Path(path).write_bytes(b"half a program")
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch.onnx.ONNXProgram, "save", full_disk)
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: SimpleNamespace(save=full_disk))
     out = tmp_path / "out"
     out.mkdir()
     with pytest.raises(export.ExportError) as e:
-        export._write_onnx("onnx", out, lambda int8: export.onnx_export_program(model, cfg, int8))
+        export._write_onnx("onnx", out, lambda int8: SimpleNamespace(state_dict={}))
     assert str(e.value) == f"{out / 'model.onnx'}: cannot write (No space left on device)"
     assert list(out.iterdir()) == []  # no program, no temp folder
 
