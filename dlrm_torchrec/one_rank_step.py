@@ -11,7 +11,7 @@ so the host bounded it, not the GPU.
   update in its backward) on the batch's ids and offsets. The model's dense modules run
   around it (`DLRM.dense_arch`, `DLRM.top`), then the loss, backward and the optimizers'
   step, in the pipeline's order. The arithmetic is the pipeline's (`tests/test_one_rank_step.py`
-  compares losses and weights).
+  compares every step's loss and the final metrics).
 - `cuda_graph`: as direct for the first steps (warm-up, on the capture stream). Then the
   whole step (lookup, MLPs, loss, backward with the table update, dense SGD) is captured
   once into a CUDA graph. Each later step copies its batch into the graph's input buffers
@@ -39,14 +39,13 @@ from dlrm_torchrec.config import Config, ConfigError
 
 log = logging.getLogger(__name__)
 
-STEP_KINDS_ONE_RANK = ("direct", "cuda_graph")
 GRAPH_WARMUP_STEPS = 3  # direct steps before the capture: lazy initialisation stays out of it
 
 
 def check_one_rank_step(cfg: Config, world_size: int, device_type: str) -> None:
     """training.step direct / cuda_graph: what they need, as a ConfigError naming the key."""
     kind = cfg.training.step
-    if kind not in STEP_KINDS_ONE_RANK:
+    if kind == "pipeline":
         return
     key = f"training.step={kind}"
     if world_size != 1:
@@ -187,7 +186,7 @@ class OneRankStep:
             self.graph = None  # rates settled at new values: capture again (frees the old)
         if self.graph is None and settled and self.direct_steps >= GRAPH_WARMUP_STEPS:
             self._try_capture(batch)
-        if self._replayable(batch):
+        if self._replayable(batch, lrs):
             self._fill(batch)
             self.graph.replay()
             self.replays += 1
@@ -204,8 +203,9 @@ class OneRankStep:
         the kernel; its own host copy holds the last direct step's)."""
         return tuple(g["lr"] for g in self.optimizer.param_groups)
 
-    def _replayable(self, batch) -> bool:
-        return (self.graph is not None and self._lrs() == self._captured_lrs
+    def _replayable(self, batch, lrs: Tuple[float, ...]) -> bool:
+        """lrs: this step's rates (_lrs)."""
+        return (self.graph is not None and lrs == self._captured_lrs
                 and batch.sparse_features.values().numel() == self._inputs["indices"].numel())
 
     def _fill(self, batch) -> None:
