@@ -29,7 +29,7 @@ so the host bounded it, not the GPU.
 """
 
 import logging
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, Tuple
 
 import torch
 from torch import nn
@@ -139,11 +139,11 @@ class OneRankStep:
         self.tbe, self.index_dtype, self.offset_dtype = single_fused_kernel(
             self.model.sparse_arch, feature_names)
         self.capture = capture
-        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.graphs = CudaGraphs(device) if capture else None
+        self.graph = None  # the captured step (CUDAGraph): replay() runs it
         self.capture_failed = False
         self.direct_steps = 0
         self.replays = 0
-        self._stream = torch.cuda.Stream(device) if capture else None
         self._inputs: Dict[str, torch.Tensor] = {}
         self._outputs: Tuple[torch.Tensor, ...] = ()
         self._captured_lrs: Tuple = ()
@@ -194,7 +194,7 @@ class OneRankStep:
         # warm-up, rates the graph was not captured with, another id count: direct, on the
         # capture stream while there is no graph (its lazy initialisation belongs there)
         if self.graph is None:
-            return self._on_capture_stream(batch)
+            return self.graphs.on_side_stream(lambda: self._direct(batch))
         return self._direct(batch)
 
     # ---------------------------------------------------------------- the CUDA graph
@@ -216,16 +216,6 @@ class OneRankStep:
                           ("weights", batch.weights)):
             self._inputs[name].copy_(src, non_blocking=True)
 
-    def _on_capture_stream(self, batch) -> Tuple[torch.Tensor, ...]:
-        current = torch.cuda.current_stream(self.device)
-        self._stream.wait_stream(current)
-        with torch.cuda.stream(self._stream):
-            out = self._direct(batch)
-        current.wait_stream(self._stream)
-        for t in out:
-            t.record_stream(current)
-        return out
-
     def _try_capture(self, batch) -> None:
         b = batch.to(self.device)
         indices, lengths = self._ids(b)
@@ -233,28 +223,67 @@ class OneRankStep:
                         "lengths": lengths.clone(), "labels": b.labels.clone(),
                         "weights": b.weights.clone()}
         lrs = self._lrs()
-        graph = torch.cuda.CUDAGraph()
-        torch.cuda.synchronize(self.device)
+        self.graphs.synchronize()
         # no gradients: the captured backward allocates them in the graph's pool and each
         # replay writes them afresh (zeroed ones would be accumulated into, replay on
         # replay); zero_grad also sets the tables' rate the capture records
         self.optimizer.zero_grad(set_to_none=True)
         try:
-            # thread_local: the loader's pin-memory thread may pin the next batches meanwhile
-            # (with "global", any such call in another thread would break the capture)
-            with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
-                x = self._inputs
-                loss, logits = self._loss(x["dense"], x["indices"], x["lengths"], x["labels"],
-                                          x["weights"])
-                loss.backward()
-                self.dense_optimizer.step()
+            graph, outputs = self.graphs.capture(self._graph_step)
         except RuntimeError as e:
             self.capture_failed = True
             self.optimizer.zero_grad(set_to_none=True)
-            torch.cuda.synchronize(self.device)
+            self.graphs.synchronize()
             log.warning("training.step=cuda_graph: the step could not be captured (%s); "
                         "training goes on with direct steps", str(e).splitlines()[0][:300])
             return
         self.graph = graph
         self._captured_lrs = lrs
-        self._outputs = (loss.detach(), logits.detach(), x["labels"], x["weights"])
+        self._outputs = outputs
+
+    def _graph_step(self) -> Tuple[torch.Tensor, ...]:
+        """The captured step, on the input buffers: lookup, MLPs, loss, backward (with the
+        tables' fused update) and the dense SGD step -> (loss, logits, labels, weights), the
+        buffers a replay writes."""
+        x = self._inputs
+        loss, logits = self._loss(x["dense"], x["indices"], x["lengths"], x["labels"],
+                                  x["weights"])
+        loss.backward()
+        self.dense_optimizer.step()
+        return loss.detach(), logits.detach(), x["labels"], x["weights"]
+
+
+class CudaGraphs:
+    """Every CUDA call of the cuda_graph step: a side stream for the capture and the direct
+    steps before it, the capture itself, and the synchronisation around it. (The tests put
+    a CPU stand-in with a graph's semantics here to run the step's logic without a GPU.)"""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device)
+
+    def synchronize(self) -> None:
+        torch.cuda.synchronize(self.device)
+
+    def on_side_stream(self, step: Callable[[], Tuple[torch.Tensor, ...]]):
+        """step() on the capture stream, ordered after and before the current stream's
+        work: the warm-up's lazy initialisation (workspaces, autograd's streams) happens
+        where the capture will run."""
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            out = step()
+        current.wait_stream(self.stream)
+        for t in out:
+            t.record_stream(current)
+        return out
+
+    def capture(self, step: Callable[[], Tuple[torch.Tensor, ...]]):
+        """step() recorded, not run, into a CUDA graph -> (graph, what step returned: the
+        tensors each graph.replay() writes). RuntimeError when it cannot be captured."""
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the loader's pin-memory thread may pin the next batches meanwhile
+        # (with "global", any such call in another thread would break the capture)
+        with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            outputs = step()
+        return graph, outputs
