@@ -151,10 +151,11 @@ class OneRankStep:
 
     # ---------------------------------------------------------------- the step itself
     def _ids(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The KJT's ids and bag lengths, as built (and pinned) by the loader: offsets made
-        on the host would be neither pinned nor inside the graph."""
+        """The KJT's ids and bag lengths, as built (and pinned) by the loader. Offsets and
+        the kernel's index dtype are made on the device, in the step: host-made tensors
+        would not be pinned (the copy into the graph's buffers would wait for the GPU)."""
         kjt = batch.sparse_features
-        return kjt.values().to(self.index_dtype), kjt.lengths()
+        return kjt.values(), kjt.lengths()
 
     def _loss(self, dense: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor,
               labels: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -162,7 +163,8 @@ class OneRankStep:
         weights B -> (loss, logits B)."""
         x = self.model.dense_arch(dense)
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths).to(self.offset_dtype)
-        pooled = self.tbe(indices=indices, offsets=offsets)  # B x F*d, the features in order
+        pooled = self.tbe(indices=indices.to(self.index_dtype),
+                          offsets=offsets)  # B x F*d, the features in order
         logits = self.model.top(x, pooled)
         return self.train_module.loss_fn(logits, labels, weights), logits
 
@@ -205,8 +207,10 @@ class OneRankStep:
 
     def _replayable(self, batch, lrs: Tuple[float, ...]) -> bool:
         """lrs: this step's rates (_lrs)."""
+        ids = batch.sparse_features.values()
         return (self.graph is not None and lrs == self._captured_lrs
-                and batch.sparse_features.values().numel() == self._inputs["indices"].numel())
+                and ids.shape == self._inputs["indices"].shape
+                and ids.dtype == self._inputs["indices"].dtype)
 
     def _fill(self, batch) -> None:
         """The batch into the graph's input buffers (from pinned host memory: asynchronous)."""
