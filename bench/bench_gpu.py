@@ -236,6 +236,13 @@ class TrainerRunner(Runner):
         self.trainer._last_logged_step, self.trainer._last_log_time = 0, time.perf_counter()
         self.trainer._run_steps((b.ours for b in batches), 0, self.loss_sum)
 
+    def step_counts(self) -> Dict[str, int]:
+        """training.step direct / cuda_graph: its direct steps and graph replays so far
+        (the pipeline: none)."""
+        ts = self.trainer.train_step
+        return ({"direct_steps": ts.direct_steps, "graph_replays": ts.replays}
+                if hasattr(ts, "replays") else {})
+
     def close(self):
         self.trainer.run_logger.close()
         del self.trainer
@@ -575,8 +582,11 @@ def main(argv=None) -> int:
             ps = res.get("per_step")
             prof = (f"  per step: {ps['aten_ops']:.0f} aten ops, {ps['launches']:.0f} launches, "
                     f"{ps['host_syncs']:.1f} syncs, GPU {ps['gpu_ms']:.2f} ms") if ps else ""
+            ts = res.get("train_step")
+            graph = (f"  steps: {ts['graph_replays']} replayed, {ts['direct_steps']} direct"
+                     if ts else "")
             print(f"{arch:9s} {bs:6d}  {row:22s} {res['samples_per_s']:12,.0f} {rel:>11s} "
-                  f"{res['ms_per_step']:8.2f} {pk:>8s}{prof}", flush=True)
+                  f"{res['ms_per_step']:8.2f} {pk:>8s}{graph}{prof}", flush=True)
         else:
             print(f"{arch:9s} {bs:6d}  {row:22s} {res.get('error', 'skipped')}", flush=True)
         write_out()  # after every row: a run killed at its time limit keeps what it measured
@@ -635,7 +645,11 @@ def main(argv=None) -> int:
                         runner.set_precision(tf32="tf32" in r or "all" in r,
                                              bf16="bf16" in r or "all" in r)
                     try:
+                        counts = runner.step_counts() if isinstance(runner, TrainerRunner) else {}
                         res = time_row(runner.run, data[bs], args, device)
+                        if counts:  # this row's steps (warm-up included): replayed or direct?
+                            res["train_step"] = {k: v - counts[k]
+                                                 for k, v in runner.step_counts().items()}
                         if args.profile_steps:
                             res["per_step"], top = profile_row(runner.run, data[bs],
                                                                args.profile_steps, device)

@@ -17,13 +17,16 @@ so the host bounded it, not the GPU.
   once into a CUDA graph. Each later step copies its batch into the graph's input buffers
   and replays it, which is a few host calls instead of hundreds.
   - Replay needs the captured shapes. Every batch has the full per-rank size (tails are
-    padded), so only the number of ids can change: never with one-hot data or fixed
-    multi-hot bags. A batch with another count runs direct.
+    padded), so within a run only the number of ids can change: never with one-hot data
+    or fixed multi-hot bags. A batch with another count runs direct.
   - It also needs the captured learning rates. FBGEMM takes the table rate from a host
     tensor and fused SGD takes a float, both at launch, so a replay keeps the rates of its
     capture. Steps whose rates change from step to step (warm-up, decay) therefore run
-    direct. The capture waits for two steps with the same rates and is redone when the
-    rates settle at new values, so the constant phase and the end after the decay replay.
+    direct.
+  - So the capture waits until two steps in a row have the same rates and input shapes,
+    and is redone when those settle at new values: the constant phase and the end after
+    the decay replay, and so does a caller that changes the batch size for good (the
+    benchmark, which times several sizes on one trainer).
   - If the capture fails (an operation that waits for the GPU, in some release), the
     run goes on direct after one warning line.
 """
@@ -144,18 +147,21 @@ class OneRankStep:
         self.capture_failed = False
         self.direct_steps = 0
         self.replays = 0
-        self._inputs: Dict[str, torch.Tensor] = {}
-        self._outputs: Tuple[torch.Tensor, ...] = ()
-        self._captured_lrs: Tuple = ()
-        self._previous_lrs: Tuple = ()
+        self._inputs: Dict[str, torch.Tensor] = {}  # the graph's input buffers
+        self._outputs: Tuple[torch.Tensor, ...] = ()  # the buffers a replay writes
+        self._captured_key: Tuple = ()  # _key() of the captured step
+        self._previous_key: Tuple = ()  # _key() of the step before this one
 
     # ---------------------------------------------------------------- the step itself
-    def _ids(self, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        """The KJT's ids and bag lengths, as built (and pinned) by the loader. Offsets and
-        the kernel's index dtype are made on the device, in the step: host-made tensors
-        would not be pinned (the copy into the graph's buffers would wait for the GPU)."""
+    @staticmethod
+    def _step_inputs(batch) -> Dict[str, torch.Tensor]:
+        """The step's inputs as the loader made (and pinned) them: dense B x D, the KJT's
+        ids N and bag lengths F*B, labels and weights B. Offsets and the kernel's index
+        dtype are made on the device, in the step: host-made tensors would not be pinned
+        (a copy into the graph's buffers would wait for the GPU)."""
         kjt = batch.sparse_features
-        return kjt.values(), kjt.lengths()
+        return {"dense": batch.dense_features, "indices": kjt.values(),
+                "lengths": kjt.lengths(), "labels": batch.labels, "weights": batch.weights}
 
     def _loss(self, dense: torch.Tensor, indices: torch.Tensor, lengths: torch.Tensor,
               labels: torch.Tensor, weights: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -171,8 +177,7 @@ class OneRankStep:
     def _direct(self, batch) -> Tuple[torch.Tensor, ...]:
         batch = batch.to(self.device, non_blocking=True)
         self.optimizer.zero_grad()  # also sets the tables' rate for this step's update
-        loss, logits = self._loss(batch.dense_features, *self._ids(batch), batch.labels,
-                                  batch.weights)
+        loss, logits = self._loss(**self._step_inputs(batch))
         loss.backward()  # the table update, fused into the kernel's backward
         self.optimizer.step()
         self.direct_steps += 1
@@ -182,51 +187,41 @@ class OneRankStep:
         batch = next(batches)
         if not self.capture or self.capture_failed:
             return self._direct(batch)
-        lrs = self._lrs()
-        settled, self._previous_lrs = lrs == self._previous_lrs, lrs
-        if self.graph is not None and settled and lrs != self._captured_lrs:
-            self.graph = None  # rates settled at new values: capture again (frees the old)
+        key = self._key(batch)
+        settled, self._previous_key = key == self._previous_key, key
+        if self.graph is not None and settled and key != self._captured_key:
+            self._release()  # rates or shapes settled at new values: capture again
         if self.graph is None and settled and self.direct_steps >= GRAPH_WARMUP_STEPS:
-            self._try_capture(batch)
-        if self._replayable(batch, lrs):
-            self._fill(batch)
+            self._try_capture(batch, key)
+        if self.graph is not None and key == self._captured_key:
+            for name, src in self._step_inputs(batch).items():
+                self._inputs[name].copy_(src, non_blocking=True)  # pinned: asynchronous
             self.graph.replay()
             self.replays += 1
             return self._outputs
-        # warm-up, rates the graph was not captured with, another id count: direct, on the
-        # capture stream while there is no graph (its lazy initialisation belongs there)
+        # warm-up, rates or shapes the graph was not captured with: direct, on the capture
+        # stream while there is no graph (its lazy initialisation belongs there)
         if self.graph is None:
             return self.graphs.on_side_stream(lambda: self._direct(batch))
         return self._direct(batch)
 
     # ---------------------------------------------------------------- the CUDA graph
-    def _lrs(self) -> Tuple[float, ...]:
-        """The scheduled rates of this step, tables' and dense (what zero_grad would hand
-        the kernel; its own host copy holds the last direct step's)."""
-        return tuple(g["lr"] for g in self.optimizer.param_groups)
+    def _key(self, batch) -> Tuple:
+        """What a replay keeps from its capture: this step's scheduled rates (tables' and
+        dense: what zero_grad would hand the kernel) and the inputs' shapes and dtypes."""
+        return (tuple(g["lr"] for g in self.optimizer.param_groups),
+                tuple((t.shape, t.dtype) for t in self._step_inputs(batch).values()))
 
-    def _replayable(self, batch, lrs: Tuple[float, ...]) -> bool:
-        """lrs: this step's rates (_lrs)."""
-        ids = batch.sparse_features.values()
-        return (self.graph is not None and lrs == self._captured_lrs
-                and ids.shape == self._inputs["indices"].shape
-                and ids.dtype == self._inputs["indices"].dtype)
+    def _release(self) -> None:
+        """Drop the graph and its buffers (its memory pool goes with the last of them; the
+        gradients it allocated go at the next zero_grad)."""
+        self.graph, self._inputs, self._outputs, self._captured_key = None, {}, (), ()
 
-    def _fill(self, batch) -> None:
-        """The batch into the graph's input buffers (from pinned host memory: asynchronous)."""
-        indices, lengths = self._ids(batch)
-        for name, src in (("dense", batch.dense_features), ("indices", indices),
-                          ("lengths", lengths), ("labels", batch.labels),
-                          ("weights", batch.weights)):
-            self._inputs[name].copy_(src, non_blocking=True)
-
-    def _try_capture(self, batch) -> None:
-        b = batch.to(self.device)
-        indices, lengths = self._ids(b)
-        self._inputs = {"dense": b.dense_features.clone(), "indices": indices.clone(),
-                        "lengths": lengths.clone(), "labels": b.labels.clone(),
-                        "weights": b.weights.clone()}
-        lrs = self._lrs()
+    def _try_capture(self, batch, key: Tuple) -> None:
+        """key: _key(batch)."""
+        on_device = self._step_inputs(batch.to(self.device))
+        # own buffers: a batch already on the device (the benchmark's) must not be aliased
+        self._inputs = {name: t.clone() for name, t in on_device.items()}
         self.graphs.synchronize()
         # no gradients: the captured backward allocates them in the graph's pool and each
         # replay writes them afresh (zeroed ones would be accumulated into, replay on
@@ -236,25 +231,22 @@ class OneRankStep:
             graph, outputs = self.graphs.capture(self._graph_step)
         except RuntimeError as e:
             self.capture_failed = True
+            self._release()
             self.optimizer.zero_grad(set_to_none=True)
             self.graphs.synchronize()
             log.warning("training.step=cuda_graph: the step could not be captured (%s); "
                         "training goes on with direct steps", str(e).splitlines()[0][:300])
             return
-        self.graph = graph
-        self._captured_lrs = lrs
-        self._outputs = outputs
+        self.graph, self._outputs, self._captured_key = graph, outputs, key
 
     def _graph_step(self) -> Tuple[torch.Tensor, ...]:
         """The captured step, on the input buffers: lookup, MLPs, loss, backward (with the
         tables' fused update) and the dense SGD step -> (loss, logits, labels, weights), the
         buffers a replay writes."""
-        x = self._inputs
-        loss, logits = self._loss(x["dense"], x["indices"], x["lengths"], x["labels"],
-                                  x["weights"])
+        loss, logits = self._loss(**self._inputs)
         loss.backward()
         self.dense_optimizer.step()
-        return loss.detach(), logits.detach(), x["labels"], x["weights"]
+        return loss.detach(), logits.detach(), self._inputs["labels"], self._inputs["weights"]
 
 
 class CudaGraphs:

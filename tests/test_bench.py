@@ -37,6 +37,27 @@ def test_bench_gpu_smoke_runs_every_row_and_reports_them(tmp_path):
     assert "| torchrec | " in report.stdout and "(1.00x)" in report.stdout
 
 
+def test_bench_gpu_graph_rows_replay_at_every_batch_size(tmp_path):
+    """The cuda_graph rows on the CPU stand-in for the graph (tests/graph_on_cpu.py). The
+    benchmark times both batch sizes on one trainer, so at the second size the graph must
+    be captured again, not left to run every step direct. First size: 3 direct warm-up steps,
+    then replays; second: 1 direct step (the new shapes, not yet seen twice), then replays."""
+    out = tmp_path / "bench.json"
+    rows = ["trainer cuda_graph", "trainer all+cuda_graph"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.graph_on_cpu", "bench/bench_gpu.py", "--smoke",
+         "--archs", "terabyte", "--rows", ",".join(rows), "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())["rows"]
+    assert [(r["row"], r["batch"]) for r in results] == [(n, b) for n in rows for b in (128, 256)]
+    for r in results:
+        assert "samples_per_s" in r, r
+        # the row's steps: 1 warm-up, 3 probe, then 2-4 timed (--smoke)
+        counts = r["train_step"]
+        assert 6 <= counts["graph_replays"] + counts["direct_steps"] <= 8, r
+        assert counts["direct_steps"] == (3 if r["batch"] == 128 else 1), r
+
 def test_profile_row_counts_the_operators_of_each_step():
     """A step of exactly two aten calls (add_, mul; tensor operands, so no scalar-to-tensor
     conversions nest inside them) on CPU: 2 operators per step, whatever the number of

@@ -13,6 +13,7 @@ import torch
 from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.one_rank_step import StepUnsupported, check_one_rank_step, single_fused_kernel
 from tests.dist_utils import run_ranks
+from tests.graph_on_cpu import install_graph_on_cpu
 from tests.test_training import _train_worker
 
 TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=256",
@@ -53,73 +54,22 @@ def test_direct_step_trains_as_the_pipeline_does(tmp_path, optim):
         assert direct["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), key
 
 
-class _GraphOnCpu:
-    """one_rank_step.CudaGraphs on the CPU, with a CUDA graph's semantics as the step relies
-    on them. A capture records the step without running it: the stand-in runs it for its
-    output tensors, then puts back every weight and optimizer state it changed. A replay runs
-    the recorded step again: on the same input and output buffers, with the rates the capture
-    saw (a graph keeps the launch arguments it recorded), into fresh gradients (the captured
-    backward allocates them in the graph's pool). The CPU has one stream."""
-
-    def __init__(self, device):
-        self.captures = 0
-
-    def synchronize(self):
-        pass
-
-    def on_side_stream(self, step):
-        return step()
-
-    def capture(self, step):
-        one_rank = step.__self__  # the OneRankStep whose _graph_step this is
-        tbe, dense = one_rank.tbe, one_rank.dense_optimizer
-        changed = [t for t in (tbe.weights_dev, tbe.weights_host, tbe.weights_uvm) if t.numel()]
-        changed += list(dense.params.values())
-        changed += [t for state in dense.state.values() for t in state.values()
-                    if isinstance(t, torch.Tensor)]
-        before = [t.detach().clone() for t in changed]
-        rates = tbe.get_learning_rate(), [g["lr"] for g in dense.param_groups]
-        outputs = step()
-        with torch.no_grad():
-            for t, old in zip(changed, before):
-                t.copy_(old)
-        self.captures += 1
-        return SimpleNamespace(replay=lambda: self._replay(step, outputs, rates)), outputs
-
-    @staticmethod
-    def _replay(step, outputs, rates):
-        one_rank = step.__self__
-        tbe, dense = one_rank.tbe, one_rank.dense_optimizer
-        now = tbe.get_learning_rate(), [g["lr"] for g in dense.param_groups]
-        for lrs in (rates, now):  # the captured rates for the step, then the host's again
-            tbe.set_learning_rate(lrs[0])
-            for g, lr in zip(dense.param_groups, lrs[1]):
-                g["lr"] = lr
-            if lrs is rates:
-                dense.zero_grad(set_to_none=True)
-                for out, got in zip(outputs, step()):
-                    out.copy_(got)  # detached tensors
-
-
 def _graph_on_cpu_worker(rank, world_size, overrides):
     """_train_worker with training.step=cuda_graph on the CPU stand-in (the device check
     passes as on CUDA; every other condition of the step is checked as it is)."""
-    from dlrm_torchrec import one_rank_step, trainer
-
-    one_rank_step.CudaGraphs = _GraphOnCpu
-    check = one_rank_step.check_one_rank_step
-    trainer.check_one_rank_step = lambda cfg, world, device: check(cfg, world, "cuda")
+    install_graph_on_cpu()
     _train_worker(rank, world_size, overrides)
 
 
-def test_cuda_graph_step_replays_where_the_rates_hold_and_trains_as_the_pipeline(tmp_path):
+def test_cuda_graph_step_replays_where_rates_and_shapes_hold_and_trains_as_the_pipeline(
+        tmp_path):
     """The graph step's logic (when it captures, recaptures and replays, what it copies into
     the graph's buffers and reads out) on the CPU stand-in: every step's loss as the
-    pipeline's, and the counts worked out from the schedule."""
+    pipeline's, and the counts worked out from the schedule and the data."""
     sgd = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5",
            "optimizer.weight_decay=1e-4", "lr_schedule.warmup_steps=5",
            "lr_schedule.decay_start_step=30", "lr_schedule.num_decay_steps=5",
-           "data.train_samples=11520"]  # 45 steps of 256
+           "data.train_samples=11420"]  # 44 steps of 256, then 156 samples padded to 256
     pipe = _history(tmp_path / "pipeline", sgd + ["training.step=pipeline"])
     run_dir = tmp_path / "cuda_graph"
     run_ranks(1, _graph_on_cpu_worker,
@@ -130,11 +80,12 @@ def test_cuda_graph_step_replays_where_the_rates_hold_and_trains_as_the_pipeline
     want = torch.tensor([h["train_loss"] for h in pipe["history"]], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
     # multipliers (REFERENCE.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
-    # 1.0 0.64 0.36 0.16 0.04 and 0.04 to the end. Direct: steps 1-4 (changing) and
-    # 30-34; captured at step 5 (0.8 twice), again at 35 (0.04 twice): 25 + 11 replays
-    assert graph["train_step"] == {"kind": "cuda_graph", "direct_steps": 9,
-                                   "graph_replays": 36, "capture_failed": False}
-    assert graph["train_samples_seen"] == pipe["train_samples_seen"] == 11520
+    # 1.0 0.64 0.36 0.16 0.04 and 0.04 to the end. Direct: steps 1-4 (changing), 30-34,
+    # and 45 (its 100 padding samples have empty bags: fewer ids); captured at step 5
+    # (0.8 twice), again at 35 (0.04 twice): 25 + 10 replays
+    assert graph["train_step"] == {"kind": "cuda_graph", "direct_steps": 10,
+                                   "graph_replays": 35, "capture_failed": False}
+    assert graph["train_samples_seen"] == pipe["train_samples_seen"] == 11420
     for key in ("auc", "log_loss", "accuracy"):
         assert graph["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), key
 

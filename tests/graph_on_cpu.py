@@ -1,0 +1,76 @@
+"""A CPU stand-in for the CUDA graph of training.step=cuda_graph, so its logic (when it
+captures, recaptures and replays, what goes into the graph's buffers and comes out) runs
+where there is no GPU: in the trainer (tests/test_one_rank_step.py) and in the GPU
+benchmark's smoke run (tests/test_bench.py), which runs a script under it with
+
+    python -m tests.graph_on_cpu SCRIPT ARGS...
+"""
+
+import runpy
+import sys
+from types import SimpleNamespace
+
+import torch
+
+
+class GraphOnCpu:
+    """one_rank_step.CudaGraphs on the CPU, with a CUDA graph's semantics as the step relies
+    on them. A capture records the step without running it: the stand-in runs it for its
+    output tensors, then puts back every weight and optimizer state it changed. A replay runs
+    the recorded step again: on the same input and output buffers, with the rates the capture
+    saw (a graph keeps the launch arguments it recorded), into fresh gradients (the captured
+    backward allocates them in the graph's pool). The CPU has one stream."""
+
+    def __init__(self, device):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def on_side_stream(self, step):
+        return step()
+
+    def capture(self, step):
+        one_rank = step.__self__  # the OneRankStep whose _graph_step this is
+        tbe, dense = one_rank.tbe, one_rank.dense_optimizer
+        changed = [t for t in (tbe.weights_dev, tbe.weights_host, tbe.weights_uvm) if t.numel()]
+        changed += list(dense.params.values())
+        changed += [t for state in dense.state.values() for t in state.values()
+                    if isinstance(t, torch.Tensor)]
+        before = [t.detach().clone() for t in changed]
+        rates = tbe.get_learning_rate(), [g["lr"] for g in dense.param_groups]
+        outputs = step()
+        with torch.no_grad():
+            for t, old in zip(changed, before):
+                t.copy_(old)
+        return SimpleNamespace(replay=lambda: self._replay(step, outputs, rates)), outputs
+
+    @staticmethod
+    def _replay(step, outputs, rates):
+        one_rank = step.__self__
+        tbe, dense = one_rank.tbe, one_rank.dense_optimizer
+        now = tbe.get_learning_rate(), [g["lr"] for g in dense.param_groups]
+        for lrs in (rates, now):  # the captured rates for the step, then the host's again
+            tbe.set_learning_rate(lrs[0])
+            for g, lr in zip(dense.param_groups, lrs[1]):
+                g["lr"] = lr
+            if lrs is rates:
+                dense.zero_grad(set_to_none=True)
+                for out, got in zip(outputs, step()):
+                    out.copy_(got)  # detached tensors
+
+
+def install_graph_on_cpu() -> None:
+    """From now on in this process, the cuda_graph step uses GraphOnCpu, and its config
+    check passes the device as CUDA (every other condition is checked as it is)."""
+    from dlrm_torchrec import one_rank_step, trainer
+
+    one_rank_step.CudaGraphs = GraphOnCpu
+    check = one_rank_step.check_one_rank_step
+    trainer.check_one_rank_step = lambda cfg, world, device: check(cfg, world, "cuda")
+
+
+if __name__ == "__main__":
+    install_graph_on_cpu()
+    script, sys.argv = sys.argv[1], sys.argv[1:]
+    runpy.run_path(script, run_name="__main__")
