@@ -236,9 +236,10 @@ class TrainingConfig:
     """How a training step runs. pipeline: TorchRec's TrainPipelineSparseDist (any world
     size). One rank only (one GPU, or one CPU process), fused tables in one group, no
     QR/MD: direct calls the sharded collection's FBGEMM kernel itself, without input
-    distribution or pipeline; cuda_graph (CUDA, SGD) also replays the whole step (lookup,
-    MLPs, loss, backward with the fused table update, dense SGD) as one CUDA graph while
-    the learning rate stays the one it was captured with (one_rank_step.py)."""
+    distribution or pipeline; cuda_graph (CUDA; SGD or Adagrad, not Adam) also replays the
+    whole step (lookup, MLPs, loss, backward with the fused table update, dense update) as
+    one CUDA graph while the learning rate and input shapes stay those it was captured
+    with (one_rank_step.py)."""
     crash_at_step: int = 0
     """Fault-injection for tests: rank crash_rank exits at this step on a job's first
     attempt (TORCHELASTIC_RESTART_COUNT=0); 0: off."""

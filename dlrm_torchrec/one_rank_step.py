@@ -13,16 +13,20 @@ so the host bounded it, not the GPU.
   step, in the pipeline's order. The arithmetic is the pipeline's (`tests/test_one_rank_step.py`
   compares every step's loss and the final metrics).
 - `cuda_graph`: as direct for the first steps (warm-up, on the capture stream). Then the
-  whole step (lookup, MLPs, loss, backward with the table update, dense SGD) is captured
+  whole step (lookup, MLPs, loss, backward with the table update, dense step) is captured
   once into a CUDA graph. Each later step copies its batch into the graph's input buffers
   and replays it, which is a few host calls instead of hundreds.
   - Replay needs the captured shapes. Every batch has the full per-rank size (tails are
     padded), so within a run only the number of ids can change: never with one-hot data
     or fixed multi-hot bags. A batch with another count runs direct.
   - It also needs the captured learning rates. FBGEMM takes the table rate from a host
-    tensor and fused SGD takes a float, both at launch, so a replay keeps the rates of its
-    capture. Steps whose rates change from step to step (warm-up, decay) therefore run
-    direct.
+    tensor and torch's SGD and Adagrad take a float, all at launch, so a replay keeps the
+    rates of its capture. Steps whose rates change from step to step (warm-up, decay)
+    therefore run direct.
+  - The optimizers' state on the device (Adagrad's sums, FBGEMM's iteration counter)
+    advances with each replay; host counters do not (torch Adagrad's step, used only for
+    an lr_decay the project leaves at 0). Adam is refused: its bias correction reads the
+    step count at launch.
   - So the capture waits until two steps in a row have the same rates and input shapes,
     and is redone when those settle at new values: the constant phase and the end after
     the decay replay, and so does a caller that changes the batch size for good (the
@@ -43,6 +47,10 @@ from dlrm_torchrec.config import Config, ConfigError
 log = logging.getLogger(__name__)
 
 GRAPH_WARMUP_STEPS = 3  # direct steps before the capture: lazy initialisation stays out of it
+# optimizers (dense and fused sparse) whose update a replay can repeat: nothing in it depends
+# on the step count, which a graph would freeze at its capture (FBGEMM's Adam takes it as a
+# host integer; torch's Adagrad counts on the host, for an lr_decay the project leaves at 0)
+GRAPH_OPTIMIZERS = ("sgd", "adagrad", "rowwise_adagrad")
 
 
 def check_one_rank_step(cfg: Config, world_size: int, device_type: str) -> None:
@@ -76,10 +84,12 @@ def check_one_rank_step(cfg: Config, world_size: int, device_type: str) -> None:
             raise ConfigError(f"{key} needs a CUDA device (sharding.device={device_type}); "
                               "training.step=direct runs the same step without the graph")
         bad = [f"optimizer.{k}={v}" for k, v in (("dense", cfg.optimizer.dense),
-                                                 ("sparse", cfg.optimizer.sparse)) if v != "sgd"]
+                                                 ("sparse", cfg.optimizer.sparse))
+               if v not in GRAPH_OPTIMIZERS]
         if bad:
-            raise ConfigError(f"{key} captures SGD steps (no optimizer state to step on the "
-                              f"host); {', '.join(bad)}: use training.step=direct")
+            raise ConfigError(f"{key} captures optimizers whose update takes no step count "
+                              f"from the host ({', '.join(GRAPH_OPTIMIZERS)}; Adam's bias "
+                              f"correction does); {', '.join(bad)}: use training.step=direct")
         if cfg.training.compile in ("reduce-overhead", "max-autotune"):
             raise ConfigError(f"{key} and training.compile={cfg.training.compile} both make "
                               "CUDA graphs: use training.compile=default (or none)")
@@ -241,8 +251,8 @@ class OneRankStep:
 
     def _graph_step(self) -> Tuple[torch.Tensor, ...]:
         """The captured step, on the input buffers: lookup, MLPs, loss, backward (with the
-        tables' fused update) and the dense SGD step -> (loss, logits, labels, weights), the
-        buffers a replay writes."""
+        tables' fused update) and the dense optimizer's step -> (loss, logits, labels,
+        weights), the buffers a replay writes."""
         loss, logits = self._loss(**self._inputs)
         loss.backward()
         self.dense_optimizer.step()

@@ -33,7 +33,8 @@ class GraphOnCpu:
     def capture(self, step):
         one_rank = step.__self__  # the OneRankStep whose _graph_step this is
         tbe, dense = one_rank.tbe, one_rank.dense_optimizer
-        changed = [t for t in (tbe.weights_dev, tbe.weights_host, tbe.weights_uvm) if t.numel()]
+        # the kernel's weights and optimizer state (Adagrad's sums, iteration counter)
+        changed = [t for t in [*tbe.parameters(), *tbe.buffers()] if t.numel()]
         changed += list(dense.params.values())
         changed += [t for state in dense.state.values() for t in state.values()
                     if isinstance(t, torch.Tensor)]

@@ -21,73 +21,57 @@ TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=25
         "logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false"]
 
 
-def _history(tmp_path, overrides):
-    run_ranks(1, _train_worker, TINY + overrides + [f"logging.run_dir={tmp_path}"])
-    return json.loads((tmp_path / "metrics.json").read_text())
-
-
-# the config's own Adagrad + row-wise Adagrad (with its 20-step lr warm-up); and SGD with
-# warm-up and decay (the fused optimizer's zero_grad hands the tables each step's rate) on
-# fp16 tables, the DCN interaction and multi-hot bags (pooled sums of several ids)
-@pytest.mark.parametrize("optim", [
-    [],
-    ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5", "lr_schedule.warmup_steps=4",
-     "lr_schedule.decay_start_step=8", "lr_schedule.num_decay_steps=6",
-     "precision.embedding_dtype=fp16", "model.interaction=dcn", "model.dcn_low_rank_dim=8",
-     "data.multi_hot_sizes=[3,1,2,1,1,4,1,2]"],
-], ids=["adagrad", "sgd-schedule-fp16-tables-dcn-multi-hot"])
-def test_direct_step_trains_as_the_pipeline_does(tmp_path, optim):
-    runs = {kind: _history(tmp_path / kind, optim + [f"training.step={kind}"])
-            for kind in ("pipeline", "direct")}
-    pipe, direct = runs["pipeline"], runs["direct"]
-    assert direct["steps"] == pipe["steps"] == 16
-    got = torch.tensor([h["train_loss"] for h in direct["history"]], dtype=torch.float64)
-    want = torch.tensor([h["train_loss"] for h in pipe["history"]], dtype=torch.float64)
-    assert len(want) == 16
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
-    assert [h["lr"] for h in direct["history"]] == [h["lr"] for h in pipe["history"]]
-    assert direct["train_samples_seen"] == pipe["train_samples_seen"] == 4096
-    assert pipe["train_step"] == {"kind": "pipeline"}
-    assert direct["train_step"] == {"kind": "direct", "direct_steps": 16, "graph_replays": 0,
-                                    "capture_failed": False}
-    for key in ("auc", "log_loss", "accuracy"):
-        assert direct["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), key
-
-
-def _graph_on_cpu_worker(rank, world_size, overrides):
-    """_train_worker with training.step=cuda_graph on the CPU stand-in (the device check
-    passes as on CUDA; every other condition of the step is checked as it is)."""
+def _train_each_worker(rank, world_size, runs):
+    """_train_worker for each overrides list of `runs`, in turn, in this process (one start
+    for all); training.step=cuda_graph runs on the CPU stand-in for the graph, whose device
+    check passes as on CUDA (every other condition of the step is checked as it is)."""
     install_graph_on_cpu()
-    _train_worker(rank, world_size, overrides)
+    for overrides in runs:
+        _train_worker(rank, world_size, overrides)
 
 
-def test_cuda_graph_step_replays_where_rates_and_shapes_hold_and_trains_as_the_pipeline(
-        tmp_path):
-    """The graph step's logic (when it captures, recaptures and replays, what it copies into
-    the graph's buffers and reads out) on the CPU stand-in: every step's loss as the
-    pipeline's, and the counts worked out from the schedule and the data."""
-    sgd = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5",
-           "optimizer.weight_decay=1e-4", "lr_schedule.warmup_steps=5",
-           "lr_schedule.decay_start_step=30", "lr_schedule.num_decay_steps=5",
-           "data.train_samples=11420"]  # 44 steps of 256, then 156 samples padded to 256
-    pipe = _history(tmp_path / "pipeline", sgd + ["training.step=pipeline"])
-    run_dir = tmp_path / "cuda_graph"
-    run_ranks(1, _graph_on_cpu_worker,
-              TINY + sgd + ["training.step=cuda_graph", f"logging.run_dir={run_dir}"])
-    graph = json.loads((run_dir / "metrics.json").read_text())
-    assert graph["steps"] == pipe["steps"] == 45
-    got = torch.tensor([h["train_loss"] for h in graph["history"]], dtype=torch.float64)
+# Adagrad (dense) and row-wise Adagrad (tables) with weight decay; SGD on fp16 tables, the
+# DCN interaction and multi-hot bags (pooled sums of several ids). Both with warm-up and
+# decay: the fused optimizer's zero_grad hands the tables each step's rate.
+@pytest.mark.parametrize("optim", [
+    ["optimizer.dense=adagrad", "optimizer.sparse=rowwise_adagrad", "optimizer.weight_decay=1e-4"],
+    ["optimizer.dense=sgd", "optimizer.sparse=sgd", "precision.embedding_dtype=fp16",
+     "model.interaction=dcn", "model.dcn_low_rank_dim=8", "data.multi_hot_sizes=[3,1,2,1,1,4,1,2]"],
+], ids=["adagrad", "sgd-fp16-tables-dcn-multi-hot"])
+def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim):
+    """Every step's loss and the final metrics of direct, and of cuda_graph on the CPU
+    stand-in, against the pipeline's. For cuda_graph that checks its logic: when it
+    captures, recaptures and replays, what it copies into the graph's buffers and reads
+    out; the replay counts are worked out from the schedule and the data."""
+    kinds = ("pipeline", "direct", "cuda_graph")
+    common = TINY + optim + [
+        "optimizer.lr=0.5", "lr_schedule.warmup_steps=5", "lr_schedule.decay_start_step=30",
+        "lr_schedule.num_decay_steps=5",
+        "data.train_samples=11420"]  # 44 steps of 256, then 156 samples padded to 256
+    run_ranks(1, _train_each_worker, [
+        common + [f"training.step={k}", f"logging.run_dir={tmp_path / k}"] for k in kinds])
+    runs = {k: json.loads((tmp_path / k / "metrics.json").read_text()) for k in kinds}
+    pipe = runs["pipeline"]
     want = torch.tensor([h["train_loss"] for h in pipe["history"]], dtype=torch.float64)
-    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
+    assert len(want) == pipe["steps"] == 45
+    for kind in kinds[1:]:
+        run = runs[kind]
+        assert run["steps"] == 45, kind
+        got = torch.tensor([h["train_loss"] for h in run["history"]], dtype=torch.float64)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=kind)
+        assert [h["lr"] for h in run["history"]] == [h["lr"] for h in pipe["history"]]
+        assert run["train_samples_seen"] == 11420, kind
+        for key in ("auc", "log_loss", "accuracy"):
+            assert run["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), (kind, key)
+    assert pipe["train_step"] == {"kind": "pipeline"}
+    assert runs["direct"]["train_step"] == {"kind": "direct", "direct_steps": 45,
+                                            "graph_replays": 0, "capture_failed": False}
     # multipliers (REFERENCE.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
     # 1.0 0.64 0.36 0.16 0.04 and 0.04 to the end. Direct: steps 1-4 (changing), 30-34,
     # and 45 (its 100 padding samples have empty bags: fewer ids); captured at step 5
     # (0.8 twice), again at 35 (0.04 twice): 25 + 10 replays
-    assert graph["train_step"] == {"kind": "cuda_graph", "direct_steps": 10,
-                                   "graph_replays": 35, "capture_failed": False}
-    assert graph["train_samples_seen"] == pipe["train_samples_seen"] == 11420
-    for key in ("auc", "log_loss", "accuracy"):
-        assert graph["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), key
+    assert runs["cuda_graph"]["train_step"] == {"kind": "cuda_graph", "direct_steps": 10,
+                                                "graph_replays": 35, "capture_failed": False}
 
 
 def _cfg(*overrides):
@@ -97,7 +81,8 @@ def _cfg(*overrides):
 @pytest.mark.parametrize("overrides, world, device, message", [
     (["training.step=direct"], 2, "cpu", "training.step=direct runs one rank"),
     (["training.step=cuda_graph"], 1, "cpu", "needs a CUDA device"),
-    (["training.step=cuda_graph"], 1, "cuda", "optimizer.dense=adagrad, optimizer.sparse=rowwise_adagrad"),
+    (["training.step=cuda_graph", "optimizer.dense=adam", "optimizer.sparse=adam"], 1, "cuda",
+     "optimizer.dense=adam, optimizer.sparse=adam: use training.step=direct"),
     (["training.step=cuda_graph", "optimizer.dense=sgd", "optimizer.sparse=sgd",
       "training.compile=reduce-overhead"], 1, "cuda", "both make CUDA graphs"),
     (["training.step=direct", "embeddings.qr_threshold=100"], 1, "cpu", "QR/MD"),
@@ -111,6 +96,10 @@ def _cfg(*overrides):
 def test_what_the_one_rank_step_cannot_do_is_a_config_error(overrides, world, device, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         check_one_rank_step(_cfg(*overrides), world, device)
+
+
+def test_cuda_graph_step_takes_the_configs_adagrad():
+    check_one_rank_step(_cfg("training.step=cuda_graph"), 1, "cuda")  # adagrad, rowwise_adagrad
 
 
 def test_pipeline_step_has_no_one_rank_conditions():

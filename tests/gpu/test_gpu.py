@@ -206,14 +206,18 @@ def test_compiled_dense_modules_train_as_eager(info, tmp_path, mode):
         assert manager is not None and manager.roots, f"no CUDA graph recorded ({skips} skips)"
 
 
-@pytest.mark.parametrize("step", ["direct", "cuda_graph"])
-def test_one_rank_steps_train_as_the_pipeline(info, tmp_path, step):
+@pytest.mark.parametrize("step, optim", [
+    ("direct", "sgd"), ("cuda_graph", "sgd"), ("cuda_graph", "adagrad")])
+def test_one_rank_steps_train_as_the_pipeline(info, tmp_path, step, optim):
     """training.step direct / cuda_graph against TorchRec's pipeline: the same losses within
     float noise. cuda_graph: the warm-up and the decay (rates change each step) run direct;
-    the constant phase and the end after the decay replay graphs (captured twice)."""
+    the constant phase and the end after the decay replay graphs (captured twice). With
+    Adagrad (dense) and row-wise Adagrad (tables), the replays advance their sums on the
+    device."""
     from dlrm_torchrec.trainer import Trainer
 
-    sgd = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5",
+    sparse = "rowwise_adagrad" if optim == "adagrad" else optim
+    sgd = [f"optimizer.dense={optim}", f"optimizer.sparse={sparse}", "optimizer.lr=0.5",
            "lr_schedule.warmup_steps=5", "lr_schedule.decay_start_step=30",
            "lr_schedule.num_decay_steps=5", "training.max_steps=45",
            "logging.log_every_n_steps=1", "data.num_workers=0"]
