@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-ROWS = ["torchrec", "pytorch", "trainer fp32", "trainer fp16-tables", "trainer cudagraphs",
-        "trainer direct"]
+# the one-rank step's rows: test_bench_gpu_graph_rows_replay_at_every_batch_size
+ROWS = ["torchrec", "pytorch", "trainer fp32", "trainer fp16-tables", "trainer cudagraphs"]
 
 
 def test_bench_gpu_smoke_runs_every_row_and_reports_them(tmp_path):
