@@ -39,14 +39,14 @@ def _train_each_worker(rank, world_size, runs):
      "model.interaction=dcn", "model.dcn_low_rank_dim=8", "data.multi_hot_sizes=[3,1,2,1,1,4,1,2]"],
 ], ids=["adagrad", "sgd-fp16-tables-dcn-multi-hot"])
 def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim):
-    """Every step's loss and the final metrics of direct, and of cuda_graph on the CPU
-    stand-in, against the pipeline's. For cuda_graph that checks its logic: when it
+    """Every step's loss, the evaluations on the way and the final metrics of direct, and of
+    cuda_graph on the CPU stand-in, against the pipeline's. For cuda_graph that checks its logic: when it
     captures, recaptures and replays, what it copies into the graph's buffers and reads
     out; the replay counts are worked out from the schedule and the data."""
     kinds = ("pipeline", "direct", "cuda_graph")
     common = TINY + optim + [
         "optimizer.lr=0.5", "lr_schedule.warmup_steps=5", "lr_schedule.decay_start_step=30",
-        "lr_schedule.num_decay_steps=5",
+        "lr_schedule.num_decay_steps=5", "training.eval_every_n_steps=20",
         "data.train_samples=11420"]  # 44 steps of 256, then 156 samples padded to 256
     run_ranks(1, _train_each_worker, [
         common + [f"training.step={k}", f"logging.run_dir={tmp_path / k}"] for k in kinds])
@@ -63,6 +63,10 @@ def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim)
         assert run["train_samples_seen"] == 11420, kind
         for key in ("auc", "log_loss", "accuracy"):
             assert run["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), (kind, key)
+        # evaluations between the steps (TorchRec's pipeline), then training goes on
+        assert [e["step"] for e in run["evals"]] == [20, 40, 45], kind
+        assert [e["log_loss"] for e in run["evals"]] == pytest.approx(
+            [e["log_loss"] for e in pipe["evals"]], rel=1e-6), kind
     assert pipe["train_step"] == {"kind": "pipeline"}
     assert runs["direct"]["train_step"] == {"kind": "direct", "direct_steps": 45,
                                             "graph_replays": 0, "capture_failed": False}
