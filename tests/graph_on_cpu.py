@@ -61,12 +61,21 @@ class GraphOnCpu:
                     out.copy_(got)  # detached tensors
 
 
-def install_graph_on_cpu() -> None:
-    """From now on in this process, the cuda_graph step uses GraphOnCpu, and its config
+class CaptureFails(GraphOnCpu):
+    """A capture that fails as CUDA's does when the step waits for the GPU (nothing of the
+    step ran)."""
+
+    def capture(self, step):
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\n"
+                           "(the stand-in's failed capture)")
+
+
+def install_graph_on_cpu(stand_in=GraphOnCpu) -> None:
+    """From now on in this process, the cuda_graph step uses `stand_in`, and its config
     check passes the device as CUDA (every other condition is checked as it is)."""
     from dlrm_torchrec import one_rank_step, trainer
 
-    one_rank_step.CudaGraphs = GraphOnCpu
+    one_rank_step.CudaGraphs = stand_in
     check = one_rank_step.check_one_rank_step
     trainer.check_one_rank_step = lambda cfg, world, device: check(cfg, world, "cuda")
 

@@ -13,7 +13,7 @@ import torch
 from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.one_rank_step import StepUnsupported, check_one_rank_step, single_fused_kernel
 from tests.dist_utils import run_ranks
-from tests.graph_on_cpu import install_graph_on_cpu
+from tests.graph_on_cpu import CaptureFails, GraphOnCpu, install_graph_on_cpu
 from tests.test_training import _train_worker
 
 TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=256",
@@ -21,11 +21,11 @@ TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=25
         "logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false"]
 
 
-def _train_each_worker(rank, world_size, runs):
+def _train_each_worker(rank, world_size, runs, stand_in=GraphOnCpu):
     """_train_worker for each overrides list of `runs`, in turn, in this process (one start
-    for all); training.step=cuda_graph runs on the CPU stand-in for the graph, whose device
+    for all); training.step=cuda_graph runs on a CPU stand-in for the graph, whose device
     check passes as on CUDA (every other condition of the step is checked as it is)."""
-    install_graph_on_cpu()
+    install_graph_on_cpu(stand_in)
     for overrides in runs:
         _train_worker(rank, world_size, overrides)
 
@@ -77,6 +77,24 @@ def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim)
     assert runs["cuda_graph"]["train_step"] == {"kind": "cuda_graph", "direct_steps": 10,
                                                 "graph_replays": 35, "capture_failed": False}
 
+
+def test_a_failed_capture_leaves_the_run_going_on_direct_as_if_asked_for(tmp_path):
+    """A capture that fails (an operation that waits for the GPU, in some release) is
+    reported and the run goes on with direct steps: each batch trained once, every loss as
+    training.step=direct's."""
+    common = TINY + ["optimizer.dense=sgd", "optimizer.sparse=sgd", "training.max_steps=12",
+                     "lr_schedule.warmup_steps=0", "lr_schedule.num_decay_steps=0"]
+    run_ranks(1, _train_each_worker, [
+        common + [f"training.step={k}", f"logging.run_dir={tmp_path / k}"]
+        for k in ("direct", "cuda_graph")], CaptureFails)
+    direct, graph = (json.loads((tmp_path / k / "metrics.json").read_text())
+                     for k in ("direct", "cuda_graph"))
+    assert [h["train_loss"] for h in graph["history"]] == [h["train_loss"] for h in direct["history"]]
+    assert len(direct["history"]) == 12
+    assert graph["train_samples_seen"] == direct["train_samples_seen"] == 12 * 256
+    # steps 1-3 direct (warm-up), the capture at step 4 fails: that batch and the rest direct
+    assert graph["train_step"] == {"kind": "cuda_graph", "direct_steps": 12,
+                                   "graph_replays": 0, "capture_failed": True}
 
 def _cfg(*overrides):
     return load_config("configs/tiny_cpu.yaml", list(overrides))
