@@ -30,11 +30,12 @@ timeout "${TEST_TIMEOUT_S:-200}" python3 -m pytest -v -rfEs --durations=12 --tb=
 test_rc=$?
 
 echo "== bench"
-# the goal's rows and batch sizes first (the budget skips what does not fit); extra
-# arguments replace these
+# the goal's rows and batch sizes first, then the issue's third size (2048), Terabyte before
+# DCNv2 (the budget skips what does not fit); extra arguments replace these
 if [ "$#" -eq 0 ]; then
-  set -- --batches 8192,32768 --rows "torchrec,trainer all+cuda_graph,trainer cuda_graph,\
-trainer fp32,trainer direct,trainer all+cudagraphs,trainer tf32+bf16,pytorch"
+  set -- --archs terabyte,dcnv2 --batches 8192,32768,2048 --rows "torchrec,\
+trainer all+cuda_graph,trainer cuda_graph,trainer fp32,trainer direct,trainer all+cudagraphs,\
+trainer tf32+bf16,pytorch"
 fi
 timeout "${BENCH_TIMEOUT_S:-180}" python3 bench/bench_gpu.py \
   --time-budget-s "${BENCH_BUDGET_S:-140}" --out "$OUT/bench_gpu.json" "$@" 2>&1 |
