@@ -76,15 +76,29 @@ def bag_sum(rows: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return pooled.index_add(0, bag, rows.float())
 
 
-def quantize_rows(weight: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+QUANTIZE_BLOCK_ROWS = 1 << 18  # rows per block: float32 temporaries of 256k x d, not n x d
+
+
+def quantize_rows(weight: torch.Tensor, block_rows: int = QUANTIZE_BLOCK_ROWS
+                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight (n x d) -> codes (n x d uint8), scale (n x 1), bias (n x 1) float32 with
     codes * scale + bias within scale / 2 of each value: bias the row's minimum, scale its
-    range / 255 (1 for a constant row, which its bias gives exactly)."""
-    w = weight.detach().float()
-    bias = w.amin(dim=1, keepdim=True)
-    scale = (w.amax(dim=1, keepdim=True) - bias) / 255
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round((w - bias) / scale).clamp_(0, 255).to(torch.uint8)
+    range / 255 (1 for a constant row, which its bias gives exactly). Worked through
+    `block_rows` rows at a time: a 10M-row table would otherwise need several float32
+    copies of itself at once."""
+    n, d = weight.shape
+    codes = torch.empty(n, d, dtype=torch.uint8)
+    scale = torch.empty(n, 1, dtype=torch.float32)
+    bias = torch.empty(n, 1, dtype=torch.float32)
+    with torch.no_grad():
+        for start in range(0, n, block_rows):
+            rows = slice(start, start + block_rows)
+            w = weight[rows].to(torch.float32, copy=True)  # worked on in place
+            low = w.amin(dim=1, keepdim=True)
+            step = (w.amax(dim=1, keepdim=True) - low) / 255
+            step = torch.where(step > 0, step, torch.ones_like(step))
+            codes[rows] = w.sub_(low).div_(step).round_().clamp_(0, 255)
+            scale[rows], bias[rows] = step, low
     return codes, scale, bias
 
 

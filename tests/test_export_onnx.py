@@ -44,7 +44,13 @@ def test_int8_rows_are_within_half_a_step_of_the_weights_and_span_the_codes():
     g = torch.Generator().manual_seed(0)
     weight = torch.randn(50, 8, generator=g) * torch.rand(50, 1, generator=g)
     weight[7] = 0.25  # a constant row
+    before = weight.clone()
     codes, scale, bias = export_onnx.quantize_rows(weight)
+    assert torch.equal(weight, before)  # the model's weights are left as they were
+    # worked in blocks of rows (bounded memory): the same codes, whatever the block size
+    for block_rows in (1, 7, 49):
+        blocked = export_onnx.quantize_rows(weight, block_rows=block_rows)
+        assert all(torch.equal(a, b) for a, b in zip(blocked, (codes, scale, bias))), block_rows
     assert codes.dtype == torch.uint8 and scale.shape == bias.shape == (50, 1)
     w = weight.double()
     step = (w.max(1, keepdim=True).values - w.min(1, keepdim=True).values) / 255
