@@ -155,6 +155,7 @@ class OneRankStep:
         self.graphs = CudaGraphs(device) if capture else None
         self.graph = None  # the captured step (CUDAGraph): replay() runs it
         self.capture_failed = False
+        self.capture_error = ""  # why it failed: the error's first line
         self.direct_steps = 0
         self.replays = 0
         self._inputs: Dict[str, torch.Tensor] = {}  # the graph's input buffers
@@ -241,11 +242,12 @@ class OneRankStep:
             graph, outputs = self.graphs.capture(self._graph_step)
         except RuntimeError as e:
             self.capture_failed = True
+            self.capture_error = (str(e).splitlines() or [type(e).__name__])[0][:300]
             self._release()
             self.optimizer.zero_grad(set_to_none=True)
             self.graphs.synchronize()
             log.warning("training.step=cuda_graph: the step could not be captured (%s); "
-                        "training goes on with direct steps", str(e).splitlines()[0][:300])
+                        "training goes on with direct steps", self.capture_error)
             return
         self.graph, self._outputs, self._captured_key = graph, outputs, key
 

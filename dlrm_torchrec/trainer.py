@@ -370,12 +370,14 @@ class Trainer:
 
     def _train_step_report(self) -> Dict[str, Any]:
         """training.step, and for the one-rank kinds how this process's steps ran: direct, or
-        as CUDA-graph replays (and whether the capture held)."""
+        as CUDA-graph replays (and whether the capture held; if not, why)."""
         report: Dict[str, Any] = {"kind": self.cfg.training.step}
         if isinstance(self.train_step, OneRankStep):
             report.update(direct_steps=self.train_step.direct_steps,
                           graph_replays=self.train_step.replays,
                           capture_failed=self.train_step.capture_failed)
+            if self.train_step.capture_failed:
+                report["capture_error"] = self.train_step.capture_error
         return report
 
     def evaluate_only(self, split: str = "val") -> Dict[str, Any]:

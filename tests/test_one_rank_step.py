@@ -93,8 +93,9 @@ def test_a_failed_capture_leaves_the_run_going_on_direct_as_if_asked_for(tmp_pat
     assert len(direct["history"]) == 12
     assert graph["train_samples_seen"] == direct["train_samples_seen"] == 12 * 256
     # steps 1-3 direct (warm-up), the capture at step 4 fails: that batch and the rest direct
-    assert graph["train_step"] == {"kind": "cuda_graph", "direct_steps": 12,
-                                   "graph_replays": 0, "capture_failed": True}
+    assert graph["train_step"] == {
+        "kind": "cuda_graph", "direct_steps": 12, "graph_replays": 0, "capture_failed": True,
+        "capture_error": "CUDA error: operation not permitted when stream is capturing"}
 
 def _cfg(*overrides):
     return load_config("configs/tiny_cpu.yaml", list(overrides))

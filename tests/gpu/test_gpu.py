@@ -229,7 +229,7 @@ def test_one_rank_steps_train_as_the_pipeline(info, tmp_path, step, optim):
     _assert_trained_alike(runs[step], runs["pipeline"], steps=45, rtol=1e-4, atol=1e-6, auc=1e-4)
     if step == "cuda_graph":
         ts = trainers[step].train_step
-        assert not ts.capture_failed
+        assert not ts.capture_failed, ts.capture_error
         # multipliers (REFERENCE.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
         # 1.0 0.64 0.36 0.16 0.04 and 0.04 to the end. Direct: steps 1-4 (changing) and
         # 30-34; captured at step 5 (0.8 twice), again at 35 (0.04 twice): 25 + 11 replays
