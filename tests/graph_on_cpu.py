@@ -39,26 +39,33 @@ class GraphOnCpu:
         changed += [t for state in dense.state.values() for t in state.values()
                     if isinstance(t, torch.Tensor)]
         before = [t.detach().clone() for t in changed]
-        rates = tbe.get_learning_rate(), [g["lr"] for g in dense.param_groups]
+        captured_rates = _rates(one_rank)
         outputs = step()
         with torch.no_grad():
             for t, old in zip(changed, before):
                 t.copy_(old)
-        return SimpleNamespace(replay=lambda: self._replay(step, outputs, rates)), outputs
 
-    @staticmethod
-    def _replay(step, outputs, rates):
-        one_rank = step.__self__
-        tbe, dense = one_rank.tbe, one_rank.dense_optimizer
-        now = tbe.get_learning_rate(), [g["lr"] for g in dense.param_groups]
-        for lrs in (rates, now):  # the captured rates for the step, then the host's again
-            tbe.set_learning_rate(lrs[0])
-            for g, lr in zip(dense.param_groups, lrs[1]):
-                g["lr"] = lr
-            if lrs is rates:
-                dense.zero_grad(set_to_none=True)
-                for out, got in zip(outputs, step()):
-                    out.copy_(got)  # detached tensors
+        def replay():
+            host_rates = _rates(one_rank)
+            _set_rates(one_rank, captured_rates)
+            dense.zero_grad(set_to_none=True)
+            for out, got in zip(outputs, step()):
+                out.copy_(got)  # detached tensors
+            _set_rates(one_rank, host_rates)
+
+        return SimpleNamespace(replay=replay), outputs
+
+
+def _rates(one_rank):
+    """(the table kernel's rate, the dense param groups' rates) of a OneRankStep."""
+    return one_rank.tbe.get_learning_rate(), [g["lr"] for g in one_rank.dense_optimizer.param_groups]
+
+
+def _set_rates(one_rank, rates):
+    table_rate, dense_rates = rates
+    one_rank.tbe.set_learning_rate(table_rate)
+    for group, rate in zip(one_rank.dense_optimizer.param_groups, dense_rates):
+        group["lr"] = rate
 
 
 class CaptureFails(GraphOnCpu):

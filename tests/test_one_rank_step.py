@@ -21,12 +21,13 @@ TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=25
         "logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false"]
 
 
-def _train_each_worker(rank, world_size, runs, stand_in=GraphOnCpu):
-    """_train_worker for each overrides list of `runs`, in turn, in this process (one start
-    for all); training.step=cuda_graph runs on a CPU stand-in for the graph, whose device
-    check passes as on CUDA (every other condition of the step is checked as it is)."""
-    install_graph_on_cpu(stand_in)
-    for overrides in runs:
+def _train_each_worker(rank, world_size, runs):
+    """_train_worker for each (overrides, stand_in) of `runs`, in turn, in this process (one
+    start for all). training.step=cuda_graph runs on the CPU stand-in `stand_in` for the
+    graph, whose device check passes as on CUDA (every other condition of the step is
+    checked as it is)."""
+    for overrides, stand_in in runs:
+        install_graph_on_cpu(stand_in)
         _train_worker(rank, world_size, overrides)
 
 
@@ -40,33 +41,38 @@ def _train_each_worker(rank, world_size, runs, stand_in=GraphOnCpu):
 ], ids=["adagrad", "sgd-fp16-tables-dcn-multi-hot"])
 def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim):
     """Every step's loss, the evaluations on the way and the final metrics of direct, and of
-    cuda_graph on the CPU stand-in, against the pipeline's. For cuda_graph that checks its logic: when it
-    captures, recaptures and replays, what it copies into the graph's buffers and reads
-    out; the replay counts are worked out from the schedule and the data."""
-    kinds = ("pipeline", "direct", "cuda_graph")
+    cuda_graph on the CPU stand-in, against the pipeline's. For cuda_graph that checks its
+    logic: when it captures, recaptures and replays, what it copies into the graph's buffers
+    and reads out; the replay counts are worked out from the schedule and the data. A
+    capture that fails (an operation that waits for the GPU, in some release) is reported
+    and the run goes on direct: each batch trained once, as training.step=direct trains it."""
+    runs = {"pipeline": GraphOnCpu, "direct": GraphOnCpu, "cuda_graph": GraphOnCpu,
+            "cuda_graph_fails": CaptureFails}
     common = TINY + optim + [
         "optimizer.lr=0.5", "lr_schedule.warmup_steps=5", "lr_schedule.decay_start_step=30",
         "lr_schedule.num_decay_steps=5", "training.eval_every_n_steps=20",
         "data.train_samples=11420"]  # 44 steps of 256, then 156 samples padded to 256
     run_ranks(1, _train_each_worker, [
-        common + [f"training.step={k}", f"logging.run_dir={tmp_path / k}"] for k in kinds])
-    runs = {k: json.loads((tmp_path / k / "metrics.json").read_text()) for k in kinds}
+        (common + [f"training.step={name.removesuffix('_fails')}",
+                   f"logging.run_dir={tmp_path / name}"], stand_in)
+        for name, stand_in in runs.items()])
+    runs = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
     pipe = runs["pipeline"]
     want = torch.tensor([h["train_loss"] for h in pipe["history"]], dtype=torch.float64)
     assert len(want) == pipe["steps"] == 45
-    for kind in kinds[1:]:
-        run = runs[kind]
-        assert run["steps"] == 45, kind
+    for name in ("direct", "cuda_graph", "cuda_graph_fails"):
+        run = runs[name]
+        assert run["steps"] == 45, name
         got = torch.tensor([h["train_loss"] for h in run["history"]], dtype=torch.float64)
-        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=kind)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7, msg=name)
         assert [h["lr"] for h in run["history"]] == [h["lr"] for h in pipe["history"]]
-        assert run["train_samples_seen"] == 11420, kind
+        assert run["train_samples_seen"] == 11420, name
         for key in ("auc", "log_loss", "accuracy"):
-            assert run["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), (kind, key)
+            assert run["final"][key] == pytest.approx(pipe["final"][key], rel=1e-6), (name, key)
         # evaluations between the steps (TorchRec's pipeline), then training goes on
-        assert [e["step"] for e in run["evals"]] == [20, 40, 45], kind
+        assert [e["step"] for e in run["evals"]] == [20, 40, 45], name
         assert [e["log_loss"] for e in run["evals"]] == pytest.approx(
-            [e["log_loss"] for e in pipe["evals"]], rel=1e-6), kind
+            [e["log_loss"] for e in pipe["evals"]], rel=1e-6), name
     assert pipe["train_step"] == {"kind": "pipeline"}
     assert runs["direct"]["train_step"] == {"kind": "direct", "direct_steps": 45,
                                             "graph_replays": 0, "capture_failed": False}
@@ -76,26 +82,13 @@ def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim)
     # (0.8 twice), again at 35 (0.04 twice): 25 + 10 replays
     assert runs["cuda_graph"]["train_step"] == {"kind": "cuda_graph", "direct_steps": 10,
                                                 "graph_replays": 35, "capture_failed": False}
-
-
-def test_a_failed_capture_leaves_the_run_going_on_direct_as_if_asked_for(tmp_path):
-    """A capture that fails (an operation that waits for the GPU, in some release) is
-    reported and the run goes on with direct steps: each batch trained once, every loss as
-    training.step=direct's."""
-    common = TINY + ["optimizer.dense=sgd", "optimizer.sparse=sgd", "training.max_steps=12",
-                     "lr_schedule.warmup_steps=0", "lr_schedule.num_decay_steps=0"]
-    run_ranks(1, _train_each_worker, [
-        common + [f"training.step={k}", f"logging.run_dir={tmp_path / k}"]
-        for k in ("direct", "cuda_graph")], CaptureFails)
-    direct, graph = (json.loads((tmp_path / k / "metrics.json").read_text())
-                     for k in ("direct", "cuda_graph"))
-    assert [h["train_loss"] for h in graph["history"]] == [h["train_loss"] for h in direct["history"]]
-    assert len(direct["history"]) == 12
-    assert graph["train_samples_seen"] == direct["train_samples_seen"] == 12 * 256
-    # steps 1-3 direct (warm-up), the capture at step 4 fails: that batch and the rest direct
-    assert graph["train_step"] == {
-        "kind": "cuda_graph", "direct_steps": 12, "graph_replays": 0, "capture_failed": True,
+    # the capture at step 5 fails: that batch and every later one direct, losses as direct's
+    assert [h["train_loss"] for h in runs["cuda_graph_fails"]["history"]] == [
+        h["train_loss"] for h in runs["direct"]["history"]]
+    assert runs["cuda_graph_fails"]["train_step"] == {
+        "kind": "cuda_graph", "direct_steps": 45, "graph_replays": 0, "capture_failed": True,
         "capture_error": "CUDA error: operation not permitted when stream is capturing"}
+
 
 def _cfg(*overrides):
     return load_config("configs/tiny_cpu.yaml", list(overrides))

@@ -190,6 +190,7 @@ def test_a_signal_to_one_rank_just_before_an_evaluation_stops_every_rank_at_one_
     assert checkpoint.latest_checkpoint(tmp_path / "checkpoints").step == 24
 
 
+@pytest.mark.slow  # 37 s: CI runs it; make test stays under 15 min
 def test_a_signal_during_an_evaluation_stops_it_and_the_resumed_run_evaluates_first(tmp_path):
     """Rank 1 is signalled in step 20, the last before the evaluation at 20 (32 batches): the
     ranks agree at its 16th batch, give it up and save step 20 asking for it again. The

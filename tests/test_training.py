@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
@@ -86,6 +87,7 @@ def test_plain_single_process_entry_point(tmp_path):
     assert f"peak memory {m['peak_memory']['gb']:.2f} GB (process rss, rank 0)" in proc.stdout
 
 
+@pytest.mark.slow  # 50 s (6 processes on 2 cores): CI runs it; make test stays under 15 min
 def test_loader_workers_train_exactly_as_the_training_process_alone(tmp_path):
     """Two ranks, batches built by 2 worker processes each vs by the ranks themselves:
     the same losses and the same final metrics."""
