@@ -237,11 +237,10 @@ class TrainerRunner(Runner):
         self.trainer._run_steps((b.ours for b in batches), 0, self.loss_sum)
 
     def step_counts(self) -> Dict[str, int]:
-        """training.step direct / cuda_graph: its direct steps and graph replays so far
-        (the pipeline: none)."""
-        ts = self.trainer.train_step
-        return ({"direct_steps": ts.direct_steps, "graph_replays": ts.replays}
-                if hasattr(ts, "replays") else {})
+        """training.step direct / cuda_graph: its direct steps and graph replays so far, as
+        metrics.json reports them (the pipeline: none)."""
+        report = self.trainer._train_step_report()
+        return {k: report[k] for k in ("direct_steps", "graph_replays") if k in report}
 
     def close(self):
         self.trainer.run_logger.close()

@@ -151,8 +151,7 @@ class OneRankStep:
         self.device = device
         self.tbe, self.index_dtype, self.offset_dtype = single_fused_kernel(
             self.model.sparse_arch, feature_names)
-        self.capture = capture
-        self.graphs = CudaGraphs(device) if capture else None
+        self.graphs = CudaGraphs(device) if capture else None  # None: the direct kind
         self.graph = None  # the captured step (CUDAGraph): replay() runs it
         self.capture_failed = False
         self.capture_error = ""  # why it failed: the error's first line
@@ -196,16 +195,17 @@ class OneRankStep:
 
     def progress(self, batches: Iterator) -> Tuple[torch.Tensor, ...]:
         batch = next(batches)
-        if not self.capture or self.capture_failed:
+        if self.graphs is None or self.capture_failed:
             return self._direct(batch)
-        key = self._key(batch)
+        inputs = self._step_inputs(batch)
+        key = self._key(inputs)
         settled, self._previous_key = key == self._previous_key, key
         if self.graph is not None and settled and key != self._captured_key:
             self._release()  # rates or shapes settled at new values: capture again
         if self.graph is None and settled and self.direct_steps >= GRAPH_WARMUP_STEPS:
             self._try_capture(batch, key)
         if self.graph is not None and key == self._captured_key:
-            for name, src in self._step_inputs(batch).items():
+            for name, src in inputs.items():
                 self._inputs[name].copy_(src, non_blocking=True)  # pinned: asynchronous
             self.graph.replay()
             self.replays += 1
@@ -217,11 +217,12 @@ class OneRankStep:
         return self._direct(batch)
 
     # ---------------------------------------------------------------- the CUDA graph
-    def _key(self, batch) -> Tuple:
+    def _key(self, inputs: Dict[str, torch.Tensor]) -> Tuple:
         """What a replay keeps from its capture: this step's scheduled rates (tables' and
-        dense: what zero_grad would hand the kernel) and the inputs' shapes and dtypes."""
+        dense: what zero_grad would hand the kernel) and the shapes and dtypes of its
+        inputs (_step_inputs)."""
         return (tuple(g["lr"] for g in self.optimizer.param_groups),
-                tuple((t.shape, t.dtype) for t in self._step_inputs(batch).values()))
+                tuple((t.shape, t.dtype) for t in inputs.values()))
 
     def _release(self) -> None:
         """Drop the graph and its buffers (its memory pool goes with the last of them; the
@@ -229,7 +230,7 @@ class OneRankStep:
         self.graph, self._inputs, self._outputs, self._captured_key = None, {}, (), ()
 
     def _try_capture(self, batch, key: Tuple) -> None:
-        """key: _key(batch)."""
+        """key: _key of the batch's inputs."""
         on_device = self._step_inputs(batch.to(self.device))
         # own buffers: a batch already on the device (the benchmark's) must not be aliased
         self._inputs = {name: t.clone() for name, t in on_device.items()}

@@ -58,6 +58,7 @@ def test_bench_gpu_graph_rows_replay_at_every_batch_size(tmp_path):
         assert 6 <= counts["graph_replays"] + counts["direct_steps"] <= 8, r
         assert counts["direct_steps"] == (3 if r["batch"] == 128 else 1), r
 
+
 def test_profile_row_counts_the_operators_of_each_step():
     """A step of exactly two aten calls (add_, mul; tensor operands, so no scalar-to-tensor
     conversions nest inside them) on CPU: 2 operators per step, whatever the number of

@@ -46,8 +46,8 @@ def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim)
     and reads out; the replay counts are worked out from the schedule and the data. A
     capture that fails (an operation that waits for the GPU, in some release) is reported
     and the run goes on direct: each batch trained once, as training.step=direct trains it."""
-    runs = {"pipeline": GraphOnCpu, "direct": GraphOnCpu, "cuda_graph": GraphOnCpu,
-            "cuda_graph_fails": CaptureFails}
+    stand_ins = {"pipeline": GraphOnCpu, "direct": GraphOnCpu, "cuda_graph": GraphOnCpu,
+                 "cuda_graph_fails": CaptureFails}
     common = TINY + optim + [
         "optimizer.lr=0.5", "lr_schedule.warmup_steps=5", "lr_schedule.decay_start_step=30",
         "lr_schedule.num_decay_steps=5", "training.eval_every_n_steps=20",
@@ -55,8 +55,9 @@ def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim)
     run_ranks(1, _train_each_worker, [
         (common + [f"training.step={name.removesuffix('_fails')}",
                    f"logging.run_dir={tmp_path / name}"], stand_in)
-        for name, stand_in in runs.items()])
-    runs = {name: json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs}
+        for name, stand_in in stand_ins.items()])
+    runs = {name: json.loads((tmp_path / name / "metrics.json").read_text())
+            for name in stand_ins}
     pipe = runs["pipeline"]
     want = torch.tensor([h["train_loss"] for h in pipe["history"]], dtype=torch.float64)
     assert len(want) == pipe["steps"] == 45
