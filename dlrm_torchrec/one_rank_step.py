@@ -33,10 +33,14 @@ so the host bounded it, not the GPU.
     benchmark, which times several sizes on one trainer).
   - If the capture fails (an operation that waits for the GPU, in some release), the
     run goes on direct after one warning line.
+
+Both kinds take the next batch from the loader while the GPU runs the current step and copy
+it to the device on a side stream (`BatchCopies`), as TorchRec's pipeline does: the copy
+and the loader's host work overlap the step instead of preceding it.
 """
 
 import logging
-from typing import Callable, Dict, Iterator, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -157,6 +161,10 @@ class OneRankStep:
         self.capture_error = ""  # why it failed: the error's first line
         self.direct_steps = 0
         self.replays = 0
+        self.copies = BatchCopies(device)
+        # the next batch, taken and on its way to the device during the step before, with
+        # the iterator it came from (None: that iterator is exhausted)
+        self._prefetched: Optional[Tuple[Iterator, object]] = None
         self._inputs: Dict[str, torch.Tensor] = {}  # the graph's input buffers
         self._outputs: Tuple[torch.Tensor, ...] = ()  # the buffers a replay writes
         self._captured_key: Tuple = ()  # _key() of the captured step
@@ -165,10 +173,10 @@ class OneRankStep:
     # ---------------------------------------------------------------- the step itself
     @staticmethod
     def _step_inputs(batch) -> Dict[str, torch.Tensor]:
-        """The step's inputs as the loader made (and pinned) them: dense B x D, the KJT's
+        """The step's inputs as the loader made them (on the device): dense B x D, the KJT's
         ids N and bag lengths F*B, labels and weights B. Offsets and the kernel's index
-        dtype are made on the device, in the step: host-made tensors would not be pinned
-        (a copy into the graph's buffers would wait for the GPU)."""
+        dtype are made in the step, so that the graph's buffers hold only what the loader
+        made (one copy each per replay)."""
         kjt = batch.sparse_features
         return {"dense": batch.dense_features, "indices": kjt.values(),
                 "lengths": kjt.lengths(), "labels": batch.labels, "weights": batch.weights}
@@ -185,7 +193,7 @@ class OneRankStep:
         return self.train_module.loss_fn(logits, labels, weights), logits
 
     def _direct(self, batch) -> Tuple[torch.Tensor, ...]:
-        batch = batch.to(self.device, non_blocking=True)
+        """batch: on the device."""
         self.optimizer.zero_grad()  # also sets the tables' rate for this step's update
         loss, logits = self._loss(**self._step_inputs(batch))
         loss.backward()  # the table update, fused into the kernel's backward
@@ -194,7 +202,30 @@ class OneRankStep:
         return loss.detach(), logits.detach(), batch.labels, batch.weights
 
     def progress(self, batches: Iterator) -> Tuple[torch.Tensor, ...]:
-        batch = next(batches)
+        batch = self._take(batches)
+        out = self._train(batch)
+        # the next batch: the loader and the copy run while the GPU works on this step
+        try:
+            self._prefetched = (batches, self.copies.start(next(batches)))
+        except StopIteration:
+            self._prefetched = (batches, None)
+        return out
+
+    def _take(self, batches: Iterator):
+        """This step's batch, on the device: the one taken from `batches` during the step
+        before, or, at an iterator's first step, its next one. StopIteration when
+        `batches` has no more. A batch taken from another iterator is dropped: its caller
+        stopped early (a stop request ends the run; the checkpoint's data position holds
+        that batch for the resumed run)."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None or prefetched[0] is not batches:
+            prefetched = (batches, self.copies.start(next(batches)))
+        if prefetched[1] is None:
+            raise StopIteration
+        return self.copies.ready(prefetched[1])
+
+    def _train(self, batch) -> Tuple[torch.Tensor, ...]:
+        """One step on `batch` (on the device) -> (loss, logits, labels, weights)."""
         if self.graphs is None or self.capture_failed:
             return self._direct(batch)
         inputs = self._step_inputs(batch)
@@ -206,7 +237,7 @@ class OneRankStep:
             self._try_capture(batch, key)
         if self.graph is not None and key == self._captured_key:
             for name, src in inputs.items():
-                self._inputs[name].copy_(src, non_blocking=True)  # pinned: asynchronous
+                self._inputs[name].copy_(src)  # on the device already
             self.graph.replay()
             self.replays += 1
             return self._outputs
@@ -231,7 +262,7 @@ class OneRankStep:
 
     def _try_capture(self, batch, key: Tuple) -> None:
         """key: _key of the batch's inputs."""
-        on_device = self._step_inputs(batch.to(self.device))
+        on_device = self._step_inputs(batch)
         # own buffers: a batch already on the device (the benchmark's) must not be aliased
         self._inputs = {name: t.clone() for name, t in on_device.items()}
         self.graphs.synchronize()
@@ -296,3 +327,33 @@ class CudaGraphs:
         with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
             outputs = step()
         return graph, outputs
+
+
+class BatchCopies:
+    """Host-to-device copies of batches on a side stream (CUDA), so that the next batch's
+    copy overlaps the current step: `start(batch)` when the batch is taken, `ready(...)`
+    when its step begins. A batch already on the device (the benchmark's) and every batch
+    of a CPU run are used as they are."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def start(self, batch):
+        """-> (batch on the device, whether it was copied on the side stream)."""
+        if self.stream is None or batch.dense_features.is_cuda:
+            return batch.to(self.device), False
+        # the loader pins CUDA runs' batches: the copy is asynchronous
+        with torch.cuda.stream(self.stream):
+            return batch.to(self.device, non_blocking=True), True
+
+    def ready(self, started):
+        """The batch of start(), usable on the current stream: that stream waits for the
+        copy, and the batch's memory stays allocated until that stream is done with it
+        (it was allocated on the side stream)."""
+        batch, copied = started
+        if copied:
+            current = torch.cuda.current_stream(self.device)
+            current.wait_stream(self.stream)
+            batch.record_stream(current)
+        return batch

@@ -146,3 +146,47 @@ def test_cuda_graph_step_on_cpu_stops_before_training_with_one_error_line(tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "training.step=cuda_graph needs a CUDA device" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _stop_and_resume_worker(rank, world_size, common, run_dirs, signal_step):
+    """An uninterrupted direct run; then one that gets SIGTERM during step `signal_step` (in
+    the middle of the data between two evaluations, while the step holds the next batch,
+    taken ahead), and its resumed run."""
+    import os
+    import signal
+
+    from dlrm_torchrec.preemption import Preempted
+    from dlrm_torchrec.trainer import Trainer
+
+    _train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[0]}"])
+    inject = Trainer._maybe_inject_crash
+
+    def sigterm_at_step(self):
+        if self.step == signal_step:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    Trainer._maybe_inject_crash = sigterm_at_step
+    try:
+        with pytest.raises(Preempted):
+            _train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[1]}"])
+    finally:
+        Trainer._maybe_inject_crash = inject
+    _train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[1]}",
+                                              "checkpoint.resume=auto"])
+
+
+def test_direct_step_stopped_between_evaluations_resumes_as_if_never_stopped(tmp_path):
+    """The direct step takes each batch one step ahead: a run stopped by SIGTERM drops that
+    batch, and the resumed run trains it (the checkpoint's data position), so every step's
+    loss and the final metrics are the uninterrupted run's."""
+    common = TINY + ["training.step=direct", "training.eval_every_n_steps=20",
+                     "data.train_samples=10240", "optimizer.lr=0.5"]  # 40 steps
+    dirs = [tmp_path / "whole", tmp_path / "stopped"]
+    run_ranks(1, _stop_and_resume_worker, common, [str(d) for d in dirs], 13)
+    whole, resumed = (json.loads((d / "metrics.json").read_text()) for d in dirs)
+    # a lone process stops at the step its signal arrived in
+    assert resumed["history"][12]["step"] == 13 and resumed["steps"] == 40
+    assert [h["train_loss"] for h in resumed["history"]] == pytest.approx(
+        [h["train_loss"] for h in whole["history"]], rel=1e-6)
+    assert resumed["train_samples_seen"] == whole["train_samples_seen"] == 10240
+    assert resumed["final"]["auc"] == pytest.approx(whole["final"]["auc"], rel=1e-6)
