@@ -26,7 +26,11 @@ build. "all" is tf32 + bf16 autocast + fp16 tables. (qcomms are not benchmarked:
 GPU the all-to-alls move nothing.) The compiled rows build their own trainer with
 training.compile: "trainer compile" (inductor), "trainer cudagraphs" (reduce-overhead:
 inductor plus CUDA graphs), "trainer all+cudagraphs" (that and every precision option);
-their warm-up steps include the compilation of each batch size.
+their warm-up steps include the compilation of each batch size. The one-rank step's rows
+(training.step): "trainer direct", "trainer cuda_graph" (the whole step as one graph),
+"trainer all+cuda_graph" (with every precision option) and "trainer all+direct+cudagraphs"
+(direct, with the dense part compiled into CUDA graphs: what is left if FBGEMM's kernels
+cannot be captured).
 
 Each row: warm-up steps, a short probe to size the timed run to about --seconds, then the
 timed run between two device synchronisations. samples/s = steps x batch / time. "peak GB"
@@ -73,6 +77,9 @@ COMPILED_ROWS = {
     "trainer cudagraphs": ["training.compile=reduce-overhead"],
     "trainer all+cudagraphs": ["training.compile=reduce-overhead"] + ALL_PRECISION,
     "trainer direct": ["training.step=direct"],
+    # what is left when the whole step cannot be captured: no pipeline, dense part graphed
+    "trainer all+direct+cudagraphs": ["training.step=direct", "training.compile=reduce-overhead"]
+    + ALL_PRECISION,
     "trainer cuda_graph": ["training.step=cuda_graph"],
     "trainer all+cuda_graph": ["training.step=cuda_graph"] + ALL_PRECISION,
 }

@@ -34,8 +34,8 @@ echo "== bench"
 # DCNv2 (the budget skips what does not fit); extra arguments replace these
 if [ "$#" -eq 0 ]; then
   set -- --archs terabyte,dcnv2 --batches 8192,32768,2048 --rows "torchrec,\
-trainer all+cuda_graph,trainer cuda_graph,trainer fp32,trainer direct,trainer all+cudagraphs,\
-trainer tf32+bf16,pytorch"
+trainer all+cuda_graph,trainer cuda_graph,trainer fp32,trainer direct,trainer all+direct+cudagraphs,\
+trainer all+cudagraphs,trainer tf32+bf16,pytorch"
 fi
 timeout "${BENCH_TIMEOUT_S:-180}" python3 bench/bench_gpu.py \
   --time-budget-s "${BENCH_BUDGET_S:-140}" --out "$OUT/bench_gpu.json" "$@" 2>&1 |
