@@ -91,3 +91,25 @@ def test_compile_without_a_cpp_compiler_is_a_config_error_not_a_traceback(tmp_pa
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "training.compile='default': torch.compile on CPU needs a C++ compiler" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def _train_each(rank, world_size, runs):
+    for overrides in runs:
+        _train_worker(rank, world_size, overrides)
+
+
+def test_one_rank_direct_step_with_compiled_dense_modules_trains_as_the_eager_pipeline(tmp_path):
+    """training.step=direct calls the model's dense modules itself: compiled, they compute
+    what the eager ones compute in TorchRec's pipeline."""
+    sgd = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5"]
+    runs = {"pipeline": ["training.compile=none"],
+            "direct": ["training.step=direct", "training.compile=default"]}
+    run_ranks(1, _train_each, [TINY + sgd + extra + [f"logging.run_dir={tmp_path / name}"]
+                               for name, extra in runs.items()])
+    eager, compiled = (json.loads((tmp_path / name / "metrics.json").read_text()) for name in runs)
+    assert compiled["steps"] == eager["steps"] == 12
+    assert compiled["train_step"]["direct_steps"] == 12
+    got = torch.tensor([h["train_loss"] for h in compiled["history"]])
+    want = torch.tensor([h["train_loss"] for h in eager["history"]])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert abs(compiled["final"]["auc"] - eager["final"]["auc"]) < 1e-5
