@@ -6,16 +6,18 @@ VENV ?= .venv
 VARIANT ?= cpu
 PYTHON ?= python3
 TORCHREC_VERSION ?= 1.8.0
+# the versions the suite last passed with (empty: whatever pip resolves today)
+CONSTRAINTS ?= requirements/constraints.txt
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(VARIANT)
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: install train test test-all test-gpu-machine-releases lint bench clean
 
-$(STAMP): requirements/$(VARIANT).txt requirements/common.txt requirements/dev.txt setup.cfg
+$(STAMP): requirements/$(VARIANT).txt requirements/common.txt requirements/dev.txt $(CONSTRAINTS) setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip "setuptools>=70.1"  # builds the editable install (no isolation)
-	$(PY) -m pip install -q -r requirements/$(VARIANT).txt -r requirements/dev.txt
+	$(PY) -m pip install -q $(if $(CONSTRAINTS),-c $(CONSTRAINTS)) -r requirements/$(VARIANT).txt -r requirements/dev.txt
 	# torchrec declares the CUDA fbgemm-gpu as a dependency; its real ones are in common.txt
 	$(PY) -m pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .

@@ -104,8 +104,13 @@ def test_exported_weights_and_program_predict_what_the_sharded_model_predicts(tr
     assert v["metrics"]["float"]["log_loss"] == pytest.approx(final["log_loss"], abs=1e-6)
     assert v["metrics"]["float"]["auc"] == pytest.approx(final["auc"], abs=1e-6)
     assert v["max_abs_prob_diff"]["float"] < 1e-6
-    assert v["metrics"]["onnx"]["auc"] == pytest.approx(final["auc"], abs=1e-6)
     assert v["max_abs_prob_diff"]["onnx"] < 1e-6
+    # AUC counts positive-negative pairs in order (here about 2.6e5 of them, 3.9e-6 each):
+    # ONNX Runtime's kernels round differently from torch's, within the 1e-6 above, which
+    # flips a pair whose two probabilities are closer than that (seen on an AMD EPYC
+    # machine with onnxruntime 1.32: one pair). Up to two pairs, then.
+    assert v["metrics"]["onnx"]["auc"] == pytest.approx(final["auc"], abs=8e-6)
+    assert v["metrics"]["onnx"]["log_loss"] == pytest.approx(final["log_loss"], abs=1e-6)
     assert info["inputs"]["feature_order"] == feature_names(cfg.embeddings)
     assert info["written_by_world_size"] == 2
 
