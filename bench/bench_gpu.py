@@ -591,6 +591,8 @@ def main(argv=None) -> int:
             ts = res.get("train_step")
             graph = (f"  steps: {ts['graph_replays']} replayed, {ts['direct_steps']} direct"
                      if ts else "")
+            if ts and ts.get("capture_error"):
+                graph += f" (capture failed: {ts['capture_error']})"
             print(f"{arch:9s} {bs:6d}  {row:22s} {res['samples_per_s']:12,.0f} {rel:>11s} "
                   f"{res['ms_per_step']:8.2f} {pk:>8s}{graph}{prof}", flush=True)
         else:
@@ -656,6 +658,9 @@ def main(argv=None) -> int:
                         if counts:  # this row's steps (warm-up included): replayed or direct?
                             res["train_step"] = {k: v - counts[k]
                                                  for k, v in runner.step_counts().items()}
+                            error = runner.trainer._train_step_report().get("capture_error")
+                            if error:  # why the graph rows ran direct (one device call: say it)
+                                res["train_step"]["capture_error"] = error
                         if args.profile_steps:
                             res["per_step"], top = profile_row(runner.run, data[bs],
                                                                args.profile_steps, device)

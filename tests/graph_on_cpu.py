@@ -3,7 +3,9 @@ captures, recaptures and replays, what goes into the graph's buffers and comes o
 where there is no GPU: in the trainer (tests/test_one_rank_step.py) and in the GPU
 benchmark's smoke run (tests/test_bench.py), which runs a script under it with
 
-    python -m tests.graph_on_cpu SCRIPT ARGS...
+    python -m tests.graph_on_cpu [--capture-fails] SCRIPT ARGS...
+
+(--capture-fails: every capture fails, as CaptureFails's.)
 """
 
 import runpy
@@ -88,6 +90,7 @@ def install_graph_on_cpu(stand_in=GraphOnCpu) -> None:
 
 
 if __name__ == "__main__":
-    install_graph_on_cpu()
-    script, sys.argv = sys.argv[1], sys.argv[1:]
+    fails = sys.argv[1] == "--capture-fails"
+    install_graph_on_cpu(CaptureFails if fails else GraphOnCpu)
+    script, sys.argv = sys.argv[1 + fails], sys.argv[1 + fails:]
     runpy.run_path(script, run_name="__main__")

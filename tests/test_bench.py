@@ -57,6 +57,27 @@ def test_bench_gpu_graph_rows_replay_at_every_batch_size(tmp_path):
         counts = r["train_step"]
         assert 6 <= counts["graph_replays"] + counts["direct_steps"] <= 8, r
         assert counts["direct_steps"] == (3 if r["batch"] == 128 else 1), r
+        assert "capture_error" not in counts, r
+
+
+def test_bench_gpu_says_why_a_graph_row_ran_direct(tmp_path):
+    """A failed capture (the stand-in's, as CUDA's when the step waits for the GPU): the row
+    still times, every step direct, and its line and JSON say why."""
+    out = tmp_path / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tests.graph_on_cpu", "--capture-fails", "bench/bench_gpu.py",
+         "--smoke", "--archs", "terabyte", "--rows", "trainer cuda_graph", "--out", str(out)],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["batch"] for r in rows] == [128, 256]
+    error = "CUDA error: operation not permitted when stream is capturing"
+    for row in rows:
+        counts = row["train_step"]
+        assert counts["graph_replays"] == 0 and counts["direct_steps"] >= 6, row
+        assert counts["capture_error"] == error
+        assert (f"0 replayed, {counts['direct_steps']} direct (capture failed: {error})"
+                in proc.stdout)
 
 
 def test_profile_row_counts_the_operators_of_each_step():
