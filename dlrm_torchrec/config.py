@@ -180,6 +180,10 @@ class ShardingConfig:
     cache_load_factor: float = 0.0
     """fused_uvm_caching: the share of each cached table's rows kept in the HBM cache
     (TorchRec CacheParams.load_factor; 0: TorchRec's default, 0.2)."""
+    prefetch_pipeline: bool = False
+    """fused_uvm_caching: fetch the next batch's rows from host memory into the HBM cache
+    while the current batch trains (TorchRec's PrefetchTrainPipelineSparseDist, FBGEMM's
+    prefetch_pipeline). Not yet run on a GPU (issue 7): off by default."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
     device: str = "auto"
@@ -616,6 +620,12 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(s.ddr_cap_gb >= 0, "sharding.ddr_cap_gb", s.ddr_cap_gb, "must be >= 0")
     _require(0 <= s.cache_load_factor <= 1, "sharding.cache_load_factor", s.cache_load_factor,
              "must be in [0, 1]")
+    if s.prefetch_pipeline:
+        allowed = [s.compute_kernel] + [ck for tc in s.tables.values() for ck in tc.compute_kernels]
+        _require("fused_uvm_caching" in allowed, "sharding.prefetch_pipeline", True,
+                 "prefetches the HBM cache of fused_uvm_caching tables, and neither "
+                 "sharding.compute_kernel nor any sharding.tables.*.compute_kernels allows "
+                 "that kernel")
     pr = cfg.precision
     _one_of("precision.dense_autocast", pr.dense_autocast, DENSE_AUTOCAST)
     _one_of("precision.embedding_dtype", pr.embedding_dtype, EMBEDDING_DTYPES)

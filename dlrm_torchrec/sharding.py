@@ -69,10 +69,21 @@ def constraints_for(cfg: ShardingConfig, tables: List[EmbeddingBagConfig],
         extra = {}  # issue 7: pooling factors and the UVM cache size
         if pooling and t.name in pooling:
             extra["pooling_factors"] = [pooling[t.name]] * len(t.feature_names)
-        if cfg.cache_load_factor > 0 and "fused_uvm_caching" in kernels:
-            extra["cache_params"] = CacheParams(load_factor=cfg.cache_load_factor)
+        if "fused_uvm_caching" in kernels and (cfg.cache_load_factor > 0 or cfg.prefetch_pipeline):
+            # prefetch_pipeline: the trainer fetches a batch's rows into the cache while the
+            # batch before it trains (PrefetchTrainPipelineSparseDist), and FBGEMM keeps the
+            # rows of the batches in flight in the cache
+            extra["cache_params"] = CacheParams(
+                load_factor=cfg.cache_load_factor or None,
+                prefetch_pipeline=True if cfg.prefetch_pipeline else None)
         out[t.name] = ParameterConstraints(sharding_types=types, compute_kernels=kernels, **extra)
     return out
+
+
+def uses_uvm_caching(plan: ShardingPlan) -> bool:
+    """Whether the plan puts any table in UVM behind an HBM cache (fused_uvm_caching)."""
+    return any(ps.compute_kernel == "fused_uvm_caching"
+               for module_plan in plan.plan.values() for ps in module_plan.values())
 
 
 def check_supported(cfg: ShardingConfig, device_type: str, sparse_optimizer: str = "sgd") -> None:

@@ -13,7 +13,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
+from torchrec.distributed.train_pipeline import (
+    PrefetchTrainPipelineSparseDist,
+    TrainPipelineSparseDist,
+)
 from torchrec.optim.keyed import CombinedOptimizer
 
 from dlrm_torchrec import checkpoint
@@ -37,7 +40,13 @@ from dlrm_torchrec.precision import (
     qcomm_codecs_registry,
 )
 from dlrm_torchrec.preemption import Preempted, StopRequest
-from dlrm_torchrec.sharding import check_supported, plan_summary, pooling_factors, shard_model
+from dlrm_torchrec.sharding import (
+    check_supported,
+    plan_summary,
+    pooling_factors,
+    shard_model,
+    uses_uvm_caching,
+)
 
 
 def log(info: DistInfo, msg: str) -> None:
@@ -93,8 +102,12 @@ class Trainer:
                                                fused=info.device.type == "cuda")
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])
         self.schedule = LRSchedule(self.optimizer, cfg.lr_schedule)
-        self.pipeline = TrainPipelineSparseDist(self.model, self.optimizer, info.device,
-                                                execute_all_batches=True)
+        # sharding.prefetch_pipeline, for tables in UVM behind an HBM cache: the pipeline
+        # also fetches the next batch's rows into the cache while the current batch trains
+        prefetch = cfg.sharding.prefetch_pipeline and uses_uvm_caching(self.plan)
+        pipeline_cls = PrefetchTrainPipelineSparseDist if prefetch else TrainPipelineSparseDist
+        self.pipeline = pipeline_cls(self.model, self.optimizer, info.device,
+                                     execute_all_batches=True)
         # training steps: the pipeline, or on one rank the direct / CUDA-graph step
         # (training.step); evaluation always goes through the pipeline
         self.train_step = self.pipeline

@@ -175,7 +175,22 @@ def test_cache_load_factor_sets_cache_params_of_uvm_caching_tables():
                            "sharding.tables.t_cat_1.compute_kernels=[fused]"])
     cons = constraints_for(cfg.sharding, tables)
     assert cons["t_cat_0"].cache_params.load_factor == 0.05
+    assert cons["t_cat_0"].cache_params.prefetch_pipeline is None
     assert cons["t_cat_1"].cache_params is None
+
+
+def test_prefetch_pipeline_asks_fbgemm_to_keep_the_rows_of_batches_in_flight_cached():
+    cfg, tables = _tables(["sharding.tables.t_cat_1.compute_kernels=[fused,fused_uvm_caching]",
+                           "sharding.prefetch_pipeline=true"])
+    cons = constraints_for(cfg.sharding, tables)
+    assert cons["t_cat_0"].cache_params is None
+    assert cons["t_cat_1"].cache_params.load_factor is None  # TorchRec's default size
+    assert cons["t_cat_1"].cache_params.prefetch_pipeline is True
+
+
+def test_prefetch_pipeline_without_a_uvm_caching_kernel_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"sharding.prefetch_pipeline=True: .*allows"):
+        _tables(["sharding.prefetch_pipeline=true"])
 
 
 def test_topology_takes_the_cuda_device_memory_when_uncapped(monkeypatch):

@@ -135,6 +135,32 @@ def test_table_over_its_hbm_budget_goes_to_uvm_caching(info, tmp_path):
     assert summary["final"]["auc"] > 0.5
 
 
+def test_prefetch_pipeline_trains_uvm_cached_tables_as_hbm_tables(info, tmp_path):
+    """sharding.prefetch_pipeline: TorchRec's PrefetchTrainPipelineSparseDist fetches the
+    next batch's rows into the cache while the current one trains, evaluations go through
+    it too; every logged loss and the evaluations equal those of the same tables in HBM
+    (the same initial weights, whatever the plan)."""
+    from torchrec.distributed.train_pipeline import PrefetchTrainPipelineSparseDist
+
+    from dlrm_torchrec.trainer import Trainer
+
+    common = TINY + ["embeddings.num_embeddings_per_feature=[4000000,1000,1000,1000]",
+                     "embeddings.dim=64", "model.bottom_mlp=[64,64]", "data.batch_size=1024",
+                     "training.max_steps=30", "training.eval_every_n_steps=10",
+                     "logging.log_every_n_steps=1", "optimizer.dense=sgd",
+                     "optimizer.sparse=sgd", "optimizer.lr=0.5"]
+    hbm = Trainer(_cfg(tmp_path / "hbm", common), info).fit()
+    tr = Trainer(_cfg(tmp_path / "cached", common + [
+        "sharding.hbm_cap_gb=0.5", "sharding.cache_load_factor=0.1",
+        "sharding.tables.t_cat_0.compute_kernels=[fused_uvm_caching]",
+        "sharding.prefetch_pipeline=true"]), info)
+    assert _plan_kernels(tr.plan)["t_cat_0"] == "fused_uvm_caching"
+    assert isinstance(tr.pipeline, PrefetchTrainPipelineSparseDist)
+    cached = tr.fit()
+    _assert_trained_alike(cached, hbm, 30, rtol=1e-5, atol=1e-6, auc=1e-4)
+    assert [e["step"] for e in cached["evals"]] == [10, 20, 30]
+
+
 @pytest.mark.parametrize("options", [
     ["precision.tf32=true"],
     ["precision.dense_autocast=bf16", "precision.embedding_dtype=fp16"],
