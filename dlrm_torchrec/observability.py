@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from dlrm_torchrec.config import Config
 
-TRAIN_SCALARS = {"train_loss": "train/loss", "lr": "train/lr", "samples_per_s": "train/samples_per_s"}
+TRAIN_SCALARS = {"train_loss": "train/loss", "lr": "train/lr", "samples_per_s": "train/samples_per_s",
+                 "data_wait": "train/data_wait"}
 EVAL_SCALARS = {"auc": "val/auc", "log_loss": "val/log_loss", "ne": "val/ne",
                 "calibration": "val/calibration", "accuracy": "val/accuracy"}
-CSV_COLUMNS = ["split", "step", "epoch", "train_loss", "lr", "samples_per_s", "auc", "log_loss",
-               "ne", "calibration", "accuracy", "ctr", "samples"]
+CSV_COLUMNS = ["split", "step", "epoch", "train_loss", "lr", "samples_per_s", "data_wait", "auc",
+               "log_loss", "ne", "calibration", "accuracy", "ctr", "samples"]
 
 
 def write_line(msg: str) -> None:
@@ -39,8 +40,9 @@ def write_line(msg: str) -> None:
 
 
 def format_train_line(rec: Dict[str, Any]) -> str:
+    wait = f"  data wait {rec['data_wait']:.0%}" if "data_wait" in rec else ""
     return (f"step {rec['step']:>7d}  epoch {rec['epoch']}  loss {rec['train_loss']:.5f}  "
-            f"lr {rec['lr']:.3g}  {rec['samples_per_s']:,.0f} samples/s")
+            f"lr {rec['lr']:.3g}  {rec['samples_per_s']:,.0f} samples/s{wait}")
 
 
 def _finite(x: Any) -> bool:
@@ -104,13 +106,14 @@ class RunLogger:
                 self._stop_profiler()  # the trace is written; stop paying for the hooks
 
     def train(self, rec: Dict[str, Any]) -> None:
-        """A training record {step, epoch, train_loss, lr, samples_per_s}."""
+        """A training record {step, epoch, train_loss, lr, samples_per_s, data_wait}."""
         if not self.is_main:
             return
         self.train_records.append(dict(rec))
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['train_loss']:.5f}",
-                                 samples_s=f"{rec['samples_per_s']:,.0f}", lr=f"{rec['lr']:.3g}")
+                                 samples_s=f"{rec['samples_per_s']:,.0f}", lr=f"{rec['lr']:.3g}",
+                                 data_wait=f"{rec.get('data_wait', 0.0):.0%}")
         else:
             write_line(format_train_line(rec))
         self._scalars(TRAIN_SCALARS, rec)

@@ -9,7 +9,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -134,6 +134,10 @@ class Trainer:
         # the step from which the logged samples/s is timed (this process's steps only)
         self._loss_window = torch.zeros((), dtype=torch.float64, device=info.device)
         self._timed_from_step = 0
+        # seconds the step loop waited for the loader (in its next()), and their count at the
+        # last log line: the logged share of the time that went to waiting for data
+        self.loader_wait = LoaderWait()
+        self._waited_at_last_log = 0.0
         # SIGTERM (preemption, scancel, time limit, pod eviction): agree, save, exit
         self.stop_request = StopRequest(info.world_size, cfg.checkpoint.save_on_sigterm)
         # the epoch of the evaluation a SIGTERM interrupted at this step (None: none)
@@ -143,7 +147,7 @@ class Trainer:
     def _run_steps(self, batches, epoch: int, loss_sum: torch.Tensor) -> int:
         """Train on `batches` through the pipeline; returns the number of steps taken."""
         self.model.train()
-        it = iter(batches)
+        it = self.loader_wait.timed(iter(batches))
         taken = 0
         while True:
             self._step_begin()
@@ -178,10 +182,14 @@ class Trainer:
         loss_sum.zero_()
         now = time.perf_counter()
         timed = self.step - max(self._last_logged_step, self._timed_from_step)
-        rate = timed * self.cfg.data.batch_size / max(now - self._last_log_time, 1e-9)
+        elapsed = max(now - self._last_log_time, 1e-9)
+        rate = timed * self.cfg.data.batch_size / elapsed
+        waited = self.loader_wait.seconds - self._waited_at_last_log
         self._last_logged_step, self._last_log_time = self.step, now
+        self._waited_at_last_log = self.loader_wait.seconds
         rec = {"step": self.step, "epoch": epoch, "train_loss": mean_loss,
-               "lr": self.schedule.last_lr, "samples_per_s": rate}
+               "lr": self.schedule.last_lr, "samples_per_s": rate,
+               "data_wait": min(waited / elapsed, 1.0)}
         self.history.append(rec)
         self.run_logger.train(rec)  # observability: log line or progress bar, TensorBoard
 
@@ -529,6 +537,29 @@ class Trainer:
             tmp = self.run_dir / "metrics.json.tmp"
             tmp.write_text(json.dumps(summary, indent=1, default=_json_default))
             tmp.replace(self.run_dir / "metrics.json")
+
+
+class LoaderWait:
+    """Seconds the step loop spent waiting for batches: inside the loader iterator's next(),
+    where the process builds a batch itself (no loader workers) or waits for a worker's.
+    A large share of a logging interval means the loader bounds training (more
+    data.num_workers, or a cheaper data format); the share of a loader that keeps up is
+    near 0."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def timed(self, batches: Iterator) -> Iterator:
+        """`batches`, adding the time each next() takes to `seconds`."""
+        while True:
+            start = time.perf_counter()
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            finally:
+                self.seconds += time.perf_counter() - start
+            yield batch
 
 
 def peak_memory(device: torch.device) -> Dict[str, Any]:

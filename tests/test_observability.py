@@ -54,13 +54,54 @@ def test_without_a_terminal_training_prints_plain_log_lines(run):
     assert "\r" not in stdout and "%|" not in stdout  # no progress bar
 
 
+def test_log_lines_tell_the_share_of_time_spent_waiting_for_the_loader(tmp_path):
+    """A loader that takes 120 ms per training batch, against steps of a few ms: most of each
+    logging interval goes to waiting for data, and the log line and history say so. The
+    same run with the loader as it is waits a smaller share."""
+    import time
+
+    from dlrm_torchrec import trainer
+
+    def slow_training_batches(source, *args):
+        loader = trainer_prefetching(source, *args)
+        batches = loader.batches
+
+        def slow(split, *a, **k):
+            for batch in batches(split, *a, **k):
+                if split == "train":
+                    time.sleep(0.12)
+                yield batch
+
+        loader.batches = slow
+        return loader
+
+    trainer_prefetching = trainer.prefetching
+    overrides = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=256",
+                 "logging.log_every_n_steps=4", "logging.tensorboard=false",
+                 "logging.plot=false"]
+    waits = {}
+    for name in ("slow", "as_is"):
+        cfg = load_config("configs/tiny_cpu.yaml", overrides + [f"logging.run_dir={tmp_path / name}"])
+        with pytest.MonkeyPatch.context() as mp:
+            if name == "slow":
+                mp.setattr(trainer, "prefetching", slow_training_batches)
+            summary, stdout = train_in_process(cfg)
+        waits[name] = [rec["data_wait"] for rec in summary["history"]]
+        assert len(waits[name]) == 4 and all(0 <= w <= 1 for w in waits[name])
+    # each interval: 4 sleeps of 120 ms against 4 steps of 5-15 ms (more on a loaded machine)
+    assert min(waits["slow"]) > 0.6, waits
+    assert max(waits["as_is"]) < min(waits["slow"]), waits
+    line = next(x for x in stdout.splitlines() if x.startswith("step       4  "))
+    assert line.endswith(f"samples/s  data wait {waits['as_is'][0]:.0%}")
+
+
 def test_tensorboard_event_file_holds_every_scalar(run):
     run_dir, summary, _ = run
     acc = EventAccumulator(str(run_dir / "tensorboard"))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"train/loss", "train/lr", "train/samples_per_s", "val/auc", "val/log_loss",
-            "val/ne", "val/calibration", "val/accuracy"} <= tags
+    assert {"train/loss", "train/lr", "train/samples_per_s", "train/data_wait", "val/auc",
+            "val/log_loss", "val/ne", "val/calibration", "val/accuracy"} <= tags
     loss = acc.Scalars("train/loss")
     assert [e.step for e in loss] == [r["step"] for r in summary["history"]]
     assert [e.value for e in loss] == pytest.approx([r["train_loss"] for r in summary["history"]])
