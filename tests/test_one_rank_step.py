@@ -190,3 +190,24 @@ def test_direct_step_stopped_between_evaluations_resumes_as_if_never_stopped(tmp
         [h["train_loss"] for h in whole["history"]], rel=1e-6)
     assert resumed["train_samples_seen"] == whole["train_samples_seen"] == 10240
     assert resumed["final"]["auc"] == pytest.approx(whole["final"]["auc"], rel=1e-6)
+
+
+def test_a_pipeline_checkpoint_resumes_with_the_direct_step_as_it_would_with_the_pipeline(
+        tmp_path):
+    """training.step changes how a step runs, not what it computes or what the checkpoint
+    holds: a pipeline run's checkpoint at step 20 (Adagrad and row-wise Adagrad state
+    included) resumed with training.step=direct gives the uninterrupted pipeline run's
+    losses for steps 21-40 and its final metrics."""
+    common = TINY + ["data.train_samples=10240", "optimizer.lr=0.5",
+                     "training.eval_every_n_steps=20"]  # 40 steps; adagrad, rowwise_adagrad
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    run_ranks(1, _train_each_worker, [
+        (common + [f"logging.run_dir={whole}"], GraphOnCpu),
+        (common + [f"logging.run_dir={part}", "training.max_steps=20"], GraphOnCpu),
+        (common + [f"logging.run_dir={part}", "training.step=direct", "checkpoint.resume=auto"],
+         GraphOnCpu)])
+    want, got = (json.loads((d / "metrics.json").read_text()) for d in (whole, part))
+    assert got["steps"] == 40 and got["train_step"]["direct_steps"] == 20
+    assert [h["train_loss"] for h in got["history"]] == pytest.approx(
+        [h["train_loss"] for h in want["history"]], rel=1e-6)
+    assert got["final"]["auc"] == pytest.approx(want["final"]["auc"], rel=1e-6)
