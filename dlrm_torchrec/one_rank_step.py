@@ -36,7 +36,9 @@ so the host bounded it, not the GPU.
 
 Both kinds take the next batch from the loader while the GPU runs the current step and copy
 it to the device on a side stream (`BatchCopies`), as TorchRec's pipeline does: the copy
-and the loader's host work overlap the step instead of preceding it.
+and the loader's host work overlap the step instead of preceding it. Both evaluate the same
+way (the model in eval mode): the forward pass on the kernel, batch after batch, never
+graphed.
 """
 
 import logging
@@ -138,7 +140,8 @@ def single_fused_kernel(sharded_ebc: nn.Module, feature_names: List[str]):
 
 class OneRankStep:
     """`progress(batches)` as TrainPipelineSparseDist's: takes the next batch (StopIteration
-    when there is none), trains on it, returns (loss, logits, labels, weights), detached.
+    when there is none), trains on it (evaluates it, when the model is in eval mode),
+    returns (loss, logits, labels, weights), detached.
 
     dmp: the one-rank DistributedModelParallel of a DLRMTrain. optimizer: the trainer's
     CombinedOptimizer (fused tables + dense), used as the pipeline uses it: its zero_grad
@@ -203,7 +206,9 @@ class OneRankStep:
 
     def progress(self, batches: Iterator) -> Tuple[torch.Tensor, ...]:
         batch = self._take(batches)
-        out = self._train(batch)
+        # in eval mode (the trainer's evaluations, under no_grad): the forward pass alone,
+        # never graphed (evaluation batches may have other shapes)
+        out = self._train(batch) if self.train_module.training else self._evaluate(batch)
         # the next batch: the loader and the copy run while the GPU works on this step
         try:
             self._prefetched = (batches, self.copies.start(next(batches)))
@@ -223,6 +228,11 @@ class OneRankStep:
         if prefetched[1] is None:
             raise StopIteration
         return self.copies.ready(prefetched[1])
+
+    def _evaluate(self, batch) -> Tuple[torch.Tensor, ...]:
+        """The forward pass on `batch` (on the device) -> (loss, logits, labels, weights)."""
+        loss, logits = self._loss(**self._step_inputs(batch))
+        return loss.detach(), logits.detach(), batch.labels, batch.weights
 
     def _train(self, batch) -> Tuple[torch.Tensor, ...]:
         """One step on `batch` (on the device) -> (loss, logits, labels, weights)."""

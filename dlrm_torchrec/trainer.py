@@ -109,7 +109,7 @@ class Trainer:
         self.pipeline = pipeline_cls(self.model, self.optimizer, info.device,
                                      execute_all_batches=True)
         # training steps: the pipeline, or on one rank the direct / CUDA-graph step
-        # (training.step); evaluation always goes through the pipeline
+        # (training.step), which evaluates too
         self.train_step = self.pipeline
         if cfg.training.step != "pipeline":
             self.train_step = OneRankStep(
@@ -208,7 +208,7 @@ class Trainer:
             while True:
                 self._step_begin()
                 try:
-                    _, logits, labels, weights = self.pipeline.progress(it)
+                    _, logits, labels, weights = self.train_step.progress(it)
                 except StopIteration:
                     break
                 metrics.update(logits, labels, weights)
