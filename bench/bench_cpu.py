@@ -1,5 +1,5 @@
 """CPU training throughput: the project (TorchRec, fused FBGEMM kernels, pipeline) with one
-process and with two gloo ranks, beside a plain PyTorch DLRM built from nn.EmbeddingBag
+process (also with training.step=direct: no pipeline) and with two gloo ranks, beside a plain PyTorch DLRM built from nn.EmbeddingBag
 with sparse gradients and SGD (the way the original reference works), in one run, on the
 same pre-generated random batches.
 
@@ -166,6 +166,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, 1 thread per process, "
           f"tables capped at {args.max_rows:,} rows, SGD, random data\n")
     head = (f"{'arch':<9}{'batch':>6}  {'plain 1p':>10}  {'project 1p':>11}  {'x plain':>8}  "
+            f"{'1p direct':>10}  {'x plain':>8}  "
             f"{'project 2 ranks':>16}  {'per core / 1p':>14}  {'2 plain at once':>16}")
     print(head)
     print("-" * len(head))
@@ -175,9 +176,12 @@ def main() -> None:
             cfg = load_config(ARCHS[arch], over)
             plain = run_plain(cfg, args.warmup)
             one = run_project(1, ARCHS[arch], over, args.warmup)
+            # one process without TorchRec's pipeline and input distribution (training.step)
+            direct = run_project(1, ARCHS[arch], over + ["training.step=direct"], args.warmup)
             two = run_project(2, ARCHS[arch], over, args.warmup)
             pair = run_plain_pair(ARCHS[arch], over, args.warmup)
             print(f"{arch:<9}{batch:>6}  {plain:>10,.0f}  {one:>11,.0f}  {one / plain:>7.2f}x  "
+                  f"{direct:>10,.0f}  {direct / plain:>7.2f}x  "
                   f"{two:>16,.0f}  {two / 2 / one:>13.2f}x  {pair / 2 / plain:>15.2f}x", flush=True)
 
 
