@@ -1,5 +1,6 @@
-"""The training loop: sharded model, TorchRec's TrainPipelineSparseDist, periodic
-evaluation, early stop, and the run folder (resolved config, metrics)."""
+"""The training loop: sharded model, TorchRec's train pipeline (or the one-rank step of
+one_rank_step.py), periodic evaluation, early stop, and the run folder (resolved config,
+metrics)."""
 
 import contextlib
 import itertools
@@ -145,7 +146,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ steps
     def _run_steps(self, batches, epoch: int, loss_sum: torch.Tensor) -> int:
-        """Train on `batches` through the pipeline; returns the number of steps taken."""
+        """Train on `batches` with the training step (the pipeline or the one-rank step);
+        returns the number of steps taken."""
         self.model.train()
         it = self.loader_wait.timed(iter(batches))
         taken = 0
