@@ -40,9 +40,9 @@ def write_line(msg: str) -> None:
 
 
 def format_train_line(rec: Dict[str, Any]) -> str:
-    wait = f"  data wait {rec['data_wait']:.0%}" if "data_wait" in rec else ""
     return (f"step {rec['step']:>7d}  epoch {rec['epoch']}  loss {rec['train_loss']:.5f}  "
-            f"lr {rec['lr']:.3g}  {rec['samples_per_s']:,.0f} samples/s{wait}")
+            f"lr {rec['lr']:.3g}  {rec['samples_per_s']:,.0f} samples/s  "
+            f"data wait {rec['data_wait']:.0%}")
 
 
 def _finite(x: Any) -> bool:
@@ -113,7 +113,7 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{rec['train_loss']:.5f}",
                                  samples_s=f"{rec['samples_per_s']:,.0f}", lr=f"{rec['lr']:.3g}",
-                                 data_wait=f"{rec.get('data_wait', 0.0):.0%}")
+                                 data_wait=f"{rec['data_wait']:.0%}")
         else:
             write_line(format_train_line(rec))
         self._scalars(TRAIN_SCALARS, rec)

@@ -209,12 +209,15 @@ class OneRankStep:
         # in eval mode (the trainer's evaluations, under no_grad): the forward pass alone,
         # never graphed (evaluation batches may have other shapes)
         out = self._train(batch) if self.train_module.training else self._evaluate(batch)
-        # the next batch: the loader and the copy run while the GPU works on this step
+        self._prefetch(batches)  # the loader and the copy run while the GPU works on this step
+        return out
+
+    def _prefetch(self, batches: Iterator) -> None:
+        """Take the next batch of `batches` and start its copy to the device."""
         try:
             self._prefetched = (batches, self.copies.start(next(batches)))
         except StopIteration:
             self._prefetched = (batches, None)
-        return out
 
     def _take(self, batches: Iterator):
         """This step's batch, on the device: the one taken from `batches` during the step
@@ -222,12 +225,12 @@ class OneRankStep:
         `batches` has no more. A batch taken from another iterator is dropped: its caller
         stopped early (a stop request ends the run; the checkpoint's data position holds
         that batch for the resumed run)."""
-        prefetched, self._prefetched = self._prefetched, None
-        if prefetched is None or prefetched[0] is not batches:
-            prefetched = (batches, self.copies.start(next(batches)))
-        if prefetched[1] is None:
+        if self._prefetched is None or self._prefetched[0] is not batches:
+            self._prefetch(batches)
+        (_, started), self._prefetched = self._prefetched, None
+        if started is None:
             raise StopIteration
-        return self.copies.ready(prefetched[1])
+        return self.copies.ready(started)
 
     def _evaluate(self, batch) -> Tuple[torch.Tensor, ...]:
         """The forward pass on `batch` (on the device) -> (loss, logits, labels, weights)."""
@@ -352,7 +355,7 @@ class BatchCopies:
     def start(self, batch):
         """-> (batch on the device, whether it was copied on the side stream)."""
         if self.stream is None or batch.dense_features.is_cuda:
-            return batch.to(self.device), False
+            return batch, False  # already where the step runs: CPU runs, device batches
         # the loader pins CUDA runs' batches: the copy is asynchronous
         with torch.cuda.stream(self.stream):
             return batch.to(self.device, non_blocking=True), True

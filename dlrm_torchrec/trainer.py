@@ -103,16 +103,18 @@ class Trainer:
                                                fused=info.device.type == "cuda")
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])
         self.schedule = LRSchedule(self.optimizer, cfg.lr_schedule)
-        # sharding.prefetch_pipeline, for tables in UVM behind an HBM cache: the pipeline
-        # also fetches the next batch's rows into the cache while the current batch trains
-        prefetch = cfg.sharding.prefetch_pipeline and uses_uvm_caching(self.plan)
-        pipeline_cls = PrefetchTrainPipelineSparseDist if prefetch else TrainPipelineSparseDist
-        self.pipeline = pipeline_cls(self.model, self.optimizer, info.device,
-                                     execute_all_batches=True)
-        # training steps: the pipeline, or on one rank the direct / CUDA-graph step
-        # (training.step), which evaluates too
-        self.train_step = self.pipeline
-        if cfg.training.step != "pipeline":
+        # training and evaluation steps: TorchRec's pipeline, or on one rank the direct /
+        # CUDA-graph step (training.step; then there is no pipeline)
+        self.pipeline = None
+        if cfg.training.step == "pipeline":
+            # sharding.prefetch_pipeline, for tables in UVM behind an HBM cache: the pipeline
+            # also fetches the next batch's rows into the cache while the current one trains
+            prefetch = cfg.sharding.prefetch_pipeline and uses_uvm_caching(self.plan)
+            pipeline_cls = PrefetchTrainPipelineSparseDist if prefetch else TrainPipelineSparseDist
+            self.pipeline = pipeline_cls(self.model, self.optimizer, info.device,
+                                         execute_all_batches=True)
+            self.train_step = self.pipeline
+        else:
             self.train_step = OneRankStep(
                 self.model, self.optimizer, self.dense_optimizer, feature_names(cfg.embeddings),
                 info.device,

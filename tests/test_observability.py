@@ -196,7 +196,8 @@ def test_on_a_terminal_a_progress_bar_replaces_the_log_lines(tmp_path, capsys):
     rl.run_start(total_steps=10, steps_per_epoch=10, train_samples=2560, eval_samples=256)
     for step in range(1, 5):
         rl.step(step)
-    rl.train({"step": 4, "epoch": 0, "train_loss": 0.51234, "lr": 0.05, "samples_per_s": 1234.0})
+    rl.train({"step": 4, "epoch": 0, "train_loss": 0.51234, "lr": 0.05, "samples_per_s": 1234.0,
+              "data_wait": 0.1})
     rl.close()
     out = capsys.readouterr().out
     assert "4/10" in out and "loss=0.51234" in out and "samples_s=1,234" in out
