@@ -36,20 +36,30 @@ def train(cfg: Config, eval_only: bool = False, split: Optional[str] = None) -> 
     with `eval_only` evaluate the checkpoint named by checkpoint.resume on `split`
     (default: training.eval_split)."""
     from dlrm_torchrec.distributed import init_distributed, shutdown
+    from dlrm_torchrec.preemption import Preempted
     from dlrm_torchrec.trainer import Trainer
 
     info = init_distributed(cfg.sharding)
     trainer = None
+    together = False  # every rank leaves at the same point (finished, or agreed to stop)
     try:
         validate(cfg, world_size=info.world_size)
         trainer = Trainer(cfg, info)
         if eval_only:
-            return trainer.evaluate_only(split or cfg.training.eval_split)
-        return trainer.fit()
+            result = trainer.evaluate_only(split or cfg.training.eval_split)
+        else:
+            result = trainer.fit()
+        together = True
+        return result
+    except Preempted:
+        together = True
+        raise
     finally:
         if trainer is not None:  # after an error: stop the profiler, flush TensorBoard
             trainer.run_logger.close()
-        shutdown()
+        # the sharded model holds the process groups: let it go before they are destroyed
+        del trainer
+        shutdown(together)
 
 
 def quiet_libraries() -> None:

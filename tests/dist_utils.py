@@ -1,5 +1,6 @@
 """Spawning real gloo ranks for tests (torch.multiprocessing, spawn start method)."""
 
+import faulthandler
 import os
 import socket
 from typing import Any, Callable
@@ -19,6 +20,8 @@ def _entry(rank: int, world_size: int, port: int, fn: Callable, args: Any) -> No
         LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
         OMP_NUM_THREADS="1",
     )
+    # a rank that dies on a signal (SIGABRT, SIGSEGV) prints every thread's Python stack
+    faulthandler.enable()
     import torch
 
     torch.set_num_threads(1)

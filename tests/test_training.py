@@ -72,6 +72,29 @@ def test_max_steps_bounds_the_run(tmp_path):
     assert m["steps"] == 7 and m["train_samples_seen"] == 7 * 256
 
 
+def _train_and_list_live_models(rank, world_size, overrides, out_dir):
+    import gc
+
+    from torchrec.distributed.types import ShardedModule
+
+    from dlrm_torchrec.train import train
+
+    train(load_config("configs/tiny_cpu.yaml", overrides))
+    # no gc.collect() here: what is alive now would otherwise die in the interpreter's exit
+    live = sorted(type(o).__name__ for o in gc.get_objects() if isinstance(o, ShardedModule))
+    (out_dir / f"live_{rank}.json").write_text(json.dumps(live))
+
+
+def test_a_finished_run_lets_go_of_its_sharded_model_before_the_process_exits(tmp_path):
+    """The sharded model's all-to-alls hold the gloo groups and sit in reference cycles; left
+    to the interpreter's exit, the groups were torn down mid-finalisation and a rank now and
+    then died of SIGABRT after a finished run. train() must release them itself."""
+    run_ranks(2, _train_and_list_live_models,
+              SMALL + ["training.max_steps=3", f"logging.run_dir={tmp_path}"], tmp_path)
+    for rank in (0, 1):
+        assert json.loads((tmp_path / f"live_{rank}.json").read_text()) == [], rank
+
+
 def test_plain_single_process_entry_point(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
