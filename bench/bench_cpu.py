@@ -175,7 +175,7 @@ def main() -> None:
             over = bench_overrides(arch, args.max_rows, batch, args.steps + args.warmup)
             cfg = load_config(ARCHS[arch], over)
             plain = run_plain(cfg, args.warmup)
-            one = run_project(1, ARCHS[arch], over, args.warmup)
+            one = run_project(1, ARCHS[arch], over + ["training.step=pipeline"], args.warmup)
             # one process without TorchRec's pipeline and input distribution (training.step)
             direct = run_project(1, ARCHS[arch], over + ["training.step=direct"], args.warmup)
             two = run_project(2, ARCHS[arch], over, args.warmup)

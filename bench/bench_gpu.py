@@ -28,9 +28,10 @@ training.compile: "trainer compile" (inductor), "trainer cudagraphs" (reduce-ove
 inductor plus CUDA graphs), "trainer all+cudagraphs" (that and every precision option);
 their warm-up steps include the compilation of each batch size. The one-rank step's rows
 (training.step): "trainer direct", "trainer cuda_graph" (the whole step as one graph),
-"trainer all+cuda_graph" (with every precision option) and "trainer all+direct+cudagraphs"
+"trainer all+cuda_graph" (with every precision option), "trainer all+direct+cudagraphs"
 (direct, with the dense part compiled into CUDA graphs: what is left if FBGEMM's kernels
-cannot be captured).
+cannot be captured) and "trainer auto" (the default, training.step=auto: the kind it
+picks, cuda_graph on one GPU with SGD). Every other trainer row sets training.step=pipeline.
 
 Each row: warm-up steps, a short probe to size the timed run to about --seconds, then the
 timed run between two device synchronisations. samples/s = steps x batch / time. "peak GB"
@@ -82,6 +83,8 @@ COMPILED_ROWS = {
     + ALL_PRECISION,
     "trainer cuda_graph": ["training.step=cuda_graph"],
     "trainer all+cuda_graph": ["training.step=cuda_graph"] + ALL_PRECISION,
+    # the default: what training.step=auto picks here (one GPU, SGD: cuda_graph)
+    "trainer auto": ["training.step=auto"],
 }
 ALL_ROWS = TRAINER_ROWS + list(COMPILED_ROWS) + ["torchrec", "pytorch"]
 
@@ -140,6 +143,9 @@ def arch_config(arch: str, args, device: str, max_batch: int, extra: Iterable[st
         "lr_schedule.warmup_steps=0", "lr_schedule.num_decay_steps=0",
         "training.target_auc=0", "training.eval_every_n_steps=0",
         "sharding.compute_kernel=fused", f"sharding.device={device}",
+        # the rows without a training.step of their own time TorchRec's pipeline (the
+        # default, auto, would pick the one-rank step, which rows of their own time)
+        "training.step=pipeline",
         "logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false",
         "logging.log_every_n_steps=1000000000", "logging.run_dir=/tmp/bench_gpu_run",
     ]
@@ -436,6 +442,7 @@ def profile_row(run: Callable, batches: List[DeviceBatch], steps: int,
     measure of per-step host work; on CUDA most of them launch a kernel). launches and
     host_syncs count CUDA runtime calls (see LAUNCH_CALLS, is_host_sync), gpu_ms the kernels'
     device time: with the step's wall time it tells whether the GPU or the host bounds it."""
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU]
@@ -447,8 +454,10 @@ def profile_row(run: Callable, batches: List[DeviceBatch], steps: int,
         sync(device)
     table = prof.key_averages()
     counts = {e.key: e.count for e in table}
-    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0))
-                    for e in table)
+    # the kernels' own events, as torch's table totals them: an operator's self device time
+    # is its kernels' again, and a user annotation spans kernels already counted
+    device_us = sum(e.self_device_time_total for e in table
+                    if e.device_type != DeviceType.CPU and not getattr(e, "is_user_annotation", False))
     own_syncs = 2 if device.type == "cuda" else 0  # the sync() calls around the window
     per_step = {
         "aten_ops": sum(c for k, c in counts.items() if k.startswith("aten::")) / steps,

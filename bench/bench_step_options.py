@@ -96,6 +96,7 @@ def main(argv=None) -> int:
                 f"sharding.device={args.device}", "training.target_auc=0",
                 "logging.log_every_n_steps=1000000", "logging.progress_bar=false",
                 "logging.tensorboard=false", "logging.run_dir=/tmp/bench_step_options",
+                "training.step=pipeline",  # the figures in the README: TorchRec's pipeline
             ] + ROWS[name])
             rate = time_row(cfg, info, args.warmup, args.steps)
             base = base or rate

@@ -28,7 +28,7 @@ DENSE_AUTOCAST = ("none", "bf16")
 EMBEDDING_DTYPES = ("fp32", "fp16")
 COMM_PRECISIONS = ("fp32", "fp16", "bf16")
 COMPILE_MODES = ("none", "default", "reduce-overhead", "max-autotune")
-STEP_KINDS = ("pipeline", "direct", "cuda_graph")
+STEP_KINDS = ("auto", "pipeline", "direct", "cuda_graph")
 
 
 class ConfigError(ValueError):
@@ -236,10 +236,11 @@ class TrainingConfig:
     """torch.compile the data-parallel modules (bottom MLP, interaction, top MLP, loss):
     none, default, reduce-overhead (default plus CUDA graphs on GPU) or max-autotune.
     Removes per-step kernel-launch overhead; the first steps pay the compilation."""
-    step: str = "pipeline"
-    """How a training step runs. pipeline: TorchRec's TrainPipelineSparseDist (any world
-    size). One rank only (one GPU, or one CPU process), fused tables in one group, no
-    QR/MD: direct calls the sharded collection's FBGEMM kernel itself, without input
+    step: str = "auto"
+    """How a training step runs. auto: the fastest kind the run allows (several ranks:
+    pipeline; one rank: cuda_graph on CUDA, else direct, else pipeline; one_rank_step.py).
+    pipeline: TorchRec's TrainPipelineSparseDist (any world size). One rank only (one GPU,
+    or one CPU process), fused tables in one group, no QR/MD: direct calls the sharded collection's FBGEMM kernel itself, without input
     distribution or pipeline; cuda_graph (CUDA; SGD or Adagrad, not Adam) also replays the
     whole step (lookup, MLPs, loss, backward with the fused table update, dense update) as
     one CUDA graph while the learning rate and input shapes stay those it was captured

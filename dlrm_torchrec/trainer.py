@@ -33,7 +33,7 @@ from dlrm_torchrec.model import (
     compile_dense_modules,
 )
 from dlrm_torchrec.observability import RunLogger, write_line
-from dlrm_torchrec.one_rank_step import OneRankStep, check_one_rank_step
+from dlrm_torchrec.one_rank_step import OneRankStep, StepUnsupported, resolve_step_kind
 from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
 from dlrm_torchrec.precision import (
     apply_matmul_precision,
@@ -80,7 +80,7 @@ class Trainer:
                                   d.pin_memory and info.device.type == "cuda")
 
         check_compile_supported(cfg.training.compile, info.device.type)
-        check_one_rank_step(cfg, info.world_size, info.device.type)
+        self.step_kind = resolve_step_kind(cfg, info.world_size, info.device.type)
         module = build_train_module(cfg)
         if cfg.training.compile != "none":  # compiled lazily, at the first step
             compile_dense_modules(module, cfg.training.compile)
@@ -106,7 +106,19 @@ class Trainer:
         # training and evaluation steps: TorchRec's pipeline, or on one rank the direct /
         # CUDA-graph step (training.step; then there is no pipeline)
         self.pipeline = None
-        if cfg.training.step == "pipeline":
+        self.train_step = None
+        if self.step_kind != "pipeline":
+            try:
+                self.train_step = OneRankStep(
+                    self.model, self.optimizer, self.dense_optimizer,
+                    feature_names(cfg.embeddings), info.device,
+                    capture=self.step_kind == "cuda_graph")
+            except StepUnsupported as e:  # the plan has no single fused kernel to call
+                if cfg.training.step != "auto":
+                    raise
+                log(info, f"training.step=auto: pipeline, not {self.step_kind} ({e})")
+                self.step_kind = "pipeline"
+        if self.train_step is None:
             # sharding.prefetch_pipeline, for tables in UVM behind an HBM cache: the pipeline
             # also fetches the next batch's rows into the cache while the current one trains
             prefetch = cfg.sharding.prefetch_pipeline and uses_uvm_caching(self.plan)
@@ -114,11 +126,6 @@ class Trainer:
             self.pipeline = pipeline_cls(self.model, self.optimizer, info.device,
                                          execute_all_batches=True)
             self.train_step = self.pipeline
-        else:
-            self.train_step = OneRankStep(
-                self.model, self.optimizer, self.dense_optimizer, feature_names(cfg.embeddings),
-                info.device,
-                capture=cfg.training.step == "cuda_graph")
         self.step = 0
         self.epoch = 0
         self.next_batch = 0  # data position: the next global batch of self.epoch
@@ -287,7 +294,8 @@ class Trainer:
         steps_per_epoch = self.source.num_batches("train")
         log(self.info, f"{self.source.num_samples('train'):,} training samples, "
                        f"{steps_per_epoch} steps per epoch of global batch {cfg.data.batch_size}; "
-                       f"{self.num_workers} loader worker(s) per rank")
+                       f"{self.num_workers} loader worker(s) per rank; training step: "
+                       f"{self.step_kind}" + (" (training.step=auto)" if t.step == "auto" else ""))
         self._maybe_resume(steps_per_epoch)
         total_steps = steps_per_epoch * t.epochs
         self.run_logger.run_start(  # observability
@@ -396,7 +404,9 @@ class Trainer:
     def _train_step_report(self) -> Dict[str, Any]:
         """training.step, and for the one-rank kinds how this process's steps ran: direct, or
         as CUDA-graph replays (and whether the capture held; if not, why)."""
-        report: Dict[str, Any] = {"kind": self.cfg.training.step}
+        report: Dict[str, Any] = {"kind": self.step_kind}
+        if self.cfg.training.step != self.step_kind:
+            report["configured"] = self.cfg.training.step  # auto
         if isinstance(self.train_step, OneRankStep):
             report.update(direct_steps=self.train_step.direct_steps,
                           graph_replays=self.train_step.replays,

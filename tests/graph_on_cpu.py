@@ -85,8 +85,8 @@ def install_graph_on_cpu(stand_in=GraphOnCpu) -> None:
     from dlrm_torchrec import one_rank_step, trainer
 
     one_rank_step.CudaGraphs = stand_in
-    check = one_rank_step.check_one_rank_step
-    trainer.check_one_rank_step = lambda cfg, world, device: check(cfg, world, "cuda")
+    resolve = one_rank_step.resolve_step_kind
+    trainer.resolve_step_kind = lambda cfg, world, device: resolve(cfg, world, "cuda")
 
 
 if __name__ == "__main__":

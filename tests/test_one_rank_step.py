@@ -11,7 +11,12 @@ import pytest
 import torch
 
 from dlrm_torchrec.config import ConfigError, load_config
-from dlrm_torchrec.one_rank_step import StepUnsupported, check_one_rank_step, single_fused_kernel
+from dlrm_torchrec.one_rank_step import (
+    StepUnsupported,
+    check_one_rank_step,
+    resolve_step_kind,
+    single_fused_kernel,
+)
 from tests.dist_utils import run_ranks
 from tests.graph_on_cpu import CaptureFails, GraphOnCpu, install_graph_on_cpu
 from tests.test_training import _train_worker
@@ -115,6 +120,27 @@ def test_what_the_one_rank_step_cannot_do_is_a_config_error(overrides, world, de
         check_one_rank_step(_cfg(*overrides), world, device)
 
 
+@pytest.mark.parametrize("overrides, world, device, kind", [
+    ([], 2, "cpu", "pipeline"),
+    ([], 1, "cpu", "direct"),
+    ([], 1, "cuda", "cuda_graph"),  # the config's Adagrad and row-wise Adagrad
+    (["optimizer.dense=adam"], 1, "cuda", "direct"),
+    (["training.compile=default"], 1, "cuda", "direct"),
+    (["training.compile=reduce-overhead"], 1, "cuda", "direct"),
+    (["embeddings.md_alpha=0.3"], 1, "cuda", "pipeline"),
+    (["sharding.compute_kernel=fused_uvm_caching"], 1, "cuda", "pipeline"),
+    (["sharding.sharding_type=data_parallel"], 1, "cpu", "pipeline"),
+])
+def test_auto_step_picks_the_fastest_kind_the_run_allows(overrides, world, device, kind):
+    assert resolve_step_kind(_cfg(*overrides), world, device) == kind
+
+
+def test_a_configured_step_kind_is_checked_not_replaced():
+    assert resolve_step_kind(_cfg("training.step=pipeline"), 1, "cuda") == "pipeline"
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        resolve_step_kind(_cfg("training.step=cuda_graph"), 1, "cpu")
+
+
 def test_cuda_graph_step_takes_the_configs_adagrad():
     check_one_rank_step(_cfg("training.step=cuda_graph"), 1, "cuda")  # adagrad, rowwise_adagrad
 
@@ -198,7 +224,7 @@ def test_a_pipeline_checkpoint_resumes_with_the_direct_step_as_it_would_with_the
     holds: a pipeline run's checkpoint at step 20 (Adagrad and row-wise Adagrad state
     included) resumed with training.step=direct gives the uninterrupted pipeline run's
     losses for steps 21-40 and its final metrics."""
-    common = TINY + ["data.train_samples=10240", "optimizer.lr=0.5",
+    common = TINY + ["data.train_samples=10240", "optimizer.lr=0.5", "training.step=pipeline",
                      "training.eval_every_n_steps=20"]  # 40 steps; adagrad, rowwise_adagrad
     whole, part = tmp_path / "whole", tmp_path / "part"
     run_ranks(1, _train_each_worker, [
@@ -211,3 +237,28 @@ def test_a_pipeline_checkpoint_resumes_with_the_direct_step_as_it_would_with_the
     assert [h["train_loss"] for h in got["history"]] == pytest.approx(
         [h["train_loss"] for h in want["history"]], rel=1e-6)
     assert got["final"]["auc"] == pytest.approx(want["final"]["auc"], rel=1e-6)
+
+
+def _train_each_plain_worker(rank, world_size, runs):
+    for overrides in runs:
+        _train_worker(rank, world_size, overrides)
+
+
+def test_auto_step_trains_one_cpu_rank_direct_and_falls_back_to_the_pipeline_for_split_plans(
+        tmp_path):
+    """training.step=auto, the default: one CPU rank trains with the direct step; a plan
+    that puts the tables in two kernel groups (one table table-wise, the others
+    table-column-wise) has no single kernel to call, so the same run goes to TorchRec's
+    pipeline instead of stopping. Both train every step (losses checked against the
+    pipeline in the tests above)."""
+    common = TINY + ["training.max_steps=6"]
+    split = ["sharding.tables.t_cat_0.sharding_types=[table_wise]"]
+    run_ranks(1, _train_each_plain_worker, [
+        common + [f"logging.run_dir={tmp_path / 'plain'}"],
+        common + split + [f"logging.run_dir={tmp_path / 'split'}"]])
+    plain, fallback = (json.loads((tmp_path / d / "metrics.json").read_text())
+                       for d in ("plain", "split"))
+    assert plain["steps"] == fallback["steps"] == 6
+    assert plain["train_step"] == {"kind": "direct", "configured": "auto", "direct_steps": 6,
+                                   "graph_replays": 0, "capture_failed": False}
+    assert fallback["train_step"] == {"kind": "pipeline", "configured": "auto"}

@@ -56,11 +56,9 @@ def _finite_losses(summary):
 
 
 # runs first, in its own process, before this process starts its process group; with
-# cuda_graph, its loader workers and pin-memory thread run while the step is captured
-@pytest.mark.parametrize("step", [
-    [],
-    ["training.step=cuda_graph", "optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5"],
-], ids=["pipeline", "cuda_graph"])
+# cuda_graph (what training.step=auto, the default, picks on one GPU with the config's
+# Adagrad), its loader workers and pin-memory thread run while the step is captured
+@pytest.mark.parametrize("step", [["training.step=pipeline"], []], ids=["pipeline", "auto"])
 def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path, step):
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT")}
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
@@ -84,9 +82,11 @@ def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path, step):
     assert m["steps"] == 200
     assert m["final"]["auc"] > 0.6, m["final"]
     assert m["peak_memory"]["kind"] == "cuda allocated" and 0 < m["peak_memory"]["gb"] < 80
-    if step:  # the config's 20 warm-up steps run direct, the rest replay one graph
-        assert m["train_step"] == {"kind": "cuda_graph", "direct_steps": 20,
+    if not step:  # auto: the config's 20 warm-up steps run direct, the rest replay one graph
+        assert m["train_step"] == {"kind": "cuda_graph", "configured": "auto", "direct_steps": 20,
                                    "graph_replays": 180, "capture_failed": False}, m["train_step"]
+    else:
+        assert m["train_step"] == {"kind": "pipeline"}, m["train_step"]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +109,7 @@ def test_pipeline_and_topology_use_the_gpu(info, tmp_path):
 
     total = torch.cuda.get_device_properties(info.device).total_memory
     assert build_topology(ShardingConfig(), 1, 1, "cuda").devices[0].storage.hbm == total
-    tr = Trainer(_cfg(tmp_path, TINY + ["training.max_steps=20"]), info)
+    tr = Trainer(_cfg(tmp_path, TINY + ["training.max_steps=20", "training.step=pipeline"]), info)
     assert isinstance(tr.pipeline, TrainPipelineSparseDist)
     assert set(_plan_kernels(tr.plan).values()) == {"fused"}
     summary = tr.fit()
@@ -168,12 +168,17 @@ def test_prefetch_pipeline_trains_uvm_cached_tables_as_hbm_tables(info, tmp_path
      "precision.comms_forward=bf16", "precision.comms_backward=fp16"],
     ["precision.comms_forward=fp16", "precision.comms_backward=bf16"],
 ])
-def test_precision_options_train(info, tmp_path, options):
+@pytest.mark.parametrize("step", ["pipeline", "auto"])
+def test_precision_options_train(info, tmp_path, options, step):
+    """Each precision option trains with TorchRec's pipeline and with what training.step=auto
+    picks on one GPU (the whole step as one CUDA graph: the casts of bf16 autocast and the
+    fp16 tables' update are replayed with it)."""
     from dlrm_torchrec.compression import embedding_layout, table_specs
     from dlrm_torchrec.sharding import embedding_state_keys, local_shards
     from dlrm_torchrec.trainer import Trainer
 
-    tr = Trainer(_cfg(tmp_path, TINY + ["training.max_steps=100"] + options), info)
+    tr = Trainer(_cfg(tmp_path, TINY + ["training.max_steps=100", f"training.step={step}"]
+                      + options), info)
     seen = set()
     for m in tr.model.modules():
         if isinstance(m, nn.Linear):
@@ -181,6 +186,8 @@ def test_precision_options_train(info, tmp_path, options):
     summary = tr.fit()
     assert summary["steps"] == 100 and _finite_losses(summary)
     assert summary["final"]["auc"] > 0.55, summary["final"]
+    if step == "auto":  # 20 warm-up steps direct, then one capture replayed
+        assert (tr.step_kind, tr.train_step.replays) == ("cuda_graph", 80), tr.train_step.capture_error
     bf16 = "precision.dense_autocast=bf16" in options
     assert seen == ({torch.bfloat16} if bf16 else {torch.float32})
     tf32 = "precision.tf32=true" in options
@@ -216,7 +223,7 @@ def test_compiled_dense_modules_train_as_eager(info, tmp_path, mode):
     from dlrm_torchrec.trainer import Trainer
 
     sgd = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5",
-           "training.max_steps=40", "data.num_workers=0"]
+           "training.max_steps=40", "data.num_workers=0", "training.step=pipeline"]
     runs, trainers = {}, {}
     for m in ("none", mode):
         torch._dynamo.reset()
