@@ -183,7 +183,8 @@ class ShardingConfig:
     prefetch_pipeline: bool = False
     """fused_uvm_caching: fetch the next batch's rows from host memory into the HBM cache
     while the current batch trains (TorchRec's PrefetchTrainPipelineSparseDist, FBGEMM's
-    prefetch_pipeline). Not yet run on a GPU (issue 7): off by default."""
+    prefetch_pipeline). Trained as the HBM tables on an H200 (tests/gpu); off by default
+    until its speed is benchmarked."""
     backend: str = "auto"
     """Process-group backend: auto (nccl on GPU, gloo on CPU), gloo or nccl."""
     device: str = "auto"

@@ -7,8 +7,8 @@
 #
 # Budget (7.5 minutes, so that a session's 15 minutes of device time leave room for a second,
 # shorter call after a fix; a start costs 0.5-2 minutes): tests at most TEST_TIMEOUT_S
-# (230 s; -v, so a timeout still shows which tests passed; on the H200 they took 98 s before
-# the one-rank step tests), then the benchmark, which starts no new row after
+# (230 s; -v, so a timeout still shows which tests passed; on the H200 the 21 tests took
+# 161 s on 2026-11-27), then the benchmark, which starts no new row after
 # BENCH_BUDGET_S (140 s) and is killed at BENCH_TIMEOUT_S (180 s).
 # Extra arguments go to bench/bench_gpu.py (e.g. --archs terabyte --batches 8192).
 # Writes gpu_tests.log, bench_gpu.log, bench_gpu.json and bench_gpu.md (README table) to $OUT (the device tool's
