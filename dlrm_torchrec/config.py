@@ -241,11 +241,11 @@ class TrainingConfig:
     """How a training step runs. auto: the fastest kind the run allows (several ranks:
     pipeline; one rank: cuda_graph on CUDA, else direct, else pipeline; one_rank_step.py).
     pipeline: TorchRec's TrainPipelineSparseDist (any world size). One rank only (one GPU,
-    or one CPU process), fused tables in one group, no QR/MD: direct calls the sharded collection's FBGEMM kernel itself, without input
-    distribution or pipeline; cuda_graph (CUDA; SGD or Adagrad, not Adam) also replays the
-    whole step (lookup, MLPs, loss, backward with the fused table update, dense update) as
-    one CUDA graph while the learning rate and input shapes stay those it was captured
-    with (one_rank_step.py)."""
+    or one CPU process), fused tables in one group, no QR/MD: direct calls the sharded
+    collection's FBGEMM kernel itself, without input distribution or pipeline; cuda_graph
+    (CUDA; SGD or Adagrad, not Adam) also replays the whole step (lookup, MLPs, loss,
+    backward with the fused table update, dense update) as one CUDA graph while the
+    learning rate and input shapes stay those it was captured with."""
     crash_at_step: int = 0
     """Fault-injection for tests: rank crash_rank exits at this step on a job's first
     attempt (TORCHELASTIC_RESTART_COUNT=0); 0: off."""
