@@ -252,7 +252,9 @@ def test_auto_step_trains_one_cpu_rank_direct_and_falls_back_to_the_pipeline_for
     pipeline instead of stopping. Both train every step (losses checked against the
     pipeline in the tests above)."""
     common = TINY + ["training.max_steps=6"]
-    split = ["sharding.tables.t_cat_0.sharding_types=[table_wise]"]
+    # both types pinned: left to itself the planner picks either for the other tables
+    split = ["sharding.sharding_type=table_column_wise",
+             "sharding.tables.t_cat_0.sharding_types=[table_wise]"]
     run_ranks(1, _train_each_plain_worker, [
         common + [f"logging.run_dir={tmp_path / 'plain'}"],
         common + split + [f"logging.run_dir={tmp_path / 'split'}"]])
