@@ -143,8 +143,8 @@ def arch_config(arch: str, args, device: str, max_batch: int, extra: Iterable[st
         "lr_schedule.warmup_steps=0", "lr_schedule.num_decay_steps=0",
         "training.target_auc=0", "training.eval_every_n_steps=0",
         "sharding.compute_kernel=fused", f"sharding.device={device}",
-        # the rows without a training.step of their own time TorchRec's pipeline (the
-        # default, auto, would pick the one-rank step, which rows of their own time)
+        # rows that name no training.step time TorchRec's pipeline; the default (auto)
+        # would pick a one-rank step, which has rows of its own
         "training.step=pipeline",
         "logging.tensorboard=false", "logging.plot=false", "logging.progress_bar=false",
         "logging.log_every_n_steps=1000000000", "logging.run_dir=/tmp/bench_gpu_run",

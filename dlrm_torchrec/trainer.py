@@ -106,7 +106,6 @@ class Trainer:
         # training and evaluation steps: TorchRec's pipeline, or on one rank the direct /
         # CUDA-graph step (training.step; then there is no pipeline)
         self.pipeline = None
-        self.train_step = None
         if self.step_kind != "pipeline":
             try:
                 self.train_step = OneRankStep(
@@ -118,7 +117,7 @@ class Trainer:
                     raise
                 log(info, f"training.step=auto: pipeline, not {self.step_kind} ({e})")
                 self.step_kind = "pipeline"
-        if self.train_step is None:
+        if self.step_kind == "pipeline":
             # sharding.prefetch_pipeline, for tables in UVM behind an HBM cache: the pipeline
             # also fetches the next batch's rows into the cache while the current one trains
             prefetch = cfg.sharding.prefetch_pipeline and uses_uvm_caching(self.plan)
