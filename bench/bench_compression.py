@@ -29,10 +29,11 @@ from torchmetrics.functional.classification import binary_auroc
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dlrm_torchrec.compression import memory_bytes  # noqa: E402
+from dlrm_torchrec.cli import quiet_libraries  # noqa: E402
 from dlrm_torchrec.config import load_config  # noqa: E402
+from dlrm_torchrec.config.embedding_layout import memory_bytes  # noqa: E402
 from dlrm_torchrec.data import build_data_source  # noqa: E402
-from dlrm_torchrec.train import quiet_libraries, train  # noqa: E402
+from dlrm_torchrec.train.job import train  # noqa: E402
 
 SIZES = [50000, 50000, 20000, 20000, 5000, 5000, 1000, 1000, 200, 100]
 

@@ -48,9 +48,9 @@ def project_worker(rank: int, world_size: int, port: int, cfg_path: str, overrid
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    from dlrm_torchrec.distributed import init_distributed, shutdown
-    from dlrm_torchrec.train import quiet_libraries
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.cli import quiet_libraries
+    from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
+    from dlrm_torchrec.train.trainer import Trainer
 
     quiet_libraries()
     cfg = load_config(cfg_path, overrides + [f"logging.run_dir={out}/run"])

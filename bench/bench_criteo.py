@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from dlrm_torchrec.config import DataConfig, EmbeddingsConfig, load_config  # noqa: E402
-from dlrm_torchrec.data import preprocess as pp  # noqa: E402
+from dlrm_torchrec.data.converters import preprocess as pp  # noqa: E402
 from dlrm_torchrec.data.criteo import CriteoSource  # noqa: E402
 
 N_IDS = 10_000_000
@@ -144,7 +144,7 @@ def multi_hot_rates(out: str, batch: int, pareto: bool, batches: int = 8, repeat
 def materialise_bags(out: str, work: str) -> str:
     """Write MLPerf-style materialised bags (np.savez, members 0.npy .. 25.npy) beside the
     preprocessed days and adopt them with from_torchrec; returns the adopted folder."""
-    from dlrm_torchrec.data import from_torchrec
+    from dlrm_torchrec.data.converters import from_torchrec
 
     rng = np.random.default_rng(0)
     for d in range(pp.KAGGLE_DAYS):
@@ -167,7 +167,7 @@ def reference_formats(out: str, work: str, batch: int) -> None:
     counts recovered from log(x + 1)), adopted with from_reference: conversion rows/s of its
     compressed per-day .npz, and loader samples/s of its .bin files read in place, beside
     the loader on this project's own layout in the same run."""
-    from dlrm_torchrec.data import from_reference
+    from dlrm_torchrec.data.converters import from_reference
 
     ref = os.path.join(work, "reference")
     shutil.rmtree(ref, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Training throughput on one GPU, side by side, same data, same model (issue 7).
+"""Training throughput on one GPU, side by side, same data, same model.
 
     python bench/bench_gpu.py                       # GPU: Terabyte and DCNv2, batches 2048 8192 32768
     python bench/bench_gpu.py --smoke               # any machine: tiny tables, a few steps (CPU ok)
@@ -216,8 +216,8 @@ def trainer_without_seeded_init(cfg: Config, info):
     """The project's Trainer, built without its seeded, plan-independent table initialisation
     (slow for tens of millions of rows, irrelevant to speed): tables keep TorchRec's own
     initial values."""
-    import dlrm_torchrec.sharding as sharding
-    from dlrm_torchrec.trainer import Trainer
+    import dlrm_torchrec.parallel.sharding as sharding
+    from dlrm_torchrec.train.trainer import Trainer
 
     seeded_init = sharding.init_embedding_weights
     sharding.init_embedding_weights = lambda *a, **k: None
@@ -237,8 +237,9 @@ class TrainerRunner(Runner):
 
     def set_precision(self, tf32: bool, bf16: bool) -> None:
         from dlrm_torchrec.config import PrecisionConfig
-        from dlrm_torchrec.model import MLP, Interaction
-        from dlrm_torchrec.precision import apply_matmul_precision
+        from dlrm_torchrec.model.dlrm import MLP
+        from dlrm_torchrec.model.interaction import Interaction
+        from dlrm_torchrec.parallel.precision import apply_matmul_precision
 
         apply_matmul_precision(PrecisionConfig(tf32=tf32), self.device)
         for m in self.trainer.model.modules():
@@ -277,7 +278,7 @@ class TorchRecRunner(Runner):
         from torchrec.optim.optimizers import in_backward_optimizer_filter
 
         from dlrm_torchrec.config import feature_names
-        from dlrm_torchrec.sharding import device_memory_bytes
+        from dlrm_torchrec.parallel.sharding import device_memory_bytes
 
         m = cfg.model
         tables = [EmbeddingBagConfig(name=f"t_{f}", embedding_dim=cfg.embeddings.dim,
@@ -555,7 +556,7 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore")
 
     from dlrm_torchrec.config import ShardingConfig
-    from dlrm_torchrec.distributed import init_distributed, shutdown
+    from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
 
     use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
     device_name = "cuda" if use_cuda else "cpu"

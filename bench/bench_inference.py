@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dlrm_torchrec import export  # noqa: E402
 from dlrm_torchrec.config import load_config  # noqa: E402
+from dlrm_torchrec.inference import export  # noqa: E402
 from tests.test_export import _fake_checkpoint  # noqa: E402
 
 ARCHS = {"kaggle": "configs/criteo_kaggle.yaml", "terabyte": "configs/criteo_terabyte.yaml"}
@@ -114,7 +114,7 @@ def markdown(rows) -> str:
 
 
 def main(argv=None) -> int:
-    from dlrm_torchrec.train import quiet_libraries
+    from dlrm_torchrec.cli import quiet_libraries
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", nargs="+", default=["kaggle", "terabyte"], choices=list(ARCHS))

@@ -77,7 +77,7 @@ def main(argv=None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
     from dlrm_torchrec.config import ShardingConfig
-    from dlrm_torchrec.distributed import init_distributed, shutdown
+    from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 #!/bin/bash
-# Issue 7 on the GPU machine, as ONE device call: the GPU tests, then the side-by-side
-# benchmark. Needs the bundle in .gpu/ (../shared/gpu/make_bundle.sh; git-ignored). With the
+# The GPU checks as ONE call on a GPU machine: the GPU tests, then the side-by-side
+# benchmark. Needs the GPU release bundle unpacked in .gpu/ (git-ignored). With the
 # device tool, from the project root:
 #
 #   run(command="bash scripts/gpu_check.sh", carry=[".gpu"], timeout_s=470)

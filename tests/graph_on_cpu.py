@@ -82,7 +82,7 @@ class CaptureFails(GraphOnCpu):
 def install_graph_on_cpu(stand_in=GraphOnCpu) -> None:
     """From now on in this process, the cuda_graph step uses `stand_in`, and its config
     check passes the device as CUDA (every other condition is checked as it is)."""
-    from dlrm_torchrec import one_rank_step, trainer
+    from dlrm_torchrec.train import one_rank_step, trainer
 
     one_rank_step.CudaGraphs = stand_in
     resolve = one_rank_step.resolve_step_kind

@@ -11,9 +11,9 @@ import torch
 def run(rank: int, world_size: int, overrides: List[str], variants: List[List[str]],
         steps: int, out_dir: str) -> None:
     from dlrm_torchrec.config import ShardingConfig, load_config
-    from dlrm_torchrec.distributed import init_distributed, shutdown
-    from dlrm_torchrec.sharding import local_shards
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
+    from dlrm_torchrec.parallel.sharding import local_shards
+    from dlrm_torchrec.train.trainer import Trainer
 
     info = init_distributed(ShardingConfig())
     for i, extra in enumerate(variants):

@@ -27,11 +27,11 @@ def _forward(tr, batch) -> torch.Tensor:
 
 def run(rank: int, world_size: int, base: List[str], variants: List[List[str]], steps: int,
         out_dir: str) -> None:
-    from dlrm_torchrec.compression import embedding_layout, table_specs
     from dlrm_torchrec.config import ShardingConfig, load_config
-    from dlrm_torchrec.distributed import init_distributed, shutdown
-    from dlrm_torchrec.sharding import embedding_state_keys, local_shards
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.config.embedding_layout import embedding_layout, table_specs
+    from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
+    from dlrm_torchrec.parallel.sharding import embedding_state_keys, local_shards
+    from dlrm_torchrec.train.trainer import Trainer
 
     info = init_distributed(ShardingConfig())
     for i, extra in enumerate(variants):

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from dlrm_torchrec import checkpoint
 from dlrm_torchrec.config import load_config
+from dlrm_torchrec.train import checkpoint
 from tests.dist_utils import run_ranks
 
 BASE = [
@@ -23,7 +23,7 @@ BASE = [
 
 
 def _train(rank, world_size, overrides, eval_only=False):
-    from dlrm_torchrec.train import train
+    from dlrm_torchrec.train.job import train
 
     train(load_config("configs/tiny_cpu.yaml", overrides), eval_only=eval_only)
 

@@ -8,7 +8,7 @@ import torch
 
 from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.data import build_data_source
-from dlrm_torchrec.model import build_train_module, compile_dense_modules
+from dlrm_torchrec.model.dlrm import build_train_module, compile_dense_modules
 from tests.dist_utils import run_ranks
 from tests.test_training import _train_worker
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm_torchrec.compression import (
+from dlrm_torchrec.config import ConfigError, load_config
+from dlrm_torchrec.config.embedding_layout import (
     embedding_layout,
     md_solver,
     memory_report,
-    split_qr_ids,
     table_specs,
 )
-from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.data import build_data_source
-from dlrm_torchrec.model import DLRM, build_train_module, embedding_init_rows
+from dlrm_torchrec.data.qr_split import split_qr_ids
+from dlrm_torchrec.model.dlrm import DLRM, build_train_module, embedding_init_rows
 from tests.dist_utils import run_ranks
 from tests.parity_worker import run as parity_worker
 from tests.reference_dlrm import (

@@ -11,7 +11,8 @@ import re
 import numpy as np
 import pytest
 
-from dlrm_torchrec.data import preprocess as pp
+from dlrm_torchrec.cli import preprocess as preprocess_cli
+from dlrm_torchrec.data.converters import preprocess as pp
 
 # --------------------------------------------------------------------------- test data
 
@@ -247,7 +248,7 @@ def test_resume_skips_done_days_and_rejects_other_settings(tmp_path):
 
 def test_missing_input_stops_before_any_work(tmp_path, capsys):
     src = write(tmp_path / "day_0", make_lines(10, with_bad=False))
-    rc = pp.main([str(src), str(tmp_path / "day_1.gz"), "-o", str(tmp_path / "out"),
+    rc = preprocess_cli.main([str(src), str(tmp_path / "day_1.gz"), "-o", str(tmp_path / "out"),
                   "--dataset", "terabyte", "--no-progress"])
     assert rc == 2
     err = capsys.readouterr().err
@@ -260,7 +261,7 @@ def test_strict_mode_stops_at_first_malformed_row_with_file_and_line(tmp_path, c
     lines = make_lines(50, with_bad=False)
     lines.insert(20, "\t".join(lines[0].split("\t")[:30]))
     src = write(tmp_path / "t.txt", lines)
-    rc = pp.main([str(src), "-o", str(tmp_path / "out"), "--dataset", "kaggle",
+    rc = preprocess_cli.main([str(src), "-o", str(tmp_path / "out"), "--dataset", "kaggle",
                   "--strict", "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2
@@ -298,13 +299,13 @@ def test_truncated_last_line_and_truncated_gzip_are_reported(tmp_path):
 def test_non_criteo_file_stops_clearly(tmp_path, capsys):
     src = tmp_path / "notes.csv"
     src.write_text("a,b,c\n1,2,3\n" * 50)
-    rc = pp.main([str(src), "-o", str(tmp_path / "out"), "--dataset", "kaggle",
+    rc = preprocess_cli.main([str(src), "-o", str(tmp_path / "out"), "--dataset", "kaggle",
                   "--workers", "0", "--no-progress"])
     err = capsys.readouterr().err
     assert rc == 2 and "does not look like Criteo data" in err and "Traceback" not in err
     binary = tmp_path / "x.bin"
     binary.write_bytes(bytes(range(1, 256)).replace(b"\n", b"") * 8000)
-    rc = pp.main([str(binary), "-o", str(tmp_path / "out2"), "--dataset", "kaggle",
+    rc = preprocess_cli.main([str(binary), "-o", str(tmp_path / "out2"), "--dataset", "kaggle",
                   "--workers", "0", "--no-progress"])
     assert rc == 2 and "not Criteo text" in capsys.readouterr().err
 

@@ -16,7 +16,7 @@ from tests.test_criteo_preprocess import good_row
 
 
 def _train(rank, world_size, overrides, config="configs/criteo_kaggle.yaml"):
-    from dlrm_torchrec.train import train
+    from dlrm_torchrec.train.job import train
 
     train(load_config(config, overrides))
 

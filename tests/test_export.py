@@ -10,8 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlrm_torchrec import checkpoint, export
+from dlrm_torchrec.cli import export as export_cli
 from dlrm_torchrec.config import ConfigError, feature_names, load_config, to_dict
+from dlrm_torchrec.inference import export
+from dlrm_torchrec.train import checkpoint
 from tests.dist_utils import run_ranks
 
 BASE = [
@@ -28,8 +30,8 @@ def _train_and_predict(rank, world_size, overrides, out):
     """Train with the real Trainer, then predict validation batch 0 through its pipeline (the
     sharded eval path) and save this rank's share of the logits."""
     from dlrm_torchrec.config import validate
-    from dlrm_torchrec.distributed import init_distributed, shutdown
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
+    from dlrm_torchrec.train.trainer import Trainer
 
     cfg = load_config("configs/tiny_cpu.yaml", overrides)
     info = init_distributed(cfg.sharding)
@@ -59,7 +61,7 @@ def trained(tmp_path_factory):
 def exported(trained, tmp_path_factory):
     run, _ = trained
     out = tmp_path_factory.mktemp("export")
-    rc = export.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
+    rc = export_cli.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
                       str(out), "--quantize", "int8", "--onnx", "float", *BASE, f"logging.run_dir={run}"])
     assert rc == 0
     return out
@@ -173,8 +175,8 @@ def _fake_checkpoint(cfg, folder: Path):
     trainer's (DCP shards under "model", trainer_state.json with the signature)."""
     import torch.distributed.checkpoint as dcp
 
-    from dlrm_torchrec.model import build_train_module
-    from dlrm_torchrec.trainer import model_signature
+    from dlrm_torchrec.model.dlrm import build_train_module
+    from dlrm_torchrec.train.checkpoint import model_signature
 
     module = build_train_module(cfg, device=torch.device("cpu"))
     with torch.no_grad():
@@ -195,7 +197,7 @@ def _fake_checkpoint(cfg, folder: Path):
     ["embeddings.md_alpha=0.3"],
 ])
 def test_qr_and_md_models_export_with_raw_feature_ids(tmp_path, compression):
-    from dlrm_torchrec.compression import split_qr_ids
+    from dlrm_torchrec.data.qr_split import split_qr_ids
 
     over = ["data.eval_samples=512", *compression]
     cfg = load_config("configs/tiny_cpu.yaml", over)
@@ -228,7 +230,7 @@ def test_missing_checkpoint_is_an_error_without_traceback(tmp_path):
 
 def test_checkpoint_of_another_model_is_refused_naming_the_difference(trained, tmp_path, capsys):
     run, _ = trained
-    rc = export.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
+    rc = export_cli.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
                       str(tmp_path / "out"), *BASE, f"logging.run_dir={run}",
                       "embeddings.dim=8", "model.bottom_mlp=[64,32,8]"])
     err = capsys.readouterr().err
@@ -271,7 +273,7 @@ def test_unwritable_output_folder_is_an_error(trained, tmp_path, capsys):
     run, _ = trained
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    rc = export.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
+    rc = export_cli.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
                       str(blocker / "out"), *BASE, f"logging.run_dir={run}"])
     err = capsys.readouterr().err
     assert rc == 1
@@ -281,7 +283,7 @@ def test_unwritable_output_folder_is_an_error(trained, tmp_path, capsys):
 def test_config_defaults_to_the_checkpoint_s_own(trained, tmp_path):
     run, _ = trained
     ckpt = checkpoint.latest_checkpoint(run / "checkpoints").path
-    rc = export.main(["--checkpoint", str(ckpt), "--out", str(tmp_path), "--eval-split", "none"])
+    rc = export_cli.main(["--checkpoint", str(ckpt), "--out", str(tmp_path), "--eval-split", "none"])
     assert rc == 0
     assert (tmp_path / "model.pt2").is_file() and (tmp_path / "weights.pt").is_file()
     assert "validation" not in json.loads((tmp_path / "export.json").read_text())
@@ -300,7 +302,7 @@ def test_truncated_or_malicious_checkpoint_is_refused(trained, tmp_path, capsys)
     shard.write_bytes(shard.read_bytes()[:1000])
     args = ["--config", "configs/tiny_cpu.yaml", "--checkpoint", str(bad), "--out",
             str(tmp_path / "out"), *BASE]
-    assert export.main(args) == 1
+    assert export_cli.main(args) == 1
     assert capsys.readouterr().err.startswith(f"error: {bad}: cannot be loaded")
 
     class Evil:
@@ -308,7 +310,7 @@ def test_truncated_or_malicious_checkpoint_is_refused(trained, tmp_path, capsys)
             return (os.system, ("touch PWNED_BY_EXPORT",))
 
     (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
-    assert export.main(args) == 1
+    assert export_cli.main(args) == 1
     err = capsys.readouterr().err
     assert "refusing to load" in err and "system" in err
     assert not Path("PWNED_BY_EXPORT").exists()

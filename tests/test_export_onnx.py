@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dlrm_torchrec import export, export_onnx
-from dlrm_torchrec.compression import split_qr_ids
+from dlrm_torchrec.cli import export as export_cli
 from dlrm_torchrec.config import feature_names, load_config
+from dlrm_torchrec.data.qr_split import split_qr_ids
+from dlrm_torchrec.inference import export
+from dlrm_torchrec.inference import onnx as export_onnx
 from tests.test_export import _fake_checkpoint, _first_val_batch
 
 # int8 MLPs (ONNX Runtime's dynamic quantization) against float32, on these small models
@@ -207,7 +209,7 @@ def test_missing_onnx_packages_is_one_error_line_before_any_work(tmp_path, monke
     ckpt, _ = _fake_checkpoint(cfg, tmp_path / "ck")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     out = tmp_path / "out"
-    assert export.main(["--checkpoint", str(ckpt), "--out", str(out), "--onnx", "float"]) == 1
+    assert export_cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--onnx", "float"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: --onnx needs") and "missing: onnxruntime" in err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -241,7 +243,7 @@ def test_onnx_kinds_parse_and_int8_brings_the_float_program(spec, kinds):
 
 
 def test_unknown_onnx_kind_is_a_config_error(tmp_path, capsys):
-    assert export.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
+    assert export_cli.main(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "o"),
                         "--onnx", "float,int3"]) == 2
     err = capsys.readouterr().err
     assert "error: --onnx 'float,int3': 'int3' unknown; choose from float, mlp-int8, int8" in err

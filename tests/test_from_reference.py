@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 import torch
 
+from dlrm_torchrec.cli import from_reference as from_reference_cli
 from dlrm_torchrec.config import DataConfig, EmbeddingsConfig
-from dlrm_torchrec.data import from_reference as fr
+from dlrm_torchrec.data.converters import from_reference as fr
 from dlrm_torchrec.data.criteo import CriteoSource
 
 
@@ -253,7 +254,7 @@ def test_bad_input_stops_with_file_and_row_and_writes_no_meta(tmp_path, capsys, 
         out.mkdir()
         (out / "meta.json").write_text(json.dumps({"format_version": 1,
                                                    "settings": {"dataset": "terabyte"}}))
-    assert fr.main([str(src), "-o", str(out), "--workers", "1"]) == 2
+    assert from_reference_cli.main([str(src), "-o", str(out), "--workers", "1"]) == 2
     err = capsys.readouterr().err
     assert "error: " in err and expect in err, err
     assert "Traceback" not in err

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from torchrec.datasets.criteo import BinaryCriteoUtils, InMemoryBinaryCriteoIterDataPipe
 
+from dlrm_torchrec.cli import from_torchrec as from_torchrec_cli
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
-from dlrm_torchrec.data import from_torchrec as ft
 from dlrm_torchrec.data.criteo import CriteoSource
 
 TABLE = 97  # configured rows of every table: stored ids are folded mod 97 at load
@@ -80,7 +80,7 @@ def test_adopted_terabyte_days_serve_the_rows_torchrecs_own_loader_serves(tmp_pa
     stems = [("day_0", 70), ("day_1", 45), ("day_2", 51)]
     npy = torchrec_folder(tmp_path, stems)
     out = tmp_path / "adopted"
-    assert ft.main([str(npy), "-o", str(out)]) == 0
+    assert from_torchrec_cli.main([str(npy), "-o", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     sparse = np.concatenate([np.load(npy / f"{s}_sparse.npy") for s, _ in stems])
     assert meta["table_sizes"] == (sparse.max(axis=0) + 1).tolist()
@@ -96,7 +96,7 @@ def test_adopted_terabyte_days_serve_the_rows_torchrecs_own_loader_serves(tmp_pa
 def test_reference_order_of_the_evaluation_halves_on_request(tmp_path):
     npy = torchrec_folder(tmp_path, [("day_0", 20), ("day_1", 31)])
     out = tmp_path / "adopted"
-    assert ft.main([str(npy), "-o", str(out), "--eval-halves", "test,val"]) == 0
+    assert from_torchrec_cli.main([str(npy), "-o", str(out), "--eval-halves", "test,val"]) == 0
     assert_same_rows(our_rows(out, "test"), torchrec_rows(npy, ["day_1"], "val"))
     assert_same_rows(our_rows(out, "val"), torchrec_rows(npy, ["day_1"], "test"))
 
@@ -107,7 +107,7 @@ def test_contiguous_ids_are_preferred_and_their_table_sizes_recorded(tmp_path):
     BinaryCriteoUtils.sparse_to_contiguous(
         [str(npy / f"{s}_sparse.npy") for s, _ in stems], str(npy), frequency_threshold=2)
     out = tmp_path / "adopted"
-    assert ft.main([str(npy), "-o", str(out)]) == 0
+    assert from_torchrec_cli.main([str(npy), "-o", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     contig = [np.load(npy / f"{s}_sparse_contig_freq.npy") for s, _ in stems]
     assert meta["table_sizes"] == (np.concatenate(contig).max(axis=0) + 1).tolist()
@@ -121,7 +121,7 @@ def test_kaggle_train_file_is_cut_into_seven_days_as_the_reference_cuts_it(tmp_p
     monkeypatch.chdir(tmp_path)
     npy = torchrec_folder(tmp_path, [("train", 102)], dataset="criteo_kaggle")
     out = tmp_path / "adopted"
-    assert ft.main([str(npy), "-o", str(out)]) == 0
+    assert from_torchrec_cli.main([str(npy), "-o", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     # 102 = 7 x 14 + 4: the first four days have 15 rows
     assert meta["rows_per_day"] == [15, 15, 15, 15, 14, 14, 14]
@@ -212,7 +212,7 @@ def test_bad_files_stop_with_their_name_and_row(tmp_path, capsys, case, expect):
                                                    "settings": {"dataset": "terabyte"}}))
     if case == "halves":
         args += ["--eval-halves", "val,val"]
-    assert ft.main(args) == 2
+    assert from_torchrec_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "error: " in err and expect in err, err
     assert "Traceback" not in err
@@ -225,7 +225,7 @@ def test_moved_or_shrunk_files_are_a_config_error_naming_the_file(tmp_path):
     _write_set(src, "day_0")
     _write_set(src, "day_1")
     out = tmp_path / "out"
-    assert ft.main([str(src), "-o", str(out)]) == 0
+    assert from_torchrec_cli.main([str(src), "-o", str(out)]) == 0
     _write_set(src, "day_1", n=6)
     with pytest.raises(ConfigError, match="day_1_dense.npy has 6 rows, meta.json expects"):
         our_rows(out, "val")
@@ -279,7 +279,7 @@ def test_materialised_multi_hot_bags_are_served_as_stored(tmp_path, window):
     boundaries each sample keeps its own bags."""
     src, sizes = bag_folder(tmp_path)
     out = tmp_path / "adopted"
-    assert ft.main([str(src), "-o", str(out)]) == 0
+    assert from_torchrec_cli.main([str(src), "-o", str(out)]) == 0
     meta = json.loads((out / "meta.json").read_text())
     assert meta["multi_hot_sizes"] == sizes
     assert meta["day_files"][0]["sparse"].endswith("day_0_sparse_multi_hot.npz")
@@ -305,7 +305,7 @@ def test_materialised_bags_in_their_own_folder(tmp_path):
     for d in range(3):
         (src / f"day_{d}_sparse_multi_hot.npz").rename(bags_dir / f"day_{d}_sparse_multi_hot.npz")
     out = tmp_path / "adopted"
-    assert ft.main([str(src), "-o", str(out), "--sparse-dir", str(bags_dir)]) == 0
+    assert from_torchrec_cli.main([str(src), "-o", str(out), "--sparse-dir", str(bags_dir)]) == 0
     assert json.loads((out / "meta.json").read_text())["multi_hot_sizes"] == sizes
     want = np.load(bags_dir / "day_2_sparse_multi_hot.npz")["20"][:15] % TABLE
     np.testing.assert_array_equal(served(out, "val", sizes)[1][20], want)
@@ -314,12 +314,12 @@ def test_materialised_bags_in_their_own_folder(tmp_path):
 def test_materialised_bags_need_matching_multi_hot_sizes(tmp_path):
     src, sizes = bag_folder(tmp_path)
     out = tmp_path / "adopted"
-    assert ft.main([str(src), "-o", str(out)]) == 0
+    assert from_torchrec_cli.main([str(src), "-o", str(out)]) == 0
     for wrong in ([], [3] * 26):
         with pytest.raises(ConfigError, match=r"holds materialised multi-hot bags of sizes "
                                               r"\[1, 2, 3, 4, 1"):
             served(out, "val", wrong)
     # one-hot ids chosen explicitly: the bags are not used
     one_hot = tmp_path / "one_hot"
-    assert ft.main([str(src), "-o", str(one_hot), "--sparse-suffix", ""]) == 0
+    assert from_torchrec_cli.main([str(src), "-o", str(one_hot), "--sparse-suffix", ""]) == 0
     assert "multi_hot_sizes" not in json.loads((one_hot / "meta.json").read_text())

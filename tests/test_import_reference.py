@@ -20,11 +20,12 @@ import numpy as np
 import pytest
 import torch
 
-from dlrm_torchrec import export
-from dlrm_torchrec import import_reference as ir
-from dlrm_torchrec.compression import embedding_layout
+from dlrm_torchrec.cli import import_reference as import_reference_cli
 from dlrm_torchrec.config import feature_names, load_config
+from dlrm_torchrec.config.embedding_layout import embedding_layout
 from dlrm_torchrec.data import build_data_source
+from dlrm_torchrec.inference import export
+from dlrm_torchrec.inference import import_reference as ir
 from tests.reference_dlrm import ReferenceDLRM, unpack_kjt
 
 CONFIG = "configs/tiny_cpu.yaml"
@@ -183,7 +184,7 @@ def test_mismatches_and_unsafe_files_are_one_error_line_and_write_nothing(tmp_pa
             pickle.dump({"state_dict": state, "extra": NotAWeight()}, f)
     elif case != "missing":
         save_like_the_reference(tmp_path / "model.pt", state)
-    rc = ir.main([str(tmp_path / "model.pt"), "--config", CONFIG, "-o", str(tmp_path / "out"),
+    rc = import_reference_cli.main([str(tmp_path / "model.pt"), "--config", CONFIG, "-o", str(tmp_path / "out"),
                   *args])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith("error: ") and expect in err, err

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from dlrm_torchrec.compression import wrap_source
 from dlrm_torchrec.config import ConfigError, EmbeddingsConfig, load_config
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.data.loader import PrefetchingSource, prefetching, resolve_num_workers
+from dlrm_torchrec.data.qr_split import wrap_source
 from tests.test_criteo_loader import make_folder
 from tests.test_criteo_loader import source as criteo_source
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from dlrm_torchrec.config import LRScheduleConfig
-from dlrm_torchrec.model import Interaction, Loss, dot_interaction_pairs
-from dlrm_torchrec.optim import lr_multiplier
+from dlrm_torchrec.model.dlrm import Loss
+from dlrm_torchrec.model.interaction import Interaction, dot_interaction_pairs
+from dlrm_torchrec.train.optim import lr_multiplier
 
 
 def test_dot_pairs_follow_the_reference_lower_triangle_order():
@@ -108,7 +109,7 @@ def test_fused_dense_optimizer_steps_as_torchs_per_parameter_loop(name):
     """The fused (single-kernel; multi-tensor for Adagrad) dense optimizer the trainer uses
     on CUDA against torch's plain for-loop implementation, three steps with weight decay."""
     from dlrm_torchrec.config import OptimizerConfig
-    from dlrm_torchrec.optim import dense_optimizer
+    from dlrm_torchrec.train.optim import dense_optimizer
 
     cfg = OptimizerConfig(dense=name, lr=0.1, weight_decay=0.01)
     g = torch.Generator().manual_seed(0)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dlrm_torchrec.metrics import EvalMetrics
+from dlrm_torchrec.train.metrics import EvalMetrics
 from tests.dist_utils import run_ranks
 
 # six real samples and two padding ones (weight 0, garbage logits, even NaN)

@@ -11,7 +11,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dlrm_torchrec.config import load_config
-from dlrm_torchrec.observability import RunLogger
+from dlrm_torchrec.train.observability import RunLogger
 from tests.dist_utils import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 
 def train_in_process(cfg):
     """(summary, stdout) of `train(cfg)` in this process, stdout not a terminal."""
-    from dlrm_torchrec.train import train
+    from dlrm_torchrec.train.job import train
 
     out = io.StringIO()
     with pytest.MonkeyPatch.context() as mp:
@@ -60,7 +60,7 @@ def test_log_lines_tell_the_share_of_time_spent_waiting_for_the_loader(tmp_path)
     same run with the loader as it is waits a smaller share."""
     import time
 
-    from dlrm_torchrec import trainer
+    from dlrm_torchrec.train import trainer
 
     def slow_training_batches(source, *args):
         loader = trainer_prefetching(source, *args)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dlrm_torchrec.config import ConfigError, load_config
-from dlrm_torchrec.one_rank_step import (
+from dlrm_torchrec.train.one_rank_step import (
     StepUnsupported,
     check_one_rank_step,
     resolve_step_kind,
@@ -181,8 +181,8 @@ def _stop_and_resume_worker(rank, world_size, common, run_dirs, signal_step):
     import os
     import signal
 
-    from dlrm_torchrec.preemption import Preempted
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.train.preemption import Preempted
+    from dlrm_torchrec.train.trainer import Trainer
 
     _train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[0]}"])
     inject = Trainer._maybe_inject_crash

@@ -4,8 +4,9 @@ state, and says clearly when the tables do not fit."""
 
 import pytest
 
+from dlrm_torchrec.cli.plan import main
 from dlrm_torchrec.config import load_config
-from dlrm_torchrec.plan import DoesNotFit, main, plan_cluster
+from dlrm_torchrec.parallel.planning import DoesNotFit, plan_cluster
 
 CONFIG = "configs/tiny_cpu.yaml"
 FLOAT32 = 4

@@ -17,9 +17,9 @@ from torchrec.distributed.types import CommOp
 from torchrec.modules.embedding_configs import DataType
 
 from dlrm_torchrec.config import ConfigError, ShardingConfig, load_config
-from dlrm_torchrec.model import build_train_module
-from dlrm_torchrec.precision import embedding_data_type, qcomm_codecs_registry
-from dlrm_torchrec.sharding import GB, build_topology, constraints_for, pooling_factors
+from dlrm_torchrec.model.dlrm import build_train_module
+from dlrm_torchrec.parallel.precision import embedding_data_type, qcomm_codecs_registry
+from dlrm_torchrec.parallel.sharding import GB, build_topology, constraints_for, pooling_factors
 from tests.dist_utils import run_ranks
 from tests.precision_worker import run as precision_worker
 

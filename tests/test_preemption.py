@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dlrm_torchrec import checkpoint
 from dlrm_torchrec.config import load_config
-from dlrm_torchrec.preemption import StopRequest
+from dlrm_torchrec.train import checkpoint
+from dlrm_torchrec.train.preemption import StopRequest
 from tests.dist_utils import run_ranks
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ BASE = [
 
 
 def _train(rank, world_size, overrides):
-    from dlrm_torchrec.train import train
+    from dlrm_torchrec.train.job import train
 
     train(load_config("configs/tiny_cpu.yaml", overrides))
 
@@ -159,8 +159,8 @@ def test_sigterm_to_every_process_of_a_torchrun_job_saves_and_resume_matches_uni
 def _train_signalling_one_rank(rank, world_size, overrides, signal_rank, signal_step):
     import faulthandler
 
-    from dlrm_torchrec import trainer as trainer_module
-    from dlrm_torchrec.preemption import Preempted
+    from dlrm_torchrec.train import trainer as trainer_module
+    from dlrm_torchrec.train.preemption import Preempted
 
     faulthandler.dump_traceback_later(150, exit=True)  # ranks that disagree hang: fail instead
     inject_crash = trainer_module.Trainer._maybe_inject_crash

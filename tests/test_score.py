@@ -8,10 +8,10 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from dlrm_torchrec import export, score
 from dlrm_torchrec.config import load_config
-from dlrm_torchrec.data import preprocess as pp
+from dlrm_torchrec.data.converters import preprocess as pp
 from dlrm_torchrec.data.criteo import CriteoSource
+from dlrm_torchrec.inference import export, score
 from tests.test_criteo_preprocess import make_lines, ref_parse, write
 from tests.test_export import _fake_checkpoint
 
@@ -139,7 +139,7 @@ def test_quantized_exports_score_within_the_export_tolerance(tmp_path):
 
 
 def test_onnx_exports_score_what_the_program_scores(exports, tmp_path):
-    from dlrm_torchrec.export_onnx import write_program
+    from dlrm_torchrec.inference.onnx import write_program
 
     lines, cfg, out = exports("hash")
     if not (out / "model.onnx").exists():  # what export --onnx float adds to the folder
@@ -175,7 +175,7 @@ def test_mistakes_are_one_error_line_and_write_nothing(exported, tmp_path, capsy
     ckpt, _ = _fake_checkpoint(synthetic, tmp_path / "ckpt")
     export.export(synthetic, ckpt, tmp_path / "synthetic_export", eval_split="none",
                   log=lambda m: None)
-    from dlrm_torchrec.data import from_reference
+    from dlrm_torchrec.data.converters import from_reference
     from tests.test_from_reference import reference_days, write_bins
 
     write_bins(tmp_path / "ref", "terabyte_processed", reference_days([6, 5])[0])

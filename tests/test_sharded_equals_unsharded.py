@@ -6,7 +6,7 @@ import torch
 
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.data import build_data_source
-from dlrm_torchrec.model import build_train_module, embedding_init_rows
+from dlrm_torchrec.model.dlrm import build_train_module, embedding_init_rows
 from tests.dist_utils import run_ranks
 from tests.parity_worker import run as parity_worker
 from tests.reference_dlrm import (

@@ -21,7 +21,7 @@ SMALL = [
 
 
 def _train_worker(rank, world_size, overrides):
-    from dlrm_torchrec.train import train
+    from dlrm_torchrec.train.job import train
 
     train(load_config("configs/tiny_cpu.yaml", overrides))
 
@@ -77,7 +77,7 @@ def _train_and_list_live_models(rank, world_size, overrides, out_dir):
 
     from torchrec.distributed.types import ShardedModule
 
-    from dlrm_torchrec.train import train
+    from dlrm_torchrec.train.job import train
 
     train(load_config("configs/tiny_cpu.yaml", overrides))
     # no gc.collect() here: what is alive now would otherwise die in the interpreter's exit
@@ -138,7 +138,7 @@ def test_one_rank_moves_the_dense_modules_to_the_training_device():
 
     from torch import nn
 
-    from dlrm_torchrec.sharding import _SingleProcess
+    from dlrm_torchrec.parallel.sharding import _SingleProcess
 
     dmp = SimpleNamespace(_dmp_wrapped_module=nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1)))
     _SingleProcess().wrap(dmp, env=None, device=torch.device("meta"))

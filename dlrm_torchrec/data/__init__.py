@@ -61,6 +61,6 @@ def build_data_source(data: DataConfig, embeddings: EmbeddingsConfig, dense_in_f
             multi_hot_distribution=data.multi_hot_distribution,
             id_distribution=data.id_distribution, zipf_exponent=data.zipf_exponent,
         )
-    from dlrm_torchrec.data.criteo import CriteoSource  # issue 3
+    from dlrm_torchrec.data.criteo import CriteoSource
 
     return CriteoSource(data, embeddings, rank=rank, world_size=world_size)

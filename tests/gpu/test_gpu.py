@@ -92,7 +92,7 @@ def test_entry_point_trains_on_one_gpu_with_fused_kernels(tmp_path, step):
 @pytest.fixture(scope="module")
 def info():
     from dlrm_torchrec.config import ShardingConfig
-    from dlrm_torchrec.distributed import init_distributed, shutdown
+    from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
 
     info = init_distributed(ShardingConfig(device="cuda"))
     assert (info.world_size, info.backend, info.device.type) == (1, "nccl", "cuda")
@@ -104,8 +104,8 @@ def test_pipeline_and_topology_use_the_gpu(info, tmp_path):
     from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 
     from dlrm_torchrec.config import ShardingConfig
-    from dlrm_torchrec.sharding import build_topology
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.parallel.sharding import build_topology
+    from dlrm_torchrec.train.trainer import Trainer
 
     total = torch.cuda.get_device_properties(info.device).total_memory
     assert build_topology(ShardingConfig(), 1, 1, "cuda").devices[0].storage.hbm == total
@@ -117,7 +117,7 @@ def test_pipeline_and_topology_use_the_gpu(info, tmp_path):
 
 
 def test_table_over_its_hbm_budget_goes_to_uvm_caching(info, tmp_path):
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.train.trainer import Trainer
 
     # t_cat_0: 4M x 64 fp32 = 1 GiB, over the 0.5 GiB budget; its 10% cache fits
     cfg = _cfg(tmp_path, TINY + [
@@ -142,7 +142,7 @@ def test_prefetch_pipeline_trains_uvm_cached_tables_as_hbm_tables(info, tmp_path
     (the same initial weights, whatever the plan)."""
     from torchrec.distributed.train_pipeline import PrefetchTrainPipelineSparseDist
 
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.train.trainer import Trainer
 
     common = TINY + ["embeddings.num_embeddings_per_feature=[4000000,1000,1000,1000]",
                      "embeddings.dim=64", "model.bottom_mlp=[64,64]", "data.batch_size=1024",
@@ -173,9 +173,9 @@ def test_precision_options_train(info, tmp_path, options, step):
     """Each precision option trains with TorchRec's pipeline and with what training.step=auto
     picks on one GPU (the whole step as one CUDA graph: the casts of bf16 autocast and the
     fp16 tables' update are replayed with it)."""
-    from dlrm_torchrec.compression import embedding_layout, table_specs
-    from dlrm_torchrec.sharding import embedding_state_keys, local_shards
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.config.embedding_layout import embedding_layout, table_specs
+    from dlrm_torchrec.parallel.sharding import embedding_state_keys, local_shards
+    from dlrm_torchrec.train.trainer import Trainer
 
     tr = Trainer(_cfg(tmp_path, TINY + ["training.max_steps=100", f"training.step={step}"]
                       + options), info)
@@ -202,7 +202,7 @@ def test_precision_options_train(info, tmp_path, options, step):
 @pytest.mark.parametrize("config,batch", [("configs/criteo_terabyte.yaml", 2048),
                                           ("configs/mlperf_dcnv2.yaml", 8192)])
 def test_reference_configs_with_capped_tables(info, tmp_path, config, batch):
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.train.trainer import Trainer
 
     cfg = _cfg(tmp_path, [
         "data.source=random", "data.path=", "embeddings.max_ind_range=1000000",
@@ -220,7 +220,7 @@ def test_compiled_dense_modules_train_as_eager(info, tmp_path, mode):
     """training.compile (inductor; reduce-overhead adds CUDA graphs) against the eager
     modules: the same losses within float noise (SGD: no step amplifies rounding), and a
     CUDA graph was in fact replayed for reduce-overhead."""
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.train.trainer import Trainer
 
     sgd = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5",
            "training.max_steps=40", "data.num_workers=0", "training.step=pipeline"]
@@ -247,7 +247,7 @@ def test_one_rank_steps_train_as_the_pipeline(info, tmp_path, step, optim):
     the constant phase and the end after the decay replay graphs (captured twice). With
     Adagrad (dense) and row-wise Adagrad (tables), the replays advance their sums on the
     device."""
-    from dlrm_torchrec.trainer import Trainer
+    from dlrm_torchrec.train.trainer import Trainer
 
     sparse = "rowwise_adagrad" if optim == "adagrad" else optim
     sgd = [f"optimizer.dense={optim}", f"optimizer.sparse={sparse}", "optimizer.lr=0.5",
@@ -273,7 +273,7 @@ def test_evaluation_metrics_update_without_a_host_sync():
     """EvalMetrics.update must not wait for the GPU (no boolean index, no torchmetrics
     argument checks): torch's sync debug mode turns any synchronisation into an error. The
     results equal those computed on the CPU."""
-    from dlrm_torchrec.metrics import EvalMetrics
+    from dlrm_torchrec.train.metrics import EvalMetrics
 
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randn(512, generator=g), (torch.rand(512, generator=g) < 0.3).float(),

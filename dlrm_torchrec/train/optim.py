@@ -64,7 +64,7 @@ def dense_optimizer(cfg: OptimizerConfig, named_params, fused: bool = False) -> 
 
 def lr_multiplier(step: int, cfg: LRScheduleConfig) -> float:
     """The reference's schedule as a multiplier of the base rate at optimizer step
-    `step` (1-based). See REFERENCE.md: linear warmup for s < W; quadratic decay
+    `step` (1-based), as docs/reference.md states it: linear warmup for s < W; quadratic decay
     max(1e-7 / base, ((N - (s - S)) / N)^2) for S <= s < S + N; otherwise the last computed
     value if N > 0 (flat between warmup and decay and after the decay), else 1."""
     w, s0, n = cfg.warmup_steps, cfg.decay_start_step, cfg.num_decay_steps

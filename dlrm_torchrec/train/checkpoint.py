@@ -16,6 +16,7 @@ that admits only DCP's own metadata classes and a few builtins, and tensors are 
 `torch.load(weights_only=True)`.
 """
 
+
 import io
 import json
 import pickle
@@ -33,6 +34,8 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+from dlrm_torchrec.config import Config
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -258,3 +261,15 @@ def _root_cause(e: BaseException) -> str:
         if "Error" in ln or "error" in ln:
             return ln[:300]
     return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def model_signature(cfg: Config, tables) -> Dict[str, Any]:
+    """What a checkpoint must match to be loaded: tables and the dense architecture."""
+    m = cfg.model
+    return {
+        "tables": [[t.name, t.num_embeddings, t.embedding_dim] for t in tables],
+        "dense_in_features": m.dense_in_features, "bottom_mlp": list(m.bottom_mlp),
+        "top_mlp": list(m.top_mlp), "interaction": m.interaction,
+        "interaction_itself": m.interaction_itself,
+        "dcn": [m.dcn_num_layers, m.dcn_low_rank_dim] if m.interaction == "dcn" else None,
+    }

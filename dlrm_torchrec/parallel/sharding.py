@@ -1,12 +1,15 @@
 """Planner, sharders and DistributedModelParallel.
 
-Tables are built on the meta device; `shard_model` plans their placement with TorchRec's
-planner (under per-table constraints from `ShardingConfig`), materialises each rank's
-shards, and fills them with the seeded initial values (`embedding_init_rows`), so the
-initial weights do not depend on the plan or the world size.
+Tables are built on the meta device; `prepare_sharding` gathers what the planner needs
+(`PlannerInputs`: per-table constraints from `ShardingConfig`, the topology, pooling
+factors, sharders with the fused optimizer), `shard_model` plans their placement,
+materialises each rank's shards, and fills them with the seeded initial values
+(`embedding_init_rows`), so the initial weights do not depend on the plan or the world
+size. The `plan` command (`parallel.planning`) plans from the same `PlannerInputs`.
 """
 
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -21,11 +24,16 @@ from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backwa
 
 from dlrm_torchrec.config import (
     SHARDING_TYPES,
+    Config,
     ConfigError,
     DataConfig,
     EmbeddingsConfig,
     ShardingConfig,
 )
+from dlrm_torchrec.config.embedding_layout import embedding_layout
+from dlrm_torchrec.model.dlrm import embedding_init_rows
+from dlrm_torchrec.parallel.precision import qcomm_codecs_registry
+from dlrm_torchrec.train.optim import sparse_optimizer
 
 GB = 1024**3
 CPU_DEFAULT_CAP_GB = 32.0
@@ -35,8 +43,6 @@ def pooling_factors(data: DataConfig, embeddings: EmbeddingsConfig) -> Dict[str,
     """Mean ids per bag of each table's feature (table name -> factor), for the planner's
     cost and input-buffer estimates: data.multi_hot_sizes, else for generated data
     num_indices_per_lookup (its mean, (k + 1) / 2, when bags are 1..k at random), else 1."""
-    from dlrm_torchrec.compression import embedding_layout
-
     layout = embedding_layout(embeddings)
     k = data.num_indices_per_lookup
     if data.multi_hot_sizes:
@@ -66,7 +72,7 @@ def constraints_for(cfg: ShardingConfig, tables: List[EmbeddingBagConfig],
             types = None if "dense" in kernels else [t for t in SHARDING_TYPES if t != "data_parallel"]
         if types == ["data_parallel"]:
             kernels = ["dense"]
-        extra = {}  # issue 7: pooling factors and the UVM cache size
+        extra = {}  # pooling factors and the UVM cache size
         if pooling and t.name in pooling:
             extra["pooling_factors"] = [pooling[t.name]] * len(t.feature_names)
         if "fused_uvm_caching" in kernels and (cfg.cache_load_factor > 0 or cfg.prefetch_pipeline):
@@ -135,21 +141,6 @@ def build_topology(cfg: ShardingConfig, world_size: int, local_world_size: int,
                     compute_device=device_type, **kwargs)
 
 
-def build_planner(cfg: ShardingConfig, tables: List[EmbeddingBagConfig], world_size: int,
-                  local_world_size: int, device_type: str, per_rank_batch: int,
-                  stats: Optional[List] = None,
-                  pooling: Optional[Dict[str, float]] = None) -> EmbeddingShardingPlanner:
-    """`stats`: TorchRec planner Stats objects that receive the chosen plan (the `plan`
-    command's report); None keeps TorchRec's EmbeddingStats. `pooling`: see constraints_for."""
-    return EmbeddingShardingPlanner(
-        topology=build_topology(cfg, world_size, local_world_size, device_type),
-        batch_size=per_rank_batch,
-        constraints=constraints_for(cfg, tables, pooling),
-        stats=stats,
-        debug=False,
-    )
-
-
 class _SingleProcess(DataParallelWrapper):
     """With one rank there is nothing to all-reduce: skip DDP's bucketing and hooks, but still
     move the dense modules to `device`, as TorchRec's DDP wrapper does before it wraps them
@@ -181,28 +172,73 @@ def plan_summary(plan: ShardingPlan) -> str:
     return "\n".join(lines)
 
 
-def shard_model(module: nn.Module, ebc: nn.Module, tables: List[EmbeddingBagConfig],
-                cfg: ShardingConfig, sparse_opt_cls, sparse_opt_kwargs, fused_params: Dict,
-                device: torch.device, world_size: int, local_world_size: int,
-                per_rank_batch: int, seed: int, plan: Optional[ShardingPlan] = None,
-                pooling: Optional[Dict[str, float]] = None,
-                qcomm_codecs_registry: Optional[Dict] = None):
-    """Fuse the sparse optimizer into `ebc`'s backward (check_supported first), plan (collectively), wrap `module`
-    in DistributedModelParallel and initialise the embedding shards. Returns (dmp, plan).
-    `pooling` (constraints_for) and `qcomm_codecs_registry` (sharders): see there."""
-    apply_optimizer_in_backward(sparse_opt_cls, ebc.parameters(), sparse_opt_kwargs)
-    module_sharders = sharders(fused_params, qcomm_codecs_registry)
+@dataclass(frozen=True)
+class PlannerInputs:
+    """What TorchRec's planner needs to place the tables, gathered once by
+    `prepare_sharding` for training and for the `plan` command alike, so the two always
+    plan the same problem."""
+
+    sharding: ShardingConfig
+    tables: List[EmbeddingBagConfig]
+    """The EmbeddingBagCollection's tables (on the meta device), in its order."""
+    world_size: int
+    local_world_size: int
+    """Ranks per node (the planner's intra-node bandwidth applies within it)."""
+    device_type: str
+    per_rank_batch: int
+    pooling: Dict[str, float]
+    """Table name -> mean ids per bag (`pooling_factors`)."""
+    sharders: List
+    """EmbeddingBagCollectionSharder with the fused optimizer's extra params and the
+    precision section's all-to-all codecs."""
+
+    def topology(self) -> Topology:
+        return build_topology(self.sharding, self.world_size, self.local_world_size,
+                              self.device_type)
+
+    def constraints(self) -> Dict[str, ParameterConstraints]:
+        return constraints_for(self.sharding, self.tables, self.pooling)
+
+    def planner(self, stats: Optional[List] = None) -> EmbeddingShardingPlanner:
+        """`stats`: TorchRec planner Stats objects that receive the chosen plan (the `plan`
+        command's report); None keeps TorchRec's EmbeddingStats."""
+        return EmbeddingShardingPlanner(topology=self.topology(), batch_size=self.per_rank_batch,
+                                        constraints=self.constraints(), stats=stats, debug=False)
+
+
+def prepare_sharding(cfg: Config, module: nn.Module, world_size: int, local_world_size: int,
+                     device: torch.device) -> PlannerInputs:
+    """Check the sharding section against what TorchRec offers on `device`, fuse the sparse
+    optimizer into the tables' backward (the planner sizes the optimizer state from it),
+    and gather the planner's inputs. `module`: the train module of `build_train_module`,
+    tables still on the meta device. Reads the sharding, optimizer, data, embeddings and
+    precision sections and the global batch size."""
+    check_supported(cfg.sharding, device.type, cfg.optimizer.sparse)
+    opt_cls, opt_kwargs, fused_params = sparse_optimizer(cfg.optimizer)
+    ebc = module.model.sparse_arch
+    apply_optimizer_in_backward(opt_cls, ebc.parameters(), opt_kwargs)
+    return PlannerInputs(
+        sharding=cfg.sharding, tables=list(module.model.tables), world_size=world_size,
+        local_world_size=local_world_size, device_type=device.type,
+        per_rank_batch=cfg.data.batch_size // world_size,
+        pooling=pooling_factors(cfg.data, cfg.embeddings),
+        sharders=sharders(fused_params, qcomm_codecs_registry(cfg.precision, device)))
+
+
+def shard_model(module: nn.Module, inputs: PlannerInputs, device: torch.device, seed: int,
+                plan: Optional[ShardingPlan] = None) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    """Plan (collectively, unless `plan` is given), wrap `module` in DistributedModelParallel
+    and fill the embedding shards with the seeded initial tables. Returns (dmp, plan)."""
     if plan is None:
-        planner = build_planner(cfg, tables, world_size, local_world_size, device.type,
-                                per_rank_batch, pooling=pooling)
+        planner = inputs.planner()
         if dist.is_initialized():
-            plan = planner.collective_plan(module, module_sharders, dist.GroupMember.WORLD)
+            plan = planner.collective_plan(module, inputs.sharders, dist.GroupMember.WORLD)
         else:
-            plan = planner.plan(module, module_sharders)
+            plan = planner.plan(module, inputs.sharders)
     dmp = DistributedModelParallel(
-        module=module, device=device, plan=plan, sharders=module_sharders,
-        data_parallel_wrapper=_SingleProcess() if world_size == 1 else None)
-    init_embedding_weights(dmp, tables, seed)
+        module=module, device=device, plan=plan, sharders=inputs.sharders,
+        data_parallel_wrapper=_SingleProcess() if inputs.world_size == 1 else None)
+    init_embedding_weights(dmp, inputs.tables, seed)
     return dmp, plan
 
 
@@ -245,8 +281,6 @@ def local_shards(value):
 @torch.no_grad()
 def init_embedding_weights(dmp: nn.Module, tables: List[EmbeddingBagConfig], seed: int) -> None:
     """Fill every local shard with its rows of the seeded initial tables."""
-    from dlrm_torchrec.model import embedding_init_rows
-
     index = _table_index(tables)
     by_name = {t.name: t for t in tables}
     sd = dmp.state_dict()

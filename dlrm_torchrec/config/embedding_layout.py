@@ -1,5 +1,7 @@
-"""Compressed embeddings whose tables are ordinary TorchRec tables: quotient-remainder (QR,
-Shi et al. 2019) and mixed dimensions (MD, Ginart et al. 2019). See REFERENCE.md.
+"""The tables an embeddings section stands for: quotient-remainder (QR, Shi et al. 2019)
+and mixed dimensions (MD, Ginart et al. 2019) as plain arithmetic on the config, with no
+torch. Validation, the model, the id split of the data, the planner and export all read
+the layout from here (docs/reference.md states the rules).
 
 Both change only which tables the `EmbeddingBagCollection` holds and what happens to its
 pooled output before the interaction, so the planner shards every table like any other.
@@ -7,21 +9,15 @@ pooled output before the interaction, so the planner shards every table like any
 Quotient-remainder (`embeddings.qr_threshold` > 0): a feature whose table has n > threshold
 rows becomes two KJT keys, cat_i_q (ids id // c) and cat_i_r (ids id mod c), looked up in
 tables t_cat_i_q (ceil(n / c) rows) and t_cat_i_r (c rows). The id split is a batch
-transform (`QRSplitSource`), not a step inside the model: TorchRec's TrainPipelineSparseDist
-only overlaps the input distribution of a sharded module whose input is read straight off
-the batch. Multi-hot bags follow the reference: each of the two tables is sum-pooled over
-the whole bag first, then the two pooled vectors combine (mult: elementwise product, add,
-concat); so for a bag {a, b} under mult the result is (q_a + q_b) * (r_a + r_b), not
-q_a * r_a + q_b * r_b. With concat every feature is 2d wide: compressed features by
+transform (`data.qr_split`), the combination of the two pooled vectors a module of the
+model (`model.compressed`). With concat every feature is 2d wide: compressed features by
 concatenation, the others by tables of dimension 2d, so the interaction sees one width.
 
 Mixed dimensions (`embeddings.md_alpha` > 0): table k gets dimension d_k from `md_solver`
 (base dimension d0 = embeddings.dim), rounded up to a multiple of `embeddings.md_dim_multiple`
 because FBGEMM's fused kernels need multiples of 4 (only data-parallel tables, which use
 the dense kernel, can keep other widths). A table with d_k < d0 is followed by a
-bias-free Linear d_k -> d0; these projections live outside the EmbeddingBagCollection, so
-DistributedModelParallel treats them as dense, data-parallel parameters trained by the dense
-optimizer.
+bias-free Linear d_k -> d0 (`model.compressed`).
 
 QR and MD together are rejected (ConfigError): the reference's mix, where QR wins per table
 and MD sizes the rest, is not offered.
@@ -31,17 +27,11 @@ seeded as `embedding_init_rows(seed, j, rows, dim, ...)`, so the uncompressed la
 its indices 0..F-1 and every compressed table has its own stream.
 """
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
-import torch
-from torch import nn
-from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
-
-from dlrm_torchrec.config import ConfigError, EmbeddingsConfig, feature_names
-from dlrm_torchrec.data import SourceWrapper
+from dlrm_torchrec.config.schema import ConfigError, EmbeddingsConfig, feature_names
 
 BYTES_PER_FLOAT = 4
 
@@ -154,114 +144,6 @@ def embedding_layout(e: EmbeddingsConfig) -> List[FeatureSpec]:
 def table_specs(layout: Sequence[FeatureSpec]) -> List[TableSpec]:
     """Every table in EmbeddingBagCollection order (which is also the init index order)."""
     return [t for f in layout for t in f.tables]
-
-
-# --------------------------------------------------------------------------- QR id split
-
-
-def split_qr_ids(kjt: KeyedJaggedTensor, layout: Sequence[FeatureSpec]) -> KeyedJaggedTensor:
-    """cat_i -> (cat_i_q: id // c, cat_i_r: id mod c) for QR features, same bag lengths; other
-    keys pass unchanged. Keys follow `layout`'s table order. Per-id weights are duplicated."""
-    stride = kjt.stride()
-    index = {k: i for i, k in enumerate(kjt.keys())}
-    values, lengths, weights = kjt.values(), kjt.lengths(), kjt.weights_or_none()
-    offsets = kjt.offset_per_key()
-    keys: List[str] = []
-    vals: List[torch.Tensor] = []
-    lens: List[torch.Tensor] = []
-    wts: List[torch.Tensor] = []
-    per_key: List[int] = []
-    for spec in layout:
-        i = index[spec.feature]
-        v = values[offsets[i]:offsets[i + 1]]
-        ln = lengths[i * stride:(i + 1) * stride]
-        w = weights[offsets[i]:offsets[i + 1]] if weights is not None else None
-        if spec.qr_collisions:
-            c = spec.qr_collisions
-            parts = [torch.div(v, c, rounding_mode="floor"), torch.remainder(v, c)]
-        else:
-            parts = [v]
-        for table, part in zip(spec.tables, parts):
-            keys.append(table.feature)
-            vals.append(part)
-            lens.append(ln)
-            per_key.append(offsets[i + 1] - offsets[i])
-            if w is not None:
-                wts.append(w)
-    cum = [0]
-    for n in per_key:
-        cum.append(cum[-1] + n)
-    return KeyedJaggedTensor(
-        keys=keys, values=torch.cat(vals), lengths=torch.cat(lens),
-        weights=torch.cat(wts) if weights is not None else None, stride=stride,
-        length_per_key=per_key, offset_per_key=cum,
-    )
-
-
-class QRSplitSource(SourceWrapper):
-    """A data source whose batches carry the QR-split KJT (`split_qr_ids`); everything
-    else is the wrapped source's."""
-
-    def __init__(self, source, layout: Sequence[FeatureSpec]):
-        super().__init__(source)
-        self.layout = list(layout)
-
-    def batches(self, *args, **kwargs) -> Iterator:
-        for b in self.source.batches(*args, **kwargs):
-            yield dataclasses.replace(b, sparse_features=split_qr_ids(b.sparse_features, self.layout))
-
-
-def wrap_source(source, e: EmbeddingsConfig):
-    """`source` itself unless some feature is QR-compressed."""
-    layout = embedding_layout(e)
-    if any(f.qr_collisions for f in layout):
-        return QRSplitSource(source, layout)
-    return source
-
-
-# --------------------------------------------------------------------------- model side
-
-
-class CompressedEmbeddingOutput(nn.Module):
-    """The EmbeddingBagCollection's pooled KeyedTensor -> the interaction's B x (F * w):
-    QR pairs combined by `operation`, MD features projected to the common width (bias-free
-    Linear, data-parallel), the rest as they are."""
-
-    def __init__(self, layout: Sequence[FeatureSpec], operation: str):
-        super().__init__()
-        self.layout = list(layout)
-        self.operation = operation
-        self.proj = nn.ModuleDict({
-            f.feature: nn.Linear(f.tables[0].dim, f.out_dim, bias=False)
-            for f in self.layout if f.project
-        })
-
-    def reset_parameters(self, generator: torch.Generator) -> None:
-        """Xavier-uniform projections, as the reference's PrEmbeddingBag."""
-        with torch.no_grad():
-            for f in self.layout:
-                if f.project:
-                    w = self.proj[f.feature].weight
-                    bound = math.sqrt(6.0 / (w.shape[0] + w.shape[1]))
-                    w.uniform_(-bound, bound, generator=generator)
-
-    def forward(self, pooled: KeyedTensor) -> torch.Tensor:
-        by_key: Dict[str, torch.Tensor] = pooled.to_dict()
-        out = []
-        for f in self.layout:
-            if f.qr_collisions:
-                q, r = by_key[f.tables[0].feature], by_key[f.tables[1].feature]
-                if self.operation == "mult":
-                    out.append(q * r)
-                elif self.operation == "add":
-                    out.append(q + r)
-                else:
-                    out.append(torch.cat([q, r], dim=1))
-            elif f.project:
-                out.append(self.proj[f.feature](by_key[f.feature]))
-            else:
-                out.append(by_key[f.feature])
-        return torch.cat(out, dim=1)
 
 
 # --------------------------------------------------------------------------- memory

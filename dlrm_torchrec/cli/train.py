@@ -1,4 +1,5 @@
-"""Entry point: `python -m dlrm_torchrec.train --config FILE key=value ...`.
+"""The training command: `python -m dlrm_torchrec.train --config FILE key=value ...` (also
+`dlrm-train`).
 
 Works as a plain single process (world size 1) and under torchrun / torchx dist.ddp.
 """
@@ -8,7 +9,8 @@ import os
 import sys
 from typing import List, Optional
 
-from dlrm_torchrec.config import Config, ConfigError, describe, load_config, validate
+from dlrm_torchrec.cli import quiet_libraries
+from dlrm_torchrec.config import ConfigError, describe, load_config
 
 DEFAULT_CONFIG = "configs/tiny_cpu.yaml"
 
@@ -31,52 +33,12 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train(cfg: Config, eval_only: bool = False, split: Optional[str] = None) -> dict:
-    """Train with `cfg` in this process (rank and world size from the environment), or
-    with `eval_only` evaluate the checkpoint named by checkpoint.resume on `split`
-    (default: training.eval_split)."""
-    from dlrm_torchrec.distributed import init_distributed, shutdown
-    from dlrm_torchrec.preemption import Preempted
-    from dlrm_torchrec.trainer import Trainer
-
-    info = init_distributed(cfg.sharding)
-    trainer = None
-    together = False  # every rank leaves at the same point (finished, or agreed to stop)
-    try:
-        validate(cfg, world_size=info.world_size)
-        trainer = Trainer(cfg, info)
-        if eval_only:
-            result = trainer.evaluate_only(split or cfg.training.eval_split)
-        else:
-            result = trainer.fit()
-        together = True
-        return result
-    except Preempted:
-        together = True
-        raise
-    finally:
-        if trainer is not None:  # after an error: stop the profiler, flush TensorBoard
-            trainer.run_logger.close()
-        # the sharded model holds the process groups: let it go before they are destroyed
-        del trainer
-        shutdown(together)
-
-
-def quiet_libraries() -> None:
-    """TorchRec and DDP log advice meant for their developers on every start; keep errors."""
-    import logging
-    import warnings
-
-    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed.elastic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(rec)?\.")
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    from dlrm_torchrec.checkpoint import CheckpointError
-    from dlrm_torchrec.preemption import Preempted
-    from dlrm_torchrec.trainer import TrainingDiverged
+    # torch and torchrec load after the arguments parse: --help answers at once
+    from dlrm_torchrec.train.checkpoint import CheckpointError
+    from dlrm_torchrec.train.job import train
+    from dlrm_torchrec.train.preemption import Preempted
+    from dlrm_torchrec.train.trainer import TrainingDiverged
 
     args = parse_args(argv)
     quiet_libraries()

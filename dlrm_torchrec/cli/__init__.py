@@ -16,3 +16,14 @@ def run_tool(work: Callable[[], Any], user_errors: Tuple[Type[BaseException], ..
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130, None
+
+
+def quiet_libraries() -> None:
+    """TorchRec and DDP log advice meant for their developers on every start; keep errors."""
+    import logging
+    import warnings
+
+    for name in ("torchrec", "torch.fx._symbolic_trace", "torch.distributed.elastic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(rec)?\.")

@@ -2,8 +2,8 @@
 
 With one rank there is nothing to distribute. TorchRec's input distribution (splits, the
 KJT all-to-all, awaitables) and TrainPipelineSparseDist's streams, events and
-record_stream calls are then host work on every step and do nothing else. On the H200
-(issue 7, README) the pipelined trainer took 5.0 ms per step at batch 8192 for 1.8 ms of
+record_stream calls are then host work on every step and do nothing else. On an H200
+(docs/performance.md) the pipelined trainer took 5.0 ms per step at batch 8192 for 1.8 ms of
 GPU work; direct took 3.2 ms, and the graph 1.84 ms, as long as its GPU work.
 
 - `direct`: the step calls the sharded collection's own FBGEMM kernel
@@ -47,8 +47,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
-from dlrm_torchrec.compression import is_compressed
 from dlrm_torchrec.config import Config, ConfigError
+from dlrm_torchrec.config.embedding_layout import is_compressed
 
 log = logging.getLogger(__name__)
 

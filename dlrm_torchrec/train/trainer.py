@@ -2,6 +2,7 @@
 one_rank_step.py), periodic evaluation, early stop, and the run folder (resolved config,
 metrics)."""
 
+
 import contextlib
 import itertools
 import json
@@ -20,34 +21,33 @@ from torchrec.distributed.train_pipeline import (
 )
 from torchrec.optim.keyed import CombinedOptimizer
 
-from dlrm_torchrec import checkpoint
-from dlrm_torchrec.compression import is_compressed, memory_report, wrap_source
 from dlrm_torchrec.config import Config, feature_names, to_dict, to_yaml
+from dlrm_torchrec.config.embedding_layout import is_compressed, memory_report
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.data.loader import prefetching, resolve_num_workers
-from dlrm_torchrec.distributed import DistInfo
-from dlrm_torchrec.metrics import EvalMetrics
-from dlrm_torchrec.model import (
+from dlrm_torchrec.data.qr_split import wrap_source
+from dlrm_torchrec.model.dlrm import (
     build_train_module,
     check_compile_supported,
     compile_dense_modules,
 )
-from dlrm_torchrec.observability import RunLogger, write_line
-from dlrm_torchrec.one_rank_step import OneRankStep, StepUnsupported, resolve_step_kind
-from dlrm_torchrec.optim import LRSchedule, dense_optimizer, sparse_optimizer
-from dlrm_torchrec.precision import (
+from dlrm_torchrec.parallel.distributed import DistInfo
+from dlrm_torchrec.parallel.precision import (
     apply_matmul_precision,
     check_precision_supported,
-    qcomm_codecs_registry,
 )
-from dlrm_torchrec.preemption import Preempted, StopRequest
-from dlrm_torchrec.sharding import (
-    check_supported,
+from dlrm_torchrec.parallel.sharding import (
     plan_summary,
-    pooling_factors,
+    prepare_sharding,
     shard_model,
     uses_uvm_caching,
 )
+from dlrm_torchrec.train import checkpoint
+from dlrm_torchrec.train.metrics import EvalMetrics
+from dlrm_torchrec.train.observability import RunLogger, write_line
+from dlrm_torchrec.train.one_rank_step import OneRankStep, StepUnsupported, resolve_step_kind
+from dlrm_torchrec.train.optim import LRSchedule, dense_optimizer
+from dlrm_torchrec.train.preemption import Preempted, StopRequest
 
 
 def log(info: DistInfo, msg: str) -> None:
@@ -88,17 +88,12 @@ class Trainer:
         # step is marked so graphs of consecutive steps never share live outputs
         self._mark_cudagraph_steps = (cfg.training.compile == "reduce-overhead"
                                       and info.device.type == "cuda")
-        check_supported(cfg.sharding, info.device.type, cfg.optimizer.sparse)
-        check_precision_supported(cfg, info.device.type)  # issue 7: precision section
+        check_precision_supported(cfg, info.device.type)
         apply_matmul_precision(cfg.precision, info.device)
-        sparse_cls, sparse_kwargs, fused_params = sparse_optimizer(cfg.optimizer)
-        self.model, self.plan = shard_model(
-            module, module.model.sparse_arch, module.model.tables, cfg.sharding, sparse_cls,
-            sparse_kwargs, fused_params, info.device, info.world_size, info.local_world_size,
-            self.per_rank_batch, cfg.training.seed,
-            pooling=pooling_factors(cfg.data, cfg.embeddings),
-            qcomm_codecs_registry=qcomm_codecs_registry(cfg.precision, info.device),
-        )
+        planner_inputs = prepare_sharding(cfg, module, info.world_size, info.local_world_size,
+                                          info.device)
+        self.model, self.plan = shard_model(module, planner_inputs, info.device,
+                                            seed=cfg.training.seed)
         self.dense_optimizer = dense_optimizer(cfg.optimizer, self.model.named_parameters(),
                                                fused=info.device.type == "cuda")
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])
@@ -135,7 +130,7 @@ class Trainer:
         self.evals: List[Dict[str, Any]] = []
         self.best_auc, self.best_step = -math.inf, -1
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
-        self.signature = model_signature(cfg, module.model.tables)
+        self.signature = checkpoint.model_signature(cfg, module.model.tables)
         self.last_checkpoint: Optional[Path] = None
         self._last_logged_step, self._last_log_time = 0, time.perf_counter()
         # the training losses since the last log line (this rank's sum; checkpointed, so a
@@ -590,18 +585,6 @@ def peak_memory(device: torch.device) -> Dict[str, Any]:
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or infinite."""
-
-
-def model_signature(cfg: Config, tables) -> Dict[str, Any]:
-    """What a checkpoint must match to be loaded: tables and the dense architecture."""
-    m = cfg.model
-    return {
-        "tables": [[t.name, t.num_embeddings, t.embedding_dim] for t in tables],
-        "dense_in_features": m.dense_in_features, "bottom_mlp": list(m.bottom_mlp),
-        "top_mlp": list(m.top_mlp), "interaction": m.interaction,
-        "interaction_itself": m.interaction_itself,
-        "dcn": [m.dcn_num_layers, m.dcn_low_rank_dim] if m.interaction == "dcn" else None,
-    }
 
 
 def _json_default(x: Any) -> Optional[float]:

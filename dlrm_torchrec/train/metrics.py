@@ -41,12 +41,14 @@ class EvalMetrics:
     once at the end, is a collective: every rank must call it. AUC and the threshold metrics come from
     torchmetrics, which gathers the predictions across ranks."""
 
-    def __init__(self, device: torch.device, extended: bool = False):
+    def __init__(self, device: torch.device, extended: bool = False, gather: bool = True):
+        """gather: reduce over every rank of the process group (False: this process alone)."""
         self.device = device
+        self.gather = gather and _several_ranks()
         # labels are checked to be 0/1 here (rounded), not by torchmetrics per update; with one
         # rank there is nothing to gather (torchmetrics would still all-gather over the world
         # of one, and a CPU metric under NCCL cannot)
-        kw = {"validate_args": False, "sync_on_compute": _several_ranks()}
+        kw = {"validate_args": False, "sync_on_compute": self.gather}
         self.auc = BinaryAUROC(**kw).to(device)
         self.extra = {}
         if extended:
@@ -66,8 +68,13 @@ class EvalMetrics:
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> None:
         """logits, labels, weights: B (padding has weight 0 and is left out)."""
+        self.update_probabilities(torch.sigmoid(logits.float()), labels, weights)
+
+    @torch.no_grad()
+    def update_probabilities(self, prob: torch.Tensor, labels: torch.Tensor,
+                             weights: torch.Tensor) -> None:
+        """prob, labels, weights: B; as `update`, from click probabilities."""
         real = weights > 0
-        prob = torch.sigmoid(logits.float())
         y = labels.double()
         p = prob.double().clamp(LOG_LOSS_EPS, 1 - LOG_LOSS_EPS)
         logloss = torch.where(real, y * p.log() + (1 - y) * (1 - p).log(), 0.0).sum().neg()
@@ -75,13 +82,13 @@ class EvalMetrics:
         self.sums += torch.stack([logloss, correct.double(), real.sum().double(),
                                   torch.where(real, y, 0.0).sum(),
                                   torch.where(real, prob.double(), 0.0).sum()])
-        self._probs.append(prob)
+        self._probs.append(prob.float())
         self._targets.append(y.round().to(torch.uint8))
         self._real.append(real)
 
     def compute(self) -> Dict[str, float]:
         sums = self.sums.clone()
-        if _several_ranks():
+        if self.gather:
             dist.all_reduce(sums)
         logloss, correct, count, positives, predicted = sums.tolist()
         out = {"samples": int(count)}
@@ -107,3 +114,13 @@ class EvalMetrics:
         for name, m in self.extra.items():
             out[name] = float(m.compute())
         return out
+
+
+def prediction_metrics(prob: torch.Tensor, labels: torch.Tensor) -> Dict[str, float]:
+    """Samples, AUC, log loss and accuracy of click probabilities `prob` against `labels` (both
+    N, every sample real) in this process alone: how export checks its programs and how
+    scoring reports labelled rows, computed by `EvalMetrics` as evaluation computes them."""
+    metrics = EvalMetrics(prob.device, gather=False)
+    metrics.update_probabilities(prob, labels, torch.ones_like(labels))
+    out = metrics.compute()
+    return {k: out[k] for k in ("samples", "log_loss", "accuracy", "auc") if k in out}

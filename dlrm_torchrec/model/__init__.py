@@ -1,0 +1,2 @@
+"""The model: DLRM (`dlrm`), its interactions (`interaction`) and the model side of
+compressed embeddings (`compressed`)."""
