@@ -189,7 +189,7 @@ class ShardingConfig:
 
 @dataclass
 class PrecisionConfig:
-    """Numeric formats (see dlrm_torchrec/precision.py). All default to full fp32."""
+    """Numeric formats (see dlrm_torchrec/parallel/precision.py). All default to full fp32."""
 
     tf32: bool = False
     """CUDA: let fp32 matmuls and convolutions use TF32 tensor cores (no effect on CPU)."""

@@ -35,7 +35,7 @@ def _one_of(key: str, value: str, choices: Sequence[str]) -> None:
 
 
 def _check_compression(cfg: Config) -> None:
-    """QR / MD settings that cannot work (see dlrm_torchrec/compression.py)."""
+    """QR / MD settings that cannot work (see embedding_layout.py)."""
     e, s = cfg.embeddings, cfg.sharding
     if e.qr_threshold > 0 and e.md_alpha > 0:
         raise ConfigError(f"embeddings.md_alpha={e.md_alpha!r} with embeddings.qr_threshold="

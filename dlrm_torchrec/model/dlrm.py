@@ -112,7 +112,7 @@ class PooledInOrder(nn.Module):
 
 class DLRM(nn.Module):
     """The model. forward(dense B x D, KJT of F features) -> logits B. With QR the KJT
-    carries the split keys (see compression.py)."""
+    carries the split keys (see data/qr_split.py)."""
 
     def __init__(self, cfg: Config, device: torch.device = torch.device("meta")):
         super().__init__()

@@ -11,6 +11,9 @@ Writing goes to `step_<N>.tmp-<id>` and is published by renaming it once every r
 finished and `trainer_state.json` is in place: a crash mid-save leaves the previous
 checkpoints untouched and the temporary folder is never picked.
 
+When a run saves is the save policy of `Checkpointer`; what a checkpoint must match to be
+loaded is `model_signature`.
+
 Loading never unpickles arbitrary objects: DCP's metadata file is read with an unpickler
 that admits only DCP's own metadata classes and a few builtins, and tensors are read with
 `torch.load(weights_only=True)`.
@@ -25,7 +28,7 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,7 +38,7 @@ from torch.distributed.checkpoint._traverse import set_element
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
-from dlrm_torchrec.config import Config
+from dlrm_torchrec.config import CheckpointConfig, Config
 
 STEP_DIR = re.compile(r"^step_(\d+)$")
 STATE_FILE = "trainer_state.json"
@@ -273,3 +276,59 @@ def model_signature(cfg: Config, tables) -> Dict[str, Any]:
         "interaction_itself": m.interaction_itself,
         "dcn": [m.dcn_num_layers, m.dcn_low_rank_dim] if m.interaction == "dcn" else None,
     }
+
+
+# --------------------------------------------------------------------------- save policy
+
+
+class Checkpointer:
+    """When a run saves, given the checkpoint section; `save` writes the checkpoint of the
+    current step (a collective call, so every rank takes the same decisions here).
+
+    - periodic: every `every_n_steps` optimizer steps;
+    - best: after an evaluation with a new best AUC (`keep_best`), when the run checkpoints
+      at all (periodic or at the end);
+    - on a signal: when the ranks agreed to stop on SIGTERM (then not at the end);
+    - at the end: when training ends (`at_end`).
+
+    A step is never saved twice: a resumed checkpoint counts as saved at its step."""
+
+    def __init__(self, cfg: CheckpointConfig, save: Callable[[], None]):
+        self.cfg = cfg
+        self._save = save
+        self.saved_at = -1
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.every_n_steps > 0 or self.cfg.at_end
+
+    def resumed(self, step: int) -> None:
+        self.saved_at = step
+
+    def steps_to_next_periodic(self, step: int) -> Optional[int]:
+        """Optimizer steps from `step` to the next periodic save (None: no periodic saves),
+        where a training interval must end."""
+        every = self.cfg.every_n_steps
+        return every - step % every if every else None
+
+    def after_interval(self, step: int, new_best: bool) -> None:
+        """At the end of a training interval (after its evaluation, if it had one)."""
+        if new_best:
+            self.after_evaluation(step, new_best)
+        if self.cfg.every_n_steps and step % self.cfg.every_n_steps == 0:
+            self._save_once(step)
+
+    def after_evaluation(self, step: int, new_best: bool) -> None:
+        if new_best and self.cfg.keep_best and self.enabled:
+            self._save_once(step)
+
+    def at_finish(self, step: int, signalled: bool) -> None:
+        """When training ends: on an agreed signal the checkpoint holds the data position to
+        continue from; otherwise the final one, if at_end."""
+        if signalled or self.cfg.at_end:
+            self._save_once(step)
+
+    def _save_once(self, step: int) -> None:
+        if self.saved_at != step:
+            self._save()
+            self.saved_at = step

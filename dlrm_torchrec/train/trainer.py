@@ -1,6 +1,11 @@
 """The training loop: sharded model, TorchRec's train pipeline (or the one-rank step of
 one_rank_step.py), periodic evaluation, early stop, and the run folder (resolved config,
-metrics)."""
+metrics).
+
+`fit` reads as the run does: resume, then epoch by epoch train an interval, evaluate when
+due, let the checkpointer save (`checkpoint.Checkpointer` decides when: periodic, best, at
+the end, on a signal), and finish with a summary. The bookkeeping (interval lengths, the
+clocks, the pending evaluation of a preempted run) lives in small helpers below it."""
 
 
 import contextlib
@@ -130,6 +135,9 @@ class Trainer:
         self.evals: List[Dict[str, Any]] = []
         self.best_auc, self.best_step = -math.inf, -1
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
+        # when to save (periodic, best, at the end, on a signal); `_save` writes
+        self.checkpointer = checkpoint.Checkpointer(cfg.checkpoint, self._save)
+        self._evaluated_at = -1  # the step of the last evaluation
         self.signature = checkpoint.model_signature(cfg, module.model.tables)
         self.last_checkpoint: Optional[Path] = None
         self._last_logged_step, self._last_log_time = 0, time.perf_counter()
@@ -224,10 +232,11 @@ class Trainer:
             self.model.train()
         return metrics.compute()
 
-    def _eval_and_check(self, epoch: int) -> bool:
-        """Evaluate (interruptibly); True when an early-stop target is reached."""
+    def _evaluate_and_check(self, epoch: int) -> bool:
+        """Evaluate this step (interruptibly); True when an early-stop target is reached."""
+        self._evaluated_at = self.step
         with self._paused_clock():
-            return self._eval_and_check_now(epoch)
+            return self._evaluate_and_check_now(epoch)
 
     @contextlib.contextmanager
     def _paused_clock(self):
@@ -239,7 +248,7 @@ class Trainer:
         finally:
             self._last_log_time += time.perf_counter() - start
 
-    def _eval_and_check_now(self, epoch: int) -> bool:
+    def _evaluate_and_check_now(self, epoch: int) -> bool:
         t = self.cfg.training
         self.run_logger.eval_start(self.step)  # observability: mllog eval_start
         res = self.evaluate(t.eval_split, interruptible=True)
@@ -279,96 +288,145 @@ class Trainer:
             self.stop_request.uninstall(wait=finished)
 
     def _fit(self) -> Dict[str, Any]:
-        cfg, t = self.cfg, self.cfg.training
+        """The run, in order; every decision to stop is the same on every rank."""
+        steps_per_epoch = self.source.num_batches("train")
+        self._announce(steps_per_epoch)
+        self._maybe_resume(steps_per_epoch)
+        self._start_clocks(steps_per_epoch)
+        start = time.perf_counter()
+        stop_early = self._resume_pending_evaluation()
+        epoch = self.epoch
+        while not stop_early and not self.stop_request.stopped and epoch < self.cfg.training.epochs:
+            stop_early = self._train_epoch(epoch, steps_per_epoch)
+            if self.stop_request.stopped:  # agreed: same on every rank
+                break
+            self.run_logger.epoch_stop(epoch)  # observability
+            if stop_early or self._reached_max_steps():
+                break
+            epoch, self.next_batch = epoch + 1, 0
+        train_time = time.perf_counter() - start
+        self._check_finite()
+        stop_early = self._final_evaluation(epoch) or stop_early
+        # the ranks' agreed stop (a signal after their last agreement is too late to matter)
+        signalled = self.stop_request.signal_name if self.stop_request.stopped else None
+        self.checkpointer.at_finish(self.step, signalled=signalled is not None)
+        summary = self._summary(train_time, stop_early, signalled)
+        self._write_metrics(summary)
+        self.run_logger.finish(summary)  # observability: plot, CSV, close
+        if signalled:
+            raise Preempted(
+                f"{signalled}: stopped after step {self.step} (epoch {self.epoch}, batch "
+                f"{self.next_batch} of {steps_per_epoch}) and saved {self.last_checkpoint}; "
+                f"continue with checkpoint.resume=auto", signalled)
+        self._log_done(summary)
+        return summary
+
+    def _train_epoch(self, epoch: int, steps_per_epoch: int) -> bool:
+        """Train the rest of `epoch` in intervals, each ending where an evaluation, a
+        periodic checkpoint or max_steps falls; after each, evaluate when due and let the
+        checkpointer save. True when an early-stop target is reached."""
+        self.epoch = epoch
+        self.run_logger.epoch_start(epoch)  # observability
+        batches = self.source.batches("train", epoch, start_batch=self.next_batch)
+        while self.next_batch < steps_per_epoch:
+            n = self._interval_length(steps_per_epoch)
+            if n <= 0:
+                return False
+            self.next_batch += self._run_steps(itertools.islice(batches, n), epoch,
+                                              self._loss_window)
+            self._check_finite()
+            if self.stop_request.stopped:  # agreed: same on every rank
+                return False
+            stop_early, new_best = False, False
+            if self._evaluation_due(steps_per_epoch):
+                stop_early = self._evaluate_and_check(epoch)
+                if self.stop_request.stopped:  # agreed during the evaluation
+                    return False
+                new_best = self._track_best()
+            self.checkpointer.after_interval(self.step, new_best)
+            if stop_early or self._reached_max_steps():
+                return stop_early
+        return False
+
+    # ------------------------------------------------------------------ loop bookkeeping
+    def _announce(self, steps_per_epoch: int) -> None:
+        """The resolved config in the run folder; the plan and the data in the log."""
+        cfg = self.cfg
         self._write_config()
         log(self.info, f"sharding plan ({self.info.world_size} ranks, {self.info.device.type}):\n"
                        f"{plan_summary(self.plan)}")
         if is_compressed(cfg.embeddings):
             log(self.info, memory_report(cfg.embeddings))
-        steps_per_epoch = self.source.num_batches("train")
         log(self.info, f"{self.source.num_samples('train'):,} training samples, "
                        f"{steps_per_epoch} steps per epoch of global batch {cfg.data.batch_size}; "
                        f"{self.num_workers} loader worker(s) per rank; training step: "
-                       f"{self.step_kind}" + (" (training.step=auto)" if t.step == "auto" else ""))
-        self._maybe_resume(steps_per_epoch)
+                       f"{self.step_kind}"
+                       + (" (training.step=auto)" if cfg.training.step == "auto" else ""))
+
+    def _start_clocks(self, steps_per_epoch: int) -> None:
+        """After resuming: the run's totals for observability, and the samples and time that
+        this process's throughput is counted from."""
+        t = self.cfg.training
         total_steps = steps_per_epoch * t.epochs
         self.run_logger.run_start(  # observability
             min(total_steps, t.max_steps) if t.max_steps else total_steps, steps_per_epoch,
             self.source.num_samples("train"), self.source.num_samples(t.eval_split))
-        loss_sum = self._loss_window  # restored with a checkpoint
         self._seen_at_start = int(self._all_reduce_sum(self.samples_seen))
         self._timed_from_step, self._last_log_time = self.step, time.perf_counter()
-        start = time.perf_counter()
-        stopped_early = False
-        evaluated_at = self.evals[-1]["step"] if self.evals else -1
-        saved_at = self.step if self.last_checkpoint else -1
+        self._evaluated_at = self.evals[-1]["step"] if self.evals else -1
+
+    def _interval_length(self, steps_per_epoch: int) -> int:
+        """Steps to the next point where training pauses: an evaluation, a periodic
+        checkpoint, max_steps or the end of the epoch."""
+        t = self.cfg.training
         every = t.eval_every_n_steps or steps_per_epoch
-        save_every = cfg.checkpoint.every_n_steps
-        epoch = self.epoch
-        if self._eval_pending_epoch is not None:
-            # resumed from a SIGTERM checkpoint taken during an evaluation: run it first;
-            # the checkpoint of this step exists (it holds the request to evaluate again)
-            evaluated_at = self.step
-            pending, self._eval_pending_epoch = self._eval_pending_epoch, None
-            stopped_early = self._eval_and_check(pending)
-            self._is_new_best()  # the best may be this step, whose checkpoint exists
-        while epoch < t.epochs and not stopped_early and not self.stop_request.stopped:
-            self.epoch = epoch
-            self.run_logger.epoch_start(epoch)  # observability
-            batches = self.source.batches("train", epoch, start_batch=self.next_batch)
-            while self.next_batch < steps_per_epoch:
-                n = min(every - self.step % every, steps_per_epoch - self.next_batch)
-                if save_every:
-                    n = min(n, save_every - self.step % save_every)
-                if t.max_steps:
-                    n = min(n, t.max_steps - self.step)
-                if n <= 0:
-                    break
-                self.next_batch += self._run_steps(itertools.islice(batches, n), epoch, loss_sum)
-                self._check_finite()
-                if self.stop_request.stopped:  # agreed: same on every rank
-                    break
-                if self.step % every == 0 or self.next_batch == steps_per_epoch:
-                    evaluated_at = self.step
-                    stopped_early = self._eval_and_check(epoch)
-                    if self.stop_request.stopped:  # agreed during the evaluation
-                        break
-                    if self._is_new_best() and self._checkpointing():
-                        saved_at = self._save()
-                if save_every and self.step % save_every == 0 and saved_at != self.step:
-                    saved_at = self._save()
-                if stopped_early or (t.max_steps and self.step >= t.max_steps):
-                    break
-            if self.stop_request.stopped:  # agreed: same on every rank
-                break
-            self.run_logger.epoch_stop(epoch)  # observability
-            if stopped_early or (t.max_steps and self.step >= t.max_steps):
-                break
-            epoch, self.next_batch = epoch + 1, 0
-        train_time = time.perf_counter() - start
-        self._check_finite()
-        if not self.stop_request.stopped and evaluated_at != self.step:
-            stopped_early = self._eval_and_check(min(epoch, t.epochs - 1)) or stopped_early
-            if (not self.stop_request.stopped and self._is_new_best() and self._checkpointing()
-                    and saved_at != self.step):
-                saved_at = self._save()
-        # the ranks' agreed stop (a signal after their last agreement is too late to matter)
-        signalled = self.stop_request.signal_name if self.stop_request.stopped else None
-        if signalled and saved_at != self.step:
-            # the checkpoint records the data position (and an interrupted evaluation), so
-            # resume=auto continues with the next batch
-            saved_at = self._save()
-        if cfg.checkpoint.at_end and saved_at != self.step and not signalled:
-            saved_at = self._save()
-        seen = self.samples_seen.clone()
-        if self.info.world_size > 1:
-            dist.all_reduce(seen)
-        summary = {
+        n = min(every - self.step % every, steps_per_epoch - self.next_batch)
+        to_save = self.checkpointer.steps_to_next_periodic(self.step)
+        if to_save is not None:
+            n = min(n, to_save)
+        if t.max_steps:
+            n = min(n, t.max_steps - self.step)
+        return n
+
+    def _evaluation_due(self, steps_per_epoch: int) -> bool:
+        every = self.cfg.training.eval_every_n_steps or steps_per_epoch
+        return self.step % every == 0 or self.next_batch == steps_per_epoch
+
+    def _reached_max_steps(self) -> bool:
+        t = self.cfg.training
+        return bool(t.max_steps) and self.step >= t.max_steps
+
+    def _resume_pending_evaluation(self) -> bool:
+        """Resumed from a SIGTERM checkpoint taken during an evaluation: run it first. The
+        checkpoint of this step exists (it holds the request to evaluate again), so a new
+        best is recorded but not saved. True when it reaches an early-stop target."""
+        if self._eval_pending_epoch is None:
+            return False
+        pending, self._eval_pending_epoch = self._eval_pending_epoch, None
+        stop_early = self._evaluate_and_check(pending)
+        self._track_best()
+        return stop_early
+
+    def _final_evaluation(self, epoch: int) -> bool:
+        """When training ends at a step not yet evaluated (max_steps mid-interval), evaluate
+        it (unless the ranks are stopping on a signal). True when it reaches a target."""
+        if self.stop_request.stopped or self._evaluated_at == self.step:
+            return False
+        stop_early = self._evaluate_and_check(min(epoch, self.cfg.training.epochs - 1))
+        if not self.stop_request.stopped:
+            self.checkpointer.after_evaluation(self.step, self._track_best())
+        return stop_early
+
+    def _summary(self, train_time: float, stopped_early: bool,
+                 signalled: Optional[str]) -> Dict[str, Any]:
+        """The run's results, as metrics.json holds them."""
+        seen = int(self._all_reduce_sum(self.samples_seen))
+        return {
             "steps": self.step,
-            "train_samples_seen": int(seen.item()),
+            "train_samples_seen": seen,
             "train_seconds": train_time,
             # this process's throughput: samples restored from a checkpoint do not count
-            "train_samples_per_s": (int(seen.item()) - self._seen_at_start) / max(train_time, 1e-9),
+            "train_samples_per_s": (seen - self._seen_at_start) / max(train_time, 1e-9),
             "stopped_early": stopped_early,
             "stopped_by_signal": signalled,
             "best_auc": self.best_auc if self.best_step >= 0 else None,
@@ -380,20 +438,14 @@ class Trainer:
             "evals": self.evals,
             "history": self.history,
         }
-        self._write_metrics(summary)
-        self.run_logger.finish(summary)  # observability: plot, CSV, close
-        if signalled:
-            raise Preempted(
-                f"{signalled}: stopped after step {self.step} (epoch {self.epoch}, batch "
-                f"{self.next_batch} of {steps_per_epoch}) and saved {self.last_checkpoint}; "
-                f"continue with checkpoint.resume=auto", signalled)
-        final = summary["final"]
-        mem = summary["peak_memory"]
+
+    def _log_done(self, summary: Dict[str, Any]) -> None:
+        final, mem = summary["final"], summary["peak_memory"]
         log(self.info, f"done: {self.step} steps, {summary['train_samples_seen']:,} samples in "
-                       f"{train_time:.1f}s ({summary['train_samples_per_s']:,.0f} samples/s); "
-                       f"{cfg.training.eval_split} auc {final.get('auc', math.nan):.5f}; peak memory "
-                       f"{mem['gb']:.2f} GB ({mem['kind']}, rank 0); results in {self.run_dir}")
-        return summary
+                       f"{summary['train_seconds']:.1f}s ({summary['train_samples_per_s']:,.0f} "
+                       f"samples/s); {self.cfg.training.eval_split} auc "
+                       f"{final.get('auc', math.nan):.5f}; peak memory {mem['gb']:.2f} GB "
+                       f"({mem['kind']}, rank 0); results in {self.run_dir}")
 
     def _train_step_report(self) -> Dict[str, Any]:
         """training.step, and for the one-rank kinds how this process's steps ran: direct, or
@@ -429,15 +481,12 @@ class Trainer:
         return res
 
     # ------------------------------------------------------------------ checkpoints
-    def _checkpointing(self) -> bool:
-        c = self.cfg.checkpoint
-        return c.every_n_steps > 0 or c.at_end
-
-    def _is_new_best(self) -> bool:
+    def _track_best(self) -> bool:
+        """Whether the last evaluation has the best AUC so far (then it is recorded)."""
         auc = self.evals[-1].get("auc", math.nan) if self.evals else math.nan
         if auc > self.best_auc:  # NaN compares False
             self.best_auc, self.best_step = auc, self.step
-            return self.cfg.checkpoint.keep_best
+            return True
         return False
 
     def _trainer_state(self) -> Dict[str, Any]:
@@ -458,19 +507,18 @@ class Trainer:
             "config": to_dict(self.cfg),
         }
 
-    def _save(self) -> int:
-        """Collective: checkpoint the current step; returns it."""
+    def _save(self) -> None:
+        """Collective: checkpoint the current step (when the checkpointer decides to)."""
         with self._paused_clock():
-            return self._save_now()
+            self._save_now()
 
-    def _save_now(self) -> int:
+    def _save_now(self) -> None:
         state = self._trainer_state()
         keep = [self.best_step] if self.cfg.checkpoint.keep_best and self.best_step >= 0 else []
         self.last_checkpoint = checkpoint.save(
             self.ckpt_dir, self.step, self.model, self.optimizer, state,
             self.cfg.checkpoint.keep_last, keep)
         log(self.info, f"checkpoint: step {self.step} -> {self.last_checkpoint}")
-        return self.step
 
     def _maybe_resume(self, steps_per_epoch: int, with_optimizer: bool = True) -> None:
         want = self.cfg.checkpoint.resume
@@ -502,6 +550,7 @@ class Trainer:
         if state.get("best_auc") is not None:
             self.best_auc, self.best_step = state["best_auc"], state["best_step"]
         self.last_checkpoint = path
+        self.checkpointer.resumed(self.step)
         log(self.info, f"resumed from {path}: step {self.step}, epoch {self.epoch}, batch "
                        f"{self.next_batch} of {steps_per_epoch} (written by "
                        f"{state['world_size']} ranks)")
