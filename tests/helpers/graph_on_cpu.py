@@ -1,9 +1,9 @@
-"""A CPU stand-in for the CUDA graph of training.step=cuda_graph, so its logic (when it
-captures, recaptures and replays, what goes into the graph's buffers and comes out) runs
-where there is no GPU: in the trainer (tests/test_one_rank_step.py) and in the GPU
-benchmark's smoke run (tests/test_bench.py), which runs a script under it with
+"""A CPU stand-in for the CUDA graph of training.step=cuda_graph, so its logic (when it captures,
+recaptures and replays, what goes into the graph's buffers and comes out) runs where there is
+no GPU: in the trainer (tests/integration/test_one_rank_step.py) and in the GPU benchmark's
+smoke run (tests/integration/test_bench.py), which runs a script under it with
 
-    python -m tests.graph_on_cpu [--capture-fails] SCRIPT ARGS...
+    python -m tests.helpers.graph_on_cpu [--capture-fails] SCRIPT ARGS...
 
 (--capture-fails: every capture fails, as CaptureFails's.)
 """

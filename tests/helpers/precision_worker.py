@@ -1,7 +1,7 @@
-"""Rank-side code of tests/test_precision.py: for each variant, build the real Trainer, run
-the first batch forward through the train pipeline, train a few steps, run the first batch
-again, and save what the test compares (logits, losses, the dtypes the dense layers and the
-tables really had)."""
+"""Rank-side code of tests/integration/test_precision.py: for each variant, build the real
+Trainer, run the first batch forward through the train pipeline, train a few steps, run the
+first batch again, and save what the test compares (logits, losses, the dtypes the dense
+layers and the tables really had)."""
 
 import itertools
 from functools import partial

@@ -1,5 +1,5 @@
 """The synthetic data's definition written plainly, feature by feature and bag by bag, as the
-generator computed it before it was vectorised: `tests/test_synthetic_data.py` holds
+generator computed it before it was vectorised: `tests/unit/test_synthetic_data.py` holds
 `GeneratedSource.sample_arrays` to it bit for bit, and `bench/bench_synthetic.py` times it
 as the baseline. Multi-hot bags of synthetic data are expanded entry by entry in plain
 Python (`derived_bags`)."""
@@ -9,7 +9,7 @@ import math
 import numpy as np
 
 from dlrm_torchrec.data.hashing import hash_keys, normal, uniform01
-from tests.test_criteo_preprocess import ref_uniform
+from tests.helpers.hash_reference import ref_uniform
 
 SPLIT_CODES = {"train": 1, "val": 2, "test": 3}
 

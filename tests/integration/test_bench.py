@@ -38,14 +38,14 @@ def test_bench_gpu_smoke_runs_every_row_and_reports_them(tmp_path):
 
 
 def test_bench_gpu_graph_rows_replay_at_every_batch_size(tmp_path):
-    """The cuda_graph rows on the CPU stand-in for the graph (tests/graph_on_cpu.py). The
-    benchmark times both batch sizes on one trainer, so at the second size the graph must
+    """The cuda_graph rows on the CPU stand-in for the graph (tests/helpers/graph_on_cpu.py).
+    The benchmark times both batch sizes on one trainer, so at the second size the graph must
     be captured again, not left to run every step direct. First size: 3 direct warm-up steps,
     then replays; second: 1 direct step (the new shapes, not yet seen twice), then replays."""
     out = tmp_path / "bench.json"
     rows = ["trainer cuda_graph", "trainer all+cuda_graph"]
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.graph_on_cpu", "bench/bench_gpu.py", "--smoke",
+        [sys.executable, "-m", "tests.helpers.graph_on_cpu", "bench/bench_gpu.py", "--smoke",
          "--archs", "terabyte", "--rows", ",".join(rows), "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -65,7 +65,7 @@ def test_bench_gpu_says_why_a_graph_row_ran_direct(tmp_path):
     still times, every step direct, and its line and JSON say why."""
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.graph_on_cpu", "--capture-fails", "bench/bench_gpu.py",
+        [sys.executable, "-m", "tests.helpers.graph_on_cpu", "--capture-fails", "bench/bench_gpu.py",
          "--smoke", "--archs", "terabyte", "--rows", "trainer cuda_graph", "--out", str(out)],
         capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -13,7 +13,7 @@ import pytest
 
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.train import checkpoint
-from tests.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_ranks
 
 BASE = [
     "data.train_samples=6144", "data.eval_samples=2048", "data.batch_size=256",

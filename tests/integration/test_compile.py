@@ -9,8 +9,8 @@ import torch
 from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.model.dlrm import build_train_module, compile_dense_modules
-from tests.dist_utils import run_ranks
-from tests.test_training import _train_worker
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.train_worker import train_worker
 
 TINY = ["data.train_samples=3072", "data.eval_samples=512", "data.batch_size=256",
         "logging.log_every_n_steps=2", "embeddings.num_embeddings_per_feature=[300,50,700,20]"]
@@ -60,7 +60,7 @@ def test_two_ranks_train_the_same_with_compiled_dense_modules(tmp_path):
     hist = {}
     for mode in ("none", "default"):
         run_dir = tmp_path / mode
-        run_ranks(2, _train_worker, TINY + sgd + [f"training.compile={mode}",
+        run_ranks(2, train_worker, TINY + sgd + [f"training.compile={mode}",
                                                  f"logging.run_dir={run_dir}"])
         hist[mode] = json.loads((run_dir / "metrics.json").read_text())
     eager, compiled = hist["none"], hist["default"]
@@ -95,7 +95,7 @@ def test_compile_without_a_cpp_compiler_is_a_config_error_not_a_traceback(tmp_pa
 
 def _train_each(rank, world_size, runs):
     for overrides in runs:
-        _train_worker(rank, world_size, overrides)
+        train_worker(rank, world_size, overrides)
 
 
 def test_one_rank_direct_step_with_compiled_dense_modules_trains_as_the_eager_pipeline(tmp_path):

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 from dlrm_torchrec.config import load_config
-from tests.dist_utils import run_ranks
-from tests.test_criteo_preprocess import good_row
+from tests.helpers.criteo_rows import good_row
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.torchrec_preprocessing import torchrec_folder
 
 
 def _train(rank, world_size, overrides, config="configs/criteo_kaggle.yaml"):
@@ -53,8 +54,6 @@ def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path,
     DCNv2, row-wise Adagrad, MLPerf logging); from_torchrec adopts them; 2 ranks with a
     loader worker each (the source is pickled into the worker) train on days 0-1 and
     evaluate TorchRec's validation half of day 2."""
-    from tests.test_from_torchrec import torchrec_folder
-
     days = [("day_0", 900), ("day_1", 700), ("day_2", 301)]
     npy = torchrec_folder(tmp_path, days)
     # one-hot: evaluated on the second half of day 2 instead (TorchRec's test half)

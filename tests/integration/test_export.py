@@ -11,19 +11,19 @@ import pytest
 import torch
 
 from dlrm_torchrec.cli import export as export_cli
-from dlrm_torchrec.config import ConfigError, feature_names, load_config, to_dict
+from dlrm_torchrec.config import ConfigError, feature_names, load_config
 from dlrm_torchrec.inference import export
 from dlrm_torchrec.train import checkpoint
-from tests.dist_utils import run_ranks
+from tests.helpers.batches import first_val_batch
+from tests.helpers.checkpoints import fake_checkpoint
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.tolerances import INT8_MAX_AUC_LOSS, INT8_MAX_PROB_DIFF
 
 BASE = [
     "data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=256",
     "training.eval_every_n_steps=0", "logging.log_every_n_steps=4",
     "logging.progress_bar=false", "sharding.sharding_type=column_wise",
 ]
-# int8 rows (row-wise scale/bias) against float32 tables, on this model and data
-INT8_MAX_PROB_DIFF = 5e-3
-INT8_MAX_AUC_LOSS = 2e-3
 
 
 def _train_and_predict(rank, world_size, overrides, out):
@@ -67,17 +67,10 @@ def exported(trained, tmp_path_factory):
     return out
 
 
-def _first_val_batch(cfg):
-    from dlrm_torchrec.data import build_data_source
-
-    source = build_data_source(cfg.data, cfg.embeddings, cfg.model.dense_in_features, 0, 1)
-    return next(source.batches("val", 0))
-
-
 def test_exported_weights_and_program_predict_what_the_sharded_model_predicts(trained, exported):
     run, sharded = trained
     cfg = load_config(str(exported / "config.yaml"))
-    batch = _first_val_batch(cfg)
+    batch = first_val_batch(cfg)
     assert torch.equal(batch.labels, sharded["labels"])  # the same samples, in the same order
     real = batch.weights > 0
     want = torch.sigmoid(sharded["logits"])
@@ -165,30 +158,9 @@ def test_int8_tables_stay_within_tolerance_and_report_the_auc_change(exported):
     cfg = load_config(str(exported / "config.yaml"))
     program = torch.export.load(str(exported / "model_int8.pt2")).module()
     float_program = torch.export.load(str(exported / "model.pt2")).module()
-    inputs = export.batch_inputs(_first_val_batch(cfg), feature_names(cfg.embeddings))
+    inputs = export.batch_inputs(first_val_batch(cfg), feature_names(cfg.embeddings))
     diff = (program(*inputs) - float_program(*inputs)).abs().max()
     assert 0 < diff < INT8_MAX_PROB_DIFF
-
-
-def _fake_checkpoint(cfg, folder: Path):
-    """A single-process checkpoint of a randomly initialised model, laid out as the
-    trainer's (DCP shards under "model", trainer_state.json with the signature)."""
-    import torch.distributed.checkpoint as dcp
-
-    from dlrm_torchrec.model.dlrm import build_train_module
-    from dlrm_torchrec.train.checkpoint import model_signature
-
-    module = build_train_module(cfg, device=torch.device("cpu"))
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "embedding_bags" in name:
-                p.uniform_(-0.5, 0.5)
-    path = folder / "step_00000001"
-    dcp.save({"model": module.state_dict()}, checkpoint_id=str(path), no_dist=True)
-    (path / checkpoint.STATE_FILE).write_text(json.dumps({
-        "step": 1, "world_size": 1, "signature": model_signature(cfg, module.model.tables),
-        "config": to_dict(cfg)}))
-    return path, module.model.eval()
 
 
 @pytest.mark.parametrize("compression", [
@@ -201,11 +173,11 @@ def test_qr_and_md_models_export_with_raw_feature_ids(tmp_path, compression):
 
     over = ["data.eval_samples=512", *compression]
     cfg = load_config("configs/tiny_cpu.yaml", over)
-    ckpt, model = _fake_checkpoint(cfg, tmp_path / "ck")
+    ckpt, model = fake_checkpoint(cfg, tmp_path / "ck")
     out = tmp_path / "out"
     info = export.export(cfg, ckpt, out, quantize="int8", eval_split="val", log=lambda _: None)
     layout = export.embedding_layout(cfg.embeddings)
-    batch = _first_val_batch(cfg)  # raw keys cat_i
+    batch = first_val_batch(cfg)  # raw keys cat_i
     with torch.no_grad():
         want = torch.sigmoid(model(batch.dense_features, split_qr_ids(batch.sparse_features, layout)))
     program = torch.export.load(str(out / "model.pt2")).module()
@@ -257,7 +229,7 @@ def test_fewer_bits_per_table_row_give_larger_prediction_errors(trained, tmp_pat
           {k: round(v[f"auc_change_{k}"], 6) for k in ("fp16", "int8", "int4", "int2")})
     assert errors == sorted(errors) and len(set(errors)) == 4
     assert errors[0] < 1e-3 and errors[1] < INT8_MAX_PROB_DIFF
-    inputs = export.batch_inputs(_first_val_batch(cfg), feature_names(cfg.embeddings))
+    inputs = export.batch_inputs(first_val_batch(cfg), feature_names(cfg.embeddings))
     with torch.no_grad():
         float_p = torch.export.load(str(out / "model.pt2")).module()(*inputs)
         for kind in ("fp16", "int8", "int4", "int2"):

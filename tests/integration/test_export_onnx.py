@@ -2,7 +2,8 @@
 ONNX programs, run by ONNX Runtime, predict what the plain eager model predicts for any
 batch size, empty bags, ids past a table's rows and QR/MD/cat/DCN models; int8 MLPs stay
 within a tolerance; large tables go to an external data file; missing packages and unknown
-kinds are one error line. (The program against the 2-rank sharded model: test_export.)"""
+kinds are one error line. (The program against the 2-rank sharded model:
+tests/integration/test_export.py.)"""
 
 import shutil
 import sys
@@ -16,7 +17,8 @@ from dlrm_torchrec.config import feature_names, load_config
 from dlrm_torchrec.data.qr_split import split_qr_ids
 from dlrm_torchrec.inference import export
 from dlrm_torchrec.inference import onnx as export_onnx
-from tests.test_export import _fake_checkpoint, _first_val_batch
+from tests.helpers.batches import first_val_batch
+from tests.helpers.checkpoints import fake_checkpoint
 
 # int8 MLPs (ONNX Runtime's dynamic quantization) against float32, on these small models
 MLP_INT8_MAX_PROB_DIFF = 0.05
@@ -72,7 +74,7 @@ def test_int8_rows_are_within_half_a_step_of_the_weights_and_span_the_codes():
 
 def _export_fake(tmp_path, overrides, onnx="float,mlp-int8,int8", eval_split="val"):
     cfg = load_config("configs/tiny_cpu.yaml", ["data.eval_samples=512", *overrides])
-    ckpt, model = _fake_checkpoint(cfg, tmp_path / "ck")
+    ckpt, model = fake_checkpoint(cfg, tmp_path / "ck")
     out = tmp_path / "out"
     info = export.export(cfg, ckpt, out, onnx=onnx, eval_split=eval_split, log=lambda _: None)
     return cfg, model, out, info
@@ -125,7 +127,7 @@ def test_int8_mlp_program_is_quantized_and_stays_within_tolerance(plain_export):
     assert 0 < v["max_abs_prob_diff_onnx-mlp-int8_vs_float"] < MLP_INT8_MAX_PROB_DIFF
     assert v["metrics"]["onnx-mlp-int8"]["samples"] == 512
     # eager check on one batch, independent of the export's own validation
-    batch = _first_val_batch(cfg)
+    batch = first_val_batch(cfg)
     inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
     got = export_onnx.OnnxProgram(out / "model_mlp_int8.onnx")(*inputs)
     diff = (got - _eager(model, cfg, *inputs)).abs().max()
@@ -137,7 +139,7 @@ def _write_onnx_only(tmp_path, overrides):
     export (no torch.export file, no validation): what differs from model.pt2 is only the
     ONNX side."""
     cfg = load_config("configs/tiny_cpu.yaml", ["data.eval_samples=512", *overrides])
-    _, model = _fake_checkpoint(cfg, tmp_path / "ck")
+    _, model = fake_checkpoint(cfg, tmp_path / "ck")
     out = tmp_path / "out"
     out.mkdir()
     export_onnx.write_program(export.onnx_export_program(model, cfg), out, "model.onnx")
@@ -162,7 +164,7 @@ def test_int8_program_stores_its_tables_as_int8_codes_and_stays_within_tolerance
     assert weight_bytes(out / "model_int8.onnx") < 0.4 * weight_bytes(out / "model.onnx")
     v = info["validation"]
     assert 0 < v["max_abs_prob_diff_onnx-int8_vs_float"] < MLP_INT8_MAX_PROB_DIFF
-    batch = _first_val_batch(cfg)
+    batch = first_val_batch(cfg)
     inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
     got = export.load_program(out, "onnx-int8")(*inputs)
     assert 0 < (got - _eager(model, cfg, *inputs)).abs().max() < MLP_INT8_MAX_PROB_DIFF
@@ -177,7 +179,7 @@ def test_int8_program_stores_its_tables_as_int8_codes_and_stays_within_tolerance
 ], ids=["qr-mult", "md", "cat", "dcn", "fp16-tables"])
 def test_compressed_and_other_architectures_export_to_onnx(tmp_path, overrides):
     cfg, model, out = _write_onnx_only(tmp_path, overrides)
-    batch = _first_val_batch(cfg)
+    batch = first_val_batch(cfg)
     inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
     got = export_onnx.OnnxProgram(out / "model.onnx")(*inputs)
     torch.testing.assert_close(got, _eager(model, cfg, *inputs), rtol=0, atol=2e-6)
@@ -195,7 +197,7 @@ def test_large_tables_go_to_an_external_data_file_beside_the_program(tmp_path, m
     moved = tmp_path / "moved"  # the folder is self-contained: it moves as a whole
     shutil.copytree(out, moved)
     shutil.rmtree(out)
-    batch = _first_val_batch(cfg)
+    batch = first_val_batch(cfg)
     inputs = export.batch_inputs(batch, feature_names(cfg.embeddings))
     want = _eager(model, cfg, *inputs)
     torch.testing.assert_close(export_onnx.OnnxProgram(moved / "model.onnx")(*inputs), want,
@@ -206,7 +208,7 @@ def test_large_tables_go_to_an_external_data_file_beside_the_program(tmp_path, m
 
 def test_missing_onnx_packages_is_one_error_line_before_any_work(tmp_path, monkeypatch, capsys):
     cfg = load_config("configs/tiny_cpu.yaml")
-    ckpt, _ = _fake_checkpoint(cfg, tmp_path / "ck")
+    ckpt, _ = fake_checkpoint(cfg, tmp_path / "ck")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
     out = tmp_path / "out"
     assert export_cli.main(["--checkpoint", str(ckpt), "--out", str(out), "--onnx", "float"]) == 1

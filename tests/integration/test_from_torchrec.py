@@ -5,8 +5,6 @@ own `InMemoryBinaryCriteoIterDataPipe` serves for each stage, and bad files must
 adoption with their name and row."""
 
 import json
-import os
-import random
 
 import numpy as np
 import pytest
@@ -15,33 +13,9 @@ from torchrec.datasets.criteo import BinaryCriteoUtils, InMemoryBinaryCriteoIter
 from dlrm_torchrec.cli import from_torchrec as from_torchrec_cli
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.criteo import CriteoSource
+from tests.helpers.torchrec_preprocessing import torchrec_folder
 
 TABLE = 97  # configured rows of every table: stored ids are folded mod 97 at load
-
-
-def raw_row(rng: random.Random) -> str:
-    """A Criteo text row TorchRec's parser takes (its dense values must fit int32)."""
-    dense = ["" if rng.random() < 0.2 else str(rng.randrange(-3, 5000)) for _ in range(13)]
-    cats = ["" if rng.random() < 0.1 else f"{rng.randrange(2 ** 32 if rng.random() < 0.3 else 60):08x}"
-            for _ in range(26)]
-    return "\t".join([rng.choice("01")] + dense + cats)
-
-
-def torchrec_folder(tmp_path, stems_rows, dataset="criteo_1tb", seed=0):
-    """Raw text per stem, converted by TorchRec's own tsv_to_npys into tmp_path/npy."""
-    rng = random.Random(seed)
-    raw, npy = tmp_path / "raw", tmp_path / "npy"
-    raw.mkdir()
-    npy.mkdir()
-    for stem, rows in stems_rows:
-        (raw / stem).write_text("".join(raw_row(rng) + "\n" for _ in range(rows)))
-        # a relative input name: TorchRec reads a Kaggle file whose path contains "test"
-        # (as pytest's folders do) as unlabelled
-        BinaryCriteoUtils.tsv_to_npys(os.path.relpath(raw / stem),
-                                      str(npy / f"{stem}_dense.npy"),
-                                      str(npy / f"{stem}_sparse.npy"),
-                                      str(npy / f"{stem}_labels.npy"), dataset)
-    return npy
 
 
 def our_rows(path, split, batch_size=16, source="criteo_terabyte"):

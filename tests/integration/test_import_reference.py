@@ -6,9 +6,9 @@ The reference's file is written here as the reference writes it: `torch.save` of
 its counters (numpy scalars among them), "state_dict" with the reference's module names
 (`emb_l.<k>.weight`, QR `weight_q`/`weight_r`, MD `embs.weight` + `proj.weight`,
 `bot_l.<i>` / `top_l.<i>` with Linear layers at even i) and "opt_state_dict". Expected
-predictions come from `tests/reference_dlrm.py`'s plain DLRM; compressed tables enter it
-as the equivalent full table, exact for one-hot bags (QR mult: q[i // c] * r[i mod c]; MD:
-E[i] P^T)."""
+predictions come from `tests/helpers/reference_dlrm.py`'s plain DLRM; compressed tables
+enter it as the equivalent full table, exact for one-hot bags (QR mult: q[i // c] *
+r[i mod c]; MD: E[i] P^T)."""
 
 import json
 import math
@@ -26,7 +26,7 @@ from dlrm_torchrec.config.embedding_layout import embedding_layout
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.inference import export
 from dlrm_torchrec.inference import import_reference as ir
-from tests.reference_dlrm import ReferenceDLRM, unpack_kjt
+from tests.helpers.reference_dlrm import ReferenceDLRM, unpack_kjt
 
 CONFIG = "configs/tiny_cpu.yaml"
 VARIANTS = {"plain": [], "qr": ["embeddings.qr_threshold=600", "embeddings.qr_collisions=4"],

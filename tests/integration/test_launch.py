@@ -23,7 +23,7 @@ from torchx.specs.builders import materialize_appdef, parse_args
 from torchx.specs.file_linter import get_fn_docstring, validate
 from torchx.specs.finder import get_component
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 COMPONENTS_FILE = REPO / "launch" / "components.py"
 COMPONENTS = ("train_cpu", "train_gpu")
 MODULE = "dlrm_torchrec.train"

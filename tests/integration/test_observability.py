@@ -12,7 +12,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.train.observability import RunLogger
-from tests.dist_utils import free_port
+from tests.helpers.dist_utils import free_port
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -17,9 +17,9 @@ from dlrm_torchrec.train.one_rank_step import (
     resolve_step_kind,
     single_fused_kernel,
 )
-from tests.dist_utils import run_ranks
-from tests.graph_on_cpu import CaptureFails, GraphOnCpu, install_graph_on_cpu
-from tests.test_training import _train_worker
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.graph_on_cpu import CaptureFails, GraphOnCpu, install_graph_on_cpu
+from tests.helpers.train_worker import train_worker
 
 TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=256",
         "logging.log_every_n_steps=1", "training.eval_every_n_steps=0",
@@ -27,13 +27,13 @@ TINY = ["data.train_samples=4096", "data.eval_samples=1024", "data.batch_size=25
 
 
 def _train_each_worker(rank, world_size, runs):
-    """_train_worker for each (overrides, stand_in) of `runs`, in turn, in this process (one
+    """train_worker for each (overrides, stand_in) of `runs`, in turn, in this process (one
     start for all). training.step=cuda_graph runs on the CPU stand-in `stand_in` for the
     graph, whose device check passes as on CUDA (every other condition of the step is
     checked as it is)."""
     for overrides, stand_in in runs:
         install_graph_on_cpu(stand_in)
-        _train_worker(rank, world_size, overrides)
+        train_worker(rank, world_size, overrides)
 
 
 # Adagrad (dense) and row-wise Adagrad (tables) with weight decay; SGD on fp16 tables, the
@@ -82,7 +82,7 @@ def test_direct_and_cuda_graph_steps_train_as_the_pipeline_does(tmp_path, optim)
     assert pipe["train_step"] == {"kind": "pipeline"}
     assert runs["direct"]["train_step"] == {"kind": "direct", "direct_steps": 45,
                                             "graph_replays": 0, "capture_failed": False}
-    # multipliers (REFERENCE.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
+    # multipliers (docs/reference.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
     # 1.0 0.64 0.36 0.16 0.04 and 0.04 to the end. Direct: steps 1-4 (changing), 30-34,
     # and 45 (its 100 padding samples have empty bags: fewer ids); captured at step 5
     # (0.8 twice), again at 35 (0.04 twice): 25 + 10 replays
@@ -184,7 +184,7 @@ def _stop_and_resume_worker(rank, world_size, common, run_dirs, signal_step):
     from dlrm_torchrec.train.preemption import Preempted
     from dlrm_torchrec.train.trainer import Trainer
 
-    _train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[0]}"])
+    train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[0]}"])
     inject = Trainer._maybe_inject_crash
 
     def sigterm_at_step(self):
@@ -194,10 +194,10 @@ def _stop_and_resume_worker(rank, world_size, common, run_dirs, signal_step):
     Trainer._maybe_inject_crash = sigterm_at_step
     try:
         with pytest.raises(Preempted):
-            _train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[1]}"])
+            train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[1]}"])
     finally:
         Trainer._maybe_inject_crash = inject
-    _train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[1]}",
+    train_worker(rank, world_size, common + [f"logging.run_dir={run_dirs[1]}",
                                               "checkpoint.resume=auto"])
 
 
@@ -241,7 +241,7 @@ def test_a_pipeline_checkpoint_resumes_with_the_direct_step_as_it_would_with_the
 
 def _train_each_plain_worker(rank, world_size, runs):
     for overrides in runs:
-        _train_worker(rank, world_size, overrides)
+        train_worker(rank, world_size, overrides)
 
 
 def test_auto_step_trains_one_cpu_rank_direct_and_falls_back_to_the_pipeline_for_split_plans(

@@ -1,4 +1,4 @@
-"""Precision options (issue 7) on CPU, and the planner inputs fixed with them:
+"""Precision options on CPU, and the planner inputs fixed with them:
 
 - fp16 and bf16 all-to-alls (TorchRec qcomms) on 2 gloo ranks stay within a stated
   tolerance of fp32 all-to-alls, and differ from them (the codecs really ran; bf16 more
@@ -20,8 +20,8 @@ from dlrm_torchrec.config import ConfigError, ShardingConfig, load_config
 from dlrm_torchrec.model.dlrm import build_train_module
 from dlrm_torchrec.parallel.precision import embedding_data_type, qcomm_codecs_registry
 from dlrm_torchrec.parallel.sharding import GB, build_topology, constraints_for, pooling_factors
-from tests.dist_utils import run_ranks
-from tests.precision_worker import run as precision_worker
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.precision_worker import run as precision_worker
 
 # Tolerances on the logits (|logit| <= ~0.5 here) against the same run with fp32 comms:
 # fp16 keeps 11 significant bits (measured ~6e-5), bf16 8 bits (measured ~6e-4).

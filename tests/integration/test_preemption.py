@@ -16,9 +16,9 @@ import pytest
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.train import checkpoint
 from dlrm_torchrec.train.preemption import StopRequest
-from tests.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_ranks
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _stop_step_worker(rank, world_size, out_dir, signal_rank, signal_step):

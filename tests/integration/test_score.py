@@ -12,8 +12,10 @@ from dlrm_torchrec.config import load_config
 from dlrm_torchrec.data.converters import preprocess as pp
 from dlrm_torchrec.data.criteo import CriteoSource
 from dlrm_torchrec.inference import export, score
-from tests.test_criteo_preprocess import make_lines, ref_parse, write
-from tests.test_export import _fake_checkpoint
+from tests.helpers.checkpoints import fake_checkpoint
+from tests.helpers.criteo_rows import make_lines, ref_parse, write
+from tests.helpers.reference_preprocessing import reference_days, write_bins
+from tests.helpers.tolerances import INT8_MAX_PROB_DIFF
 
 ROWS = 1000  # max_ind_range of the hash-mode data, and every table's rows
 
@@ -28,7 +30,7 @@ def _exported(tmp_path, mode, quantize=""):
     cfg = load_config("configs/criteo_kaggle.yaml", [
         f"data.path={data}", f"embeddings.max_ind_range={ROWS}", "model.bottom_mlp=[32,16]",
         "model.top_mlp=[32,1]", "data.eval_batch_size=64", "data.batch_size=64"])
-    ckpt, _ = _fake_checkpoint(cfg, tmp_path / "ckpt")
+    ckpt, _ = fake_checkpoint(cfg, tmp_path / "ckpt")
     out = tmp_path / "export"
     export.export(cfg, ckpt, out, quantize=quantize, eval_split="none", log=lambda m: None)
     return lines, cfg, out
@@ -123,8 +125,6 @@ def test_export_carries_the_row_transform_so_the_data_folder_may_move(tmp_path, 
 
 
 def test_quantized_exports_score_within_the_export_tolerance(tmp_path):
-    from tests.test_export import INT8_MAX_PROB_DIFF
-
     lines, _, out = _exported(tmp_path, "hash", quantize="int8,int4")
     raw = write(tmp_path / "t.txt", lines)
     assert score.main([str(out), str(raw), "-o", str(tmp_path / "f.txt")]) == 0
@@ -172,11 +172,10 @@ def test_mistakes_are_one_error_line_and_write_nothing(exported, tmp_path, capsy
     binary = tmp_path / "x.bin"
     binary.write_bytes(bytes(range(1, 256)).replace(b"\n", b"") * 8000)
     synthetic = load_config("configs/tiny_cpu.yaml")
-    ckpt, _ = _fake_checkpoint(synthetic, tmp_path / "ckpt")
+    ckpt, _ = fake_checkpoint(synthetic, tmp_path / "ckpt")
     export.export(synthetic, ckpt, tmp_path / "synthetic_export", eval_split="none",
                   log=lambda m: None)
     from dlrm_torchrec.data.converters import from_reference
-    from tests.test_from_reference import reference_days, write_bins
 
     write_bins(tmp_path / "ref", "terabyte_processed", reference_days([6, 5])[0])
     from_reference.adopt(str(tmp_path / "ref"), str(tmp_path / "adopted"), log=lambda m: None)

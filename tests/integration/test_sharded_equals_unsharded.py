@@ -1,15 +1,16 @@
 """With 2 gloo ranks, every sharding type that runs on CPU gives the same forward output
 and the same parameters after several optimizer steps as an independent single-process
-plain-PyTorch model started from the same weights (see reference_dlrm.py)."""
+plain-PyTorch model started from the same weights (see tests/helpers/reference_dlrm.py)."""
 
 import torch
 
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.model.dlrm import build_train_module, embedding_init_rows
-from tests.dist_utils import run_ranks
-from tests.parity_worker import run as parity_worker
-from tests.reference_dlrm import (
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.parity_settings import ADAGRAD, BASE, SGD, STEPS, TOL
+from tests.helpers.parity_worker import run as parity_worker
+from tests.helpers.reference_dlrm import (
     ReferenceDLRM,
     dense_param_names,
     linear_layers,
@@ -17,17 +18,6 @@ from tests.reference_dlrm import (
     train_reference,
 )
 
-TOL = 1e-5
-STEPS = 3
-BASE = [
-    "model.dense_in_features=5", "model.bottom_mlp=[16,8]", "model.top_mlp=[16,1]",
-    "embeddings.dim=8", "embeddings.num_embeddings_per_feature=[40,60,30,50]",
-    "data.source=random", "data.batch_size=32", "data.train_samples=96", "data.eval_samples=32",
-    "data.num_indices_per_lookup=3", "data.num_indices_per_lookup_fixed=false",
-    "logging.log_every_n_steps=1", "training.seed=7",
-]
-SGD = ["optimizer.dense=sgd", "optimizer.sparse=sgd", "optimizer.lr=0.5"]
-ADAGRAD = ["optimizer.dense=adagrad", "optimizer.sparse=rowwise_adagrad", "optimizer.lr=0.05"]
 VARIANTS = [
     SGD + ["sharding.sharding_type=table_wise"],
     SGD + ["sharding.sharding_type=column_wise"],

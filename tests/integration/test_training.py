@@ -12,18 +12,13 @@ from torchmetrics.functional.classification import binary_auroc
 
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.data import build_data_source
-from tests.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.train_worker import train_worker
 
 SMALL = [
     "data.train_samples=80100", "data.eval_samples=8192", "data.batch_size=256",
     "training.eval_every_n_steps=0", "logging.log_every_n_steps=40",
 ]
-
-
-def _train_worker(rank, world_size, overrides):
-    from dlrm_torchrec.train.job import train
-
-    train(load_config("configs/tiny_cpu.yaml", overrides))
 
 
 def _metrics(run_dir):
@@ -41,7 +36,7 @@ def oracle_auc(overrides):
 
 def test_two_ranks_learn_the_click_model_and_see_every_sample_once(tmp_path):
     overrides = SMALL + [f"logging.run_dir={tmp_path}"]
-    run_ranks(2, _train_worker, overrides)
+    run_ranks(2, train_worker, overrides)
     m = _metrics(tmp_path)
     # 80100 = 312 full batches of 256 + 228: the last batch is kept, not dropped
     assert m["steps"] == 313
@@ -57,7 +52,7 @@ def test_two_ranks_learn_the_click_model_and_see_every_sample_once(tmp_path):
 def test_early_stop_at_target_auc(tmp_path):
     overrides = SMALL + ["training.target_auc=0.7", "training.eval_every_n_steps=20",
                          f"logging.run_dir={tmp_path}"]
-    run_ranks(1, _train_worker, overrides)
+    run_ranks(1, train_worker, overrides)
     m = _metrics(tmp_path)
     assert m["stopped_early"] is True
     assert m["steps"] < 313 and m["steps"] % 20 == 0
@@ -67,7 +62,7 @@ def test_early_stop_at_target_auc(tmp_path):
 
 
 def test_max_steps_bounds_the_run(tmp_path):
-    run_ranks(1, _train_worker, SMALL + ["training.max_steps=7", f"logging.run_dir={tmp_path}"])
+    run_ranks(1, train_worker, SMALL + ["training.max_steps=7", f"logging.run_dir={tmp_path}"])
     m = _metrics(tmp_path)
     assert m["steps"] == 7 and m["train_samples_seen"] == 7 * 256
 
@@ -117,7 +112,7 @@ def test_loader_workers_train_exactly_as_the_training_process_alone(tmp_path):
     runs = {}
     for workers in (0, 2):
         run_dir = tmp_path / f"w{workers}"
-        run_ranks(2, _train_worker, [
+        run_ranks(2, train_worker, [
             "data.train_samples=4100", "data.eval_samples=1024", "data.batch_size=256",
             "logging.log_every_n_steps=4", f"data.num_workers={workers}",
             f"logging.run_dir={run_dir}"])

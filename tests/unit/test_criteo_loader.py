@@ -1,7 +1,6 @@
 """CriteoSource over a hand-written preprocessed folder: per-rank slices, padding,
 windowed shuffling, splits, id folding and multi-hot bags."""
 
-import json
 import math
 
 import numpy as np
@@ -9,35 +8,8 @@ import pytest
 
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.criteo import CriteoSource
-
-DAY_ROWS = [23, 17, 30, 25]  # three training days, then the evaluation day
-
-
-def make_folder(path, stored_size=1000):
-    """Day d row i: dense[:, 0] = a unique sample number, ids random below stored_size."""
-    rng = np.random.default_rng(0)
-    uid = 0
-    for d, n in enumerate(DAY_ROWS):
-        dense = rng.random((n, 13), dtype=np.float32)
-        dense[:, 0] = np.arange(uid, uid + n)
-        uid += n
-        np.save(path / f"day_{d}_dense.npy", dense)
-        np.save(path / f"day_{d}_sparse.npy",
-                rng.integers(0, stored_size, (n, 26)).astype(np.int32))
-        np.save(path / f"day_{d}_labels.npy", rng.integers(0, 2, (n, 1)).astype(np.int32))
-    meta = {"format_version": 1, "settings": {"dataset": "kaggle"}, "complete": True,
-            "num_days": len(DAY_ROWS), "eval_day": len(DAY_ROWS) - 1,
-            "rows_per_day": DAY_ROWS, "table_sizes": [stored_size] * 26,
-            "sparse_dtype": "int32"}
-    (path / "meta.json").write_text(json.dumps(meta))
-    return path
-
-
-def source(path, rank=0, world=1, table=1000, **data_kw):
-    data_kw.setdefault("batch_size", 8)
-    data = DataConfig(source="criteo_kaggle", path=str(path), **data_kw)
-    emb = EmbeddingsConfig(num_embeddings_per_feature=[table] * 26)
-    return CriteoSource(data, emb, rank=rank, world_size=world)
+from tests.helpers.criteo_folder import DAY_ROWS, make_folder, source
+from tests.helpers.hash_reference import ref_uniform
 
 
 def real(batch):
@@ -158,8 +130,6 @@ def test_derived_multi_hot_ids_match_the_hash_spec_computed_independently(tmp_pa
     floor(u * rows) (uniform) or floor((1 - u)^-4 - 1) mod rows (Pareto, a = 0.25), computed
     here in plain Python at random entries; enough rows that the loader works through
     several chunks of every feature."""
-    from tests.test_criteo_preprocess import ref_uniform
-
     make_folder(tmp_path)
     sizes = [3] * 13 + [1] * 12 + [70]
     rows = 10**9 + 7

@@ -11,8 +11,8 @@ from dlrm_torchrec.config import ConfigError, EmbeddingsConfig, load_config
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.data.loader import PrefetchingSource, prefetching, resolve_num_workers
 from dlrm_torchrec.data.qr_split import wrap_source
-from tests.test_criteo_loader import make_folder
-from tests.test_criteo_loader import source as criteo_source
+from tests.helpers.criteo_folder import make_folder
+from tests.helpers.criteo_folder import source as criteo_source
 
 
 def batch_arrays(batch):

@@ -5,7 +5,7 @@ import pytest
 
 from dlrm_torchrec.data import synthetic
 from dlrm_torchrec.data.synthetic import GeneratedSource
-from tests.synthetic_reference import reference_sample_arrays
+from tests.helpers.synthetic_reference import reference_sample_arrays
 
 CASES = {
     # kind, table sizes, bag sizes, fixed bag size
