@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dlrm_torchrec.config import load_config  # noqa: E402
 from dlrm_torchrec.inference import export  # noqa: E402
-from tests.test_export import _fake_checkpoint  # noqa: E402
+from tests.helpers.checkpoints import fake_checkpoint  # noqa: E402
 
 ARCHS = {"kaggle": "configs/criteo_kaggle.yaml", "terabyte": "configs/criteo_terabyte.yaml"}
 PROGRAMS = ["eager", "float", "int8", "onnx", "onnx-mlp-int8", "onnx-int8"]
@@ -66,7 +66,7 @@ def run_arch(arch: str, args) -> list:
         over += ["model.bottom_mlp=[16]", "model.top_mlp=[8,1]", "embeddings.dim=16"]
     cfg = load_config(ARCHS[arch], over)
     with tempfile.TemporaryDirectory(prefix="bench-inference-") as tmp:
-        ckpt, _ = _fake_checkpoint(cfg, Path(tmp) / "ck")
+        ckpt, _ = fake_checkpoint(cfg, Path(tmp) / "ck")
         out = Path(tmp) / "export"
         t = time.perf_counter()
         export.export(cfg, ckpt, out, quantize="int8", onnx="float,mlp-int8,int8", eval_split="none",

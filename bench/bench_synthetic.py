@@ -1,7 +1,7 @@
 """Generated-data throughput per process: `GeneratedSource` (the `synthetic` and `random`
 sources) beside the plain per-feature computation of the same definition
-(`tests/synthetic_reference.py`, bit-identical output), both assembled into the batches
-the trainer gets. For synthetic multi-hot bags the baseline is the definition they had
+(`tests/helpers/synthetic_reference.py`, bit-identical output), both assembled into the
+batches the trainer gets. For synthetic multi-hot bags the baseline is the definition they had
 before they were derived from the first id (every id hashed on its own, the click model
 averaging all of them, per feature in numpy): the work the source did per sample before.
 
@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from dlrm_torchrec.config import load_config  # noqa: E402
 from dlrm_torchrec.data.batch import make_batch  # noqa: E402
 from dlrm_torchrec.data.synthetic import GeneratedSource  # noqa: E402
-from tests.synthetic_reference import reference_sample_arrays  # noqa: E402
+from tests.helpers.synthetic_reference import reference_sample_arrays  # noqa: E402
 
 MAX_ROWS = 10_000_000
 

@@ -1,4 +1,4 @@
-"""GPU-only tests (issue 7), skipped without CUDA. Run on the device machine with
+"""GPU-only tests, skipped without CUDA. Run on the device machine with
 scripts/gpu_check.sh (one call: these tests, then bench/bench_gpu.py).
 
 World size 1 on NCCL: the trainer's entry point with fused FBGEMM kernels and TorchRec's
@@ -263,7 +263,7 @@ def test_one_rank_steps_train_as_the_pipeline(info, tmp_path, step, optim):
     if step == "cuda_graph":
         ts = trainers[step].train_step
         assert not ts.capture_failed, ts.capture_error
-        # multipliers (REFERENCE.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
+        # multipliers (docs/reference.md's schedule): 0.2 0.4 0.6 0.8, 0.8 until step 29, then
         # 1.0 0.64 0.36 0.16 0.04 and 0.04 to the end. Direct: steps 1-4 (changing) and
         # 30-34; captured at step 5 (0.8 twice), again at 35 (0.04 twice): 25 + 11 replays
         assert (ts.replays, ts.direct_steps) == (36, 9)

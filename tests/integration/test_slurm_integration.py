@@ -1,0 +1,81 @@
+"""A real Slurm job: the tiny config submitted with `torchx run -s slurm`, on the localhost
+cluster that `launch/slurm/slurm_local.sh start` brings up (or any cluster this machine
+can submit to). Skipped where no Slurm answers."""
+
+import glob
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+SUBMIT_TIMEOUT_S = 600
+
+
+def _answers(*cmd: str) -> bool:
+    try:
+        return subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
+def _cluster_ready() -> bool:
+    # torchx submits with sbatch and reads job state with sacct (accounting must be on)
+    return (shutil.which("sbatch") is not None
+            and _answers("scontrol", "ping")
+            and _answers("sacct", "--noheader", "--starttime=now"))
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not _cluster_ready(),
+                       reason="no Slurm cluster answers (launch/slurm/slurm_local.sh start)"),
+    pytest.mark.skipif(not (REPO / "dlrm_torchrec" / "train.py").exists(),
+                       reason="dlrm_torchrec.train does not exist yet"),
+]
+
+
+def test_torchx_slurm_run_of_tiny_config_on_two_cpu_ranks(tmp_path):
+    job_dir = tmp_path / "job"  # torchx snapshots the repository here and runs from it
+    run_dir = tmp_path / "run"
+    # The job inherits this environment: this interpreter's torchrun must be on PATH.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    cmd = [
+        sys.executable, "-m", "torchx.cli.main", "run", "--wait",
+        "--workspace", f"file://{REPO}",
+        "-s", "slurm", "-cfg", f"job_dir={job_dir},time=00:10:00",
+        f"{REPO}/launch/components.py:train_cpu", "-j", "1x2",
+        "--", f"logging.run_dir={run_dir}",
+    ]
+    # run from tmp_path: torchx records job dirs in ./.torchxslurmjobdirs
+    try:
+        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
+                              timeout=SUBMIT_TIMEOUT_S)
+    except subprocess.TimeoutExpired as e:
+        handle = re.search(r"slurm://\S+/(\d+)", str(e.stdout or ""))
+        if handle:
+            subprocess.run(["scancel", handle.group(1)], check=False)
+        raise
+    handle = re.search(r"slurm://\S+/(\d+)", proc.stdout)
+    assert handle, f"no app handle in torchx output:\n{proc.stdout}\n{proc.stderr}"
+    job_id = handle.group(1)
+    logs = "".join(Path(p).read_text()[-3000:]
+                   for p in sorted(glob.glob(f"{job_dir}/slurm-{job_id}*")))
+    assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{logs}"
+
+    # accounting agrees with torchx, and the job ran the requested shape
+    sacct = subprocess.run(
+        ["sacct", "--noheader", "--parsable2", "-X", "-j", job_id,
+         "--format=JobName,State,AllocCPUS"],
+        capture_output=True, text=True, check=True).stdout.split()
+    assert sacct == ["train-0|COMPLETED|2"]
+    script = (job_dir / "torchx-sbatch.sh").read_text()  # what sbatch ran
+    assert "--nnodes 1 --nproc_per_node 2" in script
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["steps"] > 0, metrics
