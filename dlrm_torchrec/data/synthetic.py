@@ -192,7 +192,7 @@ class GeneratedSource:
         (sample key, 1000 + j); id p of feature f's bag from (sample key, 3000 + f, p); the
         bag length, when not fixed, 1 + (sample key, 2000 + f) mod k. Features with one id
         per bag (every Criteo-shaped config) are hashed together as one F x n array, which
-        is what makes this fast (`tests/test_synthetic_data.py` holds it to a plain
+        is what makes this fast (`tests/unit/test_synthetic_data.py` holds it to a plain
         per-feature computation of the same definition, bit for bit)."""
         key = self._key(split, epoch, idx)  # n
         d_idx = np.arange(self.num_dense, dtype=np.uint64)

@@ -17,7 +17,7 @@ resharded on load to any world size and plan). The reference's weights map one t
 `embs.weight` and the projection `proj.weight`) is feature k's table, `bot_l.<i>` and
 `top_l.<i>` (nn.Sequential: Linear layers at even i) are the bottom and top MLPs. The
 interaction has no weights and this project's matches the reference's layout, so the
-imported model computes what the reference's did (tests/test_import_reference.py).
+imported model computes what the reference's did (tests/integration/test_import_reference.py).
 
 Not carried over: the optimizer state (training from an imported checkpoint starts a fresh
 optimizer at step 0; the reference's SGD has none) and the reference's data position.

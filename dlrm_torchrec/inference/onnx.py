@@ -47,6 +47,7 @@ ONNX_OPTION_NAMES = {"onnx": "float", "onnx-mlp-int8": "mlp-int8", "onnx-int8": 
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
 # ONNX's protobuf limit is 2 GiB; larger programs keep their weights in an external file
 EXTERNAL_DATA_BYTES = 1 << 30
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"  # node metadata the exporter adds
 # the exporter's progress lines and optimizer notes; "" is the root logger, on which ONNX
 # Runtime's quantizer warns
 LOGGERS = ("onnxscript", "onnx_ir", "torch.onnx",
@@ -201,12 +202,26 @@ def _move_into(tmp: Path, out: Path, name: str) -> None:
         os.replace(f, out / f.name)
 
 
+def _drop_stack_traces(program) -> None:
+    """Remove the exporter's per-node stack traces from `program` (a torch.onnx ONNXProgram,
+    whose `model` is an onnx_ir model)."""
+    model = getattr(program, "model", None)
+    if model is None:
+        return
+    for node in model.graph.all_nodes():
+        node.metadata_props.pop(STACK_TRACE_KEY, None)
+
+
 def write_program(exported: torch.export.ExportedProgram, out: Path, name: str) -> None:
     """The ONNX program of the torch.export program `exported` (of an `onnx_ready` model) as
     out/name (+ out/name.data when its weights exceed EXTERNAL_DATA_BYTES)."""
     with _quiet():
         program = torch.onnx.export(exported, dynamo=True, verbose=False,
                                     optimize=True, report=False)
+    # the exporter records each node's Python stack trace, with this machine's absolute
+    # source paths: a program for other machines carries neither (a third of a small
+    # model's graph file, and longer wherever the repository lies deeper)
+    _drop_stack_traces(program)
     size = sum(p.numel() * p.element_size() for p in exported.state_dict.values())
     with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-onnx-") as tmp:
         program.save(str(Path(tmp) / name), external_data=size > EXTERNAL_DATA_BYTES)

@@ -61,7 +61,7 @@ def qcomm_codecs_registry(cfg: PrecisionConfig, device: torch.device) -> Optiona
 
     TorchRec's `get_qcomm_codecs_registry` replaces bf16 by fp16 on CPU (with a warning that
     gloo lacks bf16). Gloo in the torch versions this project uses does move bf16 tensors
-    through the all-to-all that CPU sharding uses (tests/test_precision.py trains with it),
+    through the all-to-all that CPU sharding uses (tests/integration/test_precision.py trains with it),
     so on CPU the bf16 codecs the user asked for are put back in."""
     from torchrec.distributed.fbgemm_qcomm_codec import get_qcomm_codecs, get_qcomm_codecs_registry
 
@@ -86,7 +86,7 @@ def describe(cfg: PrecisionConfig) -> str:
 def check_precision_supported(cfg: Config, device_type: str) -> None:
     """Reject precision settings this device cannot run, naming the key (ConfigError).
 
-    On CPU every setting runs (tests/test_precision.py): FBGEMM's CPU kernels take fp16
+    On CPU every setting runs (tests/integration/test_precision.py): FBGEMM's CPU kernels take fp16
     tables (fused and dense kernels, SGD and the Adagrads), CPU autocast has bf16, and gloo
     carries the fp16/bf16 all-to-alls; tf32 is a no-op there. On CUDA, bf16 autocast needs a
     GPU with bf16 (Ampere or newer)."""

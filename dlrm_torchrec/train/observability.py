@@ -223,7 +223,7 @@ class RunLogger:
 
 def mllog_hyperparameters(cfg: Config) -> List[Tuple[str, Any]]:
     """The submission and hyperparameter events the MLPerf DLRM-DCNv2 rules require (checked
-    by mlperf_logging's compliance checker, tests/test_observability.py). The reference
+    by mlperf_logging's compliance checker, tests/integration/test_observability.py). The reference
     trains embeddings with row-wise Adagrad and the MLPs with Adagrad; MLPerf calls both
     "adagrad", and its Adagrad keys are logged only for that optimizer."""
     o, ls, lg = cfg.optimizer, cfg.lr_schedule, cfg.logging

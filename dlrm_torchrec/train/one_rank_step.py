@@ -10,7 +10,7 @@ GPU work; direct took 3.2 ms, and the graph 1.84 ms, as long as its GPU work.
   (SplitTableBatchedEmbeddingBagsCodegen: the same weights, and the same fused SGD/Adagrad
   update in its backward) on the batch's ids and offsets. The model's dense modules run
   around it (`DLRM.dense_arch`, `DLRM.top`), then the loss, backward and the optimizers'
-  step, in the pipeline's order. The arithmetic is the pipeline's (`tests/test_one_rank_step.py`
+  step, in the pipeline's order. The arithmetic is the pipeline's (`tests/integration/test_one_rank_step.py`
   compares every step's loss and the final metrics).
 - `cuda_graph`: as direct for the first steps (warm-up, on the capture stream). Then the
   whole step (lookup, MLPs, loss, backward with the table update, dense step) is captured

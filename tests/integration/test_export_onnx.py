@@ -249,3 +249,18 @@ def test_unknown_onnx_kind_is_a_config_error(tmp_path, capsys):
                         "--onnx", "float,int3"]) == 2
     err = capsys.readouterr().err
     assert "error: --onnx 'float,int3': 'int3' unknown; choose from float, mlp-int8, int8" in err
+
+
+def test_the_program_carries_no_source_paths_of_the_exporting_machine(tmp_path):
+    """The exporter records each node's Python stack trace, absolute paths included; the
+    written program drops them, so its graph file does not grow with where the repository
+    lies, and a program handed to others does not name this machine's folders."""
+    import onnx
+
+    _, _, out = _write_onnx_only(tmp_path, [])
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    keys = {p.key for node in graph.graph.node for p in node.metadata_props}
+    assert "pkg.torch.onnx.stack_trace" not in keys
+    assert keys  # the rest of the exporter's metadata stays
+    source_dir = str(Path(export.__file__).resolve().parents[1])
+    assert source_dir.encode() not in (out / "model.onnx").read_bytes()

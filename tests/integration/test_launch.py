@@ -322,8 +322,6 @@ def test_kubernetes_dryrun_renders_volcano_job():
 
 @pytest.mark.slow
 def test_local_cwd_run_of_tiny_config_on_two_cpu_ranks_writes_metrics(tmp_path, monkeypatch):
-    if not (REPO / "dlrm_torchrec" / "train.py").exists():
-        pytest.skip("dlrm_torchrec.train does not exist yet")
     # local_cwd runs `bash -c "torchrun ..."` in the current directory: this interpreter's
     # torchrun must come first on PATH and the repository must be the working directory.
     monkeypatch.chdir(REPO)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from dlrm_torchrec.cli import score as score_cli
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.data.converters import preprocess as pp
 from dlrm_torchrec.data.criteo import CriteoSource
@@ -112,14 +113,14 @@ def test_scores_equal_the_eager_model_on_rows_parsed_by_the_reference(exports, t
 def test_export_carries_the_row_transform_so_the_data_folder_may_move(tmp_path, mode):
     lines, cfg, out = _exported(tmp_path, mode)
     raw = write(tmp_path / "t.txt", [x for x in lines if ref_parse(x) is not None][:50])
-    assert score.main([str(out), str(raw), "-o", str(tmp_path / "before.txt")]) == 0
+    assert score_cli.main([str(out), str(raw), "-o", str(tmp_path / "before.txt")]) == 0
     (tmp_path / "data").rename(tmp_path / "moved")
     args = [str(out), str(raw), "-o", str(tmp_path / "after.txt")]
     if mode == "vocab":  # the vocabulary itself stays in the data folder
         with pytest.raises(score.ScoreError, match="vocab: missing"):
             score.RawRowScorer(str(out))
         args += ["--data-dir", str(tmp_path / "moved")]
-    assert score.main(args) == 0
+    assert score_cli.main(args) == 0
     np.testing.assert_array_equal(read_scores(tmp_path / "before.txt"),
                                   read_scores(tmp_path / "after.txt"))
 
@@ -127,9 +128,9 @@ def test_export_carries_the_row_transform_so_the_data_folder_may_move(tmp_path, 
 def test_quantized_exports_score_within_the_export_tolerance(tmp_path):
     lines, _, out = _exported(tmp_path, "hash", quantize="int8,int4")
     raw = write(tmp_path / "t.txt", lines)
-    assert score.main([str(out), str(raw), "-o", str(tmp_path / "f.txt")]) == 0
-    assert score.main([str(out), str(raw), "-o", str(tmp_path / "q.txt"), "--int8"]) == 0
-    assert score.main([str(out), str(raw), "-o", str(tmp_path / "q4.txt"), "--program",
+    assert score_cli.main([str(out), str(raw), "-o", str(tmp_path / "f.txt")]) == 0
+    assert score_cli.main([str(out), str(raw), "-o", str(tmp_path / "q.txt"), "--int8"]) == 0
+    assert score_cli.main([str(out), str(raw), "-o", str(tmp_path / "q4.txt"), "--program",
                        "int4"]) == 0
     f, q, q4 = (read_scores(tmp_path / n) for n in ("f.txt", "q.txt", "q4.txt"))
     np.testing.assert_array_equal(np.isnan(f), np.isnan(q))
@@ -147,7 +148,7 @@ def test_onnx_exports_score_what_the_program_scores(exports, tmp_path):
         write_program(export.onnx_export_program(model, cfg), out, "model.onnx")
     raw = write(tmp_path / "t.txt", lines)
     for program in ("float", "onnx"):
-        assert score.main([str(out), str(raw), "-o", str(tmp_path / f"{program}.txt"),
+        assert score_cli.main([str(out), str(raw), "-o", str(tmp_path / f"{program}.txt"),
                            "--program", program]) == 0
     f, o = (read_scores(tmp_path / f"{n}.txt") for n in ("float", "onnx"))
     assert np.isnan(f).sum() > 0  # the malformed lines score nan in both
@@ -159,8 +160,8 @@ def test_unlabelled_rows_score_the_same(exported, tmp_path):
     good = [line.rstrip("\r") for line in lines if ref_parse(line) is not None][:100]
     labelled = write(tmp_path / "l.txt", good)
     unlabelled = write(tmp_path / "u.txt", [line.split("\t", 1)[1] for line in good])
-    assert score.main([str(out), str(labelled), "-o", str(tmp_path / "a.txt")]) == 0
-    assert score.main([str(out), str(unlabelled), "-o", str(tmp_path / "b.txt"),
+    assert score_cli.main([str(out), str(labelled), "-o", str(tmp_path / "a.txt")]) == 0
+    assert score_cli.main([str(out), str(unlabelled), "-o", str(tmp_path / "b.txt"),
                        "--no-labels"]) == 0
     np.testing.assert_array_equal(read_scores(tmp_path / "a.txt"),
                                   read_scores(tmp_path / "b.txt"))
@@ -190,7 +191,7 @@ def test_mistakes_are_one_error_line_and_write_nothing(exported, tmp_path, capsy
         ([str(out), str(text), "-o", str(tmp_path / "no" / "o.txt")], "cannot write there"),
     ]
     for args, expect in cases:
-        assert score.main(["-o", str(tmp_path / "o.txt")] + args) == 2, args
+        assert score_cli.main(["-o", str(tmp_path / "o.txt")] + args) == 2, args
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expect in err and "Traceback" not in err, err
         assert not (tmp_path / "o.txt").exists()

@@ -35,8 +35,6 @@ pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not _cluster_ready(),
                        reason="no Slurm cluster answers (launch/slurm/slurm_local.sh start)"),
-    pytest.mark.skipif(not (REPO / "dlrm_torchrec" / "train.py").exists(),
-                       reason="dlrm_torchrec.train does not exist yet"),
 ]
 
 

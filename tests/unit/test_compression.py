@@ -1,4 +1,5 @@
-"""Quotient-remainder and mixed-dimension embeddings (dlrm_torchrec/compression.py): the
+"""Quotient-remainder and mixed-dimension embeddings (dlrm_torchrec/config/embedding_layout.py,
+model/compressed.py, data/qr_split.py): the
 lookups against hand-computed rows, the MD rule against hand-computed dimensions, config
 errors and the memory line. (Sharded training of these tables on 2 gloo ranks against an
 independent plain-PyTorch reference: tests/integration/test_compression_parity.py.)"""
