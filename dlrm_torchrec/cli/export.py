@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from dlrm_torchrec.cli import quiet_libraries
 from dlrm_torchrec.config import ConfigError, load_config, validate
 from dlrm_torchrec.inference.export import (
     QUANTIZED_TABLES,
@@ -46,8 +47,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from dlrm_torchrec.cli import quiet_libraries
-
     args = parse_args(argv)
     quiet_libraries()
     try:

@@ -4,6 +4,7 @@ import argparse
 import sys
 from typing import List, Optional
 
+from dlrm_torchrec.cli import quiet_libraries
 from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.parallel.planning import DoesNotFit, format_report, plan_cluster
 
@@ -30,8 +31,6 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     import logging
-
-    from dlrm_torchrec.cli import quiet_libraries
 
     args = parse_args(argv)
     quiet_libraries()
