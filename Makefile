@@ -30,7 +30,7 @@ train: install
 
 test: install
 	$(PY) -m ruff check dlrm_torchrec launch tests bench
-	$(PY) -m pytest -q -m "not slow" tests
+	$(PY) -m pytest -q -m "not slow" --durations=15 tests  # the slowest last: regressions show
 
 # The GPU machine runs torch 2.11, fbgemm-gpu 1.6.0 and torchrec 1.6.1: the suite on those
 # releases (on CPU), so code keeps to what both release trains have
