@@ -204,7 +204,8 @@ def _move_into(tmp: Path, out: Path, name: str) -> None:
 
 def _drop_stack_traces(program) -> None:
     """Remove the exporter's per-node stack traces from `program` (a torch.onnx ONNXProgram,
-    whose `model` is an onnx_ir model)."""
+    whose `model` is an onnx_ir model). A stand-in program without a model (the tests' full
+    disk) has none to remove."""
     model = getattr(program, "model", None)
     if model is None:
         return

@@ -154,8 +154,7 @@ def plan_cluster(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, ddr
     reserved = call["storage_reservation"].reserve(
         topology=topology, batch_size=inputs.per_rank_batch, module=module,
         sharders=inputs.sharders, constraints=inputs.constraints())
-    per_rank_batch = inputs.per_rank_batch
-    report = _report(call, nodes, gpus_per_node, device, per_rank_batch, cfg.optimizer.sparse,
+    report = _report(call, nodes, gpus_per_node, device, inputs.per_rank_batch, cfg.optimizer.sparse,
                      topology.devices[0].storage, reserved.devices[0].storage)
     if failure is not None:
         raise DoesNotFit(_failure_message(report, failure))

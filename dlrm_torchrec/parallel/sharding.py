@@ -92,7 +92,7 @@ def uses_uvm_caching(plan: ShardingPlan) -> bool:
                for module_plan in plan.plan.values() for ps in module_plan.values())
 
 
-def check_supported(cfg: ShardingConfig, device_type: str, sparse_optimizer: str = "sgd") -> None:
+def check_supported(cfg: ShardingConfig, device_type: str, sparse_kind: str = "sgd") -> None:
     """Reject sharding types and kernels TorchRec's sharder does not offer on this device,
     naming the config key, before the planner fails with a less direct message."""
     sharder = EmbeddingBagCollectionSharder()
@@ -111,7 +111,7 @@ def check_supported(cfg: ShardingConfig, device_type: str, sparse_optimizer: str
         for key, ck in kernels:
             if ck not in ("fused", "dense"):
                 raise ConfigError(f"{key}={ck!r}: UVM kernels need a GPU (use fused or dense on CPU)")
-            if ck == "fused" and sparse_optimizer == "adam":
+            if ck == "fused" and sparse_kind == "adam":
                 raise ConfigError(
                     f"optimizer.sparse='adam' with {key}='fused': FBGEMM's CPU kernels have no "
                     "fused Adam; on CPU use sharding.compute_kernel=dense (Adam as a plain "

@@ -93,10 +93,11 @@ class Trainer:
         # step is marked so graphs of consecutive steps never share live outputs
         self._mark_cudagraph_steps = (cfg.training.compile == "reduce-overhead"
                                       and info.device.type == "cuda")
-        check_precision_supported(cfg, info.device.type)
-        apply_matmul_precision(cfg.precision, info.device)
+        # the sharding section is checked (there) before the precision section
         planner_inputs = prepare_sharding(cfg, module, info.world_size, info.local_world_size,
                                           info.device)
+        check_precision_supported(cfg, info.device.type)
+        apply_matmul_precision(cfg.precision, info.device)
         self.model, self.plan = shard_model(module, planner_inputs, info.device,
                                             seed=cfg.training.seed)
         self.dense_optimizer = dense_optimizer(cfg.optimizer, self.model.named_parameters(),
@@ -137,7 +138,6 @@ class Trainer:
         self.ckpt_dir = Path(cfg.checkpoint.dir or self.run_dir / "checkpoints")
         # when to save (periodic, best, at the end, on a signal); `_save` writes
         self.checkpointer = checkpoint.Checkpointer(cfg.checkpoint, self._save)
-        self._evaluated_at = -1  # the step of the last evaluation
         self.signature = checkpoint.model_signature(cfg, module.model.tables)
         self.last_checkpoint: Optional[Path] = None
         self._last_logged_step, self._last_log_time = 0, time.perf_counter()
@@ -234,7 +234,6 @@ class Trainer:
 
     def _evaluate_and_check(self, epoch: int) -> bool:
         """Evaluate this step (interruptibly); True when an early-stop target is reached."""
-        self._evaluated_at = self.step
         with self._paused_clock():
             return self._evaluate_and_check_now(epoch)
 
@@ -373,7 +372,6 @@ class Trainer:
             self.source.num_samples("train"), self.source.num_samples(t.eval_split))
         self._seen_at_start = int(self._all_reduce_sum(self.samples_seen))
         self._timed_from_step, self._last_log_time = self.step, time.perf_counter()
-        self._evaluated_at = self.evals[-1]["step"] if self.evals else -1
 
     def _interval_length(self, steps_per_epoch: int) -> int:
         """Steps to the next point where training pauses: an evaluation, a periodic
@@ -410,7 +408,9 @@ class Trainer:
     def _final_evaluation(self, epoch: int) -> bool:
         """When training ends at a step not yet evaluated (max_steps mid-interval), evaluate
         it (unless the ranks are stopping on a signal). True when it reaches a target."""
-        if self.stop_request.stopped or self._evaluated_at == self.step:
+        # an evaluation interrupted by the signal left no record, but then the ranks stop
+        evaluated_at = self.evals[-1]["step"] if self.evals else -1
+        if self.stop_request.stopped or evaluated_at == self.step:
             return False
         stop_early = self._evaluate_and_check(min(epoch, self.cfg.training.epochs - 1))
         if not self.stop_request.stopped:
