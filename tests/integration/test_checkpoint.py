@@ -13,7 +13,7 @@ import pytest
 
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.train import checkpoint
-from tests.helpers.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_cli, run_ranks
 
 BASE = [
     "data.train_samples=6144", "data.eval_samples=2048", "data.batch_size=256",
@@ -86,9 +86,8 @@ def test_half_written_checkpoints_are_never_picked(uninterrupted, tmp_path):
 
 
 def _entry(args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dlrm_torchrec.train", "--config",
-                           "configs/tiny_cpu.yaml", *args], capture_output=True, text=True,
-                          timeout=timeout)
+    return run_cli(["-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml", *args],
+                   timeout=timeout)
 
 
 def test_checkpoint_of_a_different_model_is_refused_naming_the_difference(uninterrupted, tmp_path):

@@ -4,15 +4,13 @@ half of day 6 is evaluated."""
 
 import json
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 from dlrm_torchrec.config import load_config
 from tests.helpers.criteo_rows import good_row
-from tests.helpers.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_cli, run_ranks
 from tests.helpers.torchrec_preprocessing import torchrec_folder
 
 
@@ -27,10 +25,10 @@ def test_preprocessed_kaggle_file_trains_on_two_ranks(tmp_path):
     raw = tmp_path / "train.txt"
     raw.write_text("".join(good_row(rng) + "\n" for _ in range(7000)))
     out = tmp_path / "kaggle"
-    proc = subprocess.run(
-        [sys.executable, "-m", "dlrm_torchrec.data.preprocess", "--dataset", "kaggle",
+    proc = run_cli(
+        ["-m", "dlrm_torchrec.data.preprocess", "--dataset", "kaggle",
          str(raw), "-o", str(out), "--max-ind-range", "1000", "--workers", "1", "--no-progress"],
-        capture_output=True, text=True, timeout=300)
+        timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_dir = tmp_path / "run"
     run_ranks(2, _train, [
@@ -69,8 +67,8 @@ def test_data_adopted_from_torchrecs_preprocessing_trains_on_two_ranks(tmp_path,
                      **{str(f): rng.integers(0, 5000, (n, k)).astype(np.int32)
                         for f, k in enumerate(multi_hot)})
     out = tmp_path / "adopted"
-    proc = subprocess.run([sys.executable, "-m", "dlrm_torchrec.data.from_torchrec", str(npy),
-                           "-o", str(out)], capture_output=True, text=True, timeout=120)
+    proc = run_cli(["-m", "dlrm_torchrec.data.from_torchrec", str(npy), "-o", str(out)],
+                   timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     run_dir = tmp_path / "run"
     run_ranks(2, _train, [

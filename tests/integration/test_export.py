@@ -3,8 +3,6 @@ torch.export program that predict what the sharded model predicts; int8 tables s
 a stated tolerance; QR and MD models export; bad input gives `error: ...`."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ from dlrm_torchrec.inference import export
 from dlrm_torchrec.train import checkpoint
 from tests.helpers.batches import first_val_batch
 from tests.helpers.checkpoints import fake_checkpoint
-from tests.helpers.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_cli, run_ranks
 from tests.helpers.tolerances import INT8_MAX_AUC_LOSS, INT8_MAX_PROB_DIFF
 
 BASE = [
@@ -188,8 +186,7 @@ def test_qr_and_md_models_export_with_raw_feature_ids(tmp_path, compression):
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "dlrm_torchrec.export", *args],
-                          capture_output=True, text=True, timeout=300)
+    return run_cli(["-m", "dlrm_torchrec.export", *args], timeout=300)
 
 
 def test_missing_checkpoint_is_an_error_without_traceback(tmp_path):

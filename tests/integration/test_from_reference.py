@@ -10,8 +10,6 @@ log(float32(x) + 1), ids as int64, the last day halved with its first ceil(n / 2
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from dlrm_torchrec.cli import from_reference as from_reference_cli
 from dlrm_torchrec.config import DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.converters import from_reference as fr
 from dlrm_torchrec.data.criteo import CriteoSource
+from tests.helpers.dist_utils import run_cli
 from tests.helpers.reference_preprocessing import reference_days, write_bins
 
 
@@ -235,17 +234,17 @@ def test_bin_data_trains_end_to_end(tmp_path):
     write_bins(src, "terabyte_processed", days)
     write_counts(src, "day", days, counts)
     out, run_dir = tmp_path / "out", tmp_path / "run"
-    adopt = subprocess.run([sys.executable, "-m", "dlrm_torchrec.data.from_reference", str(src),
-                            "-o", str(out)], capture_output=True, text=True, timeout=120)
+    adopt = run_cli(["-m", "dlrm_torchrec.data.from_reference", str(src), "-o", str(out)],
+                    timeout=120)
     assert adopt.returncode == 0, adopt.stderr[-2000:]
     sizes = ",".join(str(c) for c in counts)
-    train = subprocess.run(
-        [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/criteo_terabyte.yaml",
+    train = run_cli(
+        ["-m", "dlrm_torchrec.train", "--config", "configs/criteo_terabyte.yaml",
          f"data.path={out}", f"embeddings.num_embeddings_per_feature=[{sizes}]",
          "embeddings.dim=8", "model.bottom_mlp=[16,8]", "model.top_mlp=[16,1]",
          "data.batch_size=64", "data.eval_batch_size=128", "training.eval_every_n_steps=0",
          f"logging.run_dir={run_dir}", "logging.progress_bar=false", "checkpoint.at_end=false"],
-        capture_output=True, text=True, timeout=300)
+        timeout=300)
     assert train.returncode == 0, train.stderr[-3000:]
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["train_samples_seen"] == 560 and m["final"]["split"] == "test"

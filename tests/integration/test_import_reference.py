@@ -26,6 +26,7 @@ from dlrm_torchrec.config.embedding_layout import embedding_layout
 from dlrm_torchrec.data import build_data_source
 from dlrm_torchrec.inference import export
 from dlrm_torchrec.inference import import_reference as ir
+from tests.helpers.dist_utils import run_cli
 from tests.helpers.reference_dlrm import ReferenceDLRM, unpack_kjt
 
 CONFIG = "configs/tiny_cpu.yaml"
@@ -119,10 +120,8 @@ def test_two_ranks_evaluate_and_train_on_from_an_imported_model(tmp_path):
     cfg = load_config(CONFIG, overrides)
     state, tables, bottom, top = reference_model(cfg, seed=1, gain=1.0)
     save_like_the_reference(tmp_path / "model.pt", state)
-    imp = subprocess.run([sys.executable, "-m", "dlrm_torchrec.import_reference",
-                          str(tmp_path / "model.pt"), "--config", CONFIG, "-o",
-                          str(tmp_path / "ckpts"), *overrides],
-                         capture_output=True, text=True, timeout=120)
+    imp = run_cli(["-m", "dlrm_torchrec.import_reference", str(tmp_path / "model.pt"),
+                   "--config", CONFIG, "-o", str(tmp_path / "ckpts"), *overrides], timeout=120)
     assert imp.returncode == 0, imp.stderr[-2000:]
     assert "epoch 1, iteration 37" in imp.stderr
     ckpt = tmp_path / "ckpts" / "step_00000000"

@@ -17,7 +17,7 @@ from dlrm_torchrec.train.one_rank_step import (
     resolve_step_kind,
     single_fused_kernel,
 )
-from tests.helpers.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_cli, run_ranks
 from tests.helpers.graph_on_cpu import CaptureFails, GraphOnCpu, install_graph_on_cpu
 from tests.helpers.train_worker import train_worker
 
@@ -162,13 +162,9 @@ def test_a_plan_with_several_kernel_groups_is_refused_with_what_it_made():
 
 def test_cuda_graph_step_on_cpu_stops_before_training_with_one_error_line(tmp_path):
     """From the entry point: one `error:` line naming the key, exit status 2."""
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
-         *TINY, "training.step=cuda_graph", f"logging.run_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=120)
+    proc = run_cli(
+        ["-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
+         *TINY, "training.step=cuda_graph", f"logging.run_dir={tmp_path}"], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "training.step=cuda_graph needs a CUDA device" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -3,8 +3,6 @@
 single process."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,7 +10,7 @@ from torchmetrics.functional.classification import binary_auroc
 
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.data import build_data_source
-from tests.helpers.dist_utils import run_ranks
+from tests.helpers.dist_utils import run_cli, run_ranks
 from tests.helpers.train_worker import train_worker
 
 SMALL = [
@@ -91,10 +89,10 @@ def test_a_finished_run_lets_go_of_its_sharded_model_before_the_process_exits(tm
 
 
 def test_plain_single_process_entry_point(tmp_path):
-    proc = subprocess.run(
-        [sys.executable, "-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
+    proc = run_cli(
+        ["-m", "dlrm_torchrec.train", "--config", "configs/tiny_cpu.yaml",
          "data.train_samples=2048", "data.eval_samples=1024", f"logging.run_dir={tmp_path}"],
-        capture_output=True, text=True, timeout=300)
+        timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "sharding plan (1 ranks, cpu)" in proc.stdout
     m = _metrics(tmp_path)
