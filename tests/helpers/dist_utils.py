@@ -84,8 +84,7 @@ def _rank_entry(rank: int, world_size: int, port: int, fn: Callable, args: Any,
     try:
         fn(rank, world_size, *args)
     finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
+        _flush()
 
 
 def _replay(logs: Path) -> None:
@@ -131,9 +130,16 @@ def _cli_entry(module: str, argv: List[str], env: Dict[str, str], cwd: str, out:
         code = 1
     # what an interpreter's exit runs (multiprocessing's children skip it)
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    _flush()
     os._exit(code)
+
+
+def _flush() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed by the program, as an interpreter allows
+            pass
 
 
 def run_cli(args: Sequence[str], cwd: Optional[str] = None,
