@@ -50,7 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                           "interrupted; rerun the same command to resume")
     if rc:
         return rc
-    print_report(report)
+    print_report(report, out=sys.stderr)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     print(f"{report.rows} rows written in {time.time() - t0:.1f} s; peak memory {rss:.0f} MB "
