@@ -85,6 +85,8 @@ class ParsedChunk:
     bad: BadRows
     bad_in_head: int  # rejected rows among the first HEAD_LINES lines of the chunk
     head_lines: int
+    dense_raw: Optional[np.ndarray] = None  # (n, 13) int64 as written, negatives kept
+    # (parse_chunk(..., raw_dense=True) only: TorchRec's transform needs them)
 
 
 HEAD_LINES = 1000
@@ -150,16 +152,17 @@ def log_dense(values: np.ndarray) -> np.ndarray:
     return np.log1p(np.asarray(values, dtype=np.float64)).astype(np.float32)
 
 
-def parse_chunk(data: bytes, first_line: int) -> ParsedChunk:
+def parse_chunk(data: bytes, first_line: int, raw_dense: bool = False) -> ParsedChunk:
     """Parse `data` (whole lines, each ending in a newline) whose first line is line
-    `first_line` of its file. Malformed rows are dropped and recorded in `bad`."""
+    `first_line` of its file. Malformed rows are dropped and recorded in `bad`. With
+    `raw_dense`, `dense_raw` also holds the dense values as written (missing ones 0)."""
     parts = []
     pos, line = 0, first_line
     while pos < len(data):
         cut = data.rfind(b"\n", pos, pos + BLOCK_BYTES) + 1
         if cut <= pos:  # a line longer than a block
             cut = data.index(b"\n", pos) + 1
-        part = _parse_block(data[pos:cut], line)
+        part = _parse_block(data[pos:cut], line, raw_dense)
         parts.append(part)
         pos, line = cut, line + part.num_lines
     if len(parts) == 1:
@@ -176,10 +179,11 @@ def parse_chunk(data: bytes, first_line: int) -> ParsedChunk:
         bad=bad,
         bad_in_head=parts[0].bad_in_head,
         head_lines=parts[0].head_lines,
+        dense_raw=np.concatenate([p.dense_raw for p in parts]) if raw_dense else None,
     )
 
 
-def _parse_block(data: bytes, first_line: int) -> ParsedChunk:
+def _parse_block(data: bytes, first_line: int, raw_dense: bool = False) -> ParsedChunk:
     buf = np.frombuffer(data, dtype=np.uint8)
     is_nl = buf == 10
     nl = np.flatnonzero(is_nl)
@@ -247,6 +251,10 @@ def _parse_block(data: bytes, first_line: int) -> ParsedChunk:
     neg = (de > ds) & (buf[np.minimum(ds, len(buf) - 1)] == 45)
     dval, dok = _parse_numbers(win, ds + neg, de, _DEC, 10, MAX_DENSE_DIGITS)
     dok &= ~neg | (de - ds > 1)
+    signed = None
+    if raw_dense:
+        signed = dval.astype(np.int64)  # at most 16 digits: below 2^63
+        signed[neg] *= -1
     dval[neg] = 0
     dval, dok = dval.reshape(g, NUM_DENSE), dok.reshape(g, NUM_DENSE)
     ds, de = ds.reshape(g, NUM_DENSE), de.reshape(g, NUM_DENSE)
@@ -295,6 +303,7 @@ def _parse_block(data: bytes, first_line: int) -> ParsedChunk:
         bad=bad,
         bad_in_head=int(reject[:head].sum()),
         head_lines=head,
+        dense_raw=signed.reshape(g, NUM_DENSE)[keep] if raw_dense else None,
     )
 
 

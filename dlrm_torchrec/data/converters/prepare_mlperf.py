@@ -1,0 +1,665 @@
+"""The 24 raw Criteo 1TB days -> MLPerf DLRM-DCNv2's training files, in bounded memory.
+
+    python -m dlrm_torchrec.data.prepare_mlperf day_0.gz ... day_23.gz -o OUT --workers N \\
+        --memory-gb M
+
+writes exactly (byte for byte) what TorchRec's three scripts write one after the other:
+`npy_preproc_criteo.py`, `contiguous_preproc_criteo.py --frequency_threshold 0` (its
+`day_{d}_sparse_contig_freq.npy` renamed to `day_{d}_sparse.npy`, as the MLPerf
+instructions do) and `shuffle_preproc_criteo.py --random_seed 0`, then OUT/meta.json
+(`data.converters.from_torchrec.adopt`), so `data.source=criteo_terabyte` trains on OUT.
+
+What those scripts do, and so what this reproduces (TorchRec 1.8.0,
+`torchrec/datasets/criteo.py`):
+- dense (`tsv_to_npys`): missing values are 0; the values of a day file go into an int32
+  array, from which its smallest value m (over all 13 columns) minus 2 is subtracted in
+  int32; then np.log(..., dtype=np.float32): log(x - m + 2) computed in float32.
+- ids (`tsv_to_npys`, then `sparse_to_contiguous` with threshold 0): a missing id is 0, the
+  same value as the id "00000000"; each feature's values are numbered 2, 3, ... in order of
+  first occurrence over day_0 .. day_23 read in that order, row by row (1 would be the
+  shared id of rare values, which threshold 0 does not make). They are int64.
+- shuffle (`shuffle`): days 0-22 (4.2B rows: day 23 is not counted) are concatenated into
+  one float32 array of 40 columns (13 dense, 26 ids, the label) and shuffled by
+  np.random.seed(0); np.random.shuffle(array): the legacy MT19937 Fisher-Yates over rows.
+  The ids pass through float32, so ids above 2**24 come back rounded to a multiple of a
+  power of two, as int32. The shuffled rows are cut back into days of the original sizes.
+- day 23 is copied unshuffled: its ids stay int64 (days 0-22: int32).
+
+How: five stages, each task's output published atomically (a folder or file renamed when
+complete, or a marker written after the data is synced), so a killed run restarted with
+the same command redoes only unfinished tasks and writes the same bytes. Work files lie in
+OUT/.prepare and are removed at the end (`--keep-work` keeps them).
+1. parse (one task per day): raw text -> raw int32 dense, uint32 ids, int32 labels, the
+   day's smallest dense value, and per feature the day's distinct ids in first-occurrence
+   order (`FirstOccurrences`).
+2. vocab (one task per feature) and permute (one task): the global first-occurrence order
+   of each feature from the days' lists; TorchRec's permutation of days 0-22 and its
+   inverse (uint32, 4 bytes a row, in memory while it is drawn).
+3. scatter (one task per day): transform each row and append it with its destination to
+   the bucket file of its destination range (buckets are cut so one fits the memory share
+   of a worker, and never span two output days).
+4. place (one task per bucket): read the bucket's rows from every day, put each at its
+   destination, write them into the output day files at their offset.
+5. meta: `from_torchrec.adopt` scans the output and writes meta.json.
+
+Memory: each task holds at most its share of --memory-gb (chunks, one bucket), plus the
+id maps (memory-mapped, shared) and, in the permute task, 8 bytes per training row.
+
+Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command SIGKILLs
+its own process group once N tasks of STAGE are done, to test resumption.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import zlib
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import numpy as np
+
+from dlrm_torchrec.data import criteo_text as ct
+from dlrm_torchrec.data.converters.from_torchrec import AdoptError, adopt
+from dlrm_torchrec.data.converters.preprocess import (
+    HEADER_BYTES,
+    NpyWriter,
+    Report,
+    npy_header,
+    write_json,
+)
+
+DAYS = 24
+TRAIN_DAYS = DAYS - 1
+NUM_DENSE, NUM_SPARSE = ct.NUM_DENSE, ct.NUM_SPARSE
+FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
+CHUNK_BYTES = 8 << 20  # text per parsed chunk
+BLOCK_ROWS = 1 << 22  # rows per first-occurrence update
+DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
+# a row on its way to its bucket: its offset in the bucket, then the final values
+RECORD = np.dtype([("dest", "<u4"), ("dense", "<f4", (NUM_DENSE,)),
+                   ("sparse", "<i4", (NUM_SPARSE,)), ("label", "<i4")])
+# bytes per row that a place task holds: the bucket's records twice (read, placed) and
+# the output columns
+PLACE_BYTES_PER_ROW = 2 * RECORD.itemsize + 4 * (NUM_DENSE + NUM_SPARSE + 1)
+# disk per row at the peak: raw rows, first occurrences (at most), bucket records, output
+DISK_BYTES_PER_ROW = 160 + 4 * NUM_SPARSE + RECORD.itemsize + 160 + 8
+PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
+OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
+
+
+class PrepareError(Exception):
+    """A user-facing problem: printed as `error: ...` with exit status 2, no traceback."""
+
+
+@dataclass
+class Settings:
+    inputs: List[str]
+    output: str
+    workers: int = 1
+    memory_gb: float = 8.0
+    exact_ids: bool = False
+    drop_malformed: bool = False
+    seed: int = 0
+    keep_work: bool = False
+    log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
+
+    def identity(self) -> dict:
+        """What the output bytes depend on: a rerun must match it to resume."""
+        return {"inputs": [[os.path.basename(p), os.path.getsize(p)] for p in self.inputs],
+                "exact_ids": self.exact_ids, "drop_malformed": self.drop_malformed,
+                "seed": self.seed}
+
+    @property
+    def work(self) -> str:
+        return os.path.join(self.output, ".prepare")
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def day_number(path: str) -> Optional[int]:
+    m = re.fullmatch(r"day_(\d+)(\.gz|\.txt)?", os.path.basename(path))
+    return int(m.group(1)) if m else None
+
+
+def estimate_rows(path: str, sample: int = 4 << 20) -> int:
+    """Rows of a day file estimated from its first `sample` bytes (decompressed if gzip)."""
+    with open(path, "rb") as f:
+        head = f.read(sample)
+    text = head
+    if head[:2] == b"\x1f\x8b":
+        try:
+            text = zlib.decompressobj(wbits=31).decompress(head)
+        except zlib.error:
+            text = head  # reported when the file is parsed
+    lines = max(text.count(b"\n"), 1)
+    return int(os.path.getsize(path) * len(text) / max(len(head), 1) * lines / max(len(text), 1)) + 1
+
+
+def _folder_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.path.getsize(os.path.join(root, name))
+            except OSError:
+                pass
+    return total
+
+
+def check_inputs(s: Settings) -> None:
+    """Every check that needs no parsing, so mistakes stop before any work."""
+    if s.workers < 1:
+        raise PrepareError(f"--workers {s.workers}: must be at least 1")
+    if not s.memory_gb > 0:
+        raise PrepareError(f"--memory-gb {s.memory_gb}: must be > 0")
+    missing = [p for p in s.inputs if not os.path.isfile(p)]
+    if missing:
+        raise PrepareError("input file(s) not found: " + ", ".join(missing))
+    for p in s.inputs:
+        if day_number(p) is None:
+            raise PrepareError(f"{p}: not a Criteo 1TB day file (expected the name day_N, "
+                               "day_N.gz or day_N.txt)")
+    nums = [day_number(p) for p in s.inputs]
+    absent = sorted(set(range(DAYS)) - set(nums))
+    if absent:
+        raise PrepareError("missing day(s) " + ", ".join(f"day_{d}" for d in absent)
+                           + f": MLPerf's data needs all {DAYS} days, day_0 .. day_23")
+    if len(nums) != DAYS:
+        extra = sorted(n for n in set(nums) if nums.count(n) > 1 or n >= DAYS)
+        raise PrepareError("expected the 24 days day_0 .. day_23 once each; also given: "
+                           + ", ".join(f"day_{d}" for d in extra))
+    for i, n in enumerate(nums):
+        if n != i:
+            raise PrepareError(f"{s.inputs[i]}: given as day {i}; give the days in order "
+                               "day_0 .. day_23")
+    empty = [p for p in s.inputs if os.path.getsize(p) == 0]
+    if empty:
+        raise PrepareError("input file(s) empty: " + ", ".join(empty))
+    if os.path.exists(s.output) and not os.path.isdir(s.output):
+        raise PrepareError(f"output {s.output} exists and is not a folder")
+    settings_path = os.path.join(s.work, "settings.json")
+    if os.path.exists(settings_path):
+        with open(settings_path) as f:
+            old = json.load(f)
+        if old != s.identity():
+            diff = [k for k, v in s.identity().items() if old.get(k) != v]
+            raise PrepareError(f"{s.output} holds a preparation with other settings ("
+                               + ", ".join(diff) + "); rerun it with the same inputs and "
+                               "options, or choose another output folder")
+    elif os.path.exists(os.path.join(s.output, "meta.json")):
+        raise PrepareError(f"{s.output} already holds data (meta.json); choose another "
+                           "output folder")
+
+
+def check_disk(s: Settings) -> None:
+    """Enough free space for the estimated peak, less what earlier runs already wrote."""
+    need = sum(estimate_rows(p) for p in s.inputs) * DISK_BYTES_PER_ROW
+    if os.path.isdir(s.output):
+        need -= _folder_bytes(s.output)
+    folder = s.output
+    while not os.path.isdir(folder):
+        folder = os.path.dirname(os.path.abspath(folder))
+    free = shutil.disk_usage(folder).free
+    if need > free:
+        raise PrepareError(f"{folder}: {free / 1e9:.1f} GB free, but the preparation needs "
+                           f"about {need / 1e9:.1f} GB more (about {DISK_BYTES_PER_ROW} bytes "
+                           "per row at its peak, rows estimated from the input sizes)")
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def torchrec_dense(raw: np.ndarray, day_min: int) -> np.ndarray:
+    """(n, 13) raw dense ints -> float32 as `tsv_to_npys`: log(x - m + 2) with the int32
+    arithmetic and the float32 log it uses (m: the smallest raw value of the day)."""
+    shifted = np.asarray(raw).astype(np.int32)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
+        shifted -= np.int32(day_min) - np.int32(2)
+        return np.log(shifted, dtype=np.float32)
+
+
+def through_float32(ids: np.ndarray) -> np.ndarray:
+    """Ids as `shuffle` returns them: cast to float32 (ids above 2**24 rounded to the
+    nearest float32), then to int32."""
+    return ids.astype(np.float32).astype(np.int32)
+
+
+class FirstOccurrences:
+    """One feature's distinct values in order of first occurrence, fed block by block."""
+
+    def __init__(self):
+        self.sorted = np.zeros(0, np.uint32)
+        self.order: List[np.ndarray] = []
+
+    def add(self, values: np.ndarray) -> None:
+        u, first = np.unique(values, return_index=True)
+        if len(self.sorted):
+            pos = np.minimum(np.searchsorted(self.sorted, u), len(self.sorted) - 1)
+            new = self.sorted[pos] != u
+            u, first = u[new], first[new]
+        self.order.append(u[np.argsort(first, kind="stable")])
+        # two sorted runs: the stable sort merges them in linear time
+        self.sorted = np.sort(np.concatenate([self.sorted, u]), kind="stable")
+
+    def values(self) -> np.ndarray:
+        return np.concatenate(self.order) if self.order else np.zeros(0, np.uint32)
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def _fresh(path: str) -> str:
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    return tmp
+
+
+def _first_bad(bad: ct.BadRows) -> Optional[Tuple[int, str, str]]:
+    best = None
+    for reason, ex in bad.examples.items():
+        if reason == ct.CRLF:
+            continue  # repaired: TorchRec's text reader takes CRLF lines as they are
+        for line, detail in ex:
+            if best is None or line < best[0]:
+                best = (line, reason, detail)
+    return best
+
+
+def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
+    """Stage 1 for one day: the raw rows and the day's first occurrences into folder `dst`."""
+    tmp = _fresh(dst)
+    writers = [NpyWriter(os.path.join(tmp, "dense.npy"), np.int32, NUM_DENSE),
+               NpyWriter(os.path.join(tmp, "sparse.npy"), np.uint32, NUM_SPARSE),
+               NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1)]
+    firsts = [FirstOccurrences() for _ in range(NUM_SPARSE)]
+    pending: List[np.ndarray] = []
+    pending_rows, day_min, lines = 0, None, 0
+    bad = ct.BadRows()
+
+    def stop_if_bad(found: ct.BadRows) -> None:
+        first = _first_bad(found)
+        if first and not drop_malformed:
+            line, reason, detail = first
+            raise PrepareError(f"{path}:{line}: {reason}{': ' + detail if detail else ''} "
+                               "(--drop-malformed drops such rows)")
+
+    def flush() -> None:
+        block = np.concatenate(pending)
+        for f in range(NUM_SPARSE):
+            firsts[f].add(block[:, f])
+        pending.clear()
+
+    ends: List[ct.StreamEnd] = []
+    try:
+        for chunk in ct.read_chunks(path, CHUNK_BYTES, ends):
+            p = ct.parse_chunk(chunk.data, chunk.first_line, raw_dense=True)
+            lines += p.num_lines
+            dense, sparse, labels = p.dense_raw, p.sparse, p.labels
+            outside = ((dense < -2 ** 31) | (dense >= 2 ** 31)).any(axis=1)
+            if outside.any():
+                for r in np.flatnonzero(outside):
+                    c = int(np.flatnonzero((dense[r] < -2 ** 31) | (dense[r] >= 2 ** 31))[0])
+                    p.bad.add(DENSE_RANGE, int(p.lines[r]), f"column I{c + 1} = {dense[r, c]}")
+                keep = ~outside
+                dense, sparse, labels = dense[keep], sparse[keep], labels[keep]
+            stop_if_bad(p.bad)
+            bad.merge(p.bad)
+            if not len(labels):
+                continue
+            low = int(dense.min())
+            day_min = low if day_min is None else min(day_min, low)
+            for w, a in zip(writers, (dense, sparse, labels)):
+                w.write(a)
+            pending.append(sparse)
+            pending_rows += len(sparse)
+            if pending_rows >= BLOCK_ROWS:
+                flush()
+                pending_rows = 0
+    except ValueError as e:  # an endless line
+        raise PrepareError(f"{path}: {e}: not Criteo text") from None
+    end = ends[0] if ends else ct.StreamEnd(1)
+    tail = ct.BadRows()
+    if end.partial:
+        tail.add(ct.TRUNCATED_LINE, end.next_line, f"{len(end.partial)} bytes after the last "
+                 "newline")
+        lines += 1
+    if end.error is not None:
+        tail.add(end.error.reason, end.next_line + bool(end.partial), end.error.detail)
+    stop_if_bad(tail)
+    bad.merge(tail)
+    if pending:
+        flush()
+    if day_min is None:
+        raise PrepareError(f"{path}: no valid rows")
+    for w in writers:
+        w.finish()
+    values = [fo.values() for fo in firsts]
+    np.save(os.path.join(tmp, "first.npy"), np.concatenate(values))
+    np.save(os.path.join(tmp, "first_offsets.npy"),
+            np.cumsum([0] + [len(v) for v in values]).astype(np.int64))
+    stats = {"day": day, "rows": writers[0].rows, "lines": lines, "dense_min": day_min,
+             "bad_counts": bad.counts, "bad_examples": bad.examples}
+    write_json(os.path.join(tmp, "stats.json"), stats)
+    os.replace(tmp, dst)
+    return stats
+
+
+def _day_firsts(parse_dir: str, day: int, f: int) -> np.ndarray:
+    d = os.path.join(parse_dir, f"day_{day}")
+    offsets = np.load(os.path.join(d, "first_offsets.npy"))
+    values = np.load(os.path.join(d, "first.npy"), mmap_mode="r")
+    return np.asarray(values[offsets[f]:offsets[f + 1]])
+
+
+def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
+    """Stage 2 for one feature: keys (sorted raw values) and their contiguous ids."""
+    fo = FirstOccurrences()
+    for day in range(DAYS):
+        fo.add(_day_firsts(parse_dir, day, f))
+    order = fo.values()
+    ids = (np.argsort(order, kind="stable") + FIRST_ID).astype(np.uint32)
+    for name, arr in ((f"keys_{f}.npy", fo.sorted), (f"ids_{f}.npy", ids)):
+        with open(os.path.join(vocab_dir, name + ".tmp"), "wb") as fh:
+            np.save(fh, arr)
+        os.replace(os.path.join(vocab_dir, name + ".tmp"), os.path.join(vocab_dir, name))
+    return len(order)
+
+
+def permute(n: int, seed: int, path: str) -> None:
+    """Stage 2: TorchRec's permutation of the n training rows (shuffled row k is row
+    perm[k]) and its inverse, saved at `path` (inverse[s]: where row s goes). Shuffling
+    indices makes the same swaps as shuffling the rows: the legacy shuffle draws
+    random_interval(i) for i = n-1 .. 1 whatever the array holds."""
+    if n > 2 ** 32:
+        raise PrepareError(f"{n} training rows: more than this tool's uint32 permutation holds")
+    perm = np.arange(n, dtype=np.uint32)
+    np.random.RandomState(seed).shuffle(perm)
+    inverse = np.empty(n, dtype=np.uint32)
+    step = 1 << 24
+    for lo in range(0, n, step):
+        inverse[perm[lo:lo + step]] = np.arange(lo, min(n, lo + step), dtype=np.uint32)
+    del perm
+    with open(path + ".tmp", "wb") as fh:
+        np.save(fh, inverse)
+    os.replace(path + ".tmp", path)
+
+
+def _load_vocab(vocab_dir: str) -> List[Tuple[np.ndarray, np.ndarray]]:
+    return [(np.load(os.path.join(vocab_dir, f"keys_{f}.npy"), mmap_mode="r"),
+             np.load(os.path.join(vocab_dir, f"ids_{f}.npy"), mmap_mode="r"))
+            for f in range(NUM_SPARSE)]
+
+
+def contiguous_ids(raw: np.ndarray, vocab) -> np.ndarray:
+    """(n, 26) raw uint32 values -> (n, 26) int64 contiguous ids."""
+    out = np.empty(raw.shape, dtype=np.int64)
+    for f, (keys, ids) in enumerate(vocab):
+        out[:, f] = ids[np.searchsorted(keys, raw[:, f])]
+    return out
+
+
+def _raw(parse_dir: str, day: int):
+    d = os.path.join(parse_dir, f"day_{day}")
+    with open(os.path.join(d, "stats.json")) as f:
+        stats = json.load(f)
+    return stats, [np.load(os.path.join(d, f"{p}.npy"), mmap_mode="r")
+                   for p in ("dense", "sparse", "labels")]
+
+
+def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
+    """Stage 3 for day 23: copied unshuffled, with its int64 contiguous ids."""
+    stats, (dense, sparse, labels) = _raw(os.path.join(work, "parse"), TRAIN_DAYS)
+    vocab = _load_vocab(os.path.join(work, "vocab"))
+    final = {p: os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy") for p, _ in PARTS}
+    writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE),
+               "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE),
+               "labels": NpyWriter(final["labels"], np.int32, 1)}
+    for lo in range(0, stats["rows"], chunk_rows):
+        hi = min(stats["rows"], lo + chunk_rows)
+        writers["dense"].write(torchrec_dense(dense[lo:hi], stats["dense_min"]))
+        writers["sparse"].write(contiguous_ids(np.asarray(sparse[lo:hi]), vocab))
+        writers["labels"].write(np.asarray(labels[lo:hi]))
+    for w in writers.values():
+        w.finish()
+
+
+def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exact: bool,
+                chunk_rows: int, buffer_bytes: int) -> None:
+    """Stage 3 for a training day: each row, transformed, appended with its offset in its
+    bucket to `scatter/day_{day}/bucket_{b}.bin`."""
+    stats, (dense, sparse, labels) = _raw(os.path.join(work, "parse"), day)
+    vocab = _load_vocab(os.path.join(work, "vocab"))
+    inverse = np.load(os.path.join(work, "inverse.npy"), mmap_mode="r")
+    dst = os.path.join(work, "scatter", f"day_{day}")
+    tmp = _fresh(dst)
+    pending: Dict[int, List[bytes]] = {}
+    pending_bytes = 0
+
+    def flush() -> None:
+        for b, parts in pending.items():
+            with open(os.path.join(tmp, f"bucket_{b}.bin"), "ab") as fh:
+                fh.write(b"".join(parts))
+        pending.clear()
+
+    for lo in range(0, stats["rows"], chunk_rows):
+        hi = min(stats["rows"], lo + chunk_rows)
+        dest = np.asarray(inverse[offset + lo:offset + hi]).astype(np.int64)
+        bucket = np.searchsorted(bucket_starts, dest, side="right") - 1
+        rec = np.empty(hi - lo, RECORD)
+        rec["dest"] = dest - bucket_starts[bucket]
+        rec["dense"] = torchrec_dense(dense[lo:hi], stats["dense_min"])
+        ids = contiguous_ids(np.asarray(sparse[lo:hi]), vocab)
+        rec["sparse"] = ids.astype(np.int32) if exact else through_float32(ids)
+        rec["label"] = np.asarray(labels[lo:hi])[:, 0]
+        order = np.argsort(bucket, kind="stable")
+        rec, bucket = rec[order], bucket[order]
+        cuts = np.flatnonzero(np.diff(bucket)) + 1
+        for part, b in zip(np.split(rec, cuts), bucket[np.r_[0, cuts]]):
+            pending.setdefault(int(b), []).append(part.tobytes())
+        pending_bytes += rec.nbytes
+        if pending_bytes >= buffer_bytes:
+            flush()
+            pending_bytes = 0
+    flush()
+    for name in os.listdir(tmp):
+        with open(os.path.join(tmp, name), "rb") as fh:
+            os.fsync(fh.fileno())
+    os.replace(tmp, dst)
+
+
+def _part_path(out: str, day: int, part: str) -> str:
+    return os.path.join(out, f"day_{day}_{part}.npy.part")
+
+
+def _out_dtype(part: str) -> np.dtype:
+    return OUT_DTYPES.get(part, np.dtype("<i4"))  # sparse: int32 after the shuffle
+
+
+def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: int) -> None:
+    """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
+    day's scatter file into the day's output files; its marker is written last."""
+    placed = np.zeros(rows, RECORD)
+    seen = 0
+    for d in range(TRAIN_DAYS):
+        path = os.path.join(work, "scatter", f"day_{d}", f"bucket_{b}.bin")
+        if os.path.exists(path):
+            rec = np.fromfile(path, RECORD)
+            placed[rec["dest"]] = rec
+            seen += len(rec)
+    if seen != rows:
+        raise RuntimeError(f"bucket {b}: {seen} rows scattered to it, expected {rows}")
+    for part, width in PARTS:
+        data = placed[{"dense": "dense", "sparse": "sparse", "labels": "label"}[part]]
+        data = np.ascontiguousarray(data).reshape(rows, width)
+        fd = os.open(_part_path(out, day, part), os.O_WRONLY)
+        try:
+            os.pwrite(fd, data.tobytes(), HEADER_BYTES + first_row * width * data.dtype.itemsize)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    write_json(os.path.join(work, "place", f"bucket_{b}.done"), {"rows": rows})
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _kill_hook(stage: str, done: int) -> None:
+    spec = os.environ.get("DLRM_PREPARE_KILL_AFTER", "")
+    if spec and spec == f"{stage}:{done}":
+        os.killpg(os.getpgrp(), signal.SIGKILL)
+
+
+class _Pool:
+    """Tasks in forked worker processes (or inline with one worker), results as they end;
+    the first error cancels the rest and is raised."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.ex = None
+        if workers > 1:
+            import multiprocessing as mp
+
+            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+            self.ex = ProcessPoolExecutor(workers, mp_context=ctx)
+
+    def run(self, stage: str, tasks: Iterable[Tuple[str, Callable, tuple]]) -> Dict[str, object]:
+        results: Dict[str, object] = {}
+        tasks = list(tasks)
+        if self.ex is None:
+            for key, fn, args in tasks:
+                results[key] = fn(*args)
+                _kill_hook(stage, len(results))
+            return results
+        futures: Dict[Future, str] = {self.ex.submit(fn, *args): key for key, fn, args in tasks}
+        try:
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    results[futures[fut]] = fut.result()
+                    _kill_hook(stage, len(results))
+        except BaseException:
+            for fut in futures:
+                fut.cancel()
+            raise
+        return results
+
+    def close(self) -> None:
+        if self.ex is not None:
+            self.ex.shutdown(wait=True, cancel_futures=True)
+
+
+def bucket_plan(rows_per_day: List[int], bucket_rows: int) -> Tuple[np.ndarray, List[Tuple[int, int, int]]]:
+    """Global first rows of the buckets, and per bucket (output day, first row in it, rows)."""
+    starts, buckets, base = [], [], 0
+    for day, rows in enumerate(rows_per_day):
+        k = max(1, -(-rows // bucket_rows))
+        cuts = [rows * i // k for i in range(k + 1)]
+        for lo, hi in zip(cuts, cuts[1:]):
+            starts.append(base + lo)
+            buckets.append((day, lo, hi - lo))
+        base += rows
+    return np.array(starts, dtype=np.int64), buckets
+
+
+def run(s: Settings) -> Report:
+    """Prepare according to `s`; raises PrepareError for user mistakes."""
+    check_inputs(s)
+    check_disk(s)
+    log, work, out = s.log, s.work, s.output
+    for sub in ("parse", "vocab", "scatter", "place"):
+        os.makedirs(os.path.join(work, sub), exist_ok=True)
+    write_json(os.path.join(work, "settings.json"), s.identity())
+    parse_dir = os.path.join(work, "parse")
+    budget = int(s.memory_gb * (1 << 30)) // s.workers
+    chunk_rows = max(1 << 10, min(1 << 20, budget // (4 * PLACE_BYTES_PER_ROW)))
+    pool = _Pool(s.workers)
+    t0 = time.time()
+    try:
+        # 1. parse
+        todo = [d for d in range(DAYS)
+                if not os.path.exists(os.path.join(parse_dir, f"day_{d}", "stats.json"))]
+        pool.run("parse", [(str(d), parse_day, (d, s.inputs[d], os.path.join(parse_dir, f"day_{d}"),
+                                               s.drop_malformed)) for d in todo])
+        stats = []
+        for d in range(DAYS):
+            with open(os.path.join(parse_dir, f"day_{d}", "stats.json")) as f:
+                stats.append(json.load(f))
+        rows = [st["rows"] for st in stats]
+        log(f"parse: {sum(rows):,} rows in {DAYS} days ({time.time() - t0:.1f} s)")
+        # 2. vocab and permutation
+        vocab_dir = os.path.join(work, "vocab")
+        inverse_path = os.path.join(work, "inverse.npy")
+        tasks = [(f"vocab {f}", build_vocab, (f, parse_dir, vocab_dir)) for f in range(NUM_SPARSE)
+                 if not os.path.exists(os.path.join(vocab_dir, f"ids_{f}.npy"))]
+        if not os.path.exists(inverse_path):
+            tasks.insert(0, ("permute", permute, (sum(rows[:TRAIN_DAYS]), s.seed, inverse_path)))
+        pool.run("vocab", tasks)
+        log(f"vocab and permutation ({time.time() - t0:.1f} s)")
+        # 3. scatter (the bucket plan of the first run is kept, so resumed scatters agree)
+        plan_path = os.path.join(work, "buckets.json")
+        if not os.path.exists(plan_path):
+            write_json(plan_path, {"bucket_rows": max(1, budget // PLACE_BYTES_PER_ROW)})
+        with open(plan_path) as f:
+            bucket_rows = json.load(f)["bucket_rows"]
+        starts, buckets = bucket_plan(rows[:TRAIN_DAYS], bucket_rows)
+        offsets = np.cumsum([0] + rows[:TRAIN_DAYS]).tolist()
+        eval_done = all(os.path.exists(os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy"))
+                        for p, _ in PARTS)
+        tasks = [] if eval_done else [("eval", write_eval_day, (work, out, chunk_rows))]
+        tasks += [(str(d), scatter_day, (d, work, offsets[d], starts, s.exact_ids, chunk_rows,
+                                         budget // 2))
+                  for d in range(TRAIN_DAYS)
+                  if not os.path.isdir(os.path.join(work, "scatter", f"day_{d}"))]
+        pool.run("scatter", tasks)
+        log(f"scatter: {len(buckets)} buckets ({time.time() - t0:.1f} s)")
+        # 4. place
+        for day in range(TRAIN_DAYS):
+            if os.path.exists(os.path.join(out, f"day_{day}_labels.npy")):
+                continue
+            for part, width in PARTS:
+                if os.path.exists(os.path.join(out, f"day_{day}_{part}.npy")):
+                    continue  # published by a run killed while it renamed the day's parts
+                path, dtype = _part_path(out, day, part), _out_dtype(part)
+                header = npy_header(dtype, (rows[day], width))
+                size = len(header) + rows[day] * width * dtype.itemsize
+                if not (os.path.exists(path) and os.path.getsize(path) == size):
+                    with open(path + ".tmp", "wb") as fh:
+                        fh.write(header)
+                        fh.truncate(size)
+                    os.replace(path + ".tmp", path)
+        done = lambda b: os.path.exists(os.path.join(work, "place", f"bucket_{b}.done"))  # noqa: E731
+        pool.run("place", [(str(b), place_bucket, (b, work, out) + buckets[b])
+                           for b in range(len(buckets)) if not done(b)
+                           and not os.path.exists(os.path.join(out, f"day_{buckets[b][0]}_labels.npy"))])
+        for day in range(TRAIN_DAYS):
+            # labels last: their presence marks the day published
+            for part in ("dense", "sparse", "labels"):
+                if os.path.exists(_part_path(out, day, part)):
+                    os.replace(_part_path(out, day, part),
+                               os.path.join(out, f"day_{day}_{part}.npy"))
+        log(f"place ({time.time() - t0:.1f} s)")
+    finally:
+        pool.close()
+    # 5. meta.json
+    try:
+        adopt(out, out, "terabyte", DAYS, None, ("val", "test"), None, s.workers, log=log)
+    except AdoptError as e:
+        raise RuntimeError(f"the prepared files fail their check: {e}") from None
+    report = Report()
+    for d, st in enumerate(stats):
+        bad = ct.BadRows(st["bad_counts"], {k: [tuple(x) for x in v]
+                                            for k, v in st["bad_examples"].items()})
+        report.bad[s.inputs[d]] = bad
+        report.lines += st["lines"]
+        report.rows += st["rows"]
+    if not s.keep_work:
+        shutil.rmtree(work)
+    return report

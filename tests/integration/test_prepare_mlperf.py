@@ -1,0 +1,202 @@
+"""`python -m dlrm_torchrec.data.prepare_mlperf` against TorchRec's own installed scripts:
+npy_preproc_criteo.py, contiguous_preproc_criteo.py --frequency_threshold 0 (its files
+renamed to day_{d}_sparse.npy, as MLPerf's instructions do) and shuffle_preproc_criteo.py
+--random_seed 0 run on the same 24 generated days are the oracle, compared file by file,
+byte by byte; also after a run killed mid-way and restarted, and for bad inputs."""
+
+import gzip
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dlrm_torchrec.cli import prepare_mlperf as cli
+from dlrm_torchrec.config import load_config
+from dlrm_torchrec.data.converters import prepare_mlperf as pm
+from tests.helpers.dist_utils import run_ranks
+from tests.helpers.torchrec_preprocessing import raw_row
+
+ROWS_PER_DAY = 300
+# small enough that each day's destinations fall into several buckets
+MEMORY = ["--memory-gb", "0.0002"]
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory):
+    """24 days in Criteo's shape (hex ids up to 2**32, missing values, negative dense
+    values), and what TorchRec's three scripts make of them."""
+    from torchrec.datasets.scripts import (
+        contiguous_preproc_criteo,
+        npy_preproc_criteo,
+        shuffle_preproc_criteo,
+    )
+
+    root = tmp_path_factory.mktemp("mlperf")
+    rng = random.Random(5)
+    raw = root / "raw"
+    raw.mkdir()
+    for d in range(pm.DAYS):
+        (raw / f"day_{d}").write_text(
+            "".join(raw_row(rng) + "\n" for _ in range(ROWS_PER_DAY + d)))
+    npy, contig, shuffled = root / "npy", root / "contig", root / "shuffled"
+    for folder in (npy, contig, shuffled):
+        folder.mkdir()
+    npy_preproc_criteo.main(["--input_dir", str(raw), "--output_dir", str(npy)])
+    contiguous_preproc_criteo.main(["--input_dir", str(npy), "--output_dir", str(contig),
+                                    "--frequency_threshold", "0"])
+    for d in range(pm.DAYS):
+        os.replace(contig / f"day_{d}_sparse_contig_freq.npy", contig / f"day_{d}_sparse.npy")
+    shuffle_preproc_criteo.main(["--input_dir_labels_and_dense", str(npy), "--input_dir_sparse",
+                                 str(contig), "--output_dir_shuffled", str(shuffled),
+                                 "--random_seed", "0"])
+    # our inputs: the same text, two days gzipped as downloaded
+    ours = root / "inputs"
+    ours.mkdir()
+    inputs = []
+    for d in range(pm.DAYS):
+        src = raw / f"day_{d}"
+        if d in (3, 23):
+            dst = ours / f"day_{d}.gz"
+            dst.write_bytes(gzip.compress(src.read_bytes()))
+        else:
+            dst = ours / f"day_{d}"
+            shutil.copy(src, dst)
+        inputs.append(str(dst))
+    return {"inputs": inputs, "oracle": shuffled}
+
+
+def expected_files():
+    return sorted(f"day_{d}_{p}.npy" for d in range(pm.DAYS) for p in ("dense", "sparse", "labels"))
+
+
+def assert_same_as_oracle(out, oracle):
+    names = sorted(n for n in os.listdir(out) if n.endswith(".npy"))
+    assert names == expected_files()
+    for name in names:
+        assert (out / name).read_bytes() == (oracle / name).read_bytes(), name
+
+
+def test_files_are_byte_identical_to_torchrecs_three_scripts(days, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
+    assert_same_as_oracle(out, days["oracle"])
+    assert not (out / ".prepare").exists()
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["complete"] and meta["rows_per_day"] == [ROWS_PER_DAY + d for d in range(24)]
+    # the oracle's ids, read independently: the table sizes are their largest + 1
+    top = np.max([np.load(days["oracle"] / f"day_{d}_sparse.npy").max(axis=0)
+                  for d in range(24)], axis=0)
+    assert meta["table_sizes"] == (top + 1).tolist()
+    assert "rows written" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kill_at", ["scatter:7", "place:15"])
+def test_a_killed_run_restarted_writes_the_same_bytes(days, tmp_path, kill_at):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dlrm_torchrec.data.prepare_mlperf", *days["inputs"], "-o",
+           str(out), "--workers", "2", *MEMORY]
+    env = dict(os.environ, DLRM_PREPARE_KILL_AFTER=kill_at)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not (out / "meta.json").exists() and (out / ".prepare").is_dir()
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
+    assert_same_as_oracle(out, days["oracle"])
+
+
+def test_malformed_rows_are_dropped_and_reported_on_request(days, tmp_path, capsys):
+    inputs = list(days["inputs"])
+    text = open(inputs[7]).read().splitlines(keepends=True)
+    text.insert(10, "1\t2\tx\n")  # line 11: too few columns
+    text.insert(20, text[19].replace("\t", "\tzz", 1))  # line 21: a non-integer dense value
+    bad = tmp_path / "bad" / "day_7"
+    bad.parent.mkdir()
+    bad.write_text("".join(text))
+    inputs[7] = str(bad)
+    out = tmp_path / "out"
+    assert cli.main(inputs + ["-o", str(out)] + MEMORY) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {bad}:11: wrong column count: 3 columns, expected 40 "
+                   "(--drop-malformed drops such rows)"]
+    assert not (out / "meta.json").exists()
+    shutil.rmtree(out)
+    assert cli.main(inputs + ["-o", str(out), "--drop-malformed", "--workers", "2"] + MEMORY) == 0
+    err = capsys.readouterr().err
+    assert f"{bad}: 2 malformed row(s) dropped" in err
+    assert "1 x non-integer dense value: line 21 (column I1" in err
+    # without the two bad lines the data are TorchRec's
+    assert_same_as_oracle(out, days["oracle"])
+
+
+def _error(capsys, argv):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def test_input_mistakes_stop_before_any_work(days, tmp_path, capsys, monkeypatch):
+    inputs, out = days["inputs"], tmp_path / "out"
+    o = ["-o", str(out)]
+    assert "missing day(s) day_12" in _error(capsys, inputs[:12] + inputs[13:] + o)
+    swapped = inputs[:4] + [inputs[5], inputs[4]] + inputs[6:]
+    assert "given as day 4; give the days in order" in _error(capsys, swapped + o)
+    assert "not found" in _error(capsys, inputs[:-1] + [str(tmp_path / "day_23")] + o)
+    monkeypatch.setattr(pm.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10 ** 6))
+    msg = _error(capsys, inputs + o)
+    assert "0.0 GB free, but the preparation needs about" in msg and "GB more" in msg
+    assert not out.exists()
+
+
+def test_dense_values_outside_int32_stop_with_file_and_line(days, tmp_path, capsys):
+    inputs = list(days["inputs"])
+    text = open(inputs[0]).read().splitlines(keepends=True)
+    text[4] = text[4].replace("\t", f"\t{2 ** 31}", 1)
+    bad = tmp_path / "day_0"
+    bad.write_text("".join(text))
+    msg = _error(capsys, [str(bad)] + inputs[1:] + ["-o", str(tmp_path / "out")])
+    assert msg.startswith(f"error: {bad}:5: dense value outside int32")
+
+
+def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
+    # float32 has 24 bits of mantissa: above 2**24 ids are rounded to even multiples
+    ids = np.array([[2 ** 24 - 1, 2 ** 24, 2 ** 24 + 1, 2 ** 24 + 3, 2 ** 25 + 2, 2 ** 25 + 3]])
+    assert pm.through_float32(ids).tolist() == [
+        [2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]]
+
+
+def test_first_occurrences_follow_the_rows_across_blocks():
+    fo = pm.FirstOccurrences()
+    for block in ([7, 3, 7, 9], [3, 1, 9], [], [5, 1, 7]):
+        fo.add(np.array(block, dtype=np.uint32))
+    assert fo.values().tolist() == [7, 3, 9, 1, 5]
+    assert fo.sorted.tolist() == [1, 3, 5, 7, 9]
+
+
+def _train(rank, world_size, overrides):
+    from dlrm_torchrec.train.job import train
+
+    train(load_config("configs/mlperf_dcnv2.yaml", overrides))
+
+
+@pytest.mark.slow
+def test_prepared_folder_trains_with_the_mlperf_config(days, tmp_path):
+    out = tmp_path / "out"
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"]) == 0
+    run_dir = tmp_path / "run"
+    run_ranks(1, _train, [
+        f"data.path={out}", "embeddings.max_ind_range=500", "embeddings.dim=16",
+        "model.dcn_low_rank_dim=8", "model.bottom_mlp=[32,16]", "model.top_mlp=[32,1]",
+        "data.batch_size=1024", "data.eval_batch_size=512", "training.eval_every_n_steps=0",
+        f"logging.run_dir={run_dir}", "logging.progress_bar=false", "checkpoint.at_end=false",
+    ])
+    m = json.loads((run_dir / "metrics.json").read_text())
+    train_rows = sum(ROWS_PER_DAY + d for d in range(23))
+    assert m["train_samples_seen"] == train_rows
+    assert m["final"]["split"] == "val" and m["final"]["samples"] == -(-(ROWS_PER_DAY + 23) // 2)
