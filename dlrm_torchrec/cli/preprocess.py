@@ -35,12 +35,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
     ap.add_argument("--chunk-mb", type=float, default=8.0,
                     help="MB of text per task; memory ~ (2 x workers + 2) chunks")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--allow-missing-days", action="store_true",
+                    help="terabyte: go on (with a warning) when the day numbers have a gap; "
+                         "the days given are numbered 0, 1, ... in the output")
     a = ap.parse_args(argv)
     return Settings(inputs=list(a.inputs), output=a.output, dataset=a.dataset,
                     max_ind_range=a.max_ind_range, frequency_threshold=a.frequency_threshold,
                     sub_sample_rate=a.sub_sample_rate, seed=a.seed, strict=a.strict,
                     workers=a.workers, chunk_bytes=int(a.chunk_mb * (1 << 20)),
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, allow_missing_days=a.allow_missing_days)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -42,6 +42,7 @@ import numpy as np
 from dlrm_torchrec.config import ConfigError, DataConfig, EmbeddingsConfig
 from dlrm_torchrec.data.batch import Batch, make_batch, num_batches, rank_slice, sample_weight
 from dlrm_torchrec.data.criteo_text import log_dense
+from dlrm_torchrec.data.file_checks import open_npy
 from dlrm_torchrec.data.materialised_bags import MaterialisedBags, NpzError
 from dlrm_torchrec.data.multi_hot import MultiHotBags
 
@@ -71,15 +72,56 @@ def read_meta(path: str) -> dict:
                           "first (python -m dlrm_torchrec.data.preprocess), or adopt TorchRec's "
                           ".npy files (python -m dlrm_torchrec.data.from_torchrec) or the DLRM "
                           "reference's (python -m dlrm_torchrec.data.from_reference)")
-    with open(meta_path) as f:
-        meta = json.load(f)
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise ConfigError(f"data.path={path!r}: {meta_path} is not readable JSON ({e}); "
+                          "preprocess or adopt the data again") from None
+    if not isinstance(meta, dict):
+        raise ConfigError(f"data.path={path!r}: {meta_path} holds {type(meta).__name__}, "
+                          "not an object; preprocess or adopt the data again")
     if meta.get("format_version") != 1:
         raise ConfigError(f"data.path={path!r}: unknown format_version "
                           f"{meta.get('format_version')!r}")
     if not meta.get("complete"):
         raise ConfigError(f"data.path={path!r}: preprocessing did not finish; rerun the same "
                           "preprocess command to complete it")
+    problem = _meta_problem(meta)
+    if problem:
+        raise ConfigError(f"data.path={path!r}: {meta_path}: {problem}; preprocess or adopt "
+                          "the data again")
     return meta
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _meta_problem(meta: dict) -> str:
+    """What a complete meta.json lacks or gets wrong ("" when nothing): the keys the loader
+    reads, with their types."""
+    settings = meta.get("settings")
+    if not isinstance(settings, dict) or not isinstance(settings.get("dataset"), str):
+        return "no settings.dataset"
+    days = meta.get("num_days")
+    if not _is_count(days) or days < 2:
+        return f"num_days {days!r}: expected a whole number >= 2"
+    if not _is_count(meta.get("eval_day")) or meta["eval_day"] >= days:
+        return f"eval_day {meta.get('eval_day')!r}: expected a day below num_days ({days})"
+    rows = meta.get("rows_per_day")
+    if not isinstance(rows, list) or len(rows) != days or not all(map(_is_count, rows)):
+        return f"rows_per_day {rows!r}: expected {days} row counts"
+    sizes = meta.get("table_sizes")
+    if not isinstance(sizes, list) or len(sizes) != NUM_SPARSE or \
+            not all(_is_count(n) and n > 0 for n in sizes):
+        return f"table_sizes {sizes!r}: expected {NUM_SPARSE} positive table sizes"
+    listed = meta.get("day_files")
+    if listed is not None and (not isinstance(listed, list) or len(listed) != days or not all(
+            isinstance(e, dict) and all(isinstance(e.get(p), str) for p in
+                                        ("dense", "sparse", "labels")) for e in listed)):
+        return f"day_files: expected {days} entries naming dense, sparse and labels files"
+    return ""
 
 
 class RowEncoder:
@@ -181,7 +223,7 @@ class CriteoSource:
                       for d in range(self.meta["num_days"])]
         maps: Dict[str, np.ndarray] = {}  # Kaggle's days are row ranges of one file
         days = []
-        for entry in listed:
+        for d, entry in enumerate(listed):
             arrs = []
             for part in parts:
                 fp = os.path.join(self.path, entry[part])  # an absolute name stays as it is
@@ -200,6 +242,11 @@ class CriteoSource:
                                           f"{first + rows}; the file changed since it was "
                                           "adopted: adopt it again")
                     arr = arr[first:first + rows]
+                elif len(arr) != self.meta["rows_per_day"][d]:
+                    raise ConfigError(f"data.path={self.path!r}: {entry[part]} has {len(arr)} "
+                                      f"rows, meta.json says day {d} has "
+                                      f"{self.meta['rows_per_day'][d]}; the file was replaced "
+                                      "or damaged since it was written: preprocess again")
                 arrs.append(arr)
             days.append(tuple(arrs))
         return days
@@ -212,7 +259,10 @@ class CriteoSource:
             except ValueError as e:
                 raise ConfigError(f"data.path: {e}") from None
         if not path.endswith(".npz"):
-            return np.load(path, mmap_mode="r")
+            try:
+                return open_npy(path)
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"data.path: {e}") from None
         try:
             return MaterialisedBags.open(path, NUM_SPARSE)
         except NpzError as e:

@@ -6,6 +6,11 @@ hexadecimal strings, separated by tabs, ended by a newline; any feature may be e
 `parse_chunk` turns a block of complete lines into numpy arrays with vectorised numpy only
 (no per-line Python), validating every row; `read_chunks` streams a plain or gzip file in
 blocks that end on a line boundary, with the line number of each block's first line.
+
+Two things editors and spreadsheet exports leave are repaired (and reported): a UTF-8
+byte-order mark before the first row is removed, and a last row without its newline is a
+row like the others when it has all its columns and the stream ended cleanly. A last line
+with fewer columns, or one followed by a damaged gzip stream, was cut short: "truncated".
 """
 
 import zlib
@@ -22,17 +27,20 @@ MAX_HEX_DIGITS = 8  # ids are 32-bit
 MAX_LINE_BYTES = 1 << 20  # a Criteo row is < 1 KB; a longer "line" means not a text file
 NUM_EXAMPLES = 5  # bad lines kept (with their reason) per reason and chunk
 
-# reasons a row is rejected; CRLF rows are repaired and kept, but counted (and strict
-# mode rejects them)
+# reasons a row is rejected; CRLF rows and a byte-order mark are repaired and kept, but
+# counted (and strict mode rejects them)
 EMPTY = "empty line"
 COLUMNS = "wrong column count"
 LABEL = "label not 0/1"
 DENSE = "non-integer dense value"
 HEX = "non-hex categorical value"
-TRUNCATED_LINE = "truncated last line (no newline at end of file)"
+TRUNCATED_LINE = "truncated last line (no newline at end of file, too few columns)"
 TRUNCATED_GZIP = "truncated gzip stream"
 CORRUPT_GZIP = "corrupt gzip stream"
 CRLF = "CRLF line ending (repaired, row kept)"
+BOM = "UTF-8 byte-order mark at the start of the file (removed, row kept)"
+REPAIRED = (CRLF, BOM)  # reported, not rejected
+UTF8_BOM = b"\xef\xbb\xbf"
 
 _DEC = np.full(256, 255, dtype=np.uint8)
 _DEC[48:58] = np.arange(10)
@@ -61,10 +69,10 @@ class BadRows:
             ex.extend(other.examples.get(reason, [])[: NUM_EXAMPLES - len(ex)])
 
     def rejected(self) -> int:
-        return sum(n for r, n in self.counts.items() if r != CRLF)
+        return sum(n for r, n in self.counts.items() if r not in REPAIRED)
 
     def first(self) -> Optional[Tuple[int, str, str]]:
-        """(line, reason, detail) of the earliest example, CRLF included."""
+        """(line, reason, detail) of the earliest example, repairs included."""
         best = None
         for reason, ex in self.examples.items():
             for line, detail in ex:
@@ -362,6 +370,7 @@ class Chunk:
     data: bytes  # whole lines
     first_line: int  # 1-based number of its first line in the file
     num_lines: int
+    bom_removed: bool = False  # a UTF-8 byte-order mark preceded its first line
 
 
 @dataclass
@@ -373,15 +382,20 @@ class StreamEnd:
     error: Optional[StreamError] = None
 
 
-def read_chunks(path: str, chunk_bytes: int, end: List[StreamEnd]) -> Iterator[Chunk]:
+def read_chunks(path: str, chunk_bytes: int, end: List[StreamEnd],
+                columns: int = NUM_COLUMNS) -> Iterator[Chunk]:
     """Yield `path` as chunks of about `chunk_bytes` of whole lines; on exhaustion append a
-    StreamEnd to `end` (a partial last line, a gzip error). Lines over MAX_LINE_BYTES raise
-    ValueError: the file is not Criteo text."""
+    StreamEnd to `end` (a partial last line, a gzip error). A byte-order mark at the start is
+    removed (the first chunk says so); a last line without newline that has `columns`
+    tab-separated fields, in a stream that ended cleanly, is delivered as a whole line.
+    Lines over MAX_LINE_BYTES raise ValueError: the file is not Criteo text."""
     carry = b""
     line = 1
     pending: List[bytes] = []
     pending_len = 0
     error = None
+    head = True  # the file's first bytes are still to be looked at
+    bom = False  # a removed byte-order mark not yet reported with a chunk
     try:
         for block in _raw_blocks(path, chunk_bytes):
             pending.append(block)
@@ -390,6 +404,9 @@ def read_chunks(path: str, chunk_bytes: int, end: List[StreamEnd]) -> Iterator[C
                 continue
             data = carry + b"".join(pending)
             pending, pending_len = [], 0
+            if head:
+                head, bom = False, data.startswith(UTF8_BOM)
+                data = data[len(UTF8_BOM):] if bom else data
             cut = data.rfind(b"\n") + 1
             if cut == 0:
                 if len(data) > MAX_LINE_BYTES:
@@ -401,15 +418,22 @@ def read_chunks(path: str, chunk_bytes: int, end: List[StreamEnd]) -> Iterator[C
                 long_line = line + chunk.count(b"\n")
                 raise ValueError(f"line {long_line} is longer than {MAX_LINE_BYTES} bytes")
             n = chunk.count(b"\n")
-            yield Chunk(chunk, line, n)
+            yield Chunk(chunk, line, n, bom)
             line += n
+            bom = False
     except StreamError as e:
         error = e
     data = carry + b"".join(pending)
+    if head:
+        bom = data.startswith(UTF8_BOM)
+        data = data[len(UTF8_BOM):] if bom else data
     cut = data.rfind(b"\n") + 1
+    if error is None and len(data) > cut and data.count(b"\t", cut) == columns - 1:
+        data += b"\n"  # a complete last row that only lacks its newline
+        cut = len(data)
     if cut:
         n = data.count(b"\n", 0, cut)
-        yield Chunk(data[:cut], line, n)
+        yield Chunk(data[:cut], line, n, bom)
         line += n
     if len(data) - cut > MAX_LINE_BYTES:
         raise ValueError(f"line {line} is longer than {MAX_LINE_BYTES} bytes")

@@ -9,8 +9,13 @@ DataLoader): worker w builds global batches start + w, start + w + N, ... and th
 hands them back round-robin, so the order is exactly the wrapped source's.
 
 With num_workers=0 the batches are built in the calling process, as without the wrapper.
+
+Workers end with the training process: torch's own check of the parent (every 5 s while a
+worker waits for work) misses a parent killed while the worker builds a batch, so each worker
+also arms `worker_exit.exit_with_parent`.
 """
 
+import functools
 import os
 import pickle
 import signal
@@ -20,6 +25,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dlrm_torchrec.data import SourceWrapper
+from dlrm_torchrec.data.worker_exit import exit_with_parent
 
 
 def available_cores() -> int:
@@ -49,10 +55,12 @@ def resolve_num_workers(requested: int, device_type: str, local_world_size: int,
     return max(0, min(8 if heavy_batches else 4, cores_per_rank - 1))
 
 
-def _ignore_sigterm(worker_id: int) -> None:
-    """Workers leave SIGTERM to the training process. Slurm signals every process of a job
-    step: a worker dying of it would fail the training process's next batch, while that
-    process is stopping cleanly (`dlrm_torchrec.preemption`); it ends its workers itself."""
+def _start_worker(parent_pid: int, worker_id: int) -> None:
+    """A loader worker ends when the training process `parent_pid` dies, and leaves SIGTERM
+    to it. Slurm signals every process of a job step: a worker dying of it would fail the
+    training process's next batch, while that process is stopping cleanly
+    (`dlrm_torchrec.preemption`); it ends its workers itself."""
+    exit_with_parent(parent_pid)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
@@ -126,7 +134,7 @@ class PrefetchingSource(SourceWrapper):
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
             multiprocessing_context=self.mp_context,
-            worker_init_fn=_ignore_sigterm,
+            worker_init_fn=functools.partial(_start_worker, os.getpid()),
         )
         for item in loader:
             if isinstance(item, _WorkerFailure):

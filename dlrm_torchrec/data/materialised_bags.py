@@ -8,11 +8,14 @@ member is memory-mapped in place inside the zip file (numpy's own `np.load` woul
 whole member into memory), and rows are taken from all 26 together.
 """
 
+import os
 import struct
 import zipfile
 from typing import List, Sequence
 
 import numpy as np
+
+from dlrm_torchrec.data.file_checks import expected_size, read_npy_header
 
 LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra length
 
@@ -41,15 +44,16 @@ def member_memmap(path: str, member: str) -> np.ndarray:
         # the local header's own extra field (zip64 sizes) may differ from the index's
         f.seek(info.header_offset + LOCAL_HEADER.size + name_len + extra_len)
         try:
-            version = np.lib.format.read_magic(f)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, dtype = read(f)
+            shape, fortran, dtype = read_npy_header(f)
         except ValueError as e:
             raise NpzError(f"{path}: member {member} is not a .npy array ({e})") from None
         offset = f.tell()
     if dtype.hasobject:
         raise NpzError(f"{path}: member {member} holds Python objects")
+    size, want = os.path.getsize(path), expected_size(offset, shape, dtype)
+    if size < want:
+        raise NpzError(f"{path}: {size} bytes, but member {member} ({dtype} {tuple(shape)}) "
+                       f"needs {want}: the file is truncated")
     return np.memmap(path, dtype=dtype, mode="r", shape=shape, offset=offset,
                      order="F" if fortran else "C")
 

@@ -33,6 +33,7 @@ from dlrm_torchrec.config import CRITEO_SOURCES, Config, feature_names, load_con
 from dlrm_torchrec.data import criteo_text as ct
 from dlrm_torchrec.data.converters import preprocess as pp
 from dlrm_torchrec.data.criteo import RowEncoder, read_meta
+from dlrm_torchrec.data.file_checks import input_problem
 from dlrm_torchrec.inference.export import (
     CONFIG_FILE,
     INFO_FILE,
@@ -130,9 +131,13 @@ def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
                 batch_size: int = 8192, labelled: bool = True,
                 chunk_bytes: int = 8 << 20) -> dict:
     """Score `inputs` into `out_path` (one line per input line); returns a summary."""
-    missing = [p for p in inputs if not os.path.isfile(p)]
+    missing = [p for p in inputs if input_problem(p) == "not found"]
     if missing:
         raise ScoreError("input file(s) not found: " + ", ".join(missing))
+    for p in inputs:
+        problem = input_problem(p)
+        if problem:
+            raise ScoreError(f"input {p}: {problem}")
     folder = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ScoreError(f"-o {out_path}: cannot write there ({folder} is not a writable "
@@ -146,7 +151,8 @@ def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
         with open(tmp, "w") as out:
             for path in inputs:
                 bad = report.bad.setdefault(path, ct.BadRows())
-                for chunk in _line_chunks(path, chunk_bytes, bad):
+                for chunk in _line_chunks(path, chunk_bytes, bad,
+                                          ct.NUM_COLUMNS - (not labelled)):
                     parsed = ct.parse_chunk(chunk.data if labelled else add_labels(chunk.data),
                                             chunk.first_line)
                     bad.merge(parsed.bad)
@@ -175,12 +181,17 @@ def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
     return summary
 
 
-def _line_chunks(path: str, chunk_bytes: int, bad: ct.BadRows) -> Iterator[ct.Chunk]:
-    """`path` as chunks of whole lines (`criteo_text.read_chunks`), a last line without
-    newline included as one more chunk; a gzip stream error is recorded in `bad`."""
+def _line_chunks(path: str, chunk_bytes: int, bad: ct.BadRows,
+                 columns: int) -> Iterator[ct.Chunk]:
+    """`path` as chunks of whole lines of `columns` fields (`criteo_text.read_chunks`), a
+    last line cut short included as one more chunk (scored nan, as it is malformed); a
+    removed byte-order mark and a gzip stream error are recorded in `bad`."""
     ends: List[ct.StreamEnd] = []
     try:
-        yield from ct.read_chunks(path, chunk_bytes, ends)
+        for chunk in ct.read_chunks(path, chunk_bytes, ends, columns):
+            if chunk.bom_removed:
+                bad.add(ct.BOM, 1)
+            yield chunk
     except ValueError as e:
         raise ScoreError(f"{path}: not Criteo text ({e})") from None
     end = ends[0] if ends else ct.StreamEnd(1)

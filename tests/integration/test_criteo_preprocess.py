@@ -175,28 +175,33 @@ def test_strict_mode_stops_at_first_malformed_row_with_file_and_line(tmp_path, c
     assert not list((tmp_path / "out").glob("*.tmp"))
 
 
-def test_truncated_last_line_and_truncated_gzip_are_reported(tmp_path):
+def test_a_complete_last_row_without_newline_is_kept_a_cut_one_is_truncated(tmp_path):
     lines = make_lines(200, with_bad=False)
+    # as an editor saves it: all 40 columns, no newline after the last row
     plain = write(tmp_path / "day_0", lines, final_newline=False)
+    cut = write(tmp_path / "day_1", lines[:199] + ["\t".join(lines[199].split("\t")[:20])],
+                final_newline=False)
     blob = gzip.compress(("\n".join(lines) + "\n").encode())
-    (tmp_path / "day_1.gz").write_bytes(blob[: len(blob) // 2])
-    s = settings([plain, tmp_path / "day_1.gz"], tmp_path / "out", dataset="terabyte",
+    (tmp_path / "day_2.gz").write_bytes(blob[: len(blob) // 2])
+    s = settings([plain, cut, tmp_path / "day_2.gz"], tmp_path / "out", dataset="terabyte",
                  max_ind_range=10)
     report = pp.run(s)
-    b0 = report.bad[str(plain)]
-    assert b0.counts == {"truncated last line (no newline at end of file)": 1}
-    assert b0.examples["truncated last line (no newline at end of file)"][0][0] == 200
-    numbered = [(i + 1, t) for i, t in enumerate(lines[:199])]
+    truncated = "truncated last line (no newline at end of file, too few columns)"
+    assert not report.bad[str(plain)].counts
+    numbered = [(i + 1, t) for i, t in enumerate(lines)]
     assert_day_equal(s.output, 0, ref_day_arrays(numbered, 0, lambda f, v: v % 10))
-    b1 = report.bad[str(tmp_path / "day_1.gz")]
-    assert b1.counts.get("truncated gzip stream") == 1
-    kept = len(np.load(tmp_path / "out" / "day_1_labels.npy"))
+    b1 = report.bad[str(cut)]
+    assert b1.counts == {truncated: 1} and b1.examples[truncated][0][0] == 200
+    assert_day_equal(s.output, 1, ref_day_arrays(numbered[:199], 1, lambda f, v: v % 10))
+    b2 = report.bad[str(tmp_path / "day_2.gz")]
+    assert b2.counts.get("truncated gzip stream") == 1
+    kept = len(np.load(tmp_path / "out" / "day_2_labels.npy"))
     assert 0 < kept < 200
-    numbered = [(i + 1, t) for i, t in enumerate(lines[:kept])]
-    assert_day_equal(s.output, 1, ref_day_arrays(numbered, 1, lambda f, v: v % 10))
-    with pytest.raises(pp.PreprocessError, match=r"day_1.gz:\d+: truncated"):
-        good = write(tmp_path / "day_2", lines)
-        pp.run(settings([tmp_path / "day_1.gz", good], tmp_path / "out2",
+    assert_day_equal(s.output, 2, ref_day_arrays(numbered[:kept], 2, lambda f, v: v % 10))
+    assert json.load(open(tmp_path / "out" / "day_0.json"))["lines"] == 200
+    with pytest.raises(pp.PreprocessError, match=r"day_2.gz:\d+: truncated"):
+        good = write(tmp_path / "day_3", lines)
+        pp.run(settings([tmp_path / "day_2.gz", good], tmp_path / "out2",
                         dataset="terabyte", strict=True))
 
 

@@ -52,18 +52,21 @@ import numpy as np
 
 from dlrm_torchrec.data.converters.from_torchrec import (
     AdoptError,
+    check_input_file,
     check_output,
     map_in_workers,
     stored_name,
 )
 from dlrm_torchrec.data.converters.preprocess import (
     FORMAT_VERSION,
+    NO_SPACE,
     NpyWriter,
     day_files,
     write_json,
 )
 from dlrm_torchrec.data.criteo import BIN_COLUMNS, open_bin_rows
 from dlrm_torchrec.data.criteo_text import log_dense
+from dlrm_torchrec.data.file_checks import fingerprint, fingerprint_change, read_npy_header
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 CHUNK_ROWS = 1 << 18
@@ -137,10 +140,7 @@ class NpzArray:
             raise AdoptError(f"{path}: no array {key!r} (it holds {names}); not the reference's "
                              "processed data") from None
         try:
-            version = np.lib.format.read_magic(self.fp)
-            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                    else np.lib.format.read_array_header_2_0)
-            shape, fortran, self.dtype = read(self.fp)
+            shape, fortran, self.dtype = read_npy_header(self.fp)
         except ValueError as e:
             raise AdoptError(f"{path}: array {key!r} is not a NumPy array ({e})") from None
         except DAMAGED as e:
@@ -237,6 +237,9 @@ def find_layout(src: str, layout: Optional[str], dataset: Optional[str],
         layout, folder = layout or "file", os.path.dirname(src) or "."
     elif os.path.isdir(src):
         folder = src
+    elif os.path.exists(src):
+        raise AdoptError(f"{src}: a file, not the reference's data folder or its processed "
+                         ".npz file")
     else:
         raise AdoptError(f"{src}: not found")
     bins = sorted(glob.glob(os.path.join(folder, "*_train.bin")))
@@ -277,6 +280,9 @@ def find_layout(src: str, layout: Optional[str], dataset: Optional[str],
         files = whole
         dataset = dataset or ("terabyte" if "terabyte" in os.path.basename(whole[0])
                               else "kaggle")
+    for given in (counts_file, day_count_file):
+        if given:
+            check_input_file(given)
     counts_file = counts_file or _one(os.path.join(folder, "*_fea_count.npz"), "*_fea_count.npz")
     day_count_file = day_count_file or _one(os.path.join(folder, "*_day_count.npz"),
                                             "*_day_count.npz")
@@ -315,15 +321,38 @@ def read_counts(found: Found) -> Optional[np.ndarray]:
 # --------------------------------------------------------------------------- conversion
 
 
+def provenance(path: str, counts_file: Optional[str]) -> Dict:
+    """What a converted day came from, recorded in its marker: the source file and the
+    counts its ids were checked against, by path and content (`file_checks.fingerprint`)."""
+    return {"source": os.path.realpath(path), "source_file": fingerprint(path),
+            "counts_file": fingerprint(counts_file) if counts_file else None}
+
+
 def convert_file(path: str, segments: List[Tuple[int, int, int]], out: str,
-                 counts: Optional[np.ndarray]) -> List[Tuple[int, int, np.ndarray]]:
+                 counts: Optional[np.ndarray],
+                 origin: Dict) -> List[Tuple[int, int, np.ndarray]]:
     """Convert the rows of the reference's .npz `path` into this project's day files.
 
     Args:
         segments: (day, first row in `path`, rows) of each output day, consecutive from row 0
             and covering every row.
+        origin: `provenance` of the conversion, written into each day's marker.
     Returns: per day (day, rows, each feature's largest id + 1).
     """
+    try:
+        return _convert_file(path, segments, out, counts, origin)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        raise AdoptError(f"{out}: no space left on device ({e.strerror}) while converting "
+                         f"{path}; the days finished so far are kept and the partial files "
+                         "removed; free some space and rerun the same command to "
+                         "continue") from None
+
+
+def _convert_file(path: str, segments: List[Tuple[int, int, int]], out: str,
+                  counts: Optional[np.ndarray],
+                  origin: Dict) -> List[Tuple[int, int, np.ndarray]]:
     tmp = tempfile.mkdtemp(prefix=".from_reference_", dir=out)
     arrays: List[NpzArray] = []
     done = []
@@ -361,8 +390,7 @@ def convert_file(path: str, segments: List[Tuple[int, int, int]], out: str,
             finally:
                 for w in writers.values():
                     w.abort()
-            write_json(marker, {"rows": day_rows, "source": os.path.realpath(path),
-                                "top": top.tolist()})
+            write_json(marker, {"rows": day_rows, "top": top.tolist(), **origin})
             done.append((day, day_rows, top))
         return done
     finally:
@@ -465,16 +493,35 @@ def _adopt_bin(found: Found, out: str, counts, day_sizes, workers: int, log) -> 
                            "first": a, "rows": n} for f, a, n in entries]}
 
 
-def _converted_day(out: str, day: int, path: str) -> Optional[Dict]:
-    """The marker of `day` when an earlier run converted it from `path`, else None."""
+def _origin_change(was, now: Optional[Dict]) -> Optional[str]:
+    """How a file a day was converted from (fingerprint `was`, None: no such file) differs
+    from the file used now (`now`), or None when it is the same."""
+    if now is None:
+        return None if was is None else "it is not used now"
+    if not isinstance(was, dict):
+        return "no fingerprint of it was recorded"
+    return fingerprint_change(was, now)
+
+
+def _converted_day(out: str, day: int, origin: Dict, log) -> Optional[Dict]:
+    """The marker of `day` when an earlier run converted it from the same source file and
+    counts (`origin`, by content), else None: the day is then converted again."""
     marker = os.path.join(out, f"day_{day}.json")
     try:
         with open(marker) as f:
             info = json.load(f)
     except (OSError, ValueError):
         return None
-    files_there = all(os.path.isfile(p) for p in day_files(out, day).values())
-    return info if files_there and info.get("source") == os.path.realpath(path) else None
+    if not all(os.path.isfile(p) for p in day_files(out, day).values()) or \
+            not isinstance(info, dict) or info.get("source") != origin["source"]:
+        return None
+    for key, what in (("source_file", origin["source"]), ("counts_file", "the counts file")):
+        change = _origin_change(info.get(key), origin[key])
+        if change:
+            log(f"day {day}: {what} is not what it was converted from ({change}); "
+                "converting it again")
+            return None
+    return info
 
 
 def _adopt_npz(found: Found, out: str, counts, day_sizes, workers: int, log) -> Dict:
@@ -486,13 +533,14 @@ def _adopt_npz(found: Found, out: str, counts, day_sizes, workers: int, log) -> 
                              f"{len(found.files)} per-day files")
         tasks = []
         for d, f in enumerate(found.files):
-            done = _converted_day(out, d, f)
+            origin = provenance(f, found.counts_file)
+            done = _converted_day(out, d, origin, log)
             if done is not None:  # converted by an interrupted run of this adoption
                 rows[d] = done["rows"]
                 np.maximum(top, done["top"], out=top)
                 log(f"day {d}: {done['rows']:,} rows (converted before)")
             else:
-                tasks.append((f, [(d, 0, _rows_of(f))], out, counts))
+                tasks.append((f, [(d, 0, _rows_of(f))], out, counts, origin))
     else:
         n = _rows_of(found.files[0])
         if day_sizes is None:
@@ -503,7 +551,8 @@ def _adopt_npz(found: Found, out: str, counts, day_sizes, workers: int, log) -> 
                 "reference cuts them without sub-sampling")
         firsts = np.cumsum([0] + list(day_sizes[:-1])).tolist()
         tasks = [(found.files[0], [(d, a, int(k)) for d, (a, k) in
-                                   enumerate(zip(firsts, day_sizes))], out, counts)]
+                                   enumerate(zip(firsts, day_sizes))], out, counts,
+                  provenance(found.files[0], found.counts_file))]
     num_days = len(found.files) if found.layout == "days" else len(day_sizes)
     if num_days < 2:
         raise AdoptError(f"{found.files[0]}: one day only; the reference's data has training "

@@ -47,7 +47,9 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 
 from dlrm_torchrec.data.converters.preprocess import FORMAT_VERSION, kaggle_day_sizes, write_json
+from dlrm_torchrec.data.file_checks import input_problem, open_npy, output_folder_problem
 from dlrm_torchrec.data.materialised_bags import MaterialisedBags, NpzError
+from dlrm_torchrec.data.worker_exit import exit_with_parent
 
 NUM_DENSE, NUM_SPARSE = 13, 26
 SCAN_ROWS = 1 << 18  # rows per scanned chunk: 26 int64 ids x 256k = 54 MB
@@ -59,13 +61,19 @@ class AdoptError(Exception):
     """A user-facing problem: printed as `error: ...` with exit status 2, no traceback."""
 
 
+def check_input_file(path: str) -> None:
+    """AdoptError naming `path` when it cannot be read as an input file."""
+    problem = input_problem(path)
+    if problem:
+        raise AdoptError(f"{path}: {problem}")
+
+
 def _open(path: str) -> np.ndarray:
-    if not os.path.isfile(path):
-        raise AdoptError(f"{path}: not found")
+    check_input_file(path)
     try:
-        return np.load(path, mmap_mode="r", allow_pickle=False)
+        return open_npy(path)
     except (ValueError, OSError) as e:
-        raise AdoptError(f"{path}: not a NumPy .npy file ({e})") from None
+        raise AdoptError(str(e)) from None
 
 
 def find_stems(src: str, dataset: str, days: int) -> List[str]:
@@ -113,8 +121,7 @@ def _open_sparse(path: str) -> Tuple[List[np.ndarray], Optional[List[int]]]:
             raise AdoptError(f"{path}: expected integer n x {NUM_SPARSE}, found "
                              f"{sparse.dtype} {sparse.shape}")
         return [sparse], None
-    if not os.path.isfile(path):
-        raise AdoptError(f"{path}: not found")
+    check_input_file(path)
     try:
         columns = MaterialisedBags.open(path, NUM_SPARSE).columns
     except NpzError as e:
@@ -195,7 +202,8 @@ def map_in_workers(fn: Callable, tasks: Sequence[tuple], workers: int) -> Iterat
     import multiprocessing as mp
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-    ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx)
+    ex = ProcessPoolExecutor(min(workers, len(tasks)), mp_context=ctx,
+                             initializer=exit_with_parent, initargs=(os.getpid(),))
     try:
         yield from ex.map(fn, *zip(*tasks))
     finally:  # on an error, tasks not yet started are dropped
@@ -203,8 +211,11 @@ def map_in_workers(fn: Callable, tasks: Sequence[tuple], workers: int) -> Iterat
 
 
 def check_output(out: str, source: str) -> None:
-    """An adoption (settings.source `source`) may rewrite its own meta.json in `out`, but
-    not another tool's."""
+    """`out` must be a folder that can be written (or created), and an adoption
+    (settings.source `source`) may rewrite its own meta.json there, but not another tool's."""
+    problem = output_folder_problem(out)
+    if problem:
+        raise AdoptError(f"-o {out}: {problem}")
     meta_path = os.path.join(out, "meta.json")
     if not os.path.exists(meta_path):
         return
@@ -234,7 +245,8 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     sparse_dir = sparse_dir or src
     for folder in (src, sparse_dir):
         if not os.path.isdir(folder):
-            raise AdoptError(f"{folder}: not a folder")
+            raise AdoptError(f"{folder}: " + ("a file, not a folder" if os.path.exists(folder)
+                                              else "not found"))
     if sorted(eval_halves) != ["test", "val"]:
         raise AdoptError(f"--eval-halves {','.join(eval_halves)}: must be val,test or test,val")
     dataset = dataset or detect_dataset(src)

@@ -11,8 +11,9 @@ the main process reads ahead and writes results in input order. Memory is bounde
 (2 x workers + 2) chunks in flight, independent of the input size (vocab mode also holds the
 id counts, which grow with the number of distinct ids).
 
-Days: Terabyte inputs are days in the order given (numbered names day_N sorted by N); the
-last one is the evaluation day, the others train. Kaggle's single file is cut into 7
+Days: Terabyte inputs are days in the order given (numbered names day_N sorted by N; a gap
+in the numbers is refused unless --allow-missing-days, since the days are numbered 0, 1, ...
+in the output); the last one is the evaluation day, the others train. Kaggle's single file is cut into 7
 consecutive days of equal line count (the first `lines % 7` days one line longer); days 0-5
 train, day 6 evaluates. The loader halves the evaluation day: the first ceil(n / 2) rows are
 "test", the rest "val" (as the DLRM reference).
@@ -42,12 +43,20 @@ reference counts over all days) 0..K-1 in increasing raw order; with T > 1 all r
 share id K (table size K + 1), with T <= 1 every value is kept (table size K).
 
 Malformed rows (wrong column count, empty, label not 0/1, non-integer dense value, non-hex
-or over-long categorical value, truncated last line or gzip stream) are dropped, counted and
-reported with their first line numbers; CRLF rows are repaired and kept (but reported).
---strict stops at the first with file:line. Output of a day goes to *.tmp names and is
-renamed only when complete; a rerun skips the days already done.
+or over-long categorical value, a last line cut short, a truncated or corrupt gzip stream)
+are dropped, counted and reported with their first line numbers; CRLF rows and a UTF-8
+byte-order mark are repaired and kept (but reported), and so is a complete last row that
+lacks its newline. --strict stops at the first with file:line.
+
+Resuming: output of a day goes to *.tmp names and is renamed only when complete; a rerun
+skips the days already done. meta.json records the settings and each input's fingerprint
+(`file_checks.fingerprint`: size, modification time, a hash of sampled blocks), and a rerun
+onto an output started from other settings or another input content is refused, so days
+of two different inputs are never mixed. A full disk stops the run with the finished days
+kept and the partial files removed.
 """
 
+import errno
 import json
 import os
 import re
@@ -61,11 +70,19 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from dlrm_torchrec.data import criteo_text as ct
+from dlrm_torchrec.data.file_checks import (
+    fingerprint,
+    fingerprint_change,
+    input_problem,
+    output_folder_problem,
+)
 from dlrm_torchrec.data.hashing import hash_keys, uniform01
+from dlrm_torchrec.data.worker_exit import exit_with_parent
 
 FORMAT_VERSION = 1
 KAGGLE_DAYS = 7
 HEADER_BYTES = 128
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or the user's quota reached
 
 
 class PreprocessError(Exception):
@@ -111,17 +128,27 @@ class NpyWriter:
 
     def abort(self) -> None:
         if not self.f.closed:
-            self.f.close()
+            try:
+                self.f.close()
+            except OSError:  # flushing the buffer fails again on a full disk
+                pass
         if os.path.exists(self.path + ".tmp"):
             os.remove(self.path + ".tmp")
 
 
 def write_json(path: str, obj) -> None:
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """Write `obj` to `path` atomically (a temporary name, then a rename); nothing is left
+    under the temporary name when writing fails."""
+    try:
+        with open(path + ".tmp", "w") as f:
+            json.dump(obj, f, indent=1)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+    except BaseException:
+        if os.path.exists(path + ".tmp"):
+            os.remove(path + ".tmp")
+        raise
     os.replace(path + ".tmp", path)
 
 
@@ -146,6 +173,7 @@ class Settings:
     workers: int = 1
     chunk_bytes: int = 8 << 20
     progress: bool = True
+    allow_missing_days: bool = False
 
     @property
     def mode(self) -> str:
@@ -181,11 +209,42 @@ def _day_number(path: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def check_inputs(s: Settings) -> None:
-    """Every check that needs no reading of the data, so mistakes stop before any work."""
-    missing = [p for p in s.inputs if not os.path.isfile(p)]
+def order_days(s: Settings) -> None:
+    """Terabyte: sort inputs named day_N by N. Two files of one day, or a gap in the numbers
+    (the days are renumbered 0, 1, ... in the output, so a missing day would shift the
+    rest silently), are refused; with --allow-missing-days a gap is a warning."""
+    nums = [_day_number(p) for p in s.inputs]
+    if s.dataset != "terabyte" or any(n is None for n in nums):
+        return
+    by_day: Dict[int, List[str]] = {}
+    for n, p in zip(nums, s.inputs):
+        by_day.setdefault(n, []).append(p)
+    twice = [ps for ps in by_day.values() if len(ps) > 1]
+    if twice:
+        raise PreprocessError(f"{' and '.join(twice[0])} are the same day; give each day once")
+    s.inputs = [p for _, p in sorted(zip(nums, s.inputs))]
+    missing = sorted(set(range(min(nums), max(nums) + 1)) - set(nums))
+    if not missing:
+        return
+    names = ", ".join(f"day_{d}" for d in missing)
+    what = (f"{names} missing between day_{min(nums)} and day_{max(nums)}; the "
+            f"{len(nums)} days given become days 0 .. {len(nums) - 1} of the output")
+    if not s.allow_missing_days:
+        raise PreprocessError(f"--dataset terabyte: {what}; give every day, or "
+                              "--allow-missing-days to go on without them")
+    print(f"warning: {what} (--allow-missing-days)", file=sys.stderr)
+
+
+def check_inputs(s: Settings) -> List[dict]:
+    """Every check that needs no reading of the data, so mistakes stop before any work;
+    returns the inputs' fingerprints (in the order they are processed)."""
+    missing = [p for p in s.inputs if input_problem(p) == "not found"]
     if missing:
         raise PreprocessError("input file(s) not found: " + ", ".join(missing))
+    for p in s.inputs:
+        problem = input_problem(p)
+        if problem:
+            raise PreprocessError(f"input {p}: {problem}")
     empty = [p for p in s.inputs if os.path.getsize(p) == 0]
     if empty:
         raise PreprocessError("input file(s) empty: " + ", ".join(empty))
@@ -194,6 +253,7 @@ def check_inputs(s: Settings) -> None:
     if s.dataset == "terabyte" and len(s.inputs) < 2:
         raise PreprocessError("--dataset terabyte needs at least two day files (training days, "
                               "then the evaluation day last)")
+    order_days(s)
     if not 0.0 <= s.sub_sample_rate < 1.0:
         raise PreprocessError(f"--sub-sample-rate {s.sub_sample_rate}: must be in [0, 1)")
     if s.max_ind_range < 0:
@@ -206,22 +266,44 @@ def check_inputs(s: Settings) -> None:
                                   "--frequency-threshold (vocab), not both")
     if s.chunk_bytes < 1 << 16:
         raise PreprocessError("--chunk-mb: must be at least 0.0625 (64 KB)")
-    if os.path.exists(s.output) and not os.path.isdir(s.output):
-        raise PreprocessError(f"output {s.output} exists and is not a folder")
+    problem = output_folder_problem(s.output)
+    if problem:
+        raise PreprocessError(f"-o {s.output}: {problem}")
+    fingerprints = [fingerprint(p) for p in s.inputs]
     meta_path = os.path.join(s.output, "meta.json")
     if os.path.exists(meta_path):
-        try:
-            with open(meta_path) as f:
-                old = json.load(f).get("settings")
-        except (OSError, ValueError) as e:
-            raise PreprocessError(f"{meta_path}: unreadable ({e}); remove it or choose another "
-                                  "output folder") from None
-        if old != s.identity():
-            diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in s.identity().items()
-                    if not isinstance(old, dict) or old.get(k) != v]
-            raise PreprocessError(f"{s.output} holds data preprocessed with other settings ("
-                                  + "; ".join(diff) + "); choose another output folder or "
-                                  "delete it")
+        check_resume(s, meta_path, fingerprints)
+    return fingerprints
+
+
+def check_resume(s: Settings, meta_path: str, fingerprints: List[dict]) -> None:
+    """An existing output is resumed only with the same settings and the same inputs: its
+    finished days would otherwise mix with days of other data."""
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        old = meta.get("settings")
+    except (OSError, ValueError, AttributeError) as e:
+        raise PreprocessError(f"{meta_path}: unreadable ({e}); remove it or choose another "
+                              "output folder") from None
+    start_over = f"to start over, delete {s.output} or choose another output folder"
+    if old != s.identity():
+        diff = [f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in s.identity().items()
+                if not isinstance(old, dict) or old.get(k) != v]
+        raise PreprocessError(f"{s.output} holds data preprocessed with other settings ("
+                              + "; ".join(diff) + "); choose another output folder or "
+                              "delete it")
+    recorded = meta.get("input_files")
+    if not isinstance(recorded, list) or len(recorded) != len(fingerprints):
+        raise PreprocessError(f"{meta_path} records no fingerprints of its input files (an "
+                              "earlier version wrote it), so a rerun cannot tell whether they "
+                              f"changed; {start_over}")
+    for path, was, now in zip(s.inputs, recorded, fingerprints):
+        change = fingerprint_change(was if isinstance(was, dict) else {}, now)
+        if change:
+            raise PreprocessError(f"{path} is not the file {s.output} was started from: "
+                                  f"{change}; the days already written there came from the "
+                                  f"old file, so they are not resumed; {start_over}")
 
 
 def count_lines(path: str) -> int:
@@ -266,7 +348,10 @@ def day_done(out: str, day: int) -> bool:
 _W: dict = {}
 
 
-def _init_worker(s: Settings, vocab: Optional[List[np.ndarray]]) -> None:
+def _init_worker(s: Settings, vocab: Optional[List[np.ndarray]],
+                 parent_pid: Optional[int] = None) -> None:
+    if parent_pid is not None:
+        exit_with_parent(parent_pid)
     _W["s"] = s
     _W["vocab"] = vocab
 
@@ -354,7 +439,8 @@ class Report:
 
 def _tasks(s: Settings, plans: List[DayPlan], skip_done: bool, kind: str) -> Iterator[tuple]:
     """Markers and chunk tasks in input order: ("start", plan), ("chunk", plan, task),
-    ("end", input_index, StreamEnd), ("finish", plan)."""
+    ("bom", input_index) (a byte-order mark was removed), ("end", input_index, StreamEnd),
+    ("finish", plan)."""
     by_input: Dict[int, List[DayPlan]] = {}
     for p in plans:
         by_input.setdefault(p.input_index, []).append(p)
@@ -370,6 +456,8 @@ def _tasks(s: Settings, plans: List[DayPlan], skip_done: bool, kind: str) -> Ite
         try:
             for chunk in ct.read_chunks(path, s.chunk_bytes, ends):
                 data, line = chunk.data, chunk.first_line
+                if chunk.bom_removed:
+                    yield ("bom", i)
                 while data:
                     p = days[di]
                     if not started:
@@ -515,6 +603,14 @@ def _run_pass(s: Settings, plans: List[DayPlan], kind: str, executor: Executor,
                     report.rows += len(r.labels)
                     report.sub_sampled += r.sub_sampled
                 bar.update(r.num_lines)
+            elif tag == "bom":
+                path = s.inputs[item[1]]
+                bad = ct.BadRows()
+                bad.add(ct.BOM, 1)
+                if s.strict:
+                    _strict_check(path, bad)
+                if kind == "write":
+                    report.bad.setdefault(path, ct.BadRows()).merge(bad)
             elif tag == "end":
                 i, end = item[1], item[2]
                 path = s.inputs[i]
@@ -562,9 +658,15 @@ def _save_vocab(s: Settings, counters: List[_Counts]) -> List[np.ndarray]:
         keep = c.counts >= max(s.frequency_threshold, 1)
         keys = c.keys[keep].astype(np.uint32)
         for name, arr in ((f"cat_{f}.npy", keys), (f"cat_{f}_counts.npy", c.counts[keep])):
-            with open(os.path.join(d, name + ".tmp"), "wb") as fh:
-                np.save(fh, arr)
-            os.replace(os.path.join(d, name + ".tmp"), os.path.join(d, name))
+            tmp = os.path.join(d, name + ".tmp")
+            try:
+                with open(tmp, "wb") as fh:
+                    np.save(fh, arr)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+            os.replace(tmp, os.path.join(d, name))
         vocab.append(keys)
     write_json(os.path.join(d, "meta.json"), {"frequency_threshold": s.frequency_threshold,
                                               "sizes": [len(v) for v in vocab]})
@@ -591,18 +693,44 @@ def print_report(report: Report, out=sys.stderr, verb: str = "dropped") -> None:
 
 
 def run(s: Settings) -> Report:
-    """Preprocess according to `s`; raises PreprocessError for user mistakes."""
-    check_inputs(s)
-    if s.dataset == "terabyte":
-        nums = [_day_number(p) for p in s.inputs]
-        if all(n is not None for n in nums):
-            s.inputs = [p for _, p in sorted(zip(nums, s.inputs))]
+    """Preprocess according to `s`; raises PreprocessError for user mistakes and for a full
+    disk (the finished days are kept, partial files removed: a rerun resumes)."""
+    fingerprints = check_inputs(s)
+    try:
+        return _run_checked(s, fingerprints)
+    except OSError as e:
+        if e.errno not in NO_SPACE:
+            raise
+        _remove_partial_files(s.output)
+        done = [d for d in range(_num_days(s)) if day_done(s.output, d)]
+        kept = (f"kept the {len(done)} finished day(s) ({', '.join(map(str, done))})" if done
+                else "no day was finished")
+        raise PreprocessError(f"{s.output}: no space left on device ({e.strerror}); {kept} "
+                              "and removed the partial files; free some space and rerun the "
+                              "same command to resume") from None
+
+
+def _num_days(s: Settings) -> int:
+    return KAGGLE_DAYS if s.dataset == "kaggle" else len(s.inputs)
+
+
+def _remove_partial_files(out: str) -> None:
+    """The temporary files of an unfinished write (every writer removes its own; this also
+    catches one that failed while being closed)."""
+    for folder in (out, os.path.join(out, "vocab")):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.endswith(".tmp"):
+                    os.remove(os.path.join(folder, name))
+
+
+def _run_checked(s: Settings, fingerprints: List[dict]) -> Report:
     os.makedirs(s.output, exist_ok=True)
     plans = plan_days(s)
     meta_path = os.path.join(s.output, "meta.json")
     meta = {"format_version": FORMAT_VERSION, "settings": s.identity(), "complete": False,
             "num_days": len(plans), "eval_day": len(plans) - 1,
-            "sparse_dtype": s.sparse_dtype.name}
+            "sparse_dtype": s.sparse_dtype.name, "input_files": fingerprints}
     write_json(meta_path, meta)
     report = Report()
     window = 2 * max(s.workers, 1) + 1
@@ -617,6 +745,11 @@ def run(s: Settings) -> Report:
         report.input_bytes = 0
     with _executor(s, vocab) as ex:
         _run_pass(s, plans, "write", ex, report, window)
+    for path, was in zip(s.inputs, fingerprints):
+        change = fingerprint_change(was, fingerprint(path))
+        if change:  # the days just written may hold parts of both versions
+            raise PreprocessError(f"{path} changed while it was being read ({change}); "
+                                  f"delete {s.output} and run again on the settled file")
     rows = {}
     for p in plans:
         with open(os.path.join(s.output, f"day_{p.day}.json")) as f:
@@ -635,4 +768,4 @@ def _executor(s: Settings, vocab) -> Executor:
 
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     return ProcessPoolExecutor(s.workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(s, vocab))
+                               initargs=(s, vocab, os.getpid()))
