@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -245,9 +246,11 @@ def resolve_checkpoint(spec: str, cfg: Optional[Config]) -> Path:
         if cfg is None:
             raise checkpoint.CheckpointError("--checkpoint auto needs --config (to find the run)")
         folder = Path(cfg.checkpoint.dir or Path(cfg.logging.run_dir) / "checkpoints")
-        found = checkpoint.latest_checkpoint(folder)
+        found, skipped = checkpoint.newest_usable(folder)
+        for why in skipped:
+            print(f"--checkpoint auto: skipped {why}", file=sys.stderr)
         if found is None:
-            raise checkpoint.CheckpointError(f"--checkpoint auto: no complete checkpoint in {folder}")
+            raise checkpoint.CheckpointError(f"--checkpoint auto: no usable checkpoint in {folder}")
         return found.path
     path = Path(spec)
     if not path.is_dir():
@@ -273,6 +276,7 @@ def load_checkpoint(cfg: Config, path: Path) -> Tuple[DLRM, Dict[str, Any]]:
     checkpoint's trainer state. Raises CheckpointError for another model or a bad folder."""
     from dlrm_torchrec.train.checkpoint import model_signature
 
+    checkpoint.verify(path)
     state = checkpoint.read_trainer_state(path)
     module = build_train_module(cfg, device=torch.device("cpu"))
     checkpoint.check_signature(path, state.get("signature", {}),

@@ -187,3 +187,4 @@ def _write(tmp: Path, weights, saved, path: str, cfg: Config, module) -> None:
         "imported_from": {"file": str(Path(path).resolve()), "reference_state": saved["info"]},
     }
     (tmp / checkpoint.STATE_FILE).write_text(json.dumps(state, indent=1, default=str))
+    checkpoint.write_manifest(tmp)  # last: what verify checks on every load

@@ -525,15 +525,21 @@ class Trainer:
         if not want:
             return
         if want == "auto":
-            found = checkpoint.latest_checkpoint(self.ckpt_dir)
+            found, skipped = checkpoint.newest_usable(self.ckpt_dir)
+            for why in skipped:
+                log(self.info, f"resume=auto: skipped {why}")
+            if found is None and skipped:
+                raise checkpoint.CheckpointError(
+                    f"resume=auto: none of the {len(skipped)} checkpoint(s) in {self.ckpt_dir} "
+                    "can be used (each is named above); resume from another with "
+                    "checkpoint.resume=<folder>, or move them away to start fresh")
             if found is None:
                 log(self.info, f"resume=auto: no checkpoint in {self.ckpt_dir}; starting fresh")
                 return
             path = found.path
         else:
-            path = Path(want)
-            if not path.is_dir():
-                raise checkpoint.CheckpointError(f"checkpoint.resume={want!r}: no such folder")
+            path = Path(want)  # that it is a folder, the checks before the model was built say
+            checkpoint.verify(path)
         state = checkpoint.read_trainer_state(path)
         checkpoint.check_signature(path, state.get("signature", {}), self.signature)
         # an imported model (import_reference) has weights only: a fresh optimizer
