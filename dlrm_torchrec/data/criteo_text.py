@@ -356,13 +356,36 @@ def _raw_blocks(path: str, block: int) -> Iterator[bytes]:
                     if not comp:
                         break
                     d = zlib.decompressobj(wbits=31)
+                before = d.copy()  # to recover the output of a call that fails
                 try:
                     out = d.decompress(comp)
                 except zlib.error as e:
+                    out = _output_before_damage(before, comp)
+                    if out:
+                        yield out
                     raise StreamError(CORRUPT_GZIP, str(e)) from None
                 if out:
                     yield out
                 comp = d.unused_data if d.eof else b""
+
+
+def _output_before_damage(d, comp: bytes) -> bytes:
+    """What decompressor `d` gives for `comp` up to the byte where it fails. A failing call
+    returns nothing, so a damaged stream (a CRC mismatch is found only in the member's
+    trailer) would lose the lines of the whole call; fed in 1 KB steps, then byte by byte
+    from the failing step, everything before the damage comes out."""
+    parts = []
+    pos = 0
+    for step in (1 << 10, 1):
+        while pos < len(comp):
+            before = d.copy()
+            try:
+                parts.append(d.decompress(comp[pos:pos + step]))
+            except zlib.error:
+                d = before
+                break
+            pos += step
+    return b"".join(parts)
 
 
 @dataclass

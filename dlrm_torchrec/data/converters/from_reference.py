@@ -233,6 +233,9 @@ def _day_prefix_files(src: str) -> Tuple[Optional[str], List[str]]:
 def find_layout(src: str, layout: Optional[str], dataset: Optional[str],
                 counts_file: Optional[str], day_count_file: Optional[str]) -> Found:
     """The reference's preprocessed data in `src` (a folder, or the `file` layout's .npz)."""
+    for given in (counts_file, day_count_file):
+        if given:
+            check_input_file(given)
     if os.path.isfile(src) and src.endswith(".npz"):
         layout, folder = layout or "file", os.path.dirname(src) or "."
     elif os.path.isdir(src):
@@ -280,9 +283,6 @@ def find_layout(src: str, layout: Optional[str], dataset: Optional[str],
         files = whole
         dataset = dataset or ("terabyte" if "terabyte" in os.path.basename(whole[0])
                               else "kaggle")
-    for given in (counts_file, day_count_file):
-        if given:
-            check_input_file(given)
     counts_file = counts_file or _one(os.path.join(folder, "*_fea_count.npz"), "*_fea_count.npz")
     day_count_file = day_count_file or _one(os.path.join(folder, "*_day_count.npz"),
                                             "*_day_count.npz")
@@ -421,8 +421,8 @@ def adopt(src: str, out: str, layout: Optional[str] = None, dataset: Optional[st
           counts_file: Optional[str] = None, day_count_file: Optional[str] = None,
           workers: int = 1, log=print) -> Dict:
     """Adopt the reference's preprocessed data in `src` into `out`; returns meta.json."""
-    found = find_layout(src, layout, dataset, counts_file, day_count_file)
     check_output(out, SOURCE)
+    found = find_layout(src, layout, dataset, counts_file, day_count_file)
     counts = read_counts(found)
     day_sizes = (_load_small(found.day_count_file, "total_per_file").tolist()
                  if found.day_count_file else None)

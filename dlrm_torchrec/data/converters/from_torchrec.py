@@ -262,6 +262,9 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     part_sets = [{"dense": os.path.join(src, f"{stem}_dense.npy"),
                   "sparse": sparse_path(sparse_dir, stem, sparse_suffix),
                   "labels": os.path.join(src, f"{stem}_labels.npy")} for stem in stems]
+    for parts in part_sets:  # every file is there before the scan starts
+        for path in parts.values():
+            check_input_file(path)
     scans = map_in_workers(scan_file_set, [(p["dense"], p["sparse"], p["labels"])
                                            for p in part_sets], workers)
     dtypes = set()
