@@ -2,6 +2,7 @@
 publication, refusal of foreign/corrupt/malicious checkpoints, eval-only, non-finite loss,
 and restart after a killed rank under torchrun with every sample consumed once."""
 
+import hashlib
 import json
 import os
 import pickle
@@ -129,7 +130,13 @@ class _Evil:
 
 def test_loading_never_runs_pickled_code_from_the_checkpoint(uninterrupted, tmp_path):
     ckpt = _copy_checkpoint(uninterrupted, tmp_path)
-    (ckpt / ".metadata").write_bytes(pickle.dumps(_Evil()))
+    evil = pickle.dumps(_Evil())
+    (ckpt / ".metadata").write_bytes(evil)
+    # an attacker rewrites the manifest too, so the checksums pass and the reader is tried
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    manifest["files"][".metadata"] = {"bytes": len(evil),
+                                      "sha256": hashlib.sha256(evil).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
     proc = _entry(BASE + ["checkpoint.resume=auto", f"logging.run_dir={tmp_path}"])
     assert proc.returncode == 1
     assert "refusing to load" in proc.stderr and "system" in proc.stderr
