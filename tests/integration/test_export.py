@@ -2,6 +2,7 @@
 torch.export program that predict what the sharded model predicts; int8 tables stay within
 a stated tolerance; QR and MD models export; bad input gives `error: ...`."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -193,7 +194,7 @@ def test_missing_checkpoint_is_an_error_without_traceback(tmp_path):
     proc = _cli("--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
                 str(tmp_path / "out"), f"logging.run_dir={tmp_path}")
     assert proc.returncode == 1
-    assert proc.stderr.strip().startswith("error: --checkpoint auto: no complete checkpoint in")
+    assert proc.stderr.strip().startswith("error: --checkpoint auto: no usable checkpoint in")
     assert "Traceback" not in proc.stderr
 
 
@@ -272,13 +273,22 @@ def test_truncated_or_malicious_checkpoint_is_refused(trained, tmp_path, capsys)
     args = ["--config", "configs/tiny_cpu.yaml", "--checkpoint", str(bad), "--out",
             str(tmp_path / "out"), *BASE]
     assert export_cli.main(args) == 1
-    assert capsys.readouterr().err.startswith(f"error: {bad}: cannot be loaded")
+    # the manifest finds the short shard before any reader runs
+    assert capsys.readouterr().err.startswith(
+        f"error: {shard}: 1000 bytes, manifest.json records")
 
     class Evil:
         def __reduce__(self):
             return (os.system, ("touch PWNED_BY_EXPORT",))
 
-    (bad / ".metadata").write_bytes(pickle.dumps(Evil()))
+    # an attacker rewrites the manifest too, so the checksums pass and the reader is tried
+    shutil.copy(src / shard.name, shard)
+    evil = pickle.dumps(Evil())
+    (bad / ".metadata").write_bytes(evil)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"][".metadata"] = {"bytes": len(evil),
+                                      "sha256": hashlib.sha256(evil).hexdigest()}
+    (bad / "manifest.json").write_text(json.dumps(manifest))
     assert export_cli.main(args) == 1
     err = capsys.readouterr().err
     assert "refusing to load" in err and "system" in err
