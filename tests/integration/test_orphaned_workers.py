@@ -113,6 +113,99 @@ def test_loader_workers_exit_when_training_is_killed(tmp_path):
     kill_and_check_workers([sys.executable, "-c", script], 2, tmp_path)
 
 
+def test_loader_workers_of_a_fork_server_exit_when_training_is_killed(tmp_path):
+    """With multiprocessing's fork server (Python 3.14's default on Linux) the workers are
+    the server's children, not the training process's: they must still end with it."""
+    script = textwrap.dedent("""
+        import os, time
+        from dlrm_torchrec.data.loader import PrefetchingSource
+
+        class SlowSource:
+            def num_batches(self, split):
+                return 4
+
+            def batches(self, split, epoch=0, start_batch=0):
+                open(f"worker-{os.getpid()}", "w").close()
+                time.sleep(120)
+                yield None
+
+        if __name__ == "__main__":
+            loader = PrefetchingSource(SlowSource(), num_workers=2, mp_context="forkserver")
+            for _ in loader.batches("train"):
+                pass
+    """)
+    (tmp_path / "slow_training.py").write_text(script)
+    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
+    proc = subprocess.Popen([sys.executable, "slow_training.py"], cwd=tmp_path, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    kids = []
+    try:
+        deadline = time.time() + 60
+        while len(kids) < 2:
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "the workers never started"
+            time.sleep(0.05)
+            kids = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+        assert all(pid not in children(proc.pid) for pid in kids)  # the server's, not its
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + GRACE_SECONDS
+        while any(map(running, kids)) and time.time() < deadline:
+            time.sleep(0.05)
+        left = [k for k in kids if running(k)]
+        assert not left, f"workers {left} of the killed process {proc.pid} are still running"
+    finally:
+        for k in kids:
+            if running(k):
+                os.kill(k, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+        proc.stderr.close()
+
+
+def test_a_worker_started_through_another_process_ends_with_its_owner():
+    """The owner is not the worker's parent (as with a fork server, whose lifetime the
+    worker cannot rely on): the worker waits on the owner itself."""
+    from dlrm_torchrec.data import worker_exit
+
+    owner = os.fork()
+    if owner == 0:  # the owner: lives until the test kills it
+        time.sleep(60)
+        os._exit(0)
+    r, w = os.pipe()
+    worker = os.fork()
+    if worker == 0:  # the worker: a child of the test, told to end with `owner`
+        try:
+            os.close(r)
+            worker_exit.exit_with_parent(owner)
+            os.write(w, b"armed")
+            time.sleep(60)
+        finally:
+            os._exit(0)
+    os.close(w)
+    try:
+        assert os.read(r, 16) == b"armed"
+        time.sleep(0.3)
+        assert running(worker), "the worker ended while its owner was alive"
+        os.kill(owner, signal.SIGKILL)
+        os.waitpid(owner, 0)
+        deadline = time.time() + GRACE_SECONDS
+        while time.time() < deadline:
+            pid, _ = os.waitpid(worker, os.WNOHANG)
+            if pid:
+                return
+            time.sleep(0.05)
+        raise AssertionError("the worker outlived its owner")
+    finally:
+        os.close(r)
+        for pid in (owner, worker):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
 def _fork_worker_of_short_lived_parent(arm):
     """Fork a parent that forks a worker calling `arm(parent_pid)`, then exits; returns the
     worker's pid. The worker sleeps, so only `arm` can end it."""

@@ -47,14 +47,17 @@ def test_workers_yield_the_sources_batches_in_order(workers, start):
     assert len(got) == 10 - start
 
 
-def test_spawned_workers_get_the_source_pickled_and_yield_the_same_batches(tmp_path):
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+def test_workers_not_forked_get_the_source_pickled_and_yield_the_same_batches(tmp_path,
+                                                                             start_method):
     """Where workers are not forked (macOS, Python 3.14's forkserver default) the source
-    crosses to them pickled: generated, QR-wrapped and Criteo sources alike."""
+    crosses to them pickled: generated, QR-wrapped and Criteo sources alike. A fork server's
+    workers are its children, not the training process's, and must still start."""
     emb = EmbeddingsConfig(num_embeddings_per_feature=[50, 7, 300], qr_threshold=40)
     make_folder(tmp_path)
     for src in (wrap_source(generated(), emb), criteo_source(tmp_path, rank=1, world=2)):
         want = list(src.batches("val"))
-        got = list(PrefetchingSource(src, 1, mp_context="spawn").batches("val"))
+        got = list(PrefetchingSource(src, 1, mp_context=start_method).batches("val"))
         assert_same_batches(got, want)
 
 
