@@ -92,6 +92,15 @@ def test_adoption_workers_exit_when_it_is_killed(tmp_path):
     kill_and_check_workers([sys.executable, "-c", script], 2, tmp_path)
 
 
+def test_prepare_mlperf_workers_exit_when_it_is_killed(tmp_path):
+    script = textwrap.dedent("""
+        import time
+        from dlrm_torchrec.data.converters.prepare_mlperf import _Pool
+        _Pool(2).run("parse", [("a", time.sleep, (120,)), ("b", time.sleep, (120,))])
+    """)
+    kill_and_check_workers([sys.executable, "-c", script], 2, tmp_path)
+
+
 def test_loader_workers_exit_when_training_is_killed(tmp_path):
     # the workers are killed while they build a batch, when torch's own check of the parent
     # (between batches) cannot see it

@@ -72,6 +72,7 @@ from dlrm_torchrec.data.converters.preprocess import (
     npy_header,
     write_json,
 )
+from dlrm_torchrec.data.worker_exit import exit_with_parent
 
 DAYS = 24
 TRAIN_DAYS = DAYS - 1
@@ -527,7 +528,8 @@ class _Pool:
             import multiprocessing as mp
 
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self.ex = ProcessPoolExecutor(workers, mp_context=ctx)
+            self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent,
+                                          initargs=(os.getpid(),))
 
     def run(self, stage: str, tasks: Iterable[Tuple[str, Callable, tuple]]) -> Dict[str, object]:
         results: Dict[str, object] = {}
