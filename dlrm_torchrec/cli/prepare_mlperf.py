@@ -8,7 +8,8 @@ import time
 from typing import Optional, Sequence
 
 from dlrm_torchrec.cli import run_tool
-from dlrm_torchrec.data.converters.prepare_mlperf import PrepareError, Settings, run
+from dlrm_torchrec.data.converters import mlperf_multi_hot as mh
+from dlrm_torchrec.data.converters.prepare_mlperf import STAGES, PrepareError, Settings, run
 from dlrm_torchrec.data.converters.preprocess import print_report
 
 
@@ -37,19 +38,85 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
                     help="seed of the shuffle, as shuffle_preproc_criteo.py (MLPerf: 0)")
     ap.add_argument("--keep-work", action="store_true",
                     help="keep the work files in OUTPUT/.prepare")
+    mhg = ap.add_argument_group(
+        "multi-hot bags", "MLPerf's day_{d}_sparse_multi_hot.npz, as its "
+        "materialize_synthetic_multihot_dataset.py writes them (defaults: MLPerf's)")
+    mhg.add_argument("--multi-hot", action="store_true",
+                     help="also write the multi-hot bags of every day")
+    mhg.add_argument("--multi-hot-sizes",
+                     help="bag size of each of the 26 features, comma-separated (default: "
+                          "MLPerf's, data.multi_hot_sizes of configs/mlperf_dcnv2.yaml)")
+    mhg.add_argument("--multi-hot-table-sizes",
+                     help="rows of each of the 26 lookup tables (ids are taken mod it), "
+                          "comma-separated (default: MLPerf's, "
+                          "embeddings.num_embeddings_per_feature of configs/mlperf_dcnv2.yaml)")
+    mhg.add_argument("--multi-hot-distribution",
+                     help="uniform or pareto (default: uniform, as MLPerf)")
+    dg = ap.add_argument_group(
+        "several tasks", "each task takes every world-size-th task of a stage; started by "
+        "torchrun (torchx's dist.ddp) the ranks come from its RANK and WORLD_SIZE")
+    dg.add_argument("--stage", default="all",
+                    help="all (with a barrier between stages when there are several tasks), "
+                         "or one of " + ", ".join(STAGES) + " after the ones before it")
+    dg.add_argument("--rank", type=int, default=None, help="this task's rank (default: $RANK or 0)")
+    dg.add_argument("--world-size", type=int, default=None,
+                    help="number of tasks (default: $WORLD_SIZE or 1)")
     a = ap.parse_args(argv)
+    given = [flag for flag, v in (("--multi-hot-sizes", a.multi_hot_sizes),
+                                  ("--multi-hot-table-sizes", a.multi_hot_table_sizes),
+                                  ("--multi-hot-distribution", a.multi_hot_distribution))
+             if v is not None]
+    if given and not a.multi_hot:
+        raise PrepareError(f"{given[0]} is given without --multi-hot")
+    try:
+        sizes = (mh.parse_sizes(a.multi_hot_sizes, "--multi-hot-sizes") if a.multi_hot_sizes
+                 else list(mh.MLPERF_BAG_SIZES))
+        tables = (mh.parse_sizes(a.multi_hot_table_sizes, "--multi-hot-table-sizes")
+                  if a.multi_hot_table_sizes else list(mh.MLPERF_TABLE_SIZES))
+        rank = a.rank if a.rank is not None else int(os.environ.get("RANK", "0"))
+        world = (a.world_size if a.world_size is not None
+                 else int(os.environ.get("WORLD_SIZE", "1")))
+    except ValueError as e:
+        raise PrepareError(str(e)) from None
     return Settings(inputs=list(a.inputs), output=a.output, workers=a.workers,
                     memory_gb=a.memory_gb, exact_ids=a.exact_ids,
-                    drop_malformed=a.drop_malformed, seed=a.random_seed, keep_work=a.keep_work)
+                    drop_malformed=a.drop_malformed, seed=a.random_seed, keep_work=a.keep_work,
+                    multi_hot=a.multi_hot, multi_hot_sizes=sizes, multi_hot_table_sizes=tables,
+                    multi_hot_distribution=a.multi_hot_distribution or "uniform", stage=a.stage, rank=rank,
+                    world_size=world)
+
+
+def _barrier(s: Settings):
+    """Between stages of `--stage all` on several tasks: a gloo barrier over the process
+    group torchrun describes (MASTER_ADDR, MASTER_PORT). Stages take hours at full scale, so
+    the group waits up to a week; the job's time limit ends a hung run first."""
+    if s.world_size == 1 or s.stage != "all":
+        return lambda: None
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", rank=s.rank, world_size=s.world_size,
+                                timeout=timedelta(days=7))
+    return dist.barrier
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    s = parse_args(argv)
+    try:
+        s = parse_args(argv)
+    except PrepareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     t0 = time.time()
-    rc, report = run_tool(lambda: run(s), (PrepareError,),
+    rc, report = run_tool(lambda: run(s, _barrier(s)), (PrepareError,),
                           "interrupted; rerun the same command to resume")
     if rc:
         return rc
+    if report is None:
+        print(f"stage {s.stage}: task {s.rank} of {s.world_size} done in "
+              f"{time.time() - t0:.1f} s", file=sys.stderr)
+        return 0
     print_report(report, out=sys.stderr)
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024

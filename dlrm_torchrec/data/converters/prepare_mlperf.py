@@ -64,6 +64,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from dlrm_torchrec.data import criteo_text as ct
+from dlrm_torchrec.data.converters import mlperf_multi_hot as mh
 from dlrm_torchrec.data.converters.from_torchrec import AdoptError, adopt
 from dlrm_torchrec.data.converters.preprocess import (
     HEADER_BYTES,
@@ -91,6 +92,8 @@ PLACE_BYTES_PER_ROW = 2 * RECORD.itemsize + 4 * (NUM_DENSE + NUM_SPARSE + 1)
 DISK_BYTES_PER_ROW = 160 + 4 * NUM_SPARSE + RECORD.itemsize + 160 + 8
 PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
+# the stages in order; `--stage all` runs them all, with a barrier between two
+STAGES = ("parse", "vocab", "scatter", "place", "multi_hot", "meta")
 
 
 class PrepareError(Exception):
@@ -107,13 +110,23 @@ class Settings:
     drop_malformed: bool = False
     seed: int = 0
     keep_work: bool = False
+    multi_hot: bool = False
+    multi_hot_sizes: List[int] = field(default_factory=lambda: list(mh.MLPERF_BAG_SIZES))
+    multi_hot_table_sizes: List[int] = field(default_factory=lambda: list(mh.MLPERF_TABLE_SIZES))
+    multi_hot_distribution: str = "uniform"
+    stage: str = "all"
+    rank: int = 0
+    world_size: int = 1
     log: Callable[[str], None] = field(default=lambda m: print(m, file=sys.stderr))
 
     def identity(self) -> dict:
         """What the output bytes depend on: a rerun must match it to resume."""
         return {"inputs": [[os.path.basename(p), os.path.getsize(p)] for p in self.inputs],
                 "exact_ids": self.exact_ids, "drop_malformed": self.drop_malformed,
-                "seed": self.seed}
+                "seed": self.seed, **({"multi_hot": {
+                    "sizes": list(self.multi_hot_sizes),
+                    "table_sizes": list(self.multi_hot_table_sizes),
+                    "distribution": self.multi_hot_distribution}} if self.multi_hot else {})}
 
     @property
     def work(self) -> str:
@@ -159,6 +172,16 @@ def check_inputs(s: Settings) -> None:
         raise PrepareError(f"--workers {s.workers}: must be at least 1")
     if not s.memory_gb > 0:
         raise PrepareError(f"--memory-gb {s.memory_gb}: must be > 0")
+    if s.multi_hot:
+        problem = mh.problem(s.multi_hot_sizes, s.multi_hot_table_sizes,
+                             s.multi_hot_distribution)
+        if problem:
+            raise PrepareError(problem)
+    if s.stage != "all" and s.stage not in STAGES:
+        raise PrepareError(f"--stage {s.stage}: must be all or one of {', '.join(STAGES)}")
+    if not 0 <= s.rank < s.world_size:
+        raise PrepareError(f"rank {s.rank} of {s.world_size} tasks: the rank must be in "
+                           f"0 .. {s.world_size - 1}")
     missing = [p for p in s.inputs if not os.path.isfile(p)]
     if missing:
         raise PrepareError("input file(s) not found: " + ", ".join(missing))
@@ -200,7 +223,12 @@ def check_inputs(s: Settings) -> None:
 
 def check_disk(s: Settings) -> None:
     """Enough free space for the estimated peak, less what earlier runs already wrote."""
-    need = sum(estimate_rows(p) for p in s.inputs) * DISK_BYTES_PER_ROW
+    rows = sum(estimate_rows(p) for p in s.inputs)
+    need = rows * DISK_BYTES_PER_ROW
+    if s.multi_hot:
+        # the bags, the per-feature id files of the days being expanded, the tables
+        need += (mh.npz_bytes(rows, s.multi_hot_sizes) + rows * 4 * NUM_SPARSE
+                 + mh.table_bytes(s.multi_hot_sizes, s.multi_hot_table_sizes))
     if os.path.isdir(s.output):
         need -= _folder_bytes(s.output)
     folder = s.output
@@ -571,65 +599,126 @@ def bucket_plan(rows_per_day: List[int], bucket_rows: int) -> Tuple[np.ndarray, 
     return np.array(starts, dtype=np.int64), buckets
 
 
-def run(s: Settings) -> Report:
-    """Prepare according to `s`; raises PrepareError for user mistakes."""
-    check_inputs(s)
-    check_disk(s)
-    log, work, out = s.log, s.work, s.output
-    for sub in ("parse", "vocab", "scatter", "place"):
-        os.makedirs(os.path.join(work, sub), exist_ok=True)
-    write_json(os.path.join(work, "settings.json"), s.identity())
-    parse_dir = os.path.join(work, "parse")
-    budget = int(s.memory_gb * (1 << 30)) // s.workers
-    chunk_rows = max(1 << 10, min(1 << 20, budget // (4 * PLACE_BYTES_PER_ROW)))
-    pool = _Pool(s.workers)
-    t0 = time.time()
-    try:
-        # 1. parse
-        todo = [d for d in range(DAYS)
-                if not os.path.exists(os.path.join(parse_dir, f"day_{d}", "stats.json"))]
-        pool.run("parse", [(str(d), parse_day, (d, s.inputs[d], os.path.join(parse_dir, f"day_{d}"),
-                                               s.drop_malformed)) for d in todo])
-        stats = []
+def _stage_error(stage: str, missing: str, before: str) -> PrepareError:
+    return PrepareError(f"--stage {stage}: {missing}; run --stage {before} first (all its "
+                        "tasks), or --stage all")
+
+
+class _Run:
+    """One process's part of a run: the stages it is asked for, its share of each stage's
+    tasks (task i of a stage belongs to rank i mod world_size) and the shared layout."""
+
+    def __init__(self, s: Settings, pool: _Pool):
+        self.s, self.pool, self.log = s, pool, s.log
+        self.work, self.out = s.work, s.output
+        self.parse_dir = os.path.join(self.work, "parse")
+        self.budget = int(s.memory_gb * (1 << 30)) // s.workers
+        self.chunk_rows = max(1 << 10, min(1 << 20, self.budget // (4 * PLACE_BYTES_PER_ROW)))
+        self.t0 = time.time()
+
+    def share(self, stage: str, tasks: List[Tuple[str, Callable, tuple, Callable[[], bool]]]) -> None:
+        """Run this rank's share of `tasks` (key, function, arguments, done?), skipping those
+        done. The share is cut from the whole list, so every rank agrees on it however far
+        the others have got."""
+        mine = tasks[self.s.rank::self.s.world_size]
+        self.pool.run(stage, [(k, fn, args) for k, fn, args, done in mine if not done()])
+
+    def say(self, msg: str) -> None:
+        if self.s.rank == 0:
+            self.log(f"{msg} ({time.time() - self.t0:.1f} s)")
+
+    # -- what earlier stages left
+    def stats(self, stage: str) -> List[dict]:
+        out = []
         for d in range(DAYS):
-            with open(os.path.join(parse_dir, f"day_{d}", "stats.json")) as f:
-                stats.append(json.load(f))
-        rows = [st["rows"] for st in stats]
-        log(f"parse: {sum(rows):,} rows in {DAYS} days ({time.time() - t0:.1f} s)")
-        # 2. vocab and permutation
-        vocab_dir = os.path.join(work, "vocab")
-        inverse_path = os.path.join(work, "inverse.npy")
-        tasks = [(f"vocab {f}", build_vocab, (f, parse_dir, vocab_dir)) for f in range(NUM_SPARSE)
-                 if not os.path.exists(os.path.join(vocab_dir, f"ids_{f}.npy"))]
-        if not os.path.exists(inverse_path):
-            tasks.insert(0, ("permute", permute, (sum(rows[:TRAIN_DAYS]), s.seed, inverse_path)))
-        pool.run("vocab", tasks)
-        log(f"vocab and permutation ({time.time() - t0:.1f} s)")
-        # 3. scatter (the bucket plan of the first run is kept, so resumed scatters agree)
-        plan_path = os.path.join(work, "buckets.json")
-        if not os.path.exists(plan_path):
-            write_json(plan_path, {"bucket_rows": max(1, budget // PLACE_BYTES_PER_ROW)})
-        with open(plan_path) as f:
+            path = os.path.join(self.parse_dir, f"day_{d}", "stats.json")
+            if not os.path.exists(path):
+                raise _stage_error(stage, f"day {d} is not parsed", "parse")
+            with open(path) as f:
+                out.append(json.load(f))
+        return out
+
+    def rows(self, stage: str) -> List[int]:
+        return [st["rows"] for st in self.stats(stage)]
+
+    def buckets(self, stage: str):
+        with open(os.path.join(self.work, "buckets.json")) as f:
             bucket_rows = json.load(f)["bucket_rows"]
-        starts, buckets = bucket_plan(rows[:TRAIN_DAYS], bucket_rows)
+        return bucket_plan(self.rows(stage)[:TRAIN_DAYS], bucket_rows)
+
+    # -- the stages
+    def parse(self) -> None:
+        s = self.s
+        if s.rank == 0:
+            check_disk(s)
+            for sub in ("parse", "vocab", "scatter", "place"):
+                os.makedirs(os.path.join(self.work, sub), exist_ok=True)
+            write_json(os.path.join(self.work, "settings.json"), s.identity())
+            # the bucket plan of the first run is kept, so resumed scatters agree
+            plan_path = os.path.join(self.work, "buckets.json")
+            if not os.path.exists(plan_path):
+                write_json(plan_path, {"bucket_rows": max(1, self.budget // PLACE_BYTES_PER_ROW)})
+        else:
+            os.makedirs(self.parse_dir, exist_ok=True)
+        stats_path = lambda d: os.path.join(self.parse_dir, f"day_{d}", "stats.json")  # noqa: E731
+        tasks = [(str(d), parse_day, (d, s.inputs[d], os.path.join(self.parse_dir, f"day_{d}"),
+                                      s.drop_malformed),
+                  lambda d=d: os.path.exists(stats_path(d))) for d in range(DAYS)]
+        if s.multi_hot:
+            # the lookup tables need nothing but the options: drawn beside the parsing
+            tables = os.path.join(self.work, "multi_hot", "tables")
+            tasks.insert(0, ("tables", mh.draw_tables,
+                             (tables, s.multi_hot_sizes, s.multi_hot_table_sizes,
+                              s.multi_hot_distribution, self.budget),
+                             lambda: mh.tables_done(tables)))
+        self.share("parse", tasks)
+        if s.world_size == 1:
+            self.say(f"parse: {sum(self.rows('parse')):,} rows in {DAYS} days")
+
+    def vocab(self) -> None:
+        rows = self.rows("vocab")
+        vocab_dir = os.path.join(self.work, "vocab")
+        inverse_path = os.path.join(self.work, "inverse.npy")
+        tasks = [("permute", permute, (sum(rows[:TRAIN_DAYS]), self.s.seed, inverse_path),
+                  lambda: os.path.exists(inverse_path))]
+        tasks += [(f"vocab {f}", build_vocab, (f, self.parse_dir, vocab_dir),
+                   lambda f=f: os.path.exists(os.path.join(vocab_dir, f"ids_{f}.npy")))
+                  for f in range(NUM_SPARSE)]
+        self.share("vocab", tasks)
+        self.say("vocab and permutation")
+
+    def scatter(self) -> None:
+        vocab_dir = os.path.join(self.work, "vocab")
+        if not (os.path.exists(os.path.join(self.work, "inverse.npy")) and all(
+                os.path.exists(os.path.join(vocab_dir, f"ids_{f}.npy")) for f in range(NUM_SPARSE))):
+            raise _stage_error("scatter", "the vocabularies or the permutation are missing",
+                               "vocab")
+        rows = self.rows("scatter")
+        starts, buckets = self.buckets("scatter")
         offsets = np.cumsum([0] + rows[:TRAIN_DAYS]).tolist()
-        eval_done = all(os.path.exists(os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy"))
-                        for p, _ in PARTS)
-        tasks = [] if eval_done else [("eval", write_eval_day, (work, out, chunk_rows))]
-        tasks += [(str(d), scatter_day, (d, work, offsets[d], starts, s.exact_ids, chunk_rows,
-                                         budget // 2))
-                  for d in range(TRAIN_DAYS)
-                  if not os.path.isdir(os.path.join(work, "scatter", f"day_{d}"))]
-        pool.run("scatter", tasks)
-        log(f"scatter: {len(buckets)} buckets ({time.time() - t0:.1f} s)")
-        # 4. place
+        out, work = self.out, self.work
+        eval_done = lambda: all(os.path.exists(os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy"))  # noqa: E731
+                                for p, _ in PARTS)
+        tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), eval_done)]
+        tasks += [(str(d), scatter_day, (d, work, offsets[d], starts, self.s.exact_ids,
+                                         self.chunk_rows, self.budget // 2),
+                   lambda d=d: os.path.isdir(os.path.join(work, "scatter", f"day_{d}")))
+                  for d in range(TRAIN_DAYS)]
+        if self.s.rank == 0:
+            # the place stage writes into these at offsets; made here, before it starts on
+            # any rank, because making them there could replace a file another rank fills
+            self.allocate(rows)
+        self.share("scatter", tasks)
+        self.say(f"scatter: {len(buckets)} buckets")
+
+    def allocate(self, rows: List[int]) -> None:
         for day in range(TRAIN_DAYS):
-            if os.path.exists(os.path.join(out, f"day_{day}_labels.npy")):
+            if os.path.exists(os.path.join(self.out, f"day_{day}_labels.npy")):
                 continue
             for part, width in PARTS:
-                if os.path.exists(os.path.join(out, f"day_{day}_{part}.npy")):
+                if os.path.exists(os.path.join(self.out, f"day_{day}_{part}.npy")):
                     continue  # published by a run killed while it renamed the day's parts
-                path, dtype = _part_path(out, day, part), _out_dtype(part)
+                path, dtype = _part_path(self.out, day, part), _out_dtype(part)
                 header = npy_header(dtype, (rows[day], width))
                 size = len(header) + rows[day] * width * dtype.itemsize
                 if not (os.path.exists(path) and os.path.getsize(path) == size):
@@ -637,31 +726,109 @@ def run(s: Settings) -> Report:
                         fh.write(header)
                         fh.truncate(size)
                     os.replace(path + ".tmp", path)
-        done = lambda b: os.path.exists(os.path.join(work, "place", f"bucket_{b}.done"))  # noqa: E731
-        pool.run("place", [(str(b), place_bucket, (b, work, out) + buckets[b])
-                           for b in range(len(buckets)) if not done(b)
-                           and not os.path.exists(os.path.join(out, f"day_{buckets[b][0]}_labels.npy"))])
+
+    def place(self) -> None:
+        work, out = self.work, self.out
+        missing = [d for d in range(TRAIN_DAYS)
+                   if not os.path.isdir(os.path.join(work, "scatter", f"day_{d}"))]
+        if missing:
+            raise _stage_error("place", f"day {missing[0]} is not scattered", "scatter")
+        _, buckets = self.buckets("place")
         for day in range(TRAIN_DAYS):
-            # labels last: their presence marks the day published
+            if not os.path.exists(os.path.join(out, f"day_{day}_labels.npy")) and not \
+                    os.path.exists(_part_path(out, day, "labels")):
+                raise _stage_error("place", f"the output files of day {day} are not made",
+                                   "scatter")
+
+        def done(b: int) -> bool:
+            return (os.path.exists(os.path.join(work, "place", f"bucket_{b}.done"))
+                    or os.path.exists(os.path.join(out, f"day_{buckets[b][0]}_labels.npy")))
+
+        self.share("place", [(str(b), place_bucket, (b, work, out) + buckets[b],
+                              lambda b=b: done(b)) for b in range(len(buckets))])
+        self.say("place")
+
+    def publish(self, stage: str) -> None:
+        """Rename the placed days into place, each once all its buckets are placed. Any rank
+        may do it, several at once: a part another rank has just renamed is skipped; labels
+        go last, as their presence marks the day published."""
+        _, buckets = self.buckets(stage)
+        placed = os.path.join(self.work, "place")
+        for day in range(TRAIN_DAYS):
+            if os.path.exists(os.path.join(self.out, f"day_{day}_labels.npy")):
+                continue
+            if any(d == day and not os.path.exists(os.path.join(placed, f"bucket_{b}.done"))
+                   for b, (d, _, _) in enumerate(buckets)):
+                raise _stage_error(stage, f"day {day} is not placed", "place")
             for part in ("dense", "sparse", "labels"):
-                if os.path.exists(_part_path(out, day, part)):
-                    os.replace(_part_path(out, day, part),
-                               os.path.join(out, f"day_{day}_{part}.npy"))
-        log(f"place ({time.time() - t0:.1f} s)")
+                try:
+                    os.replace(_part_path(self.out, day, part),
+                               os.path.join(self.out, f"day_{day}_{part}.npy"))
+                except FileNotFoundError:
+                    pass
+        if not os.path.exists(os.path.join(self.out, f"day_{TRAIN_DAYS}_labels.npy")):
+            raise _stage_error(stage, f"day {TRAIN_DAYS} is not written", "scatter")
+
+    def multi_hot(self) -> None:
+        s = self.s
+        if not s.multi_hot:
+            return
+        tables = os.path.join(self.work, "multi_hot", "tables")
+        self.publish("multi_hot")
+        if not mh.tables_done(tables):
+            raise _stage_error("multi_hot", "the multi-hot lookup tables are not drawn", "parse")
+        npz = lambda d: os.path.join(self.out, f"day_{d}_sparse_multi_hot.npz")  # noqa: E731
+        self.share("multi_hot", [
+            (str(d), mh.write_day, (os.path.join(self.out, f"day_{d}_sparse.npy"), npz(d),
+                                    tables, os.path.join(self.work, "multi_hot", f"day_{d}"),
+                                    s.multi_hot_sizes, s.multi_hot_table_sizes, self.budget),
+             lambda d=d: os.path.exists(npz(d))) for d in range(DAYS)])
+        self.say("multi-hot bags")
+
+    def meta(self) -> Report:
+        s, out = self.s, self.out
+        self.publish("meta")
+        if s.multi_hot:
+            missing = [d for d in range(DAYS)
+                       if not os.path.exists(os.path.join(out, f"day_{d}_sparse_multi_hot.npz"))]
+            if missing:
+                raise _stage_error("meta", f"the multi-hot bags of day {missing[0]} are not "
+                                   "written", "multi_hot")
+        stats = self.stats("meta")
+        try:
+            adopt(out, out, "terabyte", DAYS, None, ("val", "test"), None, s.workers, log=self.log)
+        except AdoptError as e:
+            raise RuntimeError(f"the prepared files fail their check: {e}") from None
+        report = Report()
+        for d, st in enumerate(stats):
+            bad = ct.BadRows(st["bad_counts"], {k: [tuple(x) for x in v]
+                                                for k, v in st["bad_examples"].items()})
+            report.bad[s.inputs[d]] = bad
+            report.lines += st["lines"]
+            report.rows += st["rows"]
+        if not s.keep_work:
+            shutil.rmtree(self.work)
+        return report
+
+
+def run(s: Settings, barrier: Callable[[], None] = lambda: None) -> Optional[Report]:
+    """Prepare according to `s`: every stage (s.stage "all") or one, this rank's share of
+    each; `barrier` returns once every rank has reached it (between stages). Returns the
+    report where meta.json was written (rank 0 of "all" or "meta"), else None. Raises
+    PrepareError for user mistakes."""
+    check_inputs(s)
+    pool = _Pool(s.workers)
+    r = _Run(s, pool)
+    stages = STAGES[:-1] if s.stage == "all" else [s.stage] if s.stage != "meta" else []
+    try:
+        for i, stage in enumerate(stages):
+            if i:
+                barrier()
+            getattr(r, stage)()
     finally:
         pool.close()
-    # 5. meta.json
-    try:
-        adopt(out, out, "terabyte", DAYS, None, ("val", "test"), None, s.workers, log=log)
-    except AdoptError as e:
-        raise RuntimeError(f"the prepared files fail their check: {e}") from None
-    report = Report()
-    for d, st in enumerate(stats):
-        bad = ct.BadRows(st["bad_counts"], {k: [tuple(x) for x in v]
-                                            for k, v in st["bad_examples"].items()})
-        report.bad[s.inputs[d]] = bad
-        report.lines += st["lines"]
-        report.rows += st["rows"]
-    if not s.keep_work:
-        shutil.rmtree(work)
-    return report
+    if s.stage == "all":
+        barrier()  # every rank's last tasks are done before rank 0 checks the files
+    if s.stage == "meta" or (s.stage == "all" and s.rank == 0):
+        return r.meta()
+    return None
