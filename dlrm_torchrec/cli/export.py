@@ -7,6 +7,7 @@ from typing import List, Optional
 
 from dlrm_torchrec.cli import quiet_libraries
 from dlrm_torchrec.config import ConfigError, load_config, validate
+from dlrm_torchrec.data.file_checks import output_folder_problem
 from dlrm_torchrec.inference.export import (
     QUANTIZED_TABLES,
     ExportError,
@@ -52,6 +53,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         parse_quantize(args.quantize)  # option mistakes first, before reading anything
         parse_onnx(args.onnx)
+        problem = output_folder_problem(args.out)
+        if problem is not None:
+            raise ConfigError(f"--out {args.out}: {problem}")
         if args.config:
             cfg = load_config(args.config, args.overrides)
             ckpt = resolve_checkpoint(args.checkpoint, cfg)

@@ -35,6 +35,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[List[str]] = None) -> int:
     # torch and torchrec load after the arguments parse: --help answers at once
+    from dlrm_torchrec.parallel.planning import DoesNotFit
     from dlrm_torchrec.train.checkpoint import CheckpointError
     from dlrm_torchrec.train.job import train
     from dlrm_torchrec.train.preemption import Preempted
@@ -45,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         cfg = load_config(args.config or DEFAULT_CONFIG, args.overrides)
         train(cfg, eval_only=args.eval_only, split=args.split)
-    except ConfigError as e:
+    except (ConfigError, DoesNotFit) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (CheckpointError, TrainingDiverged) as e:

@@ -6,6 +6,7 @@ value and is raised as `ConfigError`, which the entry points print without a tra
 
 import copy
 import dataclasses
+import math
 import typing
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -69,6 +70,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            # every float setting is a rate, size, weight or threshold: inf and nan would
+            # train (or plan) until something downstream breaks
+            if not math.isfinite(value):
+                raise ConfigError(f"{key}: expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:

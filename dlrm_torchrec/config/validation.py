@@ -36,7 +36,7 @@ def _one_of(key: str, value: str, choices: Sequence[str]) -> None:
 
 def _check_compression(cfg: Config) -> None:
     """QR / MD settings that cannot work (see embedding_layout.py)."""
-    e, s = cfg.embeddings, cfg.sharding
+    e = cfg.embeddings
     if e.qr_threshold > 0 and e.md_alpha > 0:
         raise ConfigError(f"embeddings.md_alpha={e.md_alpha!r} with embeddings.qr_threshold="
                           f"{e.qr_threshold!r}: quotient-remainder and mixed dimensions cannot "
@@ -50,18 +50,34 @@ def _check_compression(cfg: Config) -> None:
         _require(e.dim & (e.dim - 1) == 0, "embeddings.dim", e.dim,
                  "must be a power of two with embeddings.md_round_dims=true")
 
-    for f in embedding_layout(e):  # md_solver raises for impossible dimensions
-        t = f.tables[0]
-        tcfg = s.tables.get(t.name)
-        dense_only = tcfg is not None and tcfg.sharding_types == ["data_parallel"]
-        kernels = list(tcfg.compute_kernels) if tcfg and tcfg.compute_kernels else [s.compute_kernel]
-        if s.sharding_type == "data_parallel" and not (tcfg and tcfg.sharding_types):
-            dense_only = True
-        if t.dim % 4 and not dense_only and any(k != "dense" for k in kernels):
+    embedding_layout(e)  # md_solver raises for impossible dimensions
+
+
+def _check_fused_widths(cfg: Config) -> None:
+    """FBGEMM's fused kernels take rows whose width is a multiple of 4 (TorchRec asserts it
+    deep inside sharding); tables on the dense kernel (data-parallel ones among them) take
+    any width."""
+    e, s = cfg.embeddings, cfg.sharding
+    for f in embedding_layout(e):
+        for t in f.tables:
+            tcfg = s.tables.get(t.name)
+            dense_only = tcfg is not None and tcfg.sharding_types == ["data_parallel"]
+            kernels = (list(tcfg.compute_kernels) if tcfg and tcfg.compute_kernels
+                       else [s.compute_kernel])
+            if s.sharding_type == "data_parallel" and not (tcfg and tcfg.sharding_types):
+                dense_only = True
+            if t.dim % 4 == 0 or dense_only or all(k == "dense" for k in kernels):
+                continue
+            if e.md_alpha > 0:
+                raise ConfigError(
+                    f"embeddings.md_dim_multiple={e.md_dim_multiple!r}: table {t.name} gets "
+                    f"dimension {t.dim}, but FBGEMM's fused kernels need multiples of 4; use "
+                    "embeddings.md_dim_multiple=4, or data-parallel tables (the dense kernel)")
             raise ConfigError(
-                f"embeddings.md_dim_multiple={e.md_dim_multiple!r}: table {t.name} gets "
-                f"dimension {t.dim}, but FBGEMM's fused kernels need multiples of 4; use "
-                "embeddings.md_dim_multiple=4, or data-parallel tables (the dense kernel)")
+                f"embeddings.dim={e.dim!r}: FBGEMM's fused kernels need a multiple of 4 "
+                f"(table {t.name}); use a width such as {max(4, e.dim // 4 * 4)} or "
+                f"{e.dim // 4 * 4 + 4}, or the dense kernel (sharding.compute_kernel=dense, "
+                "or data-parallel tables)")
 
 
 def validate(cfg: Config, world_size: Optional[int] = None) -> None:
@@ -78,6 +94,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _one_of("embeddings.qr_operation", e.qr_operation, QR_OPERATIONS)
     _require(e.md_alpha >= 0, "embeddings.md_alpha", e.md_alpha, "must be >= 0")
     _check_compression(cfg)
+    _check_fused_widths(cfg)
 
     _one_of("model.interaction", m.interaction, INTERACTIONS)
     _require(m.dense_in_features > 0, "model.dense_in_features", m.dense_in_features, "must be > 0")
@@ -137,6 +154,7 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _require(o.eps > 0, "optimizer.eps", o.eps, "must be > 0")
     _require(0 <= o.beta1 < 1, "optimizer.beta1", o.beta1, "must be in [0, 1)")
     _require(0 <= o.beta2 < 1, "optimizer.beta2", o.beta2, "must be in [0, 1)")
+    _require(o.weight_decay >= 0, "optimizer.weight_decay", o.weight_decay, "must be >= 0")
 
     ls = cfg.lr_schedule
     for name in ("warmup_steps", "decay_start_step", "num_decay_steps"):
@@ -188,6 +206,9 @@ def validate(cfg: Config, world_size: Optional[int] = None) -> None:
     _one_of("training.step", t.step, STEP_KINDS)
     _require(len(t.loss_weights) == 2, "training.loss_weights", t.loss_weights,
              "needs two weights: label 0, label 1")
+    _require(all(w >= 0 for w in t.loss_weights) and any(w > 0 for w in t.loss_weights),
+             "training.loss_weights", t.loss_weights,
+             "weights must be >= 0, and one of them > 0")
     _require(0 <= t.target_auc <= 1, "training.target_auc", t.target_auc, "must be in [0, 1]")
     _require(0 <= t.target_accuracy <= 1, "training.target_accuracy", t.target_accuracy,
              "must be in [0, 1]")

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import torch
+import torch.distributed as dist
+from torchrec.distributed.planner.stats import EmbeddingStats
 from torchrec.distributed.planner.types import PlannerError, PlannerErrorType, Stats
+from torchrec.distributed.types import ShardingPlan
 
 from dlrm_torchrec.config import Config, ConfigError, validate
 from dlrm_torchrec.model.dlrm import build_train_module
-from dlrm_torchrec.parallel.sharding import GB, prepare_sharding
+from dlrm_torchrec.parallel.sharding import GB, PlannerInputs, prepare_sharding
 
 SHORT_TYPES = {"table_wise": "TW", "row_wise": "RW", "column_wise": "CW", "table_row_wise": "TWRW",
                "table_column_wise": "TWCW", "data_parallel": "DP"}
@@ -92,6 +95,8 @@ class PlanReport:
     run_seconds: float
     tables: List[TablePlan]
     ranks: List[RankPlan]
+    plan: Optional[ShardingPlan] = None
+    """The plan itself (None when the planner found none)."""
 
     @property
     def world_size(self) -> int:
@@ -123,8 +128,6 @@ def plan_cluster(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, ddr
     memory per node. Raises ConfigError for a bad config and DoesNotFit when no plan exists.
     `torchrec_stats` also logs TorchRec's EmbeddingStats table (logger
     torchrec.distributed.planner.stats, INFO)."""
-    from torchrec.distributed.planner.stats import EmbeddingStats
-
     world = nodes * gpus_per_node
     if nodes < 1 or gpus_per_node < 1:
         raise ConfigError(f"--nodes {nodes} --gpus-per-node {gpus_per_node}: need at least one each")
@@ -138,13 +141,25 @@ def plan_cluster(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, ddr
     module = build_train_module(cfg)  # tables on the meta device
     # the same planner inputs as training's
     inputs = prepare_sharding(cfg, module, world, gpus_per_node, torch.device(device))
+    stats: List[Stats] = [EmbeddingStats()] if torchrec_stats else []
+    report, failure = _plan_and_report(inputs, module, cfg.optimizer.sparse, stats)
+    if failure is not None:
+        raise DoesNotFit(failure)
+    return report
+
+
+def _plan_and_report(inputs: PlannerInputs, module: torch.nn.Module, optimizer: str,
+                     stats: List[Stats], for_training: bool = False):
+    """Run the planner on `inputs` (`stats`: more TorchRec Stats to receive the plan);
+    (report, None) with the plan in report.plan, or (report, why) when no plan exists, `why`
+    in the user's terms with advice for the `plan` command or for training.
+    Raises DoesNotFit when the planner failed before it had a plan to show."""
     recorder = _Recorder()
-    stats: List[Stats] = [recorder] + ([EmbeddingStats()] if torchrec_stats else [])
     try:
-        inputs.planner(stats=stats).plan(module, inputs.sharders)
+        plan = inputs.planner(stats=[recorder, *stats]).plan(module, inputs.sharders)
         failure: Optional[PlannerError] = None
     except PlannerError as e:
-        failure = e
+        plan, failure = None, e
     if not recorder.calls:  # failed before it had a plan to show, e.g. while enumerating
         raise DoesNotFit(f"TorchRec's planner failed: {_first_line(failure)}")
     call = recorder.calls[-1]
@@ -154,11 +169,35 @@ def plan_cluster(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, ddr
     reserved = call["storage_reservation"].reserve(
         topology=topology, batch_size=inputs.per_rank_batch, module=module,
         sharders=inputs.sharders, constraints=inputs.constraints())
-    report = _report(call, nodes, gpus_per_node, device, inputs.per_rank_batch, cfg.optimizer.sparse,
-                     topology.devices[0].storage, reserved.devices[0].storage)
+    nodes = max(1, inputs.world_size // inputs.local_world_size)
+    report = _report(call, nodes, inputs.local_world_size, inputs.device_type,
+                     inputs.per_rank_batch, optimizer, topology.devices[0].storage,
+                     reserved.devices[0].storage)
+    report.plan = plan
     if failure is not None:
-        raise DoesNotFit(_failure_message(report, failure))
-    return report
+        return report, _failure_message(report, failure, inputs.device_type, for_training)
+    return report, None
+
+
+def collective_training_plan(inputs: PlannerInputs, module: torch.nn.Module,
+                             optimizer: str) -> ShardingPlan:
+    """The sharding plan for training: made on rank 0 and sent to every rank, as TorchRec's
+    `collective_plan` does, except that a plan that cannot be made stops every rank with
+    DoesNotFit naming what the tables need and what the ranks have (TorchRec's own
+    PlannerError would leave the other ranks waiting for the broadcast)."""
+    result: List[object] = [None]
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            report, failure = _plan_and_report(inputs, module, optimizer, [EmbeddingStats()],
+                                               for_training=True)
+            result = [report.plan if failure is None else DoesNotFit(failure)]
+        except DoesNotFit as e:
+            result = [e]
+    if dist.is_initialized():
+        dist.broadcast_object_list(result, src=0)
+    if isinstance(result[0], DoesNotFit):
+        raise result[0]
+    return result[0]
 
 
 def _report(call: dict, nodes: int, gpus_per_node: int, device: str, per_rank_batch: int,
@@ -229,20 +268,34 @@ def _ranges(ranks: List[int]) -> str:
     return ",".join(out)
 
 
-def _failure_message(report: PlanReport, error: PlannerError) -> str:
+def _failure_message(report: PlanReport, error: PlannerError, device: str,
+                     for_training: bool = False) -> str:
     weights = sum(t.weight_bytes for t in report.tables)
     opt = sum(optimizer_state_bytes(report.optimizer, t.rows, t.dim) for t in report.tables)
-    where = (f"{report.nodes}x{report.gpus_per_node} {report.device} devices with "
-             f"{_gb(report.hbm_bytes)} GB HBM and {_gb(report.ddr_bytes)} GB host memory each")
+    hbm = f"{_gb(report.hbm_bytes)} GB HBM and " if report.device == "cuda" else ""
+    where = (f"{report.nodes}x{report.gpus_per_node} {report.device} devices with {hbm}"
+             f"{_gb(report.ddr_bytes)} GB host memory each")
     left = report.hbm_for_shards_bytes if report.device == "cuda" else report.ddr_for_shards_bytes
+    # the tables that make most of the weights (at most three)
+    largest = [t for t in sorted(report.tables, key=lambda t: -t.weight_bytes)[:3]
+               if t.weight_bytes * 10 >= weights] or report.tables[:1]
+    named = ", ".join(f"{t.name} {t.rows:,} x {t.dim} ({_gb(t.weight_bytes)} GB)" for t in largest)
+    if for_training:
+        advice = ("Train on more ranks, give them more memory (sharding.hbm_cap_gb, "
+                  "sharding.ddr_cap_gb), " + ("host memory (sharding.compute_kernel="
+                  "fused_uvm_caching), " if device == "cuda" else "")
+                  + "or use fewer rows (embeddings.max_ind_range, "
+                  "embeddings.num_embeddings_per_feature); `python -m dlrm_torchrec.plan` "
+                  "shows what fits")
+    else:
+        advice = ("Use more devices (--nodes, --gpus-per-node), larger ones (--hbm-gb), host "
+                  "memory (sharding.compute_kernel=fused_uvm_caching), or fewer rows "
+                  "(embeddings.max_ind_range)")
     if getattr(error, "error_type", None) == PlannerErrorType.INSUFFICIENT_STORAGE:
         return (f"the embedding tables do not fit on {where}: they need {_gb(weights)} GB of "
                 f"weights + {_gb(opt)} GB of {report.optimizer} state (plus input/output "
-                f"buffers), and the planner leaves {_gb(left)} GB per device for them after its "
-                f"reservations ({_gb(left * report.world_size)} GB in all). Use more devices "
-                "(--nodes, --gpus-per-node), larger ones (--hbm-gb), host memory "
-                "(sharding.compute_kernel=fused_uvm_caching), or fewer rows "
-                "(embeddings.max_ind_range)")
+                f"buffers; the largest: {named}), and the planner leaves {_gb(left)} GB per device for them after its "
+                f"reservations ({_gb(left * report.world_size)} GB in all). {advice}")
     return (f"no sharding plan satisfies the constraints on {where} (sharding.sharding_type, "
             f"sharding.tables.*): {_first_line(error)}")
 

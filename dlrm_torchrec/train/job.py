@@ -6,6 +6,7 @@ from typing import Optional
 from dlrm_torchrec.config import Config, validate
 from dlrm_torchrec.parallel.distributed import init_distributed, shutdown
 from dlrm_torchrec.train.preemption import Preempted
+from dlrm_torchrec.train.run_paths import check_run_paths
 from dlrm_torchrec.train.trainer import Trainer
 
 
@@ -18,6 +19,7 @@ def train(cfg: Config, eval_only: bool = False, split: Optional[str] = None) -> 
     together = False  # every rank leaves at the same point (finished, or agreed to stop)
     try:
         validate(cfg, world_size=info.world_size)
+        check_run_paths(cfg, eval_only)
         trainer = Trainer(cfg, info)
         if eval_only:
             result = trainer.evaluate_only(split or cfg.training.eval_split)

@@ -37,6 +37,7 @@ from dlrm_torchrec.model.dlrm import (
     compile_dense_modules,
 )
 from dlrm_torchrec.parallel.distributed import DistInfo
+from dlrm_torchrec.parallel.planning import collective_training_plan
 from dlrm_torchrec.parallel.precision import (
     apply_matmul_precision,
     check_precision_supported,
@@ -98,8 +99,10 @@ class Trainer:
                                           info.device)
         check_precision_supported(cfg, info.device.type)
         apply_matmul_precision(cfg.precision, info.device)
+        # tables that cannot be placed stop every rank with what they need and what is there
+        plan = collective_training_plan(planner_inputs, module, cfg.optimizer.sparse)
         self.model, self.plan = shard_model(module, planner_inputs, info.device,
-                                            seed=cfg.training.seed)
+                                            seed=cfg.training.seed, plan=plan)
         self.dense_optimizer = dense_optimizer(cfg.optimizer, self.model.named_parameters(),
                                                fused=info.device.type == "cuda")
         self.optimizer = CombinedOptimizer([self.model.fused_optimizer, self.dense_optimizer])

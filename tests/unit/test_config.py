@@ -72,6 +72,14 @@ def test_overrides_take_precedence_over_the_file(tmp_path):
     (["data.id_distribution=zipf"], "data.id_distribution='zipf': applies to data.source=random, not synthetic"),
     (["data.source=random", "data.id_distribution=zipf", "data.zipf_exponent=0"], "data.zipf_exponent=0.0: must be > 0"),
     (["data.id_distribution=normal"], "data.id_distribution='normal': unknown"),
+    (["embeddings.dim=6", "model.bottom_mlp=[6]"],
+     "embeddings.dim=6: FBGEMM's fused kernels need a multiple of 4"),
+    (["embeddings.dim=6", "model.bottom_mlp=[6]", "sharding.compute_kernel=dense",
+      "sharding.tables.t_cat_1.compute_kernels=[fused]"],
+     "embeddings.dim=6: FBGEMM's fused kernels need a multiple of 4 (table t_cat_1)"),
+    (["optimizer.weight_decay=-0.1"], "optimizer.weight_decay=-0.1: must be >= 0"),
+    (["training.loss_weights=[1,-1]"], "training.loss_weights=[1.0, -1.0]: weights must be >= 0"),
+    (["training.loss_weights=[0,0]"], "training.loss_weights=[0.0, 0.0]: weights must be >= 0, and one"),
 ])
 def test_config_errors_name_the_key_and_the_value(overrides, message):
     with pytest.raises(ConfigError) as e:
@@ -110,3 +118,52 @@ def test_errors_name_the_file_or_the_command_line_the_bad_setting_came_from(tmp_
         load_config("configs/tiny_cpu.yaml", ["training.epochs=two"])
     with pytest.raises(ConfigError, match="^command line: data.bach_size: unknown key"):
         load_config("configs/tiny_cpu.yaml", ["data.bach_size=3"])
+
+
+@pytest.mark.parametrize("sharding", [["sharding.compute_kernel=dense"],
+                                      ["sharding.sharding_type=data_parallel"]])
+def test_a_width_that_is_no_multiple_of_4_is_taken_by_the_dense_kernel(sharding):
+    cfg = load_config(None, ["embeddings.dim=6", "model.bottom_mlp=[6]", *sharding])
+    assert cfg.embeddings.dim == 6
+
+
+def _float_keys(cls=Config, prefix=""):
+    """Every float setting of the schema (lists of floats as their first item), found by
+    reading the dataclasses' type hints, so a float field added later is covered too."""
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls)[f.name]
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(tp):
+            yield from _float_keys(tp, key + ".")
+        elif tp is float:
+            yield key, key
+        elif typing.get_args(tp) == (float,):
+            yield key, f"{key}[0]"
+
+
+FLOAT_KEYS = sorted(_float_keys())
+
+
+def test_the_schema_has_float_settings_to_check():
+    assert ("optimizer.lr", "optimizer.lr") in FLOAT_KEYS
+    assert ("training.loss_weights", "training.loss_weights[0]") in FLOAT_KEYS
+    assert len(FLOAT_KEYS) >= 14
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e400"])
+@pytest.mark.parametrize("key, named", FLOAT_KEYS, ids=[k for k, _ in FLOAT_KEYS])
+def test_every_float_setting_refuses_a_number_that_is_not_finite(key, named, value):
+    override = f"{key}=[{value},1]" if named.endswith("[0]") else f"{key}={value}"
+    with pytest.raises(ConfigError, match=rf"^command line: {named.replace('[', '.').replace(']', '.')}: "
+                                          "expected a finite number, got"):
+        load_config(None, [override])
+
+
+def test_a_yaml_infinity_is_refused_with_its_file(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optimizer:\n  lr: .inf\n")
+    with pytest.raises(ConfigError, match="c.yaml: optimizer.lr: expected a finite number, got inf"):
+        load_config(str(f))
