@@ -230,3 +230,67 @@ def train_gpu(
         name=name,
         debug=debug,
     )
+
+
+PREPARE_MODULE = "dlrm_torchrec.data.prepare_mlperf"
+"""MLPerf data preparation from the raw Criteo 1TB days, run by torchrun as ``python -m``."""
+
+
+def prepare_mlperf(
+    *args: str,
+    j: str = "1x2",
+    h: Optional[str] = None,
+    cpu: int = 2,
+    memMB: int = 8192,
+    env: Optional[Dict[str, str]] = None,
+    max_retries: int = 0,
+    mounts: Optional[List[str]] = None,
+    image: str = DEFAULT_IMAGE,
+    rdzv_port: int = 29500,
+    name: str = "dlrm_torchrec/prepare_mlperf",
+) -> specs.AppDef:
+    """MLPerf DLRM-DCNv2's data from the raw Criteo 1TB days, split over several tasks.
+
+    Every task runs ``python -m dlrm_torchrec.data.prepare_mlperf ARGS`` under torchrun
+    (``dist.ddp``): each takes its share of every stage's tasks (days, features, buckets) by
+    its RANK and WORLD_SIZE, and a gloo barrier separates the stages. The output folder must
+    be on storage every node shares.
+
+    Example: torchx run -s slurm launch/components.py:prepare_mlperf -j 4x1 --cpu 32 -- /data/day_{0..23}.gz -o /shared/mlperf --workers 30 --memory-gb 100
+
+    Args:
+        args: the command's arguments (put them after ``--``): the 24 days, -o OUTPUT,
+            --workers per task, --memory-gb per task, --multi-hot ...
+        j: {nnodes}x{nproc_per_node}: nnodes x nproc_per_node tasks in all
+        h: a registered named resource (e.g. cpu.xlarge); overrides cpu and memMB
+        cpu: CPU cores per node
+        memMB: host memory per node in MB
+        env: extra environment variables, K1=V1,K2=V2; they override the defaults
+            (PYTHONUNBUFFERED, and GLOO_SOCKET_IFNAME=lo on one node)
+        max_retries: how many times the scheduler may restart the whole job after a failure
+            (a restarted job resumes: finished tasks are skipped)
+        mounts: storage mounts for container schedulers, e.g.
+            type=bind,src=/data,dst=/data
+        image: container image holding this repository and its dependencies
+            (kubernetes, docker); local_cwd and slurm run in the current directory
+        rdzv_port: port of the c10d rendezvous store on the first node (multi-node only)
+        name: {experiment}/{run}; the run name names the job
+    """
+    _, nnodes, nproc_per_node, _ = dist.parse_nnodes(j)
+    resource = specs.resource(cpu=cpu, gpu=0, memMB=memMB, h=h)
+    merged_env = {**_common_env(resource, nproc_per_node), **_gloo_env(nnodes), **(env or {})}
+    return dist.ddp(
+        *args,
+        m=PREPARE_MODULE,
+        image=image,
+        name=name,
+        h=h,
+        cpu=cpu,
+        gpu=0,
+        memMB=memMB,
+        j=j,
+        env=merged_env,
+        max_retries=max_retries,
+        rdzv_port=rdzv_port,
+        mounts=mounts,
+    )

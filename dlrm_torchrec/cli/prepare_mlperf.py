@@ -78,6 +78,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
                  else int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         raise PrepareError(str(e)) from None
+    if not 0 <= rank < world:
+        raise PrepareError(f"rank {rank} of {world} tasks: the rank must be in 0 .. {world - 1}")
     return Settings(inputs=list(a.inputs), output=a.output, workers=a.workers,
                     memory_gb=a.memory_gb, exact_ids=a.exact_ids,
                     drop_malformed=a.drop_malformed, seed=a.random_seed, keep_work=a.keep_work,
@@ -92,6 +94,10 @@ def _barrier(s: Settings):
     the group waits up to a week; the job's time limit ends a hung run first."""
     if s.world_size == 1 or s.stage != "all":
         return lambda: None
+    if not os.environ.get("MASTER_ADDR") or not os.environ.get("MASTER_PORT"):
+        raise PrepareError(f"--stage all on {s.world_size} tasks needs their process group: "
+                           "start them with torchrun (as launch/components.py:prepare_mlperf "
+                           "does), or run one --stage at a time")
     from datetime import timedelta
 
     import torch.distributed as dist

@@ -642,9 +642,10 @@ class _Run:
         return [st["rows"] for st in self.stats(stage)]
 
     def buckets(self, stage: str):
+        rows = self.rows(stage)
         with open(os.path.join(self.work, "buckets.json")) as f:
             bucket_rows = json.load(f)["bucket_rows"]
-        return bucket_plan(self.rows(stage)[:TRAIN_DAYS], bucket_rows)
+        return bucket_plan(rows[:TRAIN_DAYS], bucket_rows)
 
     # -- the stages
     def parse(self) -> None:
