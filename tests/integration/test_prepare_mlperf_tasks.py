@@ -145,6 +145,7 @@ def test_torchx_slurm_job_of_two_tasks_writes_the_same_bytes(one_task, tmp_path)
     logs = "".join(Path(p).read_text()[-3000:]
                    for p in sorted(glob.glob(f"{job_dir}/slurm-{handle.group(1)}*")))
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{logs}"
+    assert "stage all: task 1 of 2 done" in logs, logs
     script = (job_dir / "torchx-sbatch.sh").read_text()
     assert "--nnodes 1 --nproc_per_node 2" in script
     assert_same_files(out, one_task["out"])

@@ -25,7 +25,7 @@ What those scripts do, and so what this reproduces (TorchRec 1.8.0,
   power of two, as int32. The shuffled rows are cut back into days of the original sizes.
 - day 23 is copied unshuffled: its ids stay int64 (days 0-22: int32).
 
-How: five stages, each task's output published atomically (a folder or file renamed when
+How: stages, each task's output published atomically (a folder or file renamed when
 complete, or a marker written after the data is synced), so a killed run restarted with
 the same command redoes only unfinished tasks and writes the same bytes. Work files lie in
 OUT/.prepare and are removed at the end (`--keep-work` keeps them).
@@ -40,7 +40,16 @@ OUT/.prepare and are removed at the end (`--keep-work` keeps them).
    of a worker, and never span two output days).
 4. place (one task per bucket): read the bucket's rows from every day, put each at its
    destination, write them into the output day files at their offset.
-5. meta: `from_torchrec.adopt` scans the output and writes meta.json.
+5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
+   (`mlperf_multi_hot`), from lookup tables drawn by one more task of the parse stage.
+6. meta: `from_torchrec.adopt` scans the output and writes meta.json.
+
+Several tasks (`Settings.rank`, `world_size`; torchrun's ranks under torchx): each takes task
+i of a stage when i mod world_size is its rank, a barrier separates the stages (`--stage
+all`), or each stage is run on its own (`--stage NAME`) once the one before it has ended.
+Steps that must happen once before a stage's tasks start on any rank (the settings and the
+bucket plan; making the output files the place stage fills) are rank 0's, in the stage
+before.
 
 Memory: each task holds at most its share of --memory-gb (chunks, one bucket), plus the
 id maps (memory-mapped, shared) and, in the permute task, 8 bytes per training row.
