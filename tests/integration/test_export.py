@@ -246,8 +246,10 @@ def test_unwritable_output_folder_is_an_error(trained, tmp_path, capsys):
     rc = export_cli.main(["--config", "configs/tiny_cpu.yaml", "--checkpoint", "auto", "--out",
                       str(blocker / "out"), *BASE, f"logging.run_dir={run}"])
     err = capsys.readouterr().err
-    assert rc == 1
-    assert err.startswith(f"error: --out {blocker / 'out'}: cannot write there")
+    # a mistake in the command line, found before the checkpoint is read: status 2
+    assert rc == 2
+    assert err.startswith(f"error: --out {blocker / 'out'}: cannot create {blocker / 'out'}: "
+                          f"{blocker} is a file, not a folder")
 
 
 def test_config_defaults_to_the_checkpoint_s_own(trained, tmp_path):
