@@ -28,9 +28,14 @@ install: $(STAMP)
 train: install
 	torchx run -s local_cwd dist.ddp -j 1x2 -m dlrm_torchrec.train -- --config configs/tiny_cpu.yaml
 
+# Test files run in TEST_WORKERS processes (pytest-xdist), a file's tests in one of them so
+# its module fixtures (a trained run, a checkpoint) are built once; 0 runs them in this one
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
+
 test: install
 	$(PY) -m ruff check dlrm_torchrec launch tests bench
-	$(PY) -m pytest -q -m "not slow" --durations=15 tests  # the slowest last: regressions show
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL) --durations=15 tests  # the slowest last: regressions show
 
 # The GPU machine runs torch 2.11, fbgemm-gpu 1.6.0 and torchrec 1.6.1: the suite on those
 # releases (on CPU), so code keeps to what both release trains have
@@ -38,7 +43,7 @@ test-gpu-machine-releases:
 	$(MAKE) test VENV=.venv-gpu-machine VARIANT=gpu-machine TORCHREC_VERSION=1.6.1
 
 test-all: install
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q $(PYTEST_PARALLEL) tests
 
 bench: install
 	$(PY) bench/bench_cpu.py
