@@ -42,10 +42,12 @@ def running(pid: int) -> bool:
     return fields is not None and fields[0] != "Z"  # a zombie has ended
 
 
-def kill_and_check_workers(cmd, workers: int, tmp_path):
-    """Start `cmd`, wait until it has `workers` children, SIGKILL it and assert that every
-    one of them ends within GRACE_SECONDS."""
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+def kill_and_check_workers(cmd, workers: int, tmp_path, find_workers=None, env=None):
+    """Start `cmd`, wait until it has `workers` worker processes (`find_workers(pid)`,
+    default: its children), SIGKILL it and assert that every one of them ends within
+    GRACE_SECONDS."""
+    env = env or dict(os.environ, PYTHONPATH=str(REPO))
+    find_workers = find_workers or children
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     kids = []
@@ -55,7 +57,7 @@ def kill_and_check_workers(cmd, workers: int, tmp_path):
             assert proc.poll() is None, proc.stderr.read().decode()
             assert time.time() < deadline, "the workers never started"
             time.sleep(0.01)
-            kids = children(proc.pid)
+            kids = find_workers(proc.pid)
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
         deadline = time.time() + GRACE_SECONDS
@@ -144,32 +146,15 @@ def test_loader_workers_of_a_fork_server_exit_when_training_is_killed(tmp_path):
                 pass
     """)
     (tmp_path / "slow_training.py").write_text(script)
-    env = dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}")
-    proc = subprocess.Popen([sys.executable, "slow_training.py"], cwd=tmp_path, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    kids = []
-    try:
-        deadline = time.time() + 60
-        while len(kids) < 2:
-            assert proc.poll() is None, proc.stderr.read().decode()
-            assert time.time() < deadline, "the workers never started"
-            time.sleep(0.05)
-            kids = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
-        assert all(pid not in children(proc.pid) for pid in kids)  # the server's, not its
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        deadline = time.time() + GRACE_SECONDS
-        while any(map(running, kids)) and time.time() < deadline:
-            time.sleep(0.05)
-        left = [k for k in kids if running(k)]
-        assert not left, f"workers {left} of the killed process {proc.pid} are still running"
-    finally:
-        for k in kids:
-            if running(k):
-                os.kill(k, signal.SIGKILL)
-        if proc.poll() is None:
-            proc.kill()
-        proc.stderr.close()
+
+    def workers_of_the_server(pid):
+        kids = [int(p.name.split("-")[1]) for p in tmp_path.glob("worker-*")]
+        assert all(k not in children(pid) for k in kids)  # the server's children, not its
+        return kids
+
+    kill_and_check_workers([sys.executable, "slow_training.py"], 2, tmp_path,
+                           find_workers=workers_of_the_server,
+                           env=dict(os.environ, PYTHONPATH=f"{REPO}{os.pathsep}{tmp_path}"))
 
 
 def test_a_worker_started_through_another_process_ends_with_its_owner():
