@@ -200,3 +200,18 @@ def test_prepared_folder_trains_with_the_mlperf_config(days, tmp_path):
     train_rows = sum(ROWS_PER_DAY + d for d in range(23))
     assert m["train_samples_seen"] == train_rows
     assert m["final"]["split"] == "val" and m["final"]["samples"] == -(-(ROWS_PER_DAY + 23) // 2)
+
+
+def test_sorted_first_occurrences_and_id_lookup_match_the_plain_numpy_ones():
+    rng = np.random.default_rng(0)
+    values = rng.integers(0, 50, 5000).astype(np.uint32)
+    values[::7] = 2 ** 32 - 1  # the largest uint32 survives the packing
+    u, first = pm.sorted_firsts(values)
+    want_u, want_first = np.unique(values, return_index=True)
+    assert u.tolist() == want_u.tolist() and first.tolist() == want_first.tolist()
+    keys = np.unique(values)
+    ids = rng.permutation(len(keys)).astype(np.uint32) + 2
+    raw = rng.choice(keys, (300, pm.NUM_SPARSE))
+    got = pm.contiguous_ids(raw, [(keys, ids)] * pm.NUM_SPARSE)
+    assert got.dtype == np.int64
+    assert got.tolist() == ids[np.searchsorted(keys, raw)].tolist()

@@ -268,6 +268,31 @@ def through_float32(ids: np.ndarray) -> np.ndarray:
     return ids.astype(np.float32).astype(np.int32)
 
 
+LOW32 = np.uint64(0xFFFFFFFF)
+
+
+def packed_sort(values: np.ndarray) -> np.ndarray:
+    """(n,) uint32 values, n < 2**32 -> (n,) uint64 `value << 32 | position`, sorted: the
+    values in order, equal ones by position. One sort of plain integers (numpy's SIMD
+    sort) instead of a stable argsort of the values, which is several times slower."""
+    packed = np.asarray(values).astype(np.uint64) << np.uint64(32)
+    packed |= np.arange(len(packed), dtype=np.uint64)
+    packed.sort()
+    return packed
+
+
+def sorted_firsts(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """(n,) uint32 values -> (the distinct values sorted (u,) uint32, the position of the
+    first occurrence of each (u,) int64), as np.unique(values, return_index=True)."""
+    packed = packed_sort(values)
+    v = (packed >> np.uint64(32)).astype(np.uint32)
+    head = np.empty(len(v), dtype=bool)
+    head[:1] = True
+    np.not_equal(v[1:], v[:-1], out=head[1:])
+    # equal values are ordered by position, so the head of each run is the first occurrence
+    return v[head], (packed[head] & LOW32).astype(np.int64)
+
+
 class FirstOccurrences:
     """One feature's distinct values in order of first occurrence, fed block by block."""
 
@@ -276,12 +301,17 @@ class FirstOccurrences:
         self.order: List[np.ndarray] = []
 
     def add(self, values: np.ndarray) -> None:
-        u, first = np.unique(values, return_index=True)
+        """values: (n,) uint32, n < 2**32."""
+        values = np.asarray(values)
+        u, first = sorted_firsts(values)
         if len(self.sorted):
             pos = np.minimum(np.searchsorted(self.sorted, u), len(self.sorted) - 1)
             new = self.sorted[pos] != u
             u, first = u[new], first[new]
-        self.order.append(u[np.argsort(first, kind="stable")])
+        # the values at the first occurrences, taken in row order: no sort by position
+        at_first = np.zeros(len(values), dtype=bool)
+        at_first[first] = True
+        self.order.append(values[at_first])
         # two sorted runs: the stable sort merges them in linear time
         self.sorted = np.sort(np.concatenate([self.sorted, u]), kind="stable")
 
@@ -402,7 +432,11 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     for day in range(DAYS):
         fo.add(_day_firsts(parse_dir, day, f))
     order = fo.values()
-    ids = (np.argsort(order, kind="stable") + FIRST_ID).astype(np.uint32)
+    if len(order) < 2 ** 32:
+        # the values are distinct: sorting (value, rank) pairs gives each key its rank
+        ids = (packed_sort(order) & LOW32).astype(np.uint32) + np.uint32(FIRST_ID)
+    else:
+        ids = (np.argsort(order, kind="stable") + FIRST_ID).astype(np.uint32)
     for name, arr in ((f"keys_{f}.npy", fo.sorted), (f"ids_{f}.npy", ids)):
         with open(os.path.join(vocab_dir, name + ".tmp"), "wb") as fh:
             np.save(fh, arr)
@@ -438,8 +472,15 @@ def _load_vocab(vocab_dir: str) -> List[Tuple[np.ndarray, np.ndarray]]:
 def contiguous_ids(raw: np.ndarray, vocab) -> np.ndarray:
     """(n, 26) raw uint32 values -> (n, 26) int64 contiguous ids."""
     out = np.empty(raw.shape, dtype=np.int64)
+    if len(raw) >= 2 ** 32:
+        raise ValueError("contiguous_ids takes fewer than 2**32 rows at a time")
     for f, (keys, ids) in enumerate(vocab):
-        out[:, f] = ids[np.searchsorted(keys, raw[:, f])]
+        # binary searches for needles in sorted order walk the keys nearly in order (cache
+        # hits, and numpy narrows each search from the last): several times faster than in
+        # row order; the packed positions put the results back in row order
+        packed = packed_sort(raw[:, f])
+        found = ids[np.searchsorted(keys, (packed >> np.uint64(32)).astype(np.uint32))]
+        out[(packed & LOW32).astype(np.intp), f] = found
     return out
 
 
