@@ -7,6 +7,7 @@ from typing import Optional, Sequence
 
 from dlrm_torchrec.cli import run_tool
 from dlrm_torchrec.config import ConfigError, load_config
+from dlrm_torchrec.data.file_checks import output_folder_problem
 from dlrm_torchrec.inference.import_reference import ReferenceModelError, import_reference
 
 
@@ -26,6 +27,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = parse_args(argv)
 
     def work():
+        problem = output_folder_problem(a.out)  # before the model is read
+        if problem is not None:
+            raise ConfigError(f"-o {a.out}: {problem}")
         cfg = load_config(a.config, a.overrides)
         return import_reference(a.model, cfg, Path(a.out),
                                 log=lambda m: print(m, file=sys.stderr))

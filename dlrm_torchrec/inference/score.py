@@ -138,6 +138,9 @@ def score_files(scorer: RawRowScorer, inputs: Sequence[str], out_path: str,
         problem = input_problem(p)
         if problem:
             raise ScoreError(f"input {p}: {problem}")
+    if os.path.isdir(out_path):
+        raise ScoreError(f"-o {out_path}: a folder; name the file to write the "
+                         "probabilities to")
     folder = os.path.dirname(os.path.abspath(out_path))
     if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
         raise ScoreError(f"-o {out_path}: cannot write there ({folder} is not a writable "

@@ -189,3 +189,14 @@ def test_mismatches_and_unsafe_files_are_one_error_line_and_write_nothing(tmp_pa
     assert rc == 2 and err.startswith("error: ") and expect in err, err
     assert "Traceback" not in err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_checkpoint_folder_under_a_file_is_refused_before_the_model_is_read(tmp_path, capsys):
+    (tmp_path / "a_file").write_text("")
+    # the model file does not exist either: the output is checked first, before any reading
+    rc = import_reference_cli.main([str(tmp_path / "model.pt"), "--config", CONFIG, "-o",
+                                    str(tmp_path / "a_file" / "ckpt")])
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert err.startswith(f"error: -o {tmp_path / 'a_file' / 'ckpt'}: cannot create "), err
+    assert f"{tmp_path / 'a_file'} is a file, not a folder" in err and "Traceback" not in err

@@ -189,6 +189,7 @@ def test_mistakes_are_one_error_line_and_write_nothing(exported, tmp_path, capsy
         ([str(tmp_path / "synthetic_export"), str(text)], "data.source='synthetic'"),
         ([str(out), str(text), "--data-dir", str(tmp_path)], "no meta.json there"),
         ([str(out), str(text), "-o", str(tmp_path / "no" / "o.txt")], "cannot write there"),
+        ([str(out), str(text), "-o", str(tmp_path)], f"-o {tmp_path}: a folder"),
     ]
     for args, expect in cases:
         assert score_cli.main(["-o", str(tmp_path / "o.txt")] + args) == 2, args
