@@ -1,5 +1,7 @@
 """What the command-line tools share: user mistakes end as one `error:` line."""
 
+import argparse
+import math
 import sys
 from typing import Any, Callable, Tuple, Type
 
@@ -27,3 +29,23 @@ def quiet_libraries() -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch(rec)?\.")
+
+
+def finite_float(text: str) -> float:
+    """argparse type of every float option: a number, and a finite one (float() also takes
+    'inf', 'nan' and '1e400', which would fail later, deep inside the work)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of sizes (GB, MB): a finite number > 0."""
+    value = finite_float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value

@@ -4,7 +4,7 @@ import argparse
 import sys
 from typing import List, Optional
 
-from dlrm_torchrec.cli import quiet_libraries
+from dlrm_torchrec.cli import positive_float, quiet_libraries
 from dlrm_torchrec.config import ConfigError, load_config
 from dlrm_torchrec.parallel.planning import DoesNotFit, format_report, plan_cluster
 
@@ -17,9 +17,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--config", required=True, help="YAML config file")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     p.add_argument("--gpus-per-node", type=int, default=8, help="devices per node (default 8)")
-    p.add_argument("--hbm-gb", type=float, default=80.0,
+    p.add_argument("--hbm-gb", type=positive_float, default=80.0,
                    help="memory per GPU in GB of 2^30 bytes (default 80: an H100)")
-    p.add_argument("--ddr-gb", type=float, default=512.0,
+    p.add_argument("--ddr-gb", type=positive_float, default=512.0,
                    help="host memory per node in GB, shared by its GPUs (default 512)")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
                    help="compute device of the ranks (default cuda)")

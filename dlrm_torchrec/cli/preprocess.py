@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from dlrm_torchrec.cli import run_tool
+from dlrm_torchrec.cli import finite_float, positive_float, run_tool
 from dlrm_torchrec.data.converters.preprocess import PreprocessError, Settings, print_report, run
 
 
@@ -25,14 +25,14 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
     ap.add_argument("--frequency-threshold", type=int, default=None, metavar="T",
                     help="vocab mode: number the values seen >= T times per feature, the rest "
                          "share one id (vocabularies saved in OUTPUT/vocab and reused)")
-    ap.add_argument("--sub-sample-rate", type=float, default=0.0, metavar="R",
+    ap.add_argument("--sub-sample-rate", type=finite_float, default=0.0, metavar="R",
                     help="drop each negative training row with probability R (seeded)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the sub-sampling")
     ap.add_argument("--strict", action="store_true",
                     help="stop at the first malformed row (file:line) instead of dropping it")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="parser processes (0: parse in the main process)")
-    ap.add_argument("--chunk-mb", type=float, default=8.0,
+    ap.add_argument("--chunk-mb", type=positive_float, default=8.0,
                     help="MB of text per task; memory ~ (2 x workers + 2) chunks")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("--allow-missing-days", action="store_true",
