@@ -2,14 +2,24 @@
 contiguous_preproc_criteo.py --frequency_threshold 0, shuffle_preproc_criteo.py
 --random_seed 0) beside `python -m dlrm_torchrec.data.prepare_mlperf`, on the same 24
 generated days; wall time and peak RSS of each, a byte-for-byte comparison of the outputs,
-and an extrapolation to the real 4.37 billion rows.
+the time of each of prepare_mlperf's stages, a second prepare_mlperf run with
+--multi-hot (MLPerf's bag sizes, its lookup tables scaled down: --table-scale), and an
+extrapolation of each stage to the real 4.37 billion rows on a 32-core node.
 
     python bench/bench_prepare_mlperf.py [--rows-per-day 20000] [--workers N] [--dir DIR]
+        [--table-scale 0.1] [--disk-gbps 2]
+
+MLPerf's tables (23.1 GB) do not fit a small machine, so the multi-hot figures are taken at
+--table-scale of its table rows: drawing is timed per drawn value and the bags per row,
+each then multiplied out to MLPerf's sizes (the bag sizes, and so the bytes per row, are
+MLPerf's own; the lookups hit a table --table-scale the size, in the page cache).
 """
 
 import argparse
+import gzip
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,6 +31,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from bench_criteo import generate  # noqa: E402
+
+from dlrm_torchrec.data.converters import mlperf_multi_hot as mh  # noqa: E402
 
 DAYS = 24
 CRITEO_ROWS = 4_373_472_329  # days 0-23 of Criteo 1TB
@@ -37,14 +49,59 @@ LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]
             ".ru_maxrss); sys.exit(rc)")
 
 
-def measured(cmd, env=None):
-    """(wall seconds, peak RSS in MB of the largest process of the command's tree)."""
+def measured(cmd, env=None, log=False):
+    """(wall seconds, peak RSS in MB of the largest process of the command's tree), and its
+    stderr with `log`."""
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True,
                           text=True, env=env)
     if proc.returncode:
         sys.exit(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
-    return time.time() - t0, int(proc.stdout.split()[-1]) / 1024
+    wall, rss = time.time() - t0, int(proc.stdout.split()[-1]) / 1024
+    return (wall, rss, proc.stderr) if log else (wall, rss)
+
+
+# prepare_mlperf logs the end of each stage with the seconds since its start
+STAGE_LINES = (("parse", r"^parse: .*\(([\d.]+) s\)$"),
+               ("vocab+permute", r"^vocab and permutation \(([\d.]+) s\)$"),
+               ("scatter", r"^scatter: .*\(([\d.]+) s\)$"),
+               ("place", r"^place \(([\d.]+) s\)$"),
+               ("multi-hot", r"^multi-hot bags \(([\d.]+) s\)$"))
+
+
+def stage_seconds(log: str, wall: float) -> dict:
+    """Seconds of each stage from prepare_mlperf's log; "meta+start" is the rest of the
+    wall time (interpreter start, checks, meta.json, removing the work files)."""
+    out, before = {}, 0.0
+    for name, pattern in STAGE_LINES:
+        m = re.search(pattern, log, re.M)
+        if m:
+            out[name] = float(m.group(1)) - before
+            before = float(m.group(1))
+    out["meta+start"] = wall - before
+    return out
+
+
+def draw_ns_per_value(folder: str, tables, budget: int) -> float:
+    """The sequential table drawing (`mlperf_multi_hot.draw_tables`, uniform): ns per drawn
+    value, at the given table sizes."""
+    shutil.rmtree(folder, ignore_errors=True)
+    t0 = time.time()
+    mh.draw_tables(folder, mh.MLPERF_BAG_SIZES, tables, "uniform", budget)
+    ns = (time.time() - t0) / (mh.table_bytes(mh.MLPERF_BAG_SIZES, tables) / 4) * 1e9
+    shutil.rmtree(folder, ignore_errors=True)
+    return ns
+
+
+def gunzip_ns_per_byte(path: str) -> float:
+    """zlib decompression of a gzip-compressed copy of `path` (the real days are .gz; the
+    generated ones plain text): ns per decompressed byte, on one core."""
+    with open(path, "rb") as f:
+        data = f.read()
+    packed = gzip.compress(data, 6)
+    t0 = time.time()
+    gzip.decompress(packed)
+    return (time.time() - t0) / len(data) * 1e9
 
 
 def shuffle_ns_per_row(n: int = 1 << 26) -> float:
@@ -62,6 +119,12 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--memory-gb", type=float, default=1.0)
     ap.add_argument("--dir", default="/tmp/bench_prepare_mlperf")
+    ap.add_argument("--table-scale", type=float, default=0.1,
+                    help="the multi-hot run's table rows, as a fraction of MLPerf's")
+    ap.add_argument("--disk-gbps", type=float, default=2.0,
+                    help="disk bandwidth the extrapolation assumes (GB/s, reads and writes)")
+    ap.add_argument("--skip-torchrec", action="store_true",
+                    help="time only prepare_mlperf (no speed-up, no byte comparison)")
     a = ap.parse_args()
     shutil.rmtree(a.dir, ignore_errors=True)
     raw, npy, contig, shuffled, ours = (os.path.join(a.dir, n) for n in
@@ -87,44 +150,88 @@ def main() -> None:
                                     "--random_seed", "0"]),
     ]
     results = []
-    for name, cmd in steps:
+    for name, cmd in [] if a.skip_torchrec else steps:
         results.append((name, *measured(cmd)))
         if name == "contiguous_preproc_criteo":  # as MLPerf's instructions rename them
             for d in range(DAYS):
                 os.replace(os.path.join(contig, f"day_{d}_sparse_contig_freq.npy"),
                            os.path.join(contig, f"day_{d}_sparse.npy"))
     env = dict(os.environ, PYTHONPATH=os.path.join(HERE, ".."))
-    ours_wall, ours_rss = measured(
-        [py, "-m", "dlrm_torchrec.data.prepare_mlperf",
-         *[os.path.join(raw, f"day_{d}") for d in range(DAYS)], "-o", ours,
-         "--workers", str(a.workers), "--memory-gb", str(a.memory_gb)], env)
+    days = [os.path.join(raw, f"day_{d}") for d in range(DAYS)]
+    common = ["--workers", str(a.workers), "--memory-gb", str(a.memory_gb)]
+    ours_wall, ours_rss, log = measured(
+        [py, "-m", "dlrm_torchrec.data.prepare_mlperf", *days, "-o", ours, *common], env, True)
+    stages = stage_seconds(log, ours_wall)
     torchrec_wall = sum(r[1] for r in results)
-    torchrec_rss = max(r[2] for r in results)
+    torchrec_rss = max((r[2] for r in results), default=0.0)
     for name, wall, rss in results:
         print(f"  torchrec {name:<28} {wall:8.1f} s  {rss:8.0f} MB")
-    print(f"  torchrec, all three scripts           {torchrec_wall:8.1f} s  {torchrec_rss:8.0f} MB")
+    if results:
+        print(f"  torchrec, all three scripts           {torchrec_wall:8.1f} s  {torchrec_rss:8.0f} MB")
     print(f"  prepare_mlperf ({a.workers} workers)             {ours_wall:8.1f} s  {ours_rss:8.0f} MB")
-    print(f"speed-up {torchrec_wall / ours_wall:.1f}x, peak memory 1/{torchrec_rss / ours_rss:.1f}")
-    names = [f"day_{d}_{p}.npy" for d in range(DAYS) for p in ("dense", "sparse", "labels")]
-    same = all(open(os.path.join(shuffled, n), "rb").read() == open(os.path.join(ours, n), "rb").read()
-               for n in names)
-    print(f"outputs byte-identical: {same}")
+    print("    stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in stages.items()))
+    same = None
+    if results:
+        print(f"speed-up {torchrec_wall / ours_wall:.1f}x (goal 50x), peak memory "
+              f"1/{torchrec_rss / ours_rss:.1f} (goal 1/20)")
+        names = [f"day_{d}_{p}.npy" for d in range(DAYS) for p in ("dense", "sparse", "labels")]
+        same = all(open(os.path.join(shuffled, n), "rb").read()
+                   == open(os.path.join(ours, n), "rb").read() for n in names)
+        print(f"outputs byte-identical: {same}")
 
-    # extrapolation: everything but the permutation scales with the cores (days, features
-    # and buckets are tasks); the permutation is one sequential pass
+    # --multi-hot at MLPerf's bag sizes, its tables scaled down
+    tables = [max(1, round(n * a.table_scale)) for n in mh.MLPERF_TABLE_SIZES]
+    values_full = mh.table_bytes(mh.MLPERF_BAG_SIZES, mh.MLPERF_TABLE_SIZES) // 4
+    mh_wall, mh_rss, mh_log = measured(
+        [py, "-m", "dlrm_torchrec.data.prepare_mlperf", *days, "-o", ours + "_multi_hot",
+         *common, "--multi-hot", "--multi-hot-table-sizes", ",".join(map(str, tables))],
+        env, True)
+    mh_stages = stage_seconds(mh_log, mh_wall)
+    shutil.rmtree(ours + "_multi_hot")
+    print(f"  prepare_mlperf --multi-hot, tables x{a.table_scale} "
+          f"({mh.table_bytes(mh.MLPERF_BAG_SIZES, tables) / 1e9:.2f} GB) "
+          f"{mh_wall:8.1f} s  {mh_rss:8.0f} MB")
+    print("    stages: " + ", ".join(f"{k} {v:.2f} s" for k, v in mh_stages.items()))
+    draw_ns = draw_ns_per_value(os.path.join(a.dir, "tables"), tables, int(a.memory_gb * (1 << 30)) // a.workers)
+    gunzip_ns = gunzip_ns_per_byte(days[0])
+
+    # extrapolation, stage by stage: a stage's tasks (days, features, buckets) spread over
+    # the cores, so its core-seconds per row are measured here and divided by the target's
+    # cores; sequential steps (the permutation, the table drawing) are timed on their own
+    # and overlap the stage they run beside; each stage takes at least its disk traffic
+    # at --disk-gbps (the intermediates, TBs at full scale, do not fit a 64 GB page cache)
     ns = shuffle_ns_per_row()
     cores = min(a.workers, os.cpu_count() or 1)
-    per_core = rows / (ours_wall * cores)
-    parallel_s = CRITEO_ROWS / (per_core * TARGET_CORES)
-    permute_s = CRITEO_TRAIN_ROWS * ns * 1e-9
-    print(f"measured: {per_core:,.0f} rows/s per core over the whole command, the shuffle "
-          f"{ns:.1f} ns/row")
-    print(f"extrapolated to {CRITEO_ROWS:,} rows on {TARGET_CORES} cores: "
-          f"{parallel_s / 3600:.2f} h of parallel stages + {permute_s / 3600:.2f} h of "
-          f"permutation (overlapping the vocabulary stage; counted in full) = "
-          f"{(parallel_s + permute_s) / 3600:.2f} h")
+    text_per_row = text_mb * 1e6 / rows
+    rec = 4 + 4 * (13 + 26 + 1)  # a scattered record
+    disk = {"parse": text_per_row + 160, "vocab+permute": 0, "scatter": 160 + rec,
+            "place": rec + 160, "multi-hot": 104 + 2 * 4 * 26 + 4 * sum(mh.MLPERF_BAG_SIZES)}
+    cpu_s = {k: (mh_stages if k == "multi-hot" else stages)[k] * cores / rows * CRITEO_ROWS
+             / TARGET_CORES for k in disk}
+    cpu_s["parse"] += CRITEO_ROWS * text_per_row * gunzip_ns * 1e-9 / TARGET_CORES
+    seq = {"parse": values_full * draw_ns * 1e-9, "vocab+permute": CRITEO_TRAIN_ROWS * ns * 1e-9}
+    print(f"measured: the shuffle {ns:.1f} ns/row, table drawing {draw_ns:.2f} ns/value "
+          f"({values_full:,} values at MLPerf's sizes), gunzip {gunzip_ns:.2f} ns/byte, "
+          f"{text_per_row:.0f} bytes of text per row")
+    print(f"extrapolated to {CRITEO_ROWS:,} rows on {TARGET_CORES} cores, disk {a.disk_gbps} GB/s:")
+    total = {"one-hot": 0.0, "multi-hot": 0.0}
+    for k in disk:
+        io = CRITEO_ROWS * disk[k] / (a.disk_gbps * 1e9)
+        t = max(cpu_s[k], seq.get(k, 0.0), io)
+        print(f"  {k:<14} cpu {cpu_s[k] / 3600:5.2f} h  sequential {seq.get(k, 0.0) / 3600:5.2f} h  "
+              f"disk {io / 3600:5.2f} h  -> {t / 3600:5.2f} h")
+        total["multi-hot"] += t
+        if k != "multi-hot":
+            total["one-hot"] += t
+    print(f"  total: {total['one-hot'] / 3600:.2f} h without the multi-hot bags, "
+          f"{total['multi-hot'] / 3600:.2f} h with them (goal 2 h)")
     print(json.dumps({"rows": rows, "torchrec_s": torchrec_wall, "torchrec_mb": torchrec_rss,
-                      "ours_s": ours_wall, "ours_mb": ours_rss, "same": same}))
+                      "torchrec": {n: [w, r] for n, w, r in results},
+                      "ours_s": ours_wall, "ours_mb": ours_rss, "stages": stages,
+                      "multi_hot_s": mh_wall, "multi_hot_mb": mh_rss, "multi_hot_stages": mh_stages,
+                      "draw_ns_per_value": draw_ns, "gunzip_ns_per_byte": gunzip_ns,
+                      "shuffle_ns_per_row": ns, "extrapolated_h": {k: v / 3600 for k, v in total.items()},
+                      "same": same}))
 
 
 if __name__ == "__main__":

@@ -49,6 +49,7 @@ SEED = 0  # `Multihot` seeds the global RNG with 0 whatever the shuffle's seed
 PARETO_A = 0.25
 INT32_MIN = -(2 ** 31)
 MAX_TABLE = 2 ** 31 - 1  # the tables are int32
+DRAW_CHUNK_BYTES = 64 << 20
 
 
 def problem(bag_sizes: Sequence[int], table_sizes: Sequence[int], distribution: str) -> Optional[str]:
@@ -118,8 +119,9 @@ def draw_tables(folder: str, bag_sizes: Sequence[int], table_sizes: Sequence[int
     for f in range(start, NUM_SPARSE):
         n, width = int(table_sizes[f]), bag_sizes[f] - 1
         if width:
-            # 8 bytes per drawn value (int64 or float64), plus the int32 copy
-            step = max(1, budget // (12 * width))
+            # 8 bytes per drawn value (int64 or float64), plus the int32 copy; chunks past
+            # 64 MB draw no faster, so a larger budget is left unused
+            step = max(1, min(budget, DRAW_CHUNK_BYTES) // (12 * width))
             w = NpyWriter(_table_path(folder, f), np.int32, width)
             try:
                 for lo in range(0, n, step):

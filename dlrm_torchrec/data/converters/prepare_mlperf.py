@@ -269,6 +269,7 @@ def through_float32(ids: np.ndarray) -> np.ndarray:
 
 
 LOW32 = np.uint64(0xFFFFFFFF)
+LITTLE = sys.byteorder == "little"  # a uint64 viewed as two uint32: [low, high] here
 
 
 def packed_sort(values: np.ndarray) -> np.ndarray:
@@ -477,10 +478,15 @@ def contiguous_ids(raw: np.ndarray, vocab) -> np.ndarray:
     for f, (keys, ids) in enumerate(vocab):
         # binary searches for needles in sorted order walk the keys nearly in order (cache
         # hits, and numpy narrows each search from the last): several times faster than in
-        # row order; the packed positions put the results back in row order
-        packed = packed_sort(raw[:, f])
-        found = ids[np.searchsorted(keys, (packed >> np.uint64(32)).astype(np.uint32))]
-        out[(packed & LOW32).astype(np.intp), f] = found
+        # row order; only each distinct value is searched; the packed positions put the
+        # results back in row order
+        halves = packed_sort(raw[:, f]).view(np.uint32).reshape(-1, 2)
+        pos, v = (halves[:, 0], halves[:, 1]) if LITTLE else (halves[:, 1], halves[:, 0])
+        head = np.empty(len(v), dtype=bool)
+        head[:1] = True
+        np.not_equal(v[1:], v[:-1], out=head[1:])
+        found = ids[np.searchsorted(keys, v[head])]
+        out[pos, f] = found[np.cumsum(head) - 1]
     return out
 
 
@@ -675,7 +681,7 @@ class _Run:
 
     def say(self, msg: str) -> None:
         if self.s.rank == 0:
-            self.log(f"{msg} ({time.time() - self.t0:.1f} s)")
+            self.log(f"{msg} ({time.time() - self.t0:.2f} s)")
 
     # -- what earlier stages left
     def stats(self, stage: str) -> List[dict]:
