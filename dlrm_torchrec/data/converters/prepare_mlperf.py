@@ -90,6 +90,7 @@ NUM_DENSE, NUM_SPARSE = ct.NUM_DENSE, ct.NUM_SPARSE
 FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 CHUNK_BYTES = 8 << 20  # text per parsed chunk
 BLOCK_ROWS = 1 << 22  # rows per first-occurrence update
+VOCAB_READ = 1 << 20  # vocabulary entries read at a time (8 MB with their ids)
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
 # a row on its way to its bucket: its offset in the bucket, then the final values
 RECORD = np.dtype([("dest", "<u4"), ("dense", "<f4", (NUM_DENSE,)),
@@ -464,14 +465,46 @@ def permute(n: int, seed: int, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _load_vocab(vocab_dir: str) -> List[Tuple[np.ndarray, np.ndarray]]:
-    return [(np.load(os.path.join(vocab_dir, f"keys_{f}.npy"), mmap_mode="r"),
-             np.load(os.path.join(vocab_dir, f"ids_{f}.npy"), mmap_mode="r"))
-            for f in range(NUM_SPARSE)]
+def _npy_layout(path: str) -> Tuple[int, int]:
+    """(rows, byte offset of the data) of a 1-d .npy file, without reading its data."""
+    mm = np.load(path, mmap_mode="r")
+    return len(mm), mm.offset
+
+
+def day_vocab(work: str, day: int) -> List[Tuple[np.ndarray, np.ndarray]]:
+    """Per feature, the contiguous ids of the values day `day` holds: (its distinct values
+    sorted, (u_f,) uint32; their ids, (u_f,) uint32), joined with the feature's vocabulary
+    read in chunks. Not memory-mapped: the mapped pages a lookup touches count as the
+    task's memory (at full scale gigabytes of vocabulary), and a day's values are far
+    fewer, so the lookups of its rows also search far fewer keys."""
+    parse_dir, vocab_dir = os.path.join(work, "parse"), os.path.join(work, "vocab")
+    out = []
+    for f in range(NUM_SPARSE):
+        day_keys = np.sort(_day_firsts(parse_dir, day, f))
+        day_ids = np.empty(len(day_keys), np.uint32)
+        keys_path = os.path.join(vocab_dir, f"keys_{f}.npy")
+        ids_path = os.path.join(vocab_dir, f"ids_{f}.npy")
+        (n, keys_at), (_, ids_at) = _npy_layout(keys_path), _npy_layout(ids_path)
+        done = 0  # day_keys[:done] have their ids
+        for lo in range(0, n, VOCAB_READ):
+            if done == len(day_keys):
+                break
+            keys = np.fromfile(keys_path, np.uint32, count=min(VOCAB_READ, n - lo),
+                               offset=keys_at + 4 * lo)
+            upto = int(np.searchsorted(day_keys, keys[-1], side="right"))
+            if upto > done:  # every value of the day is in the vocabulary
+                ids = np.fromfile(ids_path, np.uint32, count=len(keys), offset=ids_at + 4 * lo)
+                day_ids[done:upto] = ids[np.searchsorted(keys, day_keys[done:upto])]
+                done = upto
+        if done != len(day_keys):
+            raise RuntimeError(f"day {day}, feature {f}: values missing from the vocabulary")
+        out.append((day_keys, day_ids))
+    return out
 
 
 def contiguous_ids(raw: np.ndarray, vocab) -> np.ndarray:
-    """(n, 26) raw uint32 values -> (n, 26) int64 contiguous ids."""
+    """(n, 26) raw uint32 values -> (n, 26) int64 contiguous ids; `vocab`: per feature
+    (sorted keys (k,) uint32, their ids (k,) uint32) holding every value of `raw`."""
     out = np.empty(raw.shape, dtype=np.int64)
     if len(raw) >= 2 ** 32:
         raise ValueError("contiguous_ids takes fewer than 2**32 rows at a time")
@@ -501,7 +534,7 @@ def _raw(parse_dir: str, day: int):
 def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     """Stage 3 for day 23: copied unshuffled, with its int64 contiguous ids."""
     stats, (dense, sparse, labels) = _raw(os.path.join(work, "parse"), TRAIN_DAYS)
-    vocab = _load_vocab(os.path.join(work, "vocab"))
+    vocab = day_vocab(work, TRAIN_DAYS)
     final = {p: os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy") for p, _ in PARTS}
     writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE),
                "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE),
@@ -520,7 +553,7 @@ def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exa
     """Stage 3 for a training day: each row, transformed, appended with its offset in its
     bucket to `scatter/day_{day}/bucket_{b}.bin`."""
     stats, (dense, sparse, labels) = _raw(os.path.join(work, "parse"), day)
-    vocab = _load_vocab(os.path.join(work, "vocab"))
+    vocab = day_vocab(work, day)
     inverse = np.load(os.path.join(work, "inverse.npy"), mmap_mode="r")
     dst = os.path.join(work, "scatter", f"day_{day}")
     tmp = _fresh(dst)
