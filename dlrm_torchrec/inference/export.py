@@ -30,6 +30,7 @@ SafeLoadPlanner, and a checkpoint of another model is refused naming what differ
 
 
 import copy
+import io
 import json
 import logging
 import math
@@ -337,14 +338,38 @@ def _check_writable(out: Path) -> None:
 
 
 def _publish(out: Path, name: str, write) -> None:
-    """write(tmp_path), then rename into place: a failed export never leaves half a file."""
+    """write(tmp_path), then rename into place: a failed export never leaves half a file.
+    A file system error (a full disk above all) becomes an ExportError naming the file."""
     tmp = out / f".tmp-{os.getpid()}-{name}"  # same suffix: torch.export.save wants .pt2
     try:
         write(tmp)
         os.replace(tmp, out / name)
-    except OSError as e:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
-        raise ExportError(f"{out / name}: cannot write ({e.strerror or e})") from None
+        cause = _os_error(e)
+        if cause is None:
+            raise
+        raise ExportError(f"{out / name}: cannot write ({cause.strerror or cause}); the "
+                          "partial file was removed") from None
+
+
+def _os_error(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`, if any: torch's zip writer reports a failed write of the file
+    object as its own RuntimeError, with the OSError as its context."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    # through a Python file object: a failed write raises its OSError (ENOSPC: "No space
+    # left on device"); given a path, torch's C++ writer only says "unexpected pos"
+    with open(path, "wb") as f:
+        torch.save(obj, f)
 
 
 def describe_inputs(cfg: Config) -> Dict[str, Any]:
@@ -428,7 +453,7 @@ def export(cfg: Config, ckpt: Path, out: Path, quantize: str = "", eval_split: s
     log(f"loaded {ckpt} (step {state.get('step')}, written by {state.get('world_size')} ranks)")
 
     weights = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()}
-    _publish(out, WEIGHTS_FILE, lambda p: torch.save(weights, p))
+    _publish(out, WEIGHTS_FILE, lambda p: _torch_save(weights, p))
     _publish(out, CONFIG_FILE, lambda p: p.write_text(to_yaml(cfg)))
 
     programs = {"float": InferenceModel(model, layout).eval()}
@@ -514,7 +539,13 @@ def _write_onnx(kind: str, out: Path, exported_of) -> None:
 def _save_program(ep, path: Path) -> None:
     with warnings.catch_warnings():  # about tensors sharing storage, which all live on CPU
         warnings.filterwarnings("ignore", message="No complete tensor found")
-        torch.export.save(ep, str(path))
+        # serialized in memory first: torch.export.save's zip writer aborts the whole
+        # process (an exception thrown in a destructor) when a write to the file fails,
+        # as on a full disk; a plain write raises its OSError instead
+        buf = io.BytesIO()
+        torch.export.save(ep, buf)
+    with open(path, "wb") as f:
+        f.write(buf.getbuffer())
 
 
 def _version(name: str) -> str:

@@ -295,3 +295,45 @@ def test_truncated_or_malicious_checkpoint_is_refused(trained, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "refusing to load" in err and "system" in err
     assert not Path("PWNED_BY_EXPORT").exists()
+
+
+def _limit_file_size(limit_bytes):
+    """preexec_fn: files this process writes may not grow past `limit_bytes` (a write past
+    it fails with EFBIG, as a full disk fails with ENOSPC), and SIGXFSZ, which would kill
+    the process first, is ignored."""
+    import resource
+    import signal
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
+    return apply
+
+
+@pytest.mark.parametrize("failing", ["weights.pt", "model.pt2"])
+def test_a_write_that_fails_mid_file_is_one_error_naming_the_file(trained, exported, tmp_path,
+                                                                  failing):
+    """The file system refuses a write half-way (here a file size limit; a full disk does the
+    same): one error line naming the file, no half-written file, no crash. torch's own zip
+    writer would abort the process while writing the program."""
+    import subprocess
+    import sys
+
+    run, _ = trained
+    out = tmp_path / "export"
+    # weights.pt is written first, then model.pt2 (the weights and the graph): a limit
+    # below the weights' size fails the first, one just above it the second
+    weights = (exported / "weights.pt").stat().st_size
+    limit = weights // 2 if failing == "weights.pt" else weights + 4096
+    assert (exported / "model.pt2").stat().st_size > limit
+    proc = subprocess.run(
+        [sys.executable, "-m", "dlrm_torchrec.export", "--config", "configs/tiny_cpu.yaml",
+         "--checkpoint", "auto", "--out", str(out), "--eval-split", "none", *BASE,
+         f"logging.run_dir={run}"],
+        capture_output=True, text=True, timeout=300, preexec_fn=_limit_file_size(limit))
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"error: {out / failing}: cannot write (File too large); the partial file was removed")
+    assert "Traceback" not in proc.stderr
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
+    assert not (out / failing).exists()
