@@ -51,8 +51,10 @@ Steps that must happen once before a stage's tasks start on any rank (the settin
 bucket plan; making the output files the place stage fills) are rank 0's, in the stage
 before.
 
-Memory: each task holds at most its share of --memory-gb (chunks, one bucket), plus the
-id maps (memory-mapped, shared) and, in the permute task, 8 bytes per training row.
+Memory: each task holds at most its share of --memory-gb (chunks, one bucket), plus, in a
+vocab task, its feature's distinct values (8 bytes each), in a scatter task the ids of the
+day's distinct values (8 bytes each; the vocabulary is mapped a window at a time), and,
+in the permute task, 8 bytes per training row.
 
 Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command SIGKILLs
 its own process group once N tasks of STAGE are done, to test resumption.
@@ -90,7 +92,7 @@ NUM_DENSE, NUM_SPARSE = ct.NUM_DENSE, ct.NUM_SPARSE
 FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 CHUNK_BYTES = 8 << 20  # text per parsed chunk
 BLOCK_ROWS = 1 << 22  # rows per first-occurrence update
-VOCAB_READ = 1 << 20  # vocabulary entries read at a time (8 MB with their ids)
+VOCAB_READ = 1 << 20  # vocabulary entries mapped at a time (8 MB with their ids)
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
 # a row on its way to its bucket: its offset in the bucket, then the final values
 RECORD = np.dtype([("dest", "<u4"), ("dense", "<f4", (NUM_DENSE,)),
@@ -474,9 +476,9 @@ def _npy_layout(path: str) -> Tuple[int, int]:
 def day_vocab(work: str, day: int) -> List[Tuple[np.ndarray, np.ndarray]]:
     """Per feature, the contiguous ids of the values day `day` holds: (its distinct values
     sorted, (u_f,) uint32; their ids, (u_f,) uint32), joined with the feature's vocabulary
-    read in chunks. Not memory-mapped: the mapped pages a lookup touches count as the
-    task's memory (at full scale gigabytes of vocabulary), and a day's values are far
-    fewer, so the lookups of its rows also search far fewer keys."""
+    in windows of VOCAB_READ entries, each mapped only while it is joined: the mapped pages
+    a lookup touches count as the task's memory (at full scale gigabytes of vocabulary).
+    A day's values are far fewer, so the lookups of its rows also search far fewer keys."""
     parse_dir, vocab_dir = os.path.join(work, "parse"), os.path.join(work, "vocab")
     out = []
     for f in range(NUM_SPARSE):
@@ -489,13 +491,16 @@ def day_vocab(work: str, day: int) -> List[Tuple[np.ndarray, np.ndarray]]:
         for lo in range(0, n, VOCAB_READ):
             if done == len(day_keys):
                 break
-            keys = np.fromfile(keys_path, np.uint32, count=min(VOCAB_READ, n - lo),
-                               offset=keys_at + 4 * lo)
+            # a window of the files mapped, searched in place (no copy), unmapped after
+            count = min(VOCAB_READ, n - lo)
+            keys = np.memmap(keys_path, np.uint32, "r", offset=keys_at + 4 * lo, shape=(count,))
             upto = int(np.searchsorted(day_keys, keys[-1], side="right"))
             if upto > done:  # every value of the day is in the vocabulary
-                ids = np.fromfile(ids_path, np.uint32, count=len(keys), offset=ids_at + 4 * lo)
+                ids = np.memmap(ids_path, np.uint32, "r", offset=ids_at + 4 * lo, shape=(count,))
                 day_ids[done:upto] = ids[np.searchsorted(keys, day_keys[done:upto])]
                 done = upto
+                del ids
+            del keys
         if done != len(day_keys):
             raise RuntimeError(f"day {day}, feature {f}: values missing from the vocabulary")
         out.append((day_keys, day_ids))
