@@ -164,7 +164,7 @@ def main() -> None:
     # on a shared machine other jobs slow some runs: the fastest of --repeat runs is
     # reported with its stages, every run's wall time beside it, and the largest peak RSS
     runs = []
-    for i in range(a.repeat):
+    for _ in range(a.repeat):
         shutil.rmtree(ours, ignore_errors=True)
         runs.append(measured([py, "-m", "dlrm_torchrec.data.prepare_mlperf", *days, "-o", ours,
                               *common], env, True))
