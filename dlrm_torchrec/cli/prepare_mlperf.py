@@ -7,7 +7,7 @@ import sys
 import time
 from typing import Optional, Sequence
 
-from dlrm_torchrec.cli import run_tool
+from dlrm_torchrec.cli import positive_float, run_tool
 from dlrm_torchrec.data.converters import mlperf_multi_hot as mh
 from dlrm_torchrec.data.converters.prepare_mlperf import STAGES, PrepareError, Settings, run
 from dlrm_torchrec.data.converters.preprocess import print_report
@@ -25,7 +25,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
     ap.add_argument("-o", "--output", required=True, help="output folder")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                     help="worker processes (default: one per core)")
-    ap.add_argument("--memory-gb", type=float, default=8.0,
+    ap.add_argument("--memory-gb", type=positive_float, default=8.0,
                     help="memory for the workers' chunks and buckets, all together "
                          "(besides the id maps and the permutation; default 8)")
     ap.add_argument("--exact-ids", action="store_true",

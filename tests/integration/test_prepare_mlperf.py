@@ -148,6 +148,10 @@ def test_input_mistakes_stop_before_any_work(days, tmp_path, capsys, monkeypatch
     swapped = inputs[:4] + [inputs[5], inputs[4]] + inputs[6:]
     assert "given as day 4; give the days in order" in _error(capsys, swapped + o)
     assert "not found" in _error(capsys, inputs[:-1] + [str(tmp_path / "day_23")] + o)
+    (tmp_path / "a_file").write_text("")
+    under_file = str(tmp_path / "a_file" / "out")
+    assert f"-o {under_file}: cannot create {under_file}: {tmp_path / 'a_file'} is a file" in \
+        _error(capsys, inputs + ["-o", under_file])
     monkeypatch.setattr(pm.shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1, 1, 10 ** 6))
     msg = _error(capsys, inputs + o)
     assert "0.0 GB free, but the preparation needs about" in msg and "GB more" in msg

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dlrm_torchrec.cli import plan as plan_cli
+from dlrm_torchrec.cli import prepare_mlperf as prepare_mlperf_cli
 from dlrm_torchrec.cli import preprocess as preprocess_cli
 
 CLI = Path(__file__).resolve().parents[2] / "dlrm_torchrec" / "cli"
@@ -43,6 +44,10 @@ def test_no_command_takes_a_bare_float_option():
     (preprocess_cli.parse_args, ["x.txt", "-o", "out", "--dataset", "kaggle",
                                  "--sub-sample-rate=-inf"],
      "argument --sub-sample-rate: expected a finite number, got '-inf'"),
+    (prepare_mlperf_cli.parse_args, ["d.gz", "-o", "out", "--memory-gb", "inf"],
+     "argument --memory-gb: expected a finite number, got 'inf'"),
+    (prepare_mlperf_cli.parse_args, ["d.gz", "-o", "out", "--memory-gb", "0"],
+     "argument --memory-gb: must be > 0, got '0'"),
     (preprocess_cli.parse_args, ["x.txt", "-o", "out", "--dataset", "kaggle",
                                  "--sub-sample-rate", "half"],
      "argument --sub-sample-rate: expected a number, got 'half'"),

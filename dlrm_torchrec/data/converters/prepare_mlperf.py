@@ -84,6 +84,7 @@ from dlrm_torchrec.data.converters.preprocess import (
     npy_header,
     write_json,
 )
+from dlrm_torchrec.data.file_checks import output_folder_problem
 from dlrm_torchrec.data.worker_exit import exit_with_parent
 
 DAYS = 24
@@ -217,8 +218,9 @@ def check_inputs(s: Settings) -> None:
     empty = [p for p in s.inputs if os.path.getsize(p) == 0]
     if empty:
         raise PrepareError("input file(s) empty: " + ", ".join(empty))
-    if os.path.exists(s.output) and not os.path.isdir(s.output):
-        raise PrepareError(f"output {s.output} exists and is not a folder")
+    problem = output_folder_problem(s.output)  # a file there, or a file above it
+    if problem is not None:
+        raise PrepareError(f"-o {s.output}: {problem}")
     settings_path = os.path.join(s.work, "settings.json")
     if os.path.exists(settings_path):
         with open(settings_path) as f:
