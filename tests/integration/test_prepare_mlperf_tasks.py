@@ -6,7 +6,6 @@ import glob
 import os
 import random
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from dlrm_torchrec.cli import prepare_mlperf as cli
 from dlrm_torchrec.data.converters.prepare_mlperf import STAGES
+from tests.helpers.slurm import SKIP_REASON, cluster_ready
 from tests.helpers.torchrec_preprocessing import raw_row
 
 REPO = Path(__file__).resolve().parents[2]
@@ -108,22 +108,8 @@ def test_torchx_local_cwd_job_of_two_tasks_writes_the_same_bytes(one_task, tmp_p
     assert_same_files(out, one_task["out"])
 
 
-def _answers(*cmd: str) -> bool:
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _slurm_ready() -> bool:
-    # torchx submits with sbatch and reads job state with sacct (accounting must be on)
-    return (shutil.which("sbatch") is not None and _answers("scontrol", "ping")
-            and _answers("sacct", "--noheader", "--starttime=now"))
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(not _slurm_ready(),
-                    reason="no Slurm cluster answers (launch/slurm/slurm_local.sh start)")
+@pytest.mark.skipif(not cluster_ready(), reason=SKIP_REASON)
 def test_torchx_slurm_job_of_two_tasks_writes_the_same_bytes(one_task, tmp_path):
     job_dir, out = tmp_path / "job", tmp_path / "out"
     cmd = [sys.executable, "-m", "torchx.cli.main", "run", "--wait",

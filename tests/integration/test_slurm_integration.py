@@ -6,35 +6,21 @@ import glob
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.helpers.slurm import SKIP_REASON, cluster_ready
+
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT_TIMEOUT_S = 600
 
 
-def _answers(*cmd: str) -> bool:
-    try:
-        return subprocess.run(cmd, capture_output=True, timeout=20).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-
-
-def _cluster_ready() -> bool:
-    # torchx submits with sbatch and reads job state with sacct (accounting must be on)
-    return (shutil.which("sbatch") is not None
-            and _answers("scontrol", "ping")
-            and _answers("sacct", "--noheader", "--starttime=now"))
-
-
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(not _cluster_ready(),
-                       reason="no Slurm cluster answers (launch/slurm/slurm_local.sh start)"),
+    pytest.mark.skipif(not cluster_ready(), reason=SKIP_REASON),
 ]
 
 
