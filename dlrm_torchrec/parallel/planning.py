@@ -13,7 +13,7 @@ GB here is 2^30 bytes, as in TorchRec's planner and `sharding.hbm_cap_gb`.
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -95,8 +95,6 @@ class PlanReport:
     run_seconds: float
     tables: List[TablePlan]
     ranks: List[RankPlan]
-    plan: Optional[ShardingPlan] = None
-    """The plan itself (None when the planner found none)."""
 
     @property
     def world_size(self) -> int:
@@ -142,41 +140,55 @@ def plan_cluster(cfg: Config, nodes: int, gpus_per_node: int, hbm_gb: float, ddr
     # the same planner inputs as training's
     inputs = prepare_sharding(cfg, module, world, gpus_per_node, torch.device(device))
     stats: List[Stats] = [EmbeddingStats()] if torchrec_stats else []
-    report, failure = _plan_and_report(inputs, module, cfg.optimizer.sparse, stats)
+    _, failure, call = _run_planner(inputs, module, stats)
+    if call is None:
+        raise DoesNotFit(f"TorchRec's planner failed: {_first_line(failure)}")
+    report = _report_of(call, inputs, module, cfg.optimizer.sparse)
     if failure is not None:
-        raise DoesNotFit(failure)
+        raise DoesNotFit(_failure_message(report, failure))
     return report
 
 
-def _plan_and_report(inputs: PlannerInputs, module: torch.nn.Module, optimizer: str,
-                     stats: List[Stats], for_training: bool = False):
-    """Run the planner on `inputs` (`stats`: more TorchRec Stats to receive the plan);
-    (report, None) with the plan in report.plan, or (report, why) when no plan exists, `why`
-    in the user's terms with advice for the `plan` command or for training.
-    Raises DoesNotFit when the planner failed before it had a plan to show."""
+def _run_planner(inputs: PlannerInputs, module: torch.nn.Module, stats: List[Stats]
+                 ) -> Tuple[Optional[ShardingPlan], Optional[PlannerError], Optional[dict]]:
+    """Run TorchRec's planner on `inputs` (`stats`: more Stats to receive the plan): (plan,
+    None, the recorded call) or (None, the PlannerError, the last tried call). Raises
+    DoesNotFit when it failed before it had a plan to show, e.g. while enumerating."""
     recorder = _Recorder()
     try:
         plan = inputs.planner(stats=[recorder, *stats]).plan(module, inputs.sharders)
         failure: Optional[PlannerError] = None
     except PlannerError as e:
         plan, failure = None, e
-    if not recorder.calls:  # failed before it had a plan to show, e.g. while enumerating
+    if failure is not None and not recorder.calls:
         raise DoesNotFit(f"TorchRec's planner failed: {_first_line(failure)}")
-    call = recorder.calls[-1]
+    return plan, failure, (recorder.calls[-1] if recorder.calls else None)
+
+
+def _report_of(call: dict, inputs: PlannerInputs, module: torch.nn.Module,
+               optimizer: str) -> PlanReport:
+    """The report of a recorded planner call, with the storage the planner left per device
+    for embeddings after its reservations (a margin, the dense model, the input features),
+    asked of the same reservation object again."""
     topology = inputs.topology()
-    # what the planner left per device for embeddings after its reservations (a margin,
-    # the dense model, the input features): ask the same reservation object again
     reserved = call["storage_reservation"].reserve(
         topology=topology, batch_size=inputs.per_rank_batch, module=module,
         sharders=inputs.sharders, constraints=inputs.constraints())
     nodes = max(1, inputs.world_size // inputs.local_world_size)
-    report = _report(call, nodes, inputs.local_world_size, inputs.device_type,
-                     inputs.per_rank_batch, optimizer, topology.devices[0].storage,
-                     reserved.devices[0].storage)
-    report.plan = plan
-    if failure is not None:
-        return report, _failure_message(report, failure, inputs.device_type, for_training)
-    return report, None
+    return _report(call, nodes, inputs.local_world_size, inputs.device_type,
+                   inputs.per_rank_batch, optimizer, topology.devices[0].storage,
+                   reserved.devices[0].storage)
+
+
+def _training_plan(inputs: PlannerInputs, module: torch.nn.Module,
+                   optimizer: str) -> ShardingPlan:
+    """The plan, or DoesNotFit explaining the failure; the report (a second storage
+    reservation estimate) is only worked out for a failure."""
+    plan, failure, call = _run_planner(inputs, module, [EmbeddingStats()])
+    if failure is None:
+        return plan
+    report = _report_of(call, inputs, module, optimizer)
+    raise DoesNotFit(_failure_message(report, failure, for_training=True))
 
 
 def collective_training_plan(inputs: PlannerInputs, module: torch.nn.Module,
@@ -188,9 +200,7 @@ def collective_training_plan(inputs: PlannerInputs, module: torch.nn.Module,
     result: List[object] = [None]
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
-            report, failure = _plan_and_report(inputs, module, optimizer, [EmbeddingStats()],
-                                               for_training=True)
-            result = [report.plan if failure is None else DoesNotFit(failure)]
+            result = [_training_plan(inputs, module, optimizer)]
         except DoesNotFit as e:
             result = [e]
     if dist.is_initialized():
@@ -268,7 +278,7 @@ def _ranges(ranks: List[int]) -> str:
     return ",".join(out)
 
 
-def _failure_message(report: PlanReport, error: PlannerError, device: str,
+def _failure_message(report: PlanReport, error: PlannerError,
                      for_training: bool = False) -> str:
     weights = sum(t.weight_bytes for t in report.tables)
     opt = sum(optimizer_state_bytes(report.optimizer, t.rows, t.dim) for t in report.tables)
@@ -283,7 +293,7 @@ def _failure_message(report: PlanReport, error: PlannerError, device: str,
     if for_training:
         advice = ("Train on more ranks, give them more memory (sharding.hbm_cap_gb, "
                   "sharding.ddr_cap_gb), " + ("host memory (sharding.compute_kernel="
-                  "fused_uvm_caching), " if device == "cuda" else "")
+                  "fused_uvm_caching), " if report.device == "cuda" else "")
                   + "or use fewer rows (embeddings.max_ind_range, "
                   "embeddings.num_embeddings_per_feature); `python -m dlrm_torchrec.plan` "
                   "shows what fits")

@@ -2,17 +2,17 @@
 
 Tables are built on the meta device; `prepare_sharding` gathers what the planner needs
 (`PlannerInputs`: per-table constraints from `ShardingConfig`, the topology, pooling
-factors, sharders with the fused optimizer), `shard_model` plans their placement,
-materialises each rank's shards, and fills them with the seeded initial values
-(`embedding_init_rows`), so the initial weights do not depend on the plan or the world
-size. The `plan` command (`parallel.planning`) plans from the same `PlannerInputs`.
+factors, sharders with the fused optimizer); `parallel.planning` plans their placement
+from them (for training on rank 0, sent to every rank; for the `plan` command on a cluster
+it does not run on); `shard_model` materialises each rank's shards by that plan and fills
+them with the seeded initial values (`embedding_init_rows`), so the initial weights do not
+depend on the plan or the world size.
 """
 
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
@@ -226,15 +226,10 @@ def prepare_sharding(cfg: Config, module: nn.Module, world_size: int, local_worl
 
 
 def shard_model(module: nn.Module, inputs: PlannerInputs, device: torch.device, seed: int,
-                plan: Optional[ShardingPlan] = None) -> Tuple[DistributedModelParallel, ShardingPlan]:
-    """Plan (collectively, unless `plan` is given), wrap `module` in DistributedModelParallel
-    and fill the embedding shards with the seeded initial tables. Returns (dmp, plan)."""
-    if plan is None:
-        planner = inputs.planner()
-        if dist.is_initialized():
-            plan = planner.collective_plan(module, inputs.sharders, dist.GroupMember.WORLD)
-        else:
-            plan = planner.plan(module, inputs.sharders)
+                plan: ShardingPlan) -> Tuple[DistributedModelParallel, ShardingPlan]:
+    """Wrap `module` in DistributedModelParallel by `plan` (the same on every rank:
+    `planning.collective_training_plan`) and fill the embedding shards with the seeded
+    initial tables. Returns (dmp, plan)."""
     dmp = DistributedModelParallel(
         module=module, device=device, plan=plan, sharders=inputs.sharders,
         data_parallel_wrapper=_SingleProcess() if inputs.world_size == 1 else None)
