@@ -346,23 +346,11 @@ def _publish(out: Path, name: str, write) -> None:
         os.replace(tmp, out / name)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
-        cause = _os_error(e)
+        cause = checkpoint.os_error_behind(e)
         if cause is None:
             raise
         raise ExportError(f"{out / name}: cannot write ({cause.strerror or cause}); the "
                           "partial file was removed") from None
-
-
-def _os_error(e: BaseException) -> Optional[OSError]:
-    """The OSError behind `e`, if any: torch's zip writer reports a failed write of the file
-    object as its own RuntimeError, with the OSError as its context."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        seen.add(id(e))
-        if isinstance(e, OSError):
-            return e
-        e = e.__cause__ or e.__context__
-    return None
 
 
 def _torch_save(obj: Any, path: Path) -> None:

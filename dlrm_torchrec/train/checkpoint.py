@@ -347,7 +347,7 @@ def save(folder: Path, step: int, model: torch.nn.Module, optimizer: Any,
         if _is_main():  # measured before the partial folder gives its space back
             free = _free_bytes(folder)
             shutil.rmtree(tmp, ignore_errors=True)
-        cause = _os_error(e)
+        cause = os_error_behind(e)
         if cause is None:
             raise
         raise CheckpointError(_save_failure(final, tmp, cause, free)) from None
@@ -361,9 +361,10 @@ def _publish(tmp: Path, final: Path) -> None:
     tmp.rename(final)
 
 
-def _os_error(e: BaseException) -> Optional[OSError]:
-    """The file system error behind a failed save, if there is one: DCP wraps each rank's
-    exception in a CheckpointException (its `failures`), others chain theirs."""
+def os_error_behind(e: BaseException) -> Optional[OSError]:
+    """The file system error behind a failed write, if there is one: DCP wraps each rank's
+    exception in a CheckpointException (its `failures`); others chain theirs, as torch's
+    zip writer does with the OSError of its file object under its own RuntimeError."""
     seen, todo = set(), [e]
     while todo:
         x = todo.pop()
