@@ -5,7 +5,6 @@ and on Slurm; each compared byte for byte with a one-process run of the same com
 import glob
 import os
 import random
-import re
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ import pytest
 
 from dlrm_torchrec.cli import prepare_mlperf as cli
 from dlrm_torchrec.data.converters.prepare_mlperf import STAGES
-from tests.helpers.slurm import SKIP_REASON, cluster_ready
+from tests.helpers.slurm import SKIP_REASON, cluster_ready, run_torchx_job
 from tests.helpers.torchrec_preprocessing import raw_row
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,24 +111,10 @@ def test_torchx_local_cwd_job_of_two_tasks_writes_the_same_bytes(one_task, tmp_p
 @pytest.mark.skipif(not cluster_ready(), reason=SKIP_REASON)
 def test_torchx_slurm_job_of_two_tasks_writes_the_same_bytes(one_task, tmp_path):
     job_dir, out = tmp_path / "job", tmp_path / "out"
-    cmd = [sys.executable, "-m", "torchx.cli.main", "run", "--wait",
-           "--workspace", f"file://{REPO}", "-s", "slurm",
-           "-cfg", f"job_dir={job_dir},time=00:10:00",
-           f"{REPO}/launch/components.py:prepare_mlperf", "-j", "1x2",
-           "--", *one_task["inputs"], "-o", str(out), *OPTIONS]
-    # run from tmp_path: torchx records job dirs in ./.torchxslurmjobdirs
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=_torchx_env(), capture_output=True,
-                              text=True, timeout=600)
-    except subprocess.TimeoutExpired as e:
-        handle = re.search(r"slurm://\S+/(\d+)", str(e.stdout or ""))
-        if handle:
-            subprocess.run(["scancel", handle.group(1)], check=False)
-        raise
-    handle = re.search(r"slurm://\S+/(\d+)", proc.stdout)
-    assert handle, f"no app handle in torchx output:\n{proc.stdout}\n{proc.stderr}"
-    logs = "".join(Path(p).read_text()[-3000:]
-                   for p in sorted(glob.glob(f"{job_dir}/slurm-{handle.group(1)}*")))
+    proc, _, logs = run_torchx_job(
+        [f"{REPO}/launch/components.py:prepare_mlperf", "-j", "1x2",
+         "--", *one_task["inputs"], "-o", str(out), *OPTIONS],
+        job_dir, tmp_path, _torchx_env(), timeout=600)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{logs}"
     assert "stage all: task 1 of 2 done" in logs, logs
     script = (job_dir / "torchx-sbatch.sh").read_text()

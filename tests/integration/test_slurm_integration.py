@@ -2,17 +2,15 @@
 cluster that `launch/slurm/slurm_local.sh start` brings up (or any cluster this machine
 can submit to). Skipped where no Slurm answers."""
 
-import glob
 import json
 import os
-import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers.slurm import SKIP_REASON, cluster_ready
+from tests.helpers.slurm import SKIP_REASON, cluster_ready, run_torchx_job
 
 REPO = Path(__file__).resolve().parents[2]
 SUBMIT_TIMEOUT_S = 600
@@ -29,27 +27,10 @@ def test_torchx_slurm_run_of_tiny_config_on_two_cpu_ranks(tmp_path):
     run_dir = tmp_path / "run"
     # The job inherits this environment: this interpreter's torchrun must be on PATH.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    cmd = [
-        sys.executable, "-m", "torchx.cli.main", "run", "--wait",
-        "--workspace", f"file://{REPO}",
-        "-s", "slurm", "-cfg", f"job_dir={job_dir},time=00:10:00",
-        f"{REPO}/launch/components.py:train_cpu", "-j", "1x2",
-        "--", f"logging.run_dir={run_dir}",
-    ]
-    # run from tmp_path: torchx records job dirs in ./.torchxslurmjobdirs
-    try:
-        proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True,
-                              timeout=SUBMIT_TIMEOUT_S)
-    except subprocess.TimeoutExpired as e:
-        handle = re.search(r"slurm://\S+/(\d+)", str(e.stdout or ""))
-        if handle:
-            subprocess.run(["scancel", handle.group(1)], check=False)
-        raise
-    handle = re.search(r"slurm://\S+/(\d+)", proc.stdout)
-    assert handle, f"no app handle in torchx output:\n{proc.stdout}\n{proc.stderr}"
-    job_id = handle.group(1)
-    logs = "".join(Path(p).read_text()[-3000:]
-                   for p in sorted(glob.glob(f"{job_dir}/slurm-{job_id}*")))
+    proc, job_id, logs = run_torchx_job(
+        [f"{REPO}/launch/components.py:train_cpu", "-j", "1x2", "--",
+         f"logging.run_dir={run_dir}"],
+        job_dir, tmp_path, env, timeout=SUBMIT_TIMEOUT_S)
     assert proc.returncode == 0, f"{proc.stderr[-3000:]}\n{logs}"
 
     # accounting agrees with torchx, and the job ran the requested shape
