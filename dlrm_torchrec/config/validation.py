@@ -49,8 +49,8 @@ def _check_compression(cfg: Config) -> None:
     if e.md_round_dims:
         _require(e.dim & (e.dim - 1) == 0, "embeddings.dim", e.dim,
                  "must be a power of two with embeddings.md_round_dims=true")
-
-    embedding_layout(e)  # md_solver raises for impossible dimensions
+    # impossible MD dimensions: md_solver raises in embedding_layout, which
+    # _check_fused_widths (called next) computes
 
 
 def _check_fused_widths(cfg: Config) -> None:
@@ -58,7 +58,7 @@ def _check_fused_widths(cfg: Config) -> None:
     deep inside sharding); tables on the dense kernel (data-parallel ones among them) take
     any width."""
     e, s = cfg.embeddings, cfg.sharding
-    for f in embedding_layout(e):
+    for f in embedding_layout(e):  # md_solver raises for impossible dimensions
         for t in f.tables:
             tcfg = s.tables.get(t.name)
             dense_only = tcfg is not None and tcfg.sharding_types == ["data_parallel"]
