@@ -35,7 +35,8 @@ PYTEST_PARALLEL := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist l
 
 test: install
 	$(PY) -m ruff check dlrm_torchrec launch tests bench
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_PARALLEL) --durations=15 tests  # the slowest last: regressions show
+	$(PY) -m pytest -q -m "not slow and not alone" $(PYTEST_PARALLEL) --durations=15 tests  # the slowest last: regressions show
+	$(PY) -m pytest -q -m "alone and not slow" tests  # tests that time things, with no other test beside them
 
 # The GPU machine runs torch 2.11, fbgemm-gpu 1.6.0 and torchrec 1.6.1: the suite on those
 # releases (on CPU), so code keeps to what both release trains have
@@ -43,7 +44,8 @@ test-gpu-machine-releases:
 	$(MAKE) test VENV=.venv-gpu-machine VARIANT=gpu-machine TORCHREC_VERSION=1.6.1
 
 test-all: install
-	$(PY) -m pytest -q $(PYTEST_PARALLEL) tests
+	$(PY) -m pytest -q -m "not alone" $(PYTEST_PARALLEL) tests
+	$(PY) -m pytest -q -m alone tests
 
 bench: install
 	$(PY) bench/bench_cpu.py

@@ -54,6 +54,7 @@ def test_without_a_terminal_training_prints_plain_log_lines(run):
     assert "\r" not in stdout and "%|" not in stdout  # no progress bar
 
 
+@pytest.mark.alone  # compares shares of time of two runs: another test beside it skews them
 def test_log_lines_tell_the_share_of_time_spent_waiting_for_the_loader(tmp_path):
     """A loader that takes 120 ms per training batch, against steps of a few ms: most of each
     logging interval goes to waiting for data, and the log line and history say so. The
