@@ -18,6 +18,8 @@ import pytest
 
 from dlrm_torchrec.cli import prepare_mlperf as cli
 from dlrm_torchrec.config import load_config
+from dlrm_torchrec.data import criteo_text as ct
+from dlrm_torchrec.data.converters import native
 from dlrm_torchrec.data.converters import prepare_mlperf as pm
 from tests.helpers.dist_utils import run_ranks
 from tests.helpers.torchrec_preprocessing import raw_row
@@ -175,12 +177,32 @@ def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
         [2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]]
 
 
-def test_first_occurrences_follow_the_rows_across_blocks():
-    fo = pm.FirstOccurrences()
-    for block in ([7, 3, 7, 9], [3, 1, 9], [], [5, 1, 7]):
-        fo.add(np.array(block, dtype=np.uint32))
-    assert fo.values().tolist() == [7, 3, 9, 1, 5]
-    assert fo.sorted.tolist() == [1, 3, 5, 7, 9]
+def test_id_tables_number_values_in_order_of_first_sight_across_calls():
+    table = native.IdTable(2, keep_order=True)
+    got = [table.assign(np.array(block, dtype=np.uint32)).tolist()
+           for block in ([7, 3, 7, 9], [3, 1, 9], [], [5, 1, 7, 0, 2 ** 32 - 1])]
+    assert got == [[2, 3, 2, 4], [3, 5, 4], [], [6, 5, 2, 7, 8]]
+    assert table.order().tolist() == [7, 3, 9, 1, 5, 0, 2 ** 32 - 1] and len(table) == 7
+
+
+def test_id_tables_match_a_dictionary_through_many_resizes_and_strided_columns():
+    rng = np.random.default_rng(0)
+    # clustered and spread values, so probes collide and the table doubles many times
+    values = np.concatenate([rng.integers(0, 3000, 40_000), rng.integers(0, 2 ** 32, 60_000),
+                             np.arange(0, 2 ** 32, 2 ** 20)]).astype(np.uint32)
+    rng.shuffle(values)
+    columns = values.reshape(-1, 4)  # numbered one strided column at a time, in place
+    want, order = {}, []
+    for v in columns.T.ravel().tolist():
+        if v not in want:
+            want[v] = len(want)
+            order.append(v)
+    table = native.IdTable(0, keep_order=True)
+    expect = np.vectorize(want.get, otypes=[np.uint32])(columns.T.copy())
+    for c in range(4):
+        table.assign(columns[:, c], out=columns[:, c])
+    assert (columns.T == expect).all()
+    assert table.order().tolist() == order
 
 
 def _train(rank, world_size, overrides):
@@ -206,16 +228,23 @@ def test_prepared_folder_trains_with_the_mlperf_config(days, tmp_path):
     assert m["final"]["split"] == "val" and m["final"]["samples"] == -(-(ROWS_PER_DAY + 23) // 2)
 
 
-def test_sorted_first_occurrences_and_id_lookup_match_the_plain_numpy_ones():
-    rng = np.random.default_rng(0)
-    values = rng.integers(0, 50, 5000).astype(np.uint32)
-    values[::7] = 2 ** 32 - 1  # the largest uint32 survives the packing
-    u, first = pm.sorted_firsts(values)
-    want_u, want_first = np.unique(values, return_index=True)
-    assert u.tolist() == want_u.tolist() and first.tolist() == want_first.tolist()
-    keys = np.unique(values)
-    ids = rng.permutation(len(keys)).astype(np.uint32) + 2
-    raw = rng.choice(keys, (300, pm.NUM_SPARSE))
-    got = pm.contiguous_ids(raw, [(keys, ids)] * pm.NUM_SPARSE)
-    assert got.dtype == np.int64
-    assert got.tolist() == ids[np.searchsorted(keys, raw)].tolist()
+def test_compiled_parser_gives_the_exact_parsers_values_or_hands_the_chunk_over():
+    from tests.helpers.criteo_rows import bad_rows, good_row
+
+    rng = random.Random(3)
+    rows = [good_row(rng) for _ in range(3000)]
+    fits = [r for r in rows if all(-2 ** 31 <= int(x or 0) < 2 ** 31 for x in r.split("\t")[1:14])]
+    text = "".join(r + "\n" for r in fits).encode()
+    buffers = native.ParseBuffers(len(text))
+    n, low = buffers.parse(text)
+    want = ct.parse_chunk(text, 1, raw_dense=True)
+    assert n == len(fits) == len(want.labels) and low == want.dense_raw.min()
+    assert (buffers.labels[:n] == want.labels).all()
+    assert (buffers.dense[:n] == want.dense_raw).all()
+    assert (buffers.sparse[:n] == want.sparse).all()
+    # anything but plainly valid rows goes to the exact parser, which names the problem
+    # or repairs the line: every malformed kind, a CRLF line, a dense value outside int32
+    others = [t for t, _ in bad_rows(rng)] + [fits[0] + "\r", fits[1].replace("\t", f"\t{2 ** 31}", 1)]
+    for other in others:
+        chunk = "".join(r + "\n" for r in fits[:5] + [other] + fits[5:9]).encode()
+        assert native.ParseBuffers(len(chunk)).parse(chunk) is None, repr(other)

@@ -76,6 +76,7 @@ import numpy as np
 
 from dlrm_torchrec.data import criteo_text as ct
 from dlrm_torchrec.data.converters import mlperf_multi_hot as mh
+from dlrm_torchrec.data.converters import native
 from dlrm_torchrec.data.converters.from_torchrec import AdoptError, adopt
 from dlrm_torchrec.data.converters.preprocess import (
     HEADER_BYTES,
@@ -92,17 +93,12 @@ TRAIN_DAYS = DAYS - 1
 NUM_DENSE, NUM_SPARSE = ct.NUM_DENSE, ct.NUM_SPARSE
 FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 CHUNK_BYTES = 8 << 20  # text per parsed chunk
-BLOCK_ROWS = 1 << 22  # rows per first-occurrence update
-VOCAB_READ = 1 << 20  # vocabulary entries mapped at a time (8 MB with their ids)
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
-# a row on its way to its bucket: its offset in the bucket, then the final values
-RECORD = np.dtype([("dest", "<u4"), ("dense", "<f4", (NUM_DENSE,)),
-                   ("sparse", "<i4", (NUM_SPARSE,)), ("label", "<i4")])
-# bytes per row that a place task holds: the bucket's records twice (read, placed) and
-# the output columns
-PLACE_BYTES_PER_ROW = 2 * RECORD.itemsize + 4 * (NUM_DENSE + NUM_SPARSE + 1)
+# bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
+# output columns and a byte marking each row placed
+PLACE_BYTES_PER_ROW = native.RECORD_BYTES + 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
 # disk per row at the peak: raw rows, first occurrences (at most), bucket records, output
-DISK_BYTES_PER_ROW = 160 + 4 * NUM_SPARSE + RECORD.itemsize + 160 + 8
+DISK_BYTES_PER_ROW = 160 + 4 * NUM_SPARSE + native.RECORD_BYTES + 160 + 8
 PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
 # the stages in order; `--stage all` runs them all, with a barrier between two
@@ -273,58 +269,6 @@ def through_float32(ids: np.ndarray) -> np.ndarray:
     return ids.astype(np.float32).astype(np.int32)
 
 
-LOW32 = np.uint64(0xFFFFFFFF)
-LITTLE = sys.byteorder == "little"  # a uint64 viewed as two uint32: [low, high] here
-
-
-def packed_sort(values: np.ndarray) -> np.ndarray:
-    """(n,) uint32 values, n < 2**32 -> (n,) uint64 `value << 32 | position`, sorted: the
-    values in order, equal ones by position. One sort of plain integers (numpy's SIMD
-    sort) instead of a stable argsort of the values, which is several times slower."""
-    packed = np.asarray(values).astype(np.uint64) << np.uint64(32)
-    packed |= np.arange(len(packed), dtype=np.uint64)
-    packed.sort()
-    return packed
-
-
-def sorted_firsts(values: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(n,) uint32 values -> (the distinct values sorted (u,) uint32, the position of the
-    first occurrence of each (u,) int64), as np.unique(values, return_index=True)."""
-    packed = packed_sort(values)
-    v = (packed >> np.uint64(32)).astype(np.uint32)
-    head = np.empty(len(v), dtype=bool)
-    head[:1] = True
-    np.not_equal(v[1:], v[:-1], out=head[1:])
-    # equal values are ordered by position, so the head of each run is the first occurrence
-    return v[head], (packed[head] & LOW32).astype(np.int64)
-
-
-class FirstOccurrences:
-    """One feature's distinct values in order of first occurrence, fed block by block."""
-
-    def __init__(self):
-        self.sorted = np.zeros(0, np.uint32)
-        self.order: List[np.ndarray] = []
-
-    def add(self, values: np.ndarray) -> None:
-        """values: (n,) uint32, n < 2**32."""
-        values = np.asarray(values)
-        u, first = sorted_firsts(values)
-        if len(self.sorted):
-            pos = np.minimum(np.searchsorted(self.sorted, u), len(self.sorted) - 1)
-            new = self.sorted[pos] != u
-            u, first = u[new], first[new]
-        # the values at the first occurrences, taken in row order: no sort by position
-        at_first = np.zeros(len(values), dtype=bool)
-        at_first[first] = True
-        self.order.append(values[at_first])
-        # two sorted runs: the stable sort merges them in linear time
-        self.sorted = np.sort(np.concatenate([self.sorted, u]), kind="stable")
-
-    def values(self) -> np.ndarray:
-        return np.concatenate(self.order) if self.order else np.zeros(0, np.uint32)
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -347,14 +291,18 @@ def _first_bad(bad: ct.BadRows) -> Optional[Tuple[int, str, str]]:
 
 
 def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
-    """Stage 1 for one day: the raw rows and the day's first occurrences into folder `dst`."""
+    """Stage 1 for one day, into folder `dst`: the raw dense values and labels, each id as
+    its day-local number (the position of its value in the day's first-occurrence order of
+    its feature), and those first-occurrence orders. Chunks are parsed by the compiled
+    parser; a chunk with a line it does not take plainly (malformed, or to be repaired) is
+    parsed again by the exact one (`criteo_text.parse_chunk`), which names the problem."""
     tmp = _fresh(dst)
     writers = [NpyWriter(os.path.join(tmp, "dense.npy"), np.int32, NUM_DENSE),
-               NpyWriter(os.path.join(tmp, "sparse.npy"), np.uint32, NUM_SPARSE),
+               NpyWriter(os.path.join(tmp, "local.npy"), np.uint32, NUM_SPARSE),
                NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1)]
-    firsts = [FirstOccurrences() for _ in range(NUM_SPARSE)]
-    pending: List[np.ndarray] = []
-    pending_rows, day_min, lines = 0, None, 0
+    tables = [native.IdTable(0, keep_order=True) for _ in range(NUM_SPARSE)]
+    buffers = native.ParseBuffers(CHUNK_BYTES)
+    day_min, lines = None, 0
     bad = ct.BadRows()
 
     def stop_if_bad(found: ct.BadRows) -> None:
@@ -364,38 +312,38 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
             raise PrepareError(f"{path}:{line}: {reason}{': ' + detail if detail else ''} "
                                "(--drop-malformed drops such rows)")
 
-    def flush() -> None:
-        block = np.concatenate(pending)
-        for f in range(NUM_SPARSE):
-            firsts[f].add(block[:, f])
-        pending.clear()
+    def exact_parse(chunk: ct.Chunk) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+        p = ct.parse_chunk(chunk.data, chunk.first_line, raw_dense=True)
+        dense, sparse, labels = p.dense_raw, p.sparse, p.labels
+        outside = ((dense < -2 ** 31) | (dense >= 2 ** 31)).any(axis=1)
+        if outside.any():
+            for r in np.flatnonzero(outside):
+                c = int(np.flatnonzero((dense[r] < -2 ** 31) | (dense[r] >= 2 ** 31))[0])
+                p.bad.add(DENSE_RANGE, int(p.lines[r]), f"column I{c + 1} = {dense[r, c]}")
+            keep = ~outside
+            dense, sparse, labels = dense[keep], sparse[keep], labels[keep]
+        stop_if_bad(p.bad)
+        bad.merge(p.bad)
+        low = int(dense.min()) if len(labels) else None
+        return dense.astype(np.int32), np.ascontiguousarray(sparse), labels, low
 
     ends: List[ct.StreamEnd] = []
     try:
         for chunk in ct.read_chunks(path, CHUNK_BYTES, ends):
-            p = ct.parse_chunk(chunk.data, chunk.first_line, raw_dense=True)
-            lines += p.num_lines
-            dense, sparse, labels = p.dense_raw, p.sparse, p.labels
-            outside = ((dense < -2 ** 31) | (dense >= 2 ** 31)).any(axis=1)
-            if outside.any():
-                for r in np.flatnonzero(outside):
-                    c = int(np.flatnonzero((dense[r] < -2 ** 31) | (dense[r] >= 2 ** 31))[0])
-                    p.bad.add(DENSE_RANGE, int(p.lines[r]), f"column I{c + 1} = {dense[r, c]}")
-                keep = ~outside
-                dense, sparse, labels = dense[keep], sparse[keep], labels[keep]
-            stop_if_bad(p.bad)
-            bad.merge(p.bad)
+            lines += chunk.data.count(b"\n")
+            fast = buffers.parse(chunk.data)
+            if fast is None:
+                dense, sparse, labels, low = exact_parse(chunk)
+            else:
+                n, low = fast
+                dense, sparse, labels = buffers.dense[:n], buffers.sparse[:n], buffers.labels[:n]
             if not len(labels):
                 continue
-            low = int(dense.min())
             day_min = low if day_min is None else min(day_min, low)
+            for f in range(NUM_SPARSE):  # the values become their day-local numbers
+                tables[f].assign(sparse[:, f], out=sparse[:, f])
             for w, a in zip(writers, (dense, sparse, labels)):
                 w.write(a)
-            pending.append(sparse)
-            pending_rows += len(sparse)
-            if pending_rows >= BLOCK_ROWS:
-                flush()
-                pending_rows = 0
     except ValueError as e:  # an endless line
         raise PrepareError(f"{path}: {e}: not Criteo text") from None
     end = ends[0] if ends else ct.StreamEnd(1)
@@ -408,13 +356,13 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
         tail.add(end.error.reason, end.next_line + bool(end.partial), end.error.detail)
     stop_if_bad(tail)
     bad.merge(tail)
-    if pending:
-        flush()
     if day_min is None:
         raise PrepareError(f"{path}: no valid rows")
     for w in writers:
         w.finish()
-    values = [fo.values() for fo in firsts]
+    values = [t.order() for t in tables]
+    for t in tables:
+        t.close()
     np.save(os.path.join(tmp, "first.npy"), np.concatenate(values))
     np.save(os.path.join(tmp, "first_offsets.npy"),
             np.cumsum([0] + [len(v) for v in values]).astype(np.int64))
@@ -425,29 +373,47 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     return stats
 
 
-def _day_firsts(parse_dir: str, day: int, f: int) -> np.ndarray:
-    d = os.path.join(parse_dir, f"day_{day}")
-    offsets = np.load(os.path.join(d, "first_offsets.npy"))
-    values = np.load(os.path.join(d, "first.npy"), mmap_mode="r")
-    return np.asarray(values[offsets[f]:offsets[f + 1]])
+def read_rows(path: str, lo: int, hi: int) -> np.ndarray:
+    """Rows lo .. hi of a .npy file, read (not memory-mapped: mapped pages a task touches
+    count as its memory, and at full scale these files are gigabytes)."""
+    layout = np.load(path, mmap_mode="r")  # the header only: no data page is touched
+    shape, dtype, at = layout.shape, layout.dtype, layout.offset
+    del layout
+    width = int(np.prod(shape[1:], dtype=np.int64))
+    lo, hi = min(lo, shape[0]), min(hi, shape[0])
+    with open(path, "rb") as f:
+        f.seek(at + lo * width * dtype.itemsize)
+        out = np.fromfile(f, dtype, count=(hi - lo) * width)
+    if len(out) != (hi - lo) * width:
+        raise RuntimeError(f"{path}: shorter than its header says")
+    return out.reshape((hi - lo,) + tuple(shape[1:]))
+
+
+def _day_firsts_offsets(parse_dir: str, day: int) -> np.ndarray:
+    return np.load(os.path.join(parse_dir, f"day_{day}", "first_offsets.npy"))
 
 
 def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
-    """Stage 2 for one feature: keys (sorted raw values) and their contiguous ids."""
-    fo = FirstOccurrences()
+    """Stage 2 for one feature: the contiguous id of each of its values, numbered from
+    FIRST_ID in order of first occurrence over the days, written as `map_{f}.npy`: for day
+    0, 1, ... in turn, the ids of the day's distinct values in the day's order (so a day's
+    local number indexes its part of the map)."""
+    table = native.IdTable(FIRST_ID)
+    path = os.path.join(vocab_dir, f"map_{f}.npy")
+    total = sum(int(np.diff(_day_firsts_offsets(parse_dir, d)[f:f + 2])[0]) for d in range(DAYS))
+    writer = NpyWriter(path + ".tmp", np.uint32, 1)
     for day in range(DAYS):
-        fo.add(_day_firsts(parse_dir, day, f))
-    order = fo.values()
-    if len(order) < 2 ** 32:
-        # the values are distinct: sorting (value, rank) pairs gives each key its rank
-        ids = (packed_sort(order) & LOW32).astype(np.uint32) + np.uint32(FIRST_ID)
-    else:
-        ids = (np.argsort(order, kind="stable") + FIRST_ID).astype(np.uint32)
-    for name, arr in ((f"keys_{f}.npy", fo.sorted), (f"ids_{f}.npy", ids)):
-        with open(os.path.join(vocab_dir, name + ".tmp"), "wb") as fh:
-            np.save(fh, arr)
-        os.replace(os.path.join(vocab_dir, name + ".tmp"), os.path.join(vocab_dir, name))
-    return len(order)
+        offsets = _day_firsts_offsets(parse_dir, day)
+        values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"),
+                           int(offsets[f]), int(offsets[f + 1]))
+        writer.write(table.assign(values)[:, None])
+    writer.finish()
+    if writer.rows != total:
+        raise RuntimeError(f"feature {f}: {writer.rows} map entries, expected {total}")
+    count = len(table)
+    table.close()
+    os.replace(path + ".tmp", path)
+    return count
 
 
 def permute(n: int, seed: int, path: str) -> None:
@@ -469,88 +435,47 @@ def permute(n: int, seed: int, path: str) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _npy_layout(path: str) -> Tuple[int, int]:
-    """(rows, byte offset of the data) of a 1-d .npy file, without reading its data."""
-    mm = np.load(path, mmap_mode="r")
-    return len(mm), mm.offset
+def day_maps(work: str, day: int) -> List[np.ndarray]:
+    """Per feature f, (u_f,) uint32: the contiguous ids of day `day`'s distinct values, in
+    the day's order (indexed by its local numbers): its part of `map_{f}.npy`."""
+    parse_dir = os.path.join(work, "parse")
+    counts = np.array([np.diff(_day_firsts_offsets(parse_dir, d)) for d in range(day + 1)])
+    starts = counts[:day].sum(axis=0)
+    return [read_rows(os.path.join(work, "vocab", f"map_{f}.npy"), int(starts[f]),
+                      int(starts[f] + counts[day, f]))[:, 0] for f in range(NUM_SPARSE)]
 
 
-def day_vocab(work: str, day: int) -> List[Tuple[np.ndarray, np.ndarray]]:
-    """Per feature, the contiguous ids of the values day `day` holds: (its distinct values
-    sorted, (u_f,) uint32; their ids, (u_f,) uint32), joined with the feature's vocabulary
-    in windows of VOCAB_READ entries, each mapped only while it is joined: the mapped pages
-    a lookup touches count as the task's memory (at full scale gigabytes of vocabulary).
-    A day's values are far fewer, so the lookups of its rows also search far fewer keys."""
-    parse_dir, vocab_dir = os.path.join(work, "parse"), os.path.join(work, "vocab")
-    out = []
-    for f in range(NUM_SPARSE):
-        day_keys = np.sort(_day_firsts(parse_dir, day, f))
-        day_ids = np.empty(len(day_keys), np.uint32)
-        keys_path = os.path.join(vocab_dir, f"keys_{f}.npy")
-        ids_path = os.path.join(vocab_dir, f"ids_{f}.npy")
-        (n, keys_at), (_, ids_at) = _npy_layout(keys_path), _npy_layout(ids_path)
-        done = 0  # day_keys[:done] have their ids
-        for lo in range(0, n, VOCAB_READ):
-            if done == len(day_keys):
-                break
-            # a window of the files mapped, searched in place (no copy), unmapped after
-            count = min(VOCAB_READ, n - lo)
-            keys = np.memmap(keys_path, np.uint32, "r", offset=keys_at + 4 * lo, shape=(count,))
-            upto = int(np.searchsorted(day_keys, keys[-1], side="right"))
-            if upto > done:  # every value of the day is in the vocabulary
-                ids = np.memmap(ids_path, np.uint32, "r", offset=ids_at + 4 * lo, shape=(count,))
-                day_ids[done:upto] = ids[np.searchsorted(keys, day_keys[done:upto])]
-                done = upto
-                del ids
-            del keys
-        if done != len(day_keys):
-            raise RuntimeError(f"day {day}, feature {f}: values missing from the vocabulary")
-        out.append((day_keys, day_ids))
-    return out
+class _DayRows:
+    """A parsed day's rows, read a chunk at a time: (dense (n, 13) int32, local numbers
+    (n, 26) uint32, labels (n, 1) int32)."""
 
+    def __init__(self, parse_dir: str, day: int):
+        d = os.path.join(parse_dir, f"day_{day}")
+        with open(os.path.join(d, "stats.json")) as f:
+            self.stats = json.load(f)
+        self.rows = self.stats["rows"]
+        self.paths = [os.path.join(d, f"{p}.npy") for p in ("dense", "local", "labels")]
 
-def contiguous_ids(raw: np.ndarray, vocab) -> np.ndarray:
-    """(n, 26) raw uint32 values -> (n, 26) int64 contiguous ids; `vocab`: per feature
-    (sorted keys (k,) uint32, their ids (k,) uint32) holding every value of `raw`."""
-    out = np.empty(raw.shape, dtype=np.int64)
-    if len(raw) >= 2 ** 32:
-        raise ValueError("contiguous_ids takes fewer than 2**32 rows at a time")
-    for f, (keys, ids) in enumerate(vocab):
-        # binary searches for needles in sorted order walk the keys nearly in order (cache
-        # hits, and numpy narrows each search from the last): several times faster than in
-        # row order; only each distinct value is searched; the packed positions put the
-        # results back in row order
-        halves = packed_sort(raw[:, f]).view(np.uint32).reshape(-1, 2)
-        pos, v = (halves[:, 0], halves[:, 1]) if LITTLE else (halves[:, 1], halves[:, 0])
-        head = np.empty(len(v), dtype=bool)
-        head[:1] = True
-        np.not_equal(v[1:], v[:-1], out=head[1:])
-        found = ids[np.searchsorted(keys, v[head])]
-        out[pos, f] = found[np.cumsum(head) - 1]
-    return out
-
-
-def _raw(parse_dir: str, day: int):
-    d = os.path.join(parse_dir, f"day_{day}")
-    with open(os.path.join(d, "stats.json")) as f:
-        stats = json.load(f)
-    return stats, [np.load(os.path.join(d, f"{p}.npy"), mmap_mode="r")
-                   for p in ("dense", "sparse", "labels")]
+    def read(self, lo: int, hi: int) -> List[np.ndarray]:
+        return [read_rows(p, lo, hi) for p in self.paths]
 
 
 def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     """Stage 3 for day 23: copied unshuffled, with its int64 contiguous ids."""
-    stats, (dense, sparse, labels) = _raw(os.path.join(work, "parse"), TRAIN_DAYS)
-    vocab = day_vocab(work, TRAIN_DAYS)
+    day = _DayRows(os.path.join(work, "parse"), TRAIN_DAYS)
+    maps = day_maps(work, TRAIN_DAYS)
     final = {p: os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy") for p, _ in PARTS}
     writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE),
                "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE),
                "labels": NpyWriter(final["labels"], np.int32, 1)}
-    for lo in range(0, stats["rows"], chunk_rows):
-        hi = min(stats["rows"], lo + chunk_rows)
-        writers["dense"].write(torchrec_dense(dense[lo:hi], stats["dense_min"]))
-        writers["sparse"].write(contiguous_ids(np.asarray(sparse[lo:hi]), vocab))
-        writers["labels"].write(np.asarray(labels[lo:hi]))
+    for lo in range(0, day.rows, chunk_rows):
+        dense, local, labels = day.read(lo, lo + chunk_rows)
+        ids = np.empty(local.shape, np.int64)
+        for f in range(NUM_SPARSE):
+            ids[:, f] = maps[f][local[:, f]]
+        writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"]))
+        writers["sparse"].write(ids)
+        writers["labels"].write(labels)
     for w in writers.values():
         w.finish()
 
@@ -558,37 +483,35 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
 def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exact: bool,
                 chunk_rows: int, buffer_bytes: int) -> None:
     """Stage 3 for a training day: each row, transformed, appended with its offset in its
-    bucket to `scatter/day_{day}/bucket_{b}.bin`."""
-    stats, (dense, sparse, labels) = _raw(os.path.join(work, "parse"), day)
-    vocab = day_vocab(work, day)
-    inverse = np.load(os.path.join(work, "inverse.npy"), mmap_mode="r")
+    bucket to `scatter/day_{day}/bucket_{b}.bin` (records of native.RECORD_BYTES)."""
+    rows = _DayRows(os.path.join(work, "parse"), day)
+    maps = day_maps(work, day)
+    inverse = os.path.join(work, "inverse.npy")
     dst = os.path.join(work, "scatter", f"day_{day}")
     tmp = _fresh(dst)
     pending: Dict[int, List[bytes]] = {}
     pending_bytes = 0
+    records = np.empty(min(chunk_rows, rows.rows) * native.RECORD_BYTES, np.uint8)
 
     def flush() -> None:
         for b, parts in pending.items():
             with open(os.path.join(tmp, f"bucket_{b}.bin"), "ab") as fh:
-                fh.write(b"".join(parts))
+                fh.writelines(parts)
         pending.clear()
 
-    for lo in range(0, stats["rows"], chunk_rows):
-        hi = min(stats["rows"], lo + chunk_rows)
-        dest = np.asarray(inverse[offset + lo:offset + hi]).astype(np.int64)
-        bucket = np.searchsorted(bucket_starts, dest, side="right") - 1
-        rec = np.empty(hi - lo, RECORD)
-        rec["dest"] = dest - bucket_starts[bucket]
-        rec["dense"] = torchrec_dense(dense[lo:hi], stats["dense_min"])
-        ids = contiguous_ids(np.asarray(sparse[lo:hi]), vocab)
-        rec["sparse"] = ids.astype(np.int32) if exact else through_float32(ids)
-        rec["label"] = np.asarray(labels[lo:hi])[:, 0]
-        order = np.argsort(bucket, kind="stable")
-        rec, bucket = rec[order], bucket[order]
-        cuts = np.flatnonzero(np.diff(bucket)) + 1
-        for part, b in zip(np.split(rec, cuts), bucket[np.r_[0, cuts]]):
-            pending.setdefault(int(b), []).append(part.tobytes())
-        pending_bytes += rec.nbytes
+    for lo in range(0, rows.rows, chunk_rows):
+        hi = min(rows.rows, lo + chunk_rows)
+        dense, local, labels = rows.read(lo, hi)
+        dest = read_rows(inverse, offset + lo, offset + hi)
+        counts = native.scatter_records(torchrec_dense(dense, rows.stats["dense_min"]), local,
+                                        labels[:, 0].copy(), maps, exact, dest, bucket_starts,
+                                        records)
+        at = 0
+        for b in np.flatnonzero(counts).tolist():
+            size = int(counts[b]) * native.RECORD_BYTES
+            pending.setdefault(b, []).append(records[at:at + size].tobytes())
+            at += size
+        pending_bytes += at
         if pending_bytes >= buffer_bytes:
             flush()
             pending_bytes = 0
@@ -610,22 +533,25 @@ def _out_dtype(part: str) -> np.dtype:
 def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: int) -> None:
     """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
     day's scatter file into the day's output files; its marker is written last."""
-    placed = np.zeros(rows, RECORD)
+    records = np.empty(rows * native.RECORD_BYTES, np.uint8)
     seen = 0
     for d in range(TRAIN_DAYS):
         path = os.path.join(work, "scatter", f"day_{d}", f"bucket_{b}.bin")
         if os.path.exists(path):
-            rec = np.fromfile(path, RECORD)
-            placed[rec["dest"]] = rec
-            seen += len(rec)
-    if seen != rows:
-        raise RuntimeError(f"bucket {b}: {seen} rows scattered to it, expected {rows}")
-    for part, width in PARTS:
-        data = placed[{"dense": "dense", "sparse": "sparse", "labels": "label"}[part]]
-        data = np.ascontiguousarray(data).reshape(rows, width)
+            with open(path, "rb") as fh:
+                size = os.fstat(fh.fileno()).st_size
+                if seen + size > len(records):
+                    raise RuntimeError(f"bucket {b}: more rows scattered to it than {rows}")
+                got = fh.readinto(memoryview(records)[seen:seen + size])
+            if got != size:
+                raise RuntimeError(f"{path}: short read")
+            seen += size
+    columns = native.place_records(records[:seen], rows)
+    del records
+    for (part, width), data in zip(PARTS, columns):
         fd = os.open(_part_path(out, day, part), os.O_WRONLY)
         try:
-            os.pwrite(fd, data.tobytes(), HEADER_BYTES + first_row * width * data.dtype.itemsize)
+            os.pwrite(fd, data, HEADER_BYTES + first_row * width * data.dtype.itemsize)
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -779,7 +705,7 @@ class _Run:
         tasks = [("permute", permute, (sum(rows[:TRAIN_DAYS]), self.s.seed, inverse_path),
                   lambda: os.path.exists(inverse_path))]
         tasks += [(f"vocab {f}", build_vocab, (f, self.parse_dir, vocab_dir),
-                   lambda f=f: os.path.exists(os.path.join(vocab_dir, f"ids_{f}.npy")))
+                   lambda f=f: os.path.exists(os.path.join(vocab_dir, f"map_{f}.npy")))
                   for f in range(NUM_SPARSE)]
         self.share("vocab", tasks)
         self.say("vocab and permutation")
@@ -787,7 +713,7 @@ class _Run:
     def scatter(self) -> None:
         vocab_dir = os.path.join(self.work, "vocab")
         if not (os.path.exists(os.path.join(self.work, "inverse.npy")) and all(
-                os.path.exists(os.path.join(vocab_dir, f"ids_{f}.npy")) for f in range(NUM_SPARSE))):
+                os.path.exists(os.path.join(vocab_dir, f"map_{f}.npy")) for f in range(NUM_SPARSE))):
             raise _stage_error("scatter", "the vocabularies or the permutation are missing",
                                "vocab")
         rows = self.rows("scatter")

@@ -1,0 +1,209 @@
+"""prepare_mlperf's compiled loops (`prepare_native.c`): built once per machine, loaded with
+ctypes, called on numpy arrays.
+
+The library is compiled with the C compiler (`$CC`, else `cc`) into a cache folder
+(`$DLRM_TORCHREC_CACHE`, else `$XDG_CACHE_HOME/dlrm_torchrec`, else
+`~/.cache/dlrm_torchrec`) under a name carrying the source's hash, so a changed source is
+rebuilt and processes on one machine share one build. `make install` builds it; later
+calls only load it.
+"""
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_native.c")
+FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
+RECORD_BYTES = 164  # sizeof(record_t): dest, 13 dense, 26 ids, label
+
+
+class NativeBuildError(Exception):
+    """The library could not be compiled (no C compiler, or it failed)."""
+
+
+def cache_dir() -> str:
+    root = os.environ.get("DLRM_TORCHREC_CACHE")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(base, "dlrm_torchrec")
+    return root
+
+
+def library_path() -> str:
+    with open(SOURCE, "rb") as f:
+        digest = hashlib.sha256(f.read() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    return os.path.join(cache_dir(), f"prepare_native-{digest}.so")
+
+
+def build() -> str:
+    """The library's path, compiled first if this source has no build yet."""
+    path = library_path()
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    cc = os.environ.get("CC", "cc")
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True)
+    except OSError as e:
+        os.unlink(tmp)
+        raise NativeBuildError(f"no C compiler ({cc}: {e.strerror}); prepare_mlperf compiles "
+                               "its parser once per machine: install gcc or set CC") from None
+    if proc.returncode:
+        os.unlink(tmp)
+        raise NativeBuildError(f"{cc} failed on {SOURCE}:\n{proc.stderr[-2000:]}")
+    os.replace(tmp, path)  # atomic: processes building at once each publish a whole file
+    return path
+
+
+_lib: Optional[ctypes.CDLL] = None
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+
+
+def lib() -> ctypes.CDLL:
+    global _lib
+    if _lib is None:
+        so = ctypes.CDLL(build())
+        sig = {
+            "parse_lines": (_I64, [_P, _I64, _I64, _P, _P, _P, _P]),
+            "table_new": (_P, [ctypes.c_uint32, ctypes.c_int]),
+            "table_free": (None, [_P]),
+            "table_assign": (_I64, [_P, _P, _I64, _I64, _P]),
+            "table_size": (_I64, [_P]),
+            "table_order": (None, [_P, _P]),
+            "scatter_records": (_I64, [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P,
+                                       _P, _P]),
+            "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P]),
+        }
+        for name, (res, args) in sig.items():
+            fn = getattr(so, name)
+            fn.restype, fn.argtypes = res, args
+        _lib = so
+    return _lib
+
+
+def _ptr(a: np.ndarray, dtype, writable: bool = False) -> int:
+    """The data address of `a`, which must be C-contiguous with `dtype`."""
+    if a.dtype != dtype or not a.flags.c_contiguous or (writable and not a.flags.writeable):
+        raise TypeError(f"expected a contiguous {np.dtype(dtype)} array, got {a.dtype} "
+                        f"{a.shape}")
+    return a.ctypes.data
+
+
+class ParseBuffers:
+    """Row arrays for `parse_lines` on text chunks of up to `chunk_bytes` bytes."""
+
+    def __init__(self, chunk_bytes: int):
+        # the shortest valid line: a one-digit label, 39 tabs and the newline
+        self.max_rows = chunk_bytes // 41 + 1
+        self.labels = np.empty(self.max_rows, np.int32)
+        self.dense = np.empty((self.max_rows, 13), np.int32)
+        self.sparse = np.empty((self.max_rows, 26), np.uint32)
+
+    def parse(self, data: bytes) -> Optional[int]:
+        """Rows parsed from `data` into the arrays' first rows, and the chunk's smallest
+        dense value; None if a line needs the exact parser (malformed, or repaired)."""
+        if len(data) // 41 + 1 > self.max_rows:
+            raise ValueError("chunk larger than the buffers")
+        low = ctypes.c_int64(2 ** 62)
+        n = lib().parse_lines(data, len(data), self.max_rows, self.labels.ctypes.data,
+                              self.dense.ctypes.data, self.sparse.ctypes.data,
+                              ctypes.byref(low))
+        if n < 0:
+            return None
+        return n, low.value
+
+
+class IdTable:
+    """uint32 values -> uint32 numbers base, base + 1, ... in order of first sight."""
+
+    def __init__(self, base: int, keep_order: bool = False):
+        self._t = lib().table_new(base, int(keep_order))
+        if not self._t:
+            raise MemoryError("id table")
+        self.keep_order = keep_order
+
+    def assign(self, values: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        """values: (n,) uint32, or a column of an (n, k) uint32 array (any row stride) ->
+        their numbers, written to `out` (same shape and strides; may be `values`)."""
+        if values.dtype != np.uint32 or values.ndim != 1 or values.strides[0] % 4:
+            raise TypeError("assign takes a 1-d uint32 array")
+        if out is None:
+            out = np.empty(len(values), np.uint32)
+        if out.strides != values.strides or out.shape != values.shape:
+            raise TypeError("assign's out must have the values' shape and strides")
+        stride = values.strides[0] // 4
+        if lib().table_assign(self._t, values.ctypes.data, len(values), stride,
+                              out.ctypes.data) < 0:
+            raise MemoryError("id table: out of memory or more than 2**32 - 2 values")
+        return out
+
+    def __len__(self) -> int:
+        return lib().table_size(self._t)
+
+    def order(self) -> np.ndarray:
+        """(len,) uint32: the values in order of first sight."""
+        out = np.empty(len(self), np.uint32)
+        lib().table_order(self._t, out.ctypes.data)
+        return out
+
+    def close(self) -> None:
+        if self._t:
+            lib().table_free(self._t)
+            self._t = None
+
+    __del__ = close
+
+
+def scatter_records(dense: np.ndarray, local: np.ndarray, labels: np.ndarray,
+                    maps: Sequence[np.ndarray], exact: bool, dest: np.ndarray,
+                    bucket_starts: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """n rows (dense (n, 13) float32, day-local ids (n, 26) uint32, labels (n,) int32, each
+    going to global row dest (n,) uint32) -> `records` (>= n records, raw bytes
+    (n, RECORD_BYTES) uint8) grouped by bucket in bucket order; returns the rows per
+    bucket (nb,) int64. maps[f]: (u_f,) uint32, the ids of the day's values of feature f."""
+    n, nb = len(labels), len(bucket_starts)
+    if not (dense.shape == (n, 13) and local.shape == (n, 26) and dest.shape == (n,)
+            and len(maps) == 26 and records.nbytes >= n * RECORD_BYTES):
+        raise ValueError("scatter_records: inconsistent shapes")
+    counts = np.empty(nb, np.int64)
+    bucket_of = np.empty(n, np.int32)
+    table = (ctypes.c_void_p * 26)(*[_ptr(m, np.uint32) for m in maps])
+    rc = lib().scatter_records(n, _ptr(dense, np.float32), _ptr(local, np.uint32),
+                               _ptr(labels, np.int32), table, int(exact), _ptr(dest, np.uint32),
+                               _ptr(bucket_starts, np.int64), nb, _ptr(records, np.uint8, True),
+                               counts.ctypes.data, bucket_of.ctypes.data)
+    if rc:
+        raise RuntimeError("scatter_records: a destination before the first bucket")
+    return counts
+
+
+def place_records(records: np.ndarray, rows: int) -> List[np.ndarray]:
+    """A bucket's records (n, RECORD_BYTES) uint8 -> its output columns [dense (rows, 13)
+    float32, sparse (rows, 26) int32, labels (rows, 1) int32]; every row exactly once."""
+    n = records.nbytes // RECORD_BYTES
+    if n != rows:
+        raise RuntimeError(f"{n} rows scattered to the bucket, expected {rows}")
+    dense = np.empty((rows, 13), np.float32)
+    sparse = np.empty((rows, 26), np.int32)
+    labels = np.empty((rows, 1), np.int32)
+    filled = np.zeros(rows, np.uint8)
+    if lib().place_records(_ptr(records, np.uint8), n, rows, dense.ctypes.data,
+                           sparse.ctypes.data, labels.ctypes.data, filled.ctypes.data):
+        raise RuntimeError("a bucket's work file places a row twice or outside it")
+    return [dense, sparse, labels]
+
+
+if __name__ == "__main__":  # `python -m dlrm_torchrec.data.converters.native`: build it
+    try:
+        print(build())
+    except NativeBuildError as e:
+        sys.exit(f"error: {e}")

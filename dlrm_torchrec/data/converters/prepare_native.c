@@ -1,0 +1,265 @@
+/* The hot loops of prepare_mlperf, compiled once per machine (`native.py`) and called
+ * through ctypes on numpy arrays: the text parser, the id tables (first occurrences of a
+ * day, the global numbering of a feature), the scatter of rows to their buckets, and the
+ * placing of a bucket's rows. Everything that decides what the output bytes are (TorchRec's
+ * rules, the error reports) stays in Python; these only make it fast.
+ *
+ * Plain C99, no Python headers: built with `cc -O3 -shared -fPIC`.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define NUM_DENSE 13
+#define NUM_SPARSE 26
+#define EMPTY 0xFFFFFFFFu /* a free slot: no value ever reaches it (table_assign checks) */
+
+/* ------------------------------------------------------------------ the text parser */
+
+/* hexadecimal digit values, 0xFF for every other byte; DEC: the same for 0-9 */
+static uint8_t HEX[256], DEC[256];
+static int tables_ready = 0;
+
+static void init_tables(void) {
+    memset(HEX, 0xFF, sizeof HEX);
+    memset(DEC, 0xFF, sizeof DEC);
+    for (int c = 0; c < 10; c++) HEX['0' + c] = DEC['0' + c] = (uint8_t)c;
+    for (int c = 0; c < 6; c++) HEX['a' + c] = HEX['A' + c] = (uint8_t)(10 + c);
+    tables_ready = 1;
+}
+
+/* Parse `len` bytes of whole Criteo lines (label, 13 integers, 26 hexadecimal ids; tab
+ * separated, each line ending in '\n'), writing row r's label, dense values and ids to
+ * labels[r], dense[13r..], sparse[26r..]. Takes only rows that are plainly valid: label
+ * "0" or "1"; dense values empty (0) or an optional '-' and 1-16 digits, inside int32;
+ * ids of 0-8 hexadecimal digits (empty: 0); exactly 40 fields; no '\r'. Returns the
+ * number of rows, or -1 - (byte offset of the line) at the first line that is anything
+ * else: the caller then parses the chunk with the exact parser, which names the problem
+ * or repairs the line as the other readers do. `*dense_min` becomes the smallest dense
+ * value seen (untouched without rows). */
+int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int32_t *labels,
+                    int32_t *dense, uint32_t *sparse, int64_t *dense_min) {
+    if (!tables_ready) init_tables();
+    const uint8_t *p = buf, *end = buf + len;
+    int64_t rows = 0, low = INT64_MAX;
+    while (p < end) {
+        const uint8_t *line = p;
+        if (rows >= max_rows) return -1 - (line - buf);
+        /* label */
+        if (end - p < 2 || (p[0] != '0' && p[0] != '1') || p[1] != '\t')
+            return -1 - (line - buf);
+        labels[rows] = p[0] - '0';
+        p += 2;
+        int32_t *d = dense + rows * NUM_DENSE;
+        for (int c = 0; c < NUM_DENSE; c++) {
+            int neg = 0, nd = 0;
+            int64_t v = 0;
+            if (p < end && *p == '-') { neg = 1; p++; }
+            while (p < end && DEC[*p] != 0xFF) {
+                v = v * 10 + DEC[*p++];
+                if (++nd > 16) return -1 - (line - buf);
+            }
+            if (p >= end || *p != '\t' || (neg && nd == 0)) return -1 - (line - buf);
+            p++;
+            if (neg) v = -v;
+            if (v < INT32_MIN || v > INT32_MAX) return -1 - (line - buf);
+            if (v < low) low = v;
+            d[c] = (int32_t)v;
+        }
+        uint32_t *s = sparse + rows * NUM_SPARSE;
+        for (int c = 0; c < NUM_SPARSE; c++) {
+            uint32_t v = 0;
+            int nd = 0;
+            uint8_t h;
+            while (p < end && (h = HEX[*p]) != 0xFF) {
+                v = (v << 4) | h;
+                p++;
+                if (++nd > 8) return -1 - (line - buf);
+            }
+            if (p >= end || *p != (c == NUM_SPARSE - 1 ? '\n' : '\t')) return -1 - (line - buf);
+            p++;
+            s[c] = v;
+        }
+        rows++;
+    }
+    if (rows && low < *dense_min) *dense_min = low;
+    return rows;
+}
+
+/* ------------------------------------------------------------------ id tables */
+
+/* uint32 value -> uint32 number, numbers given in order of first sight from `base`: open
+ * addressing with linear probing, at most 70 % full; optionally the values in order. */
+typedef struct {
+    uint64_t *slots; /* value << 32 | number; number EMPTY: a free slot */
+    uint64_t mask, count;
+    uint32_t base;
+    uint32_t *order; /* the values in order of first sight (keep_order), else NULL */
+    uint64_t order_cap;
+} table_t;
+
+static inline uint64_t slot_of(uint32_t value, uint64_t mask) {
+    return ((uint64_t)value * 0x9E3779B97F4A7C15ull >> 20) & mask;
+}
+
+static int table_resize(table_t *t, uint64_t capacity) {
+    uint64_t *slots = malloc(capacity * sizeof *slots);
+    if (!slots) return -1;
+    for (uint64_t i = 0; i < capacity; i++) slots[i] = EMPTY;
+    uint64_t mask = capacity - 1;
+    if (t->slots) {
+        for (uint64_t i = 0; i <= t->mask; i++) {
+            uint64_t s = t->slots[i];
+            if ((uint32_t)s == EMPTY) continue;
+            uint64_t j = slot_of((uint32_t)(s >> 32), mask);
+            while ((uint32_t)slots[j] != EMPTY) j = (j + 1) & mask;
+            slots[j] = s;
+        }
+        free(t->slots);
+    }
+    t->slots = slots;
+    t->mask = mask;
+    return 0;
+}
+
+void table_free(table_t *t) {
+    if (!t) return;
+    free(t->slots);
+    free(t->order);
+    free(t);
+}
+
+table_t *table_new(uint32_t base, int keep_order) {
+    table_t *t = calloc(1, sizeof *t);
+    if (!t) return NULL;
+    t->base = base;
+    if (table_resize(t, 1 << 12)) { free(t); return NULL; }
+    if (keep_order) {
+        t->order_cap = 1 << 12;
+        t->order = malloc(t->order_cap * sizeof *t->order);
+        if (!t->order) { table_free(t); return NULL; }
+    }
+    return t;
+}
+
+/* For i < n: out[i * stride] = the number of values[i * stride] (new values numbered on,
+ * in order). `out` may be `values`. Returns the table's size after, or -1 when memory ran
+ * out or the numbers would reach 2**32 - 1 (the table is then as before the value that
+ * failed). */
+int64_t table_assign(table_t *t, const uint32_t *values, int64_t n, int64_t stride,
+                     uint32_t *out) {
+    uint64_t mask = t->mask, *slots = t->slots;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t v = values[i * stride];
+        uint64_t j = slot_of(v, mask);
+        for (;;) {
+            uint64_t s = slots[j];
+            if ((uint32_t)s == EMPTY) break;
+            if ((uint32_t)(s >> 32) == v) goto found;
+            j = (j + 1) & mask;
+        }
+        /* a new value */
+        if ((uint64_t)t->base + t->count >= EMPTY) return -1;
+        if ((t->count + 1) * 10 > (mask + 1) * 7) {
+            if (table_resize(t, (mask + 1) * 2)) return -1;
+            mask = t->mask;
+            slots = t->slots;
+            j = slot_of(v, mask);
+            while ((uint32_t)slots[j] != EMPTY) j = (j + 1) & mask;
+        }
+        if (t->order) {
+            if (t->count == t->order_cap) {
+                uint32_t *grown = realloc(t->order, 2 * t->order_cap * sizeof *grown);
+                if (!grown) return -1;
+                t->order = grown;
+                t->order_cap *= 2;
+            }
+            t->order[t->count] = v;
+        }
+        slots[j] = (uint64_t)v << 32 | (uint32_t)(t->base + t->count);
+        t->count++;
+    found:
+        out[i * stride] = (uint32_t)slots[j];
+    }
+    return (int64_t)t->count;
+}
+
+int64_t table_size(const table_t *t) { return (int64_t)t->count; }
+
+/* the values in order of first sight (a table made with keep_order) */
+void table_order(const table_t *t, uint32_t *out) {
+    memcpy(out, t->order, t->count * sizeof *out);
+}
+
+/* ------------------------------------------------------------------ scatter and place */
+
+/* A row on its way to its bucket (164 bytes, numpy's RECORD in prepare_mlperf.py). */
+typedef struct {
+    uint32_t dest; /* its row in the bucket */
+    float dense[NUM_DENSE];
+    int32_t sparse[NUM_SPARSE];
+    int32_t label;
+} record_t;
+
+/* Rows i < n of a training day -> records grouped by bucket, buckets in order, rows in
+ * order within one: row i goes to global row dest[i], in the bucket b with
+ * bucket_starts[b] <= dest[i] < bucket_starts[b + 1] (nb buckets, the last open-ended).
+ * Its ids are maps[f][local[26 i + f]], through float32 (as TorchRec's shuffle) unless
+ * `exact`. counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch.
+ * Returns 0, or -1 if a destination is before the first bucket. */
+int64_t scatter_records(int64_t n, const float *dense, const uint32_t *local,
+                        const int32_t *labels, const uint32_t *const *maps, int exact,
+                        const uint32_t *dest, const int64_t *bucket_starts, int64_t nb,
+                        record_t *records, int64_t *counts, int32_t *bucket_of) {
+    memset(counts, 0, nb * sizeof *counts);
+    for (int64_t i = 0; i < n; i++) {
+        int64_t lo = 0, hi = nb; /* the last start <= dest */
+        if ((int64_t)dest[i] < bucket_starts[0]) return -1;
+        while (hi - lo > 1) {
+            int64_t mid = (lo + hi) / 2;
+            if (bucket_starts[mid] <= (int64_t)dest[i]) lo = mid; else hi = mid;
+        }
+        bucket_of[i] = (int32_t)lo;
+        counts[lo]++;
+    }
+    int64_t *next = malloc(nb * sizeof *next);
+    if (!next) return -2;
+    for (int64_t b = 0, at = 0; b < nb; b++) { next[b] = at; at += counts[b]; }
+    for (int64_t i = 0; i < n; i++) {
+        int32_t b = bucket_of[i];
+        record_t *r = records + next[b]++;
+        r->dest = (uint32_t)((int64_t)dest[i] - bucket_starts[b]);
+        memcpy(r->dense, dense + i * NUM_DENSE, sizeof r->dense);
+        const uint32_t *l = local + i * NUM_SPARSE;
+        for (int f = 0; f < NUM_SPARSE; f++) {
+            uint32_t id = maps[f][l[f]];
+            if (exact) {
+                r->sparse[f] = (int32_t)id;
+            } else {
+                float x = (float)id; /* rounded to nearest, as numpy's astype */
+                /* numpy's float32 -> int32 gives INT32_MIN out of range on x86-64 */
+                r->sparse[f] = x >= 2147483648.0f ? INT32_MIN : (int32_t)x;
+            }
+        }
+        r->label = labels[i];
+    }
+    free(next);
+    return 0;
+}
+
+/* A bucket's n records -> their rows of the output columns (rows rows): dense (rows, 13),
+ * sparse (rows, 26), labels (rows,). `filled`: rows bytes, zero on entry. Returns 0, or -1
+ * if a record's row is outside the bucket or already filled (a damaged work file). */
+int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *dense,
+                      int32_t *sparse, int32_t *labels, uint8_t *filled) {
+    for (int64_t i = 0; i < n; i++) {
+        const record_t *r = records + i;
+        uint32_t k = r->dest;
+        if (k >= rows || filled[k]) return -1;
+        filled[k] = 1;
+        memcpy(dense + (int64_t)k * NUM_DENSE, r->dense, sizeof r->dense);
+        memcpy(sparse + (int64_t)k * NUM_SPARSE, r->sparse, sizeof r->sparse);
+        labels[k] = r->label;
+    }
+    return 0;
+}
