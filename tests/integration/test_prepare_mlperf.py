@@ -228,23 +228,31 @@ def test_prepared_folder_trains_with_the_mlperf_config(days, tmp_path):
     assert m["final"]["split"] == "val" and m["final"]["samples"] == -(-(ROWS_PER_DAY + 23) // 2)
 
 
-def test_compiled_parser_gives_the_exact_parsers_values_or_hands_the_chunk_over():
+def test_compiled_parser_gives_the_exact_parsers_values_and_stops_where_it_must():
     from tests.helpers.criteo_rows import bad_rows, good_row
 
     rng = random.Random(3)
     rows = [good_row(rng) for _ in range(3000)]
     fits = [r for r in rows if all(-2 ** 31 <= int(x or 0) < 2 ** 31 for x in r.split("\t")[1:14])]
-    text = "".join(r + "\n" for r in fits).encode()
-    buffers = native.ParseBuffers(len(text))
-    n, low = buffers.parse(text)
-    want = ct.parse_chunk(text, 1, raw_dense=True)
-    assert n == len(fits) == len(want.labels) and low == want.dense_raw.min()
+    text = np.frombuffer("".join(r + "\n" for r in fits).encode(), np.uint8)
+    buffers = native.ParseBuffers(len(fits))
+    n, used, stop, low = buffers.parse(text.ctypes.data, len(text))
+    want = ct.parse_chunk(text.tobytes(), 1, raw_dense=True)
+    assert (n, used, stop) == (len(fits), len(text), 0) and len(want.labels) == n
+    assert low == want.dense_raw.min()
     assert (buffers.labels[:n] == want.labels).all()
     assert (buffers.dense[:n] == want.dense_raw).all()
-    assert (buffers.sparse[:n] == want.sparse).all()
+    assert (buffers.sparse[:, :n].T == want.sparse).all()
+    # full arrays: it stops after the rows they hold
+    small = native.ParseBuffers(7)
+    assert small.parse(text.ctypes.data, len(text))[:3] == (7, len("".join(r + "\n" for r in fits[:7])), 2)
+    # a line the text ends inside: it stops before it
+    assert small.parse(text.ctypes.data, len(fits[0]) + 1 + 30)[:3] == (1, len(fits[0]) + 1, 0)
     # anything but plainly valid rows goes to the exact parser, which names the problem
     # or repairs the line: every malformed kind, a CRLF line, a dense value outside int32
+    head = "".join(r + "\n" for r in fits[:5]).encode()
     others = [t for t, _ in bad_rows(rng)] + [fits[0] + "\r", fits[1].replace("\t", f"\t{2 ** 31}", 1)]
     for other in others:
-        chunk = "".join(r + "\n" for r in fits[:5] + [other] + fits[5:9]).encode()
-        assert native.ParseBuffers(len(chunk)).parse(chunk) is None, repr(other)
+        chunk = np.frombuffer(head + "".join(r + "\n" for r in [other] + fits[5:9]).encode(), np.uint8)
+        got = native.ParseBuffers(20).parse(chunk.ctypes.data, len(chunk))
+        assert got[:3] == (5, len(head), 1), repr(other)

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -73,7 +73,7 @@ def lib() -> ctypes.CDLL:
     if _lib is None:
         so = ctypes.CDLL(build())
         sig = {
-            "parse_lines": (_I64, [_P, _I64, _I64, _P, _P, _P, _P]),
+            "parse_lines": (_I64, [_P, _I64, _I64, _I64, _P, _P, _P, _P, _P, _P]),
             "table_new": (_P, [ctypes.c_uint32, ctypes.c_int]),
             "table_free": (None, [_P]),
             "table_assign": (_I64, [_P, _P, _I64, _I64, _P]),
@@ -99,27 +99,27 @@ def _ptr(a: np.ndarray, dtype, writable: bool = False) -> int:
 
 
 class ParseBuffers:
-    """Row arrays for `parse_lines` on text chunks of up to `chunk_bytes` bytes."""
+    """Row arrays for `parse_lines`: labels (rows,) int32, dense (rows, 13) int32 and the
+    ids feature-major, sparse (26, rows) uint32."""
 
-    def __init__(self, chunk_bytes: int):
-        # the shortest valid line: a one-digit label, 39 tabs and the newline
-        self.max_rows = chunk_bytes // 41 + 1
-        self.labels = np.empty(self.max_rows, np.int32)
-        self.dense = np.empty((self.max_rows, 13), np.int32)
-        self.sparse = np.empty((self.max_rows, 26), np.uint32)
+    def __init__(self, rows: int):
+        self.max_rows = rows
+        self.labels = np.empty(rows, np.int32)
+        self.dense = np.empty((rows, 13), np.int32)
+        self.sparse = np.empty((26, rows), np.uint32)
 
-    def parse(self, data: bytes) -> Optional[int]:
-        """Rows parsed from `data` into the arrays' first rows, and the chunk's smallest
-        dense value; None if a line needs the exact parser (malformed, or repaired)."""
-        if len(data) // 41 + 1 > self.max_rows:
-            raise ValueError("chunk larger than the buffers")
-        low = ctypes.c_int64(2 ** 62)
-        n = lib().parse_lines(data, len(data), self.max_rows, self.labels.ctypes.data,
-                              self.dense.ctypes.data, self.sparse.ctypes.data,
-                              ctypes.byref(low))
-        if n < 0:
-            return None
-        return n, low.value
+    def parse(self, address: int, length: int) -> Tuple[int, int, int, int]:
+        """Parse the plainly valid whole lines of the `length` bytes at `address` into the
+        arrays' first rows: (rows, their bytes, why it stopped, the smallest dense value or
+        2**62 without rows); it stopped at a line that needs the exact parser (1:
+        malformed, or to be repaired), at a line the bytes end inside (0), or with the
+        arrays full (2)."""
+        low, consumed, stop = ctypes.c_int64(2 ** 62), ctypes.c_int64(), ctypes.c_int64()
+        n = lib().parse_lines(address, length, self.max_rows, self.max_rows,
+                              self.labels.ctypes.data, self.dense.ctypes.data,
+                              self.sparse.ctypes.data, ctypes.byref(low),
+                              ctypes.byref(consumed), ctypes.byref(stop))
+        return n, consumed.value, stop.value, low.value
 
 
 class IdTable:
@@ -163,22 +163,24 @@ class IdTable:
     __del__ = close
 
 
-def scatter_records(dense: np.ndarray, local: np.ndarray, labels: np.ndarray,
+def scatter_records(dense: np.ndarray, local: Sequence[np.ndarray], labels: np.ndarray,
                     maps: Sequence[np.ndarray], exact: bool, dest: np.ndarray,
                     bucket_starts: np.ndarray, records: np.ndarray) -> np.ndarray:
-    """n rows (dense (n, 13) float32, day-local ids (n, 26) uint32, labels (n,) int32, each
-    going to global row dest (n,) uint32) -> `records` (>= n records, raw bytes
-    (n, RECORD_BYTES) uint8) grouped by bucket in bucket order; returns the rows per
-    bucket (nb,) int64. maps[f]: (u_f,) uint32, the ids of the day's values of feature f."""
+    """n rows (dense (n, 13) float32; local: per feature (n,) uint32, the day-local numbers
+    of the ids; labels (n,) int32; each going to global row dest (n,) uint32) -> `records`
+    (raw bytes, at least n * RECORD_BYTES uint8) grouped by bucket in bucket order; returns
+    the rows per bucket (nb,) int64. maps[f]: (u_f,) uint32, the ids of the day's values of
+    feature f in the day's order."""
     n, nb = len(labels), len(bucket_starts)
-    if not (dense.shape == (n, 13) and local.shape == (n, 26) and dest.shape == (n,)
-            and len(maps) == 26 and records.nbytes >= n * RECORD_BYTES):
+    if not (dense.shape == (n, 13) and len(local) == 26 and all(c.shape == (n,) for c in local)
+            and dest.shape == (n,) and len(maps) == 26 and records.nbytes >= n * RECORD_BYTES):
         raise ValueError("scatter_records: inconsistent shapes")
     counts = np.empty(nb, np.int64)
     bucket_of = np.empty(n, np.int32)
+    columns = (ctypes.c_void_p * 26)(*[_ptr(c, np.uint32) for c in local])
     table = (ctypes.c_void_p * 26)(*[_ptr(m, np.uint32) for m in maps])
-    rc = lib().scatter_records(n, _ptr(dense, np.float32), _ptr(local, np.uint32),
-                               _ptr(labels, np.int32), table, int(exact), _ptr(dest, np.uint32),
+    rc = lib().scatter_records(n, _ptr(dense, np.float32), columns, _ptr(labels, np.int32),
+                               table, int(exact), _ptr(dest, np.uint32),
                                _ptr(bucket_starts, np.int64), nb, _ptr(records, np.uint8, True),
                                counts.ctypes.data, bucket_of.ctypes.data)
     if rc:

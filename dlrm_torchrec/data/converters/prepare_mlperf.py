@@ -93,6 +93,7 @@ TRAIN_DAYS = DAYS - 1
 NUM_DENSE, NUM_SPARSE = ct.NUM_DENSE, ct.NUM_SPARSE
 FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 CHUNK_BYTES = 8 << 20  # text per parsed chunk
+EXACT_BYTES = 1 << 16  # text the exact parser takes from a line the compiled one does not
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
 # bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
 # output columns and a byte marking each row placed
@@ -293,16 +294,19 @@ def _first_bad(bad: ct.BadRows) -> Optional[Tuple[int, str, str]]:
 def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     """Stage 1 for one day, into folder `dst`: the raw dense values and labels, each id as
     its day-local number (the position of its value in the day's first-occurrence order of
-    its feature), and those first-occurrence orders. Chunks are parsed by the compiled
-    parser; a chunk with a line it does not take plainly (malformed, or to be repaired) is
-    parsed again by the exact one (`criteo_text.parse_chunk`), which names the problem."""
+    its feature; one file per feature), and those first-occurrence orders. The compiled
+    parser takes the plainly valid lines; from a line it does not take (malformed, or to be
+    repaired) the exact parser (`criteo_text.parse_chunk`) takes over for up to
+    EXACT_BYTES, naming the problem. A plain file is read into one reused buffer; a gzip
+    file (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
     tmp = _fresh(dst)
-    writers = [NpyWriter(os.path.join(tmp, "dense.npy"), np.int32, NUM_DENSE),
-               NpyWriter(os.path.join(tmp, "local.npy"), np.uint32, NUM_SPARSE),
-               NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1)]
+    dense_out = NpyWriter(os.path.join(tmp, "dense.npy"), np.int32, NUM_DENSE)
+    labels_out = NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1)
+    local_out = [NpyWriter(os.path.join(tmp, f"local_{f}.npy"), np.uint32, 1)
+                 for f in range(NUM_SPARSE)]
     tables = [native.IdTable(0, keep_order=True) for _ in range(NUM_SPARSE)]
-    buffers = native.ParseBuffers(CHUNK_BYTES)
-    day_min, lines = None, 0
+    buffers = native.ParseBuffers(CHUNK_BYTES // 200)
+    day_min: Optional[int] = None
     bad = ct.BadRows()
 
     def stop_if_bad(found: ct.BadRows) -> None:
@@ -312,8 +316,21 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
             raise PrepareError(f"{path}:{line}: {reason}{': ' + detail if detail else ''} "
                                "(--drop-malformed drops such rows)")
 
-    def exact_parse(chunk: ct.Chunk) -> Tuple[np.ndarray, np.ndarray, np.ndarray, int]:
-        p = ct.parse_chunk(chunk.data, chunk.first_line, raw_dense=True)
+    def take(dense: np.ndarray, columns: np.ndarray, labels: np.ndarray, low: int) -> None:
+        """Rows: dense (n, 13) int32, the raw ids feature-major (26, n) uint32 (numbered
+        in place), labels (n,) int32; low: their smallest dense value."""
+        nonlocal day_min
+        if not len(labels):
+            return
+        day_min = low if day_min is None else min(day_min, low)
+        dense_out.write(dense)
+        labels_out.write(labels)
+        for f in range(NUM_SPARSE):
+            local_out[f].write(tables[f].assign(columns[f], out=columns[f]))
+
+    def exact(data: bytes, first_line: int) -> int:
+        """Whole lines parsed by the exact parser; returns their number."""
+        p = ct.parse_chunk(data, first_line, raw_dense=True)
         dense, sparse, labels = p.dense_raw, p.sparse, p.labels
         outside = ((dense < -2 ** 31) | (dense >= 2 ** 31)).any(axis=1)
         if outside.any():
@@ -324,41 +341,61 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
             dense, sparse, labels = dense[keep], sparse[keep], labels[keep]
         stop_if_bad(p.bad)
         bad.merge(p.bad)
-        low = int(dense.min()) if len(labels) else None
-        return dense.astype(np.int32), np.ascontiguousarray(sparse), labels, low
+        if len(labels):
+            take(dense.astype(np.int32), np.ascontiguousarray(sparse.T), labels, int(dense.min()))
+        return p.num_lines
+
+    def parse_text(text: np.ndarray, line: int) -> Tuple[int, int]:
+        """The whole lines at the start of `text` (uint8) parsed and taken; returns (their
+        bytes, their number)."""
+        pos, first = 0, line
+        while pos < len(text):
+            n, used, stop, low = buffers.parse(text.ctypes.data + pos, len(text) - pos)
+            take(buffers.dense[:n], buffers.sparse[:, :n], buffers.labels[:n], low)
+            pos, line = pos + used, line + n
+            if stop == 0:
+                break
+            if stop == 1:
+                part = text[pos:pos + EXACT_BYTES].tobytes()
+                cut = part.rfind(b"\n") + 1
+                if not cut:  # a line longer than EXACT_BYTES
+                    newline = np.flatnonzero(text[pos:] == 10)
+                    if not len(newline):
+                        break  # it ends in the next read
+                    cut = int(newline[0]) + 1
+                    part = text[pos:pos + cut].tobytes()
+                line += exact(part[:cut], line)
+                pos += cut
+        return pos, line - first
 
     ends: List[ct.StreamEnd] = []
     try:
-        for chunk in ct.read_chunks(path, CHUNK_BYTES, ends):
-            lines += chunk.data.count(b"\n")
-            fast = buffers.parse(chunk.data)
-            if fast is None:
-                dense, sparse, labels, low = exact_parse(chunk)
-            else:
-                n, low = fast
-                dense, sparse, labels = buffers.dense[:n], buffers.sparse[:n], buffers.labels[:n]
-            if not len(labels):
-                continue
-            day_min = low if day_min is None else min(day_min, low)
-            for f in range(NUM_SPARSE):  # the values become their day-local numbers
-                tables[f].assign(sparse[:, f], out=sparse[:, f])
-            for w, a in zip(writers, (dense, sparse, labels)):
-                w.write(a)
+        with open(path, "rb", buffering=0) as f:
+            plain = f.read(3) != ct.UTF8_BOM and not ct.is_gzip(path)
+        if plain:
+            end = _parse_plain(path, parse_text)
+        else:
+            for chunk in ct.read_chunks(path, CHUNK_BYTES, ends):
+                parse_text(np.frombuffer(chunk.data, np.uint8), chunk.first_line)
+            end = ends[0] if ends else ct.StreamEnd(1)
     except ValueError as e:  # an endless line
         raise PrepareError(f"{path}: {e}: not Criteo text") from None
-    end = ends[0] if ends else ct.StreamEnd(1)
+    lines = end.next_line - 1
     tail = ct.BadRows()
     if end.partial:
-        tail.add(ct.TRUNCATED_LINE, end.next_line, f"{len(end.partial)} bytes after the last "
-                 "newline")
-        lines += 1
+        if end.error is None and end.partial.count(b"\t") == NUM_DENSE + NUM_SPARSE:
+            lines += exact(end.partial + b"\n", end.next_line)  # lacks only its newline
+        else:
+            tail.add(ct.TRUNCATED_LINE, end.next_line, f"{len(end.partial)} bytes after the "
+                     "last newline")
+            lines += 1
     if end.error is not None:
         tail.add(end.error.reason, end.next_line + bool(end.partial), end.error.detail)
     stop_if_bad(tail)
     bad.merge(tail)
     if day_min is None:
         raise PrepareError(f"{path}: no valid rows")
-    for w in writers:
+    for w in [dense_out, labels_out, *local_out]:
         w.finish()
     values = [t.order() for t in tables]
     for t in tables:
@@ -366,11 +403,31 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     np.save(os.path.join(tmp, "first.npy"), np.concatenate(values))
     np.save(os.path.join(tmp, "first_offsets.npy"),
             np.cumsum([0] + [len(v) for v in values]).astype(np.int64))
-    stats = {"day": day, "rows": writers[0].rows, "lines": lines, "dense_min": day_min,
+    stats = {"day": day, "rows": dense_out.rows, "lines": lines, "dense_min": day_min,
              "bad_counts": bad.counts, "bad_examples": bad.examples}
     write_json(os.path.join(tmp, "stats.json"), stats)
     os.replace(tmp, dst)
     return stats
+
+
+def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, int]]) -> ct.StreamEnd:
+    """Feed a plain text file to `parse_text` through one reused buffer (no copies of the
+    text beyond the read itself); returns what follows the last whole line."""
+    buf = np.empty(CHUNK_BYTES, np.uint8)
+    filled, line = 0, 1
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            got = f.readinto(memoryview(buf)[filled:])
+            filled += got
+            used, lines = parse_text(buf[:filled], line)
+            line += lines
+            tail = filled - used
+            if tail > ct.MAX_LINE_BYTES:
+                raise ValueError(f"line {line} is longer than {ct.MAX_LINE_BYTES} bytes")
+            buf[:tail] = buf[used:filled].copy()
+            filled = tail
+            if not got:
+                return ct.StreamEnd(line, buf[:filled].tobytes())
 
 
 def read_rows(path: str, lo: int, hi: int) -> np.ndarray:
@@ -446,18 +503,21 @@ def day_maps(work: str, day: int) -> List[np.ndarray]:
 
 
 class _DayRows:
-    """A parsed day's rows, read a chunk at a time: (dense (n, 13) int32, local numbers
-    (n, 26) uint32, labels (n, 1) int32)."""
+    """A parsed day's rows, read a chunk at a time: (dense (n, 13) int32, per feature the
+    day-local numbers (n,) uint32, labels (n,) int32)."""
 
     def __init__(self, parse_dir: str, day: int):
         d = os.path.join(parse_dir, f"day_{day}")
         with open(os.path.join(d, "stats.json")) as f:
             self.stats = json.load(f)
         self.rows = self.stats["rows"]
-        self.paths = [os.path.join(d, f"{p}.npy") for p in ("dense", "local", "labels")]
+        self.folder = d
 
-    def read(self, lo: int, hi: int) -> List[np.ndarray]:
-        return [read_rows(p, lo, hi) for p in self.paths]
+    def read(self, lo: int, hi: int) -> Tuple[np.ndarray, List[np.ndarray], np.ndarray]:
+        at = lambda name: os.path.join(self.folder, name)  # noqa: E731
+        return (read_rows(at("dense.npy"), lo, hi),
+                [read_rows(at(f"local_{f}.npy"), lo, hi)[:, 0] for f in range(NUM_SPARSE)],
+                read_rows(at("labels.npy"), lo, hi)[:, 0])
 
 
 def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
@@ -470,9 +530,9 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
                "labels": NpyWriter(final["labels"], np.int32, 1)}
     for lo in range(0, day.rows, chunk_rows):
         dense, local, labels = day.read(lo, lo + chunk_rows)
-        ids = np.empty(local.shape, np.int64)
+        ids = np.empty((len(labels), NUM_SPARSE), np.int64)
         for f in range(NUM_SPARSE):
-            ids[:, f] = maps[f][local[:, f]]
+            ids[:, f] = maps[f][local[f]]
         writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"]))
         writers["sparse"].write(ids)
         writers["labels"].write(labels)
@@ -504,8 +564,7 @@ def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exa
         dense, local, labels = rows.read(lo, hi)
         dest = read_rows(inverse, offset + lo, offset + hi)
         counts = native.scatter_records(torchrec_dense(dense, rows.stats["dense_min"]), local,
-                                        labels[:, 0].copy(), maps, exact, dest, bucket_starts,
-                                        records)
+                                        labels, maps, exact, dest, bucket_starts, records)
         at = 0
         for b in np.flatnonzero(counts).tolist():
             size = int(counts[b]) * native.RECORD_BYTES

@@ -28,26 +28,30 @@ static void init_tables(void) {
     tables_ready = 1;
 }
 
-/* Parse `len` bytes of whole Criteo lines (label, 13 integers, 26 hexadecimal ids; tab
- * separated, each line ending in '\n'), writing row r's label, dense values and ids to
- * labels[r], dense[13r..], sparse[26r..]. Takes only rows that are plainly valid: label
- * "0" or "1"; dense values empty (0) or an optional '-' and 1-16 digits, inside int32;
- * ids of 0-8 hexadecimal digits (empty: 0); exactly 40 fields; no '\r'. Returns the
- * number of rows, or -1 - (byte offset of the line) at the first line that is anything
- * else: the caller then parses the chunk with the exact parser, which names the problem
- * or repairs the line as the other readers do. `*dense_min` becomes the smallest dense
- * value seen (untouched without rows). */
-int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int32_t *labels,
-                    int32_t *dense, uint32_t *sparse, int64_t *dense_min) {
+/* Parse the whole Criteo lines (label, 13 integers, 26 hexadecimal ids; tab separated,
+ * each ending in '\n') at the start of `buf`, writing row r's label to labels[r], its
+ * dense values to dense[13 r ..] and its id of feature f to sparse[f * col_stride + r]
+ * (feature-major: each feature's ids are then numbered in one pass over a contiguous
+ * column). Takes only rows that are plainly valid: label "0" or "1"; dense values empty
+ * (0) or an optional '-' and 1-16 digits, inside int32; ids of 0-8 hexadecimal digits
+ * (empty: 0); exactly 40 fields; no '\r'. Stops at the first line that is anything else
+ * (*stop = 1: the caller parses from there with the exact parser, which names the
+ * problem or repairs the line as the other readers do), at a line the buffer ends inside
+ * (*stop = 0), or after max_rows rows (*stop = 2). Returns the rows parsed; *consumed
+ * becomes their bytes, *dense_min the smallest dense value seen (untouched without rows). */
+int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int64_t col_stride,
+                    int32_t *labels, int32_t *dense, uint32_t *sparse, int64_t *dense_min,
+                    int64_t *consumed, int64_t *stop) {
     if (!tables_ready) init_tables();
-    const uint8_t *p = buf, *end = buf + len;
+    const uint8_t *p = buf, *end = buf + len, *line = buf;
     int64_t rows = 0, low = INT64_MAX;
-    while (p < end) {
-        const uint8_t *line = p;
-        if (rows >= max_rows) return -1 - (line - buf);
+    for (;; rows++) {
+        line = p;
+        if (p == end) { *stop = 0; break; }
+        if (rows == max_rows) { *stop = 2; break; }
         /* label */
-        if (end - p < 2 || (p[0] != '0' && p[0] != '1') || p[1] != '\t')
-            return -1 - (line - buf);
+        if (end - p < 2) goto short_or_bad;
+        if ((p[0] != '0' && p[0] != '1') || p[1] != '\t') goto bad;
         labels[rows] = p[0] - '0';
         p += 2;
         int32_t *d = dense + rows * NUM_DENSE;
@@ -57,16 +61,16 @@ int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int32_t *
             if (p < end && *p == '-') { neg = 1; p++; }
             while (p < end && DEC[*p] != 0xFF) {
                 v = v * 10 + DEC[*p++];
-                if (++nd > 16) return -1 - (line - buf);
+                if (++nd > 16) goto bad;
             }
-            if (p >= end || *p != '\t' || (neg && nd == 0)) return -1 - (line - buf);
+            if (p >= end) goto short_or_bad;
+            if (*p != '\t' || (neg && nd == 0)) goto bad;
             p++;
             if (neg) v = -v;
-            if (v < INT32_MIN || v > INT32_MAX) return -1 - (line - buf);
+            if (v < INT32_MIN || v > INT32_MAX) goto bad;
             if (v < low) low = v;
             d[c] = (int32_t)v;
         }
-        uint32_t *s = sparse + rows * NUM_SPARSE;
         for (int c = 0; c < NUM_SPARSE; c++) {
             uint32_t v = 0;
             int nd = 0;
@@ -74,14 +78,23 @@ int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int32_t *
             while (p < end && (h = HEX[*p]) != 0xFF) {
                 v = (v << 4) | h;
                 p++;
-                if (++nd > 8) return -1 - (line - buf);
+                if (++nd > 8) goto bad;
             }
-            if (p >= end || *p != (c == NUM_SPARSE - 1 ? '\n' : '\t')) return -1 - (line - buf);
+            if (p >= end) goto short_or_bad;
+            if (*p != (c == NUM_SPARSE - 1 ? '\n' : '\t')) goto bad;
             p++;
-            s[c] = v;
+            sparse[c * col_stride + rows] = v;
         }
-        rows++;
+        continue;
+    short_or_bad:
+        /* the buffer ends inside this line, unless a newline comes before its end */
+        *stop = memchr(line, '\n', (size_t)(end - line)) ? 1 : 0;
+        break;
+    bad:
+        *stop = 1;
+        break;
     }
+    *consumed = line - buf;
     if (rows && low < *dense_min) *dense_min = low;
     return rows;
 }
@@ -204,10 +217,10 @@ typedef struct {
 /* Rows i < n of a training day -> records grouped by bucket, buckets in order, rows in
  * order within one: row i goes to global row dest[i], in the bucket b with
  * bucket_starts[b] <= dest[i] < bucket_starts[b + 1] (nb buckets, the last open-ended).
- * Its ids are maps[f][local[26 i + f]], through float32 (as TorchRec's shuffle) unless
- * `exact`. counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch.
+ * Its ids are maps[f][local[f][i]] (local: 26 columns of day-local numbers), through
+ * float32 (as TorchRec's shuffle) unless `exact`. counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch.
  * Returns 0, or -1 if a destination is before the first bucket. */
-int64_t scatter_records(int64_t n, const float *dense, const uint32_t *local,
+int64_t scatter_records(int64_t n, const float *dense, const uint32_t *const *local,
                         const int32_t *labels, const uint32_t *const *maps, int exact,
                         const uint32_t *dest, const int64_t *bucket_starts, int64_t nb,
                         record_t *records, int64_t *counts, int32_t *bucket_of) {
@@ -230,9 +243,8 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *local,
         record_t *r = records + next[b]++;
         r->dest = (uint32_t)((int64_t)dest[i] - bucket_starts[b]);
         memcpy(r->dense, dense + i * NUM_DENSE, sizeof r->dense);
-        const uint32_t *l = local + i * NUM_SPARSE;
         for (int f = 0; f < NUM_SPARSE; f++) {
-            uint32_t id = maps[f][l[f]];
+            uint32_t id = maps[f][local[f][i]];
             if (exact) {
                 r->sparse[f] = (int32_t)id;
             } else {
