@@ -256,3 +256,11 @@ def test_compiled_parser_gives_the_exact_parsers_values_and_stops_where_it_must(
         chunk = np.frombuffer(head + "".join(r + "\n" for r in [other] + fits[5:9]).encode(), np.uint8)
         got = native.ParseBuffers(20).parse(chunk.ctypes.data, len(chunk))
         assert got[:3] == (5, len(head), 1), repr(other)
+
+
+def test_permutations_are_inverted_in_place_as_argsort_inverts_them():
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 9, 1000, 100_003):
+        perm = rng.permutation(n).astype(np.uint32)
+        want = np.argsort(perm).astype(np.uint32)
+        assert (native.invert_permutation(perm) == want).all()

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_native.c")
-FLAGS = ["-O3", "-std=c99", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-std=gnu99", "-shared", "-fPIC"]
 RECORD_BYTES = 164  # sizeof(record_t): dest, 13 dense, 26 ids, label
 
 
@@ -82,6 +82,7 @@ def lib() -> ctypes.CDLL:
             "scatter_records": (_I64, [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P,
                                        _P, _P]),
             "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P]),
+            "invert_permutation": (None, [_P, _I64, _P]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(so, name)
@@ -188,20 +189,28 @@ def scatter_records(dense: np.ndarray, local: Sequence[np.ndarray], labels: np.n
     return counts
 
 
-def place_records(records: np.ndarray, rows: int) -> List[np.ndarray]:
+def place_records(records: np.ndarray, rows: int, take=np.empty) -> List[np.ndarray]:
     """A bucket's records (n, RECORD_BYTES) uint8 -> its output columns [dense (rows, 13)
-    float32, sparse (rows, 26) int32, labels (rows, 1) int32]; every row exactly once."""
+    float32, sparse (rows, 26) int32, labels (rows, 1) int32], made by `take(shape, dtype)`;
+    every row exactly once."""
     n = records.nbytes // RECORD_BYTES
     if n != rows:
         raise RuntimeError(f"{n} rows scattered to the bucket, expected {rows}")
-    dense = np.empty((rows, 13), np.float32)
-    sparse = np.empty((rows, 26), np.int32)
-    labels = np.empty((rows, 1), np.int32)
-    filled = np.zeros(rows, np.uint8)
-    if lib().place_records(_ptr(records, np.uint8), n, rows, dense.ctypes.data,
-                           sparse.ctypes.data, labels.ctypes.data, filled.ctypes.data):
+    dense, sparse = take((rows, 13), np.float32), take((rows, 26), np.int32)
+    labels, filled = take((rows, 1), np.int32), take((rows,), np.uint8)
+    filled[:] = 0
+    if lib().place_records(_ptr(records, np.uint8), n, rows, _ptr(dense, np.float32, True),
+                           _ptr(sparse, np.int32, True), _ptr(labels, np.int32, True),
+                           _ptr(filled, np.uint8, True)):
         raise RuntimeError("a bucket's work file places a row twice or outside it")
     return [dense, sparse, labels]
+
+
+def invert_permutation(perm: np.ndarray) -> np.ndarray:
+    """(n,) uint32 permutation of 0 .. n-1 -> its inverse, in place (returned)."""
+    visited = np.zeros((len(perm) + 7) // 8, np.uint8)
+    lib().invert_permutation(_ptr(perm, np.uint32, True), len(perm), visited.ctypes.data)
+    return perm
 
 
 if __name__ == "__main__":  # `python -m dlrm_torchrec.data.converters.native`: build it

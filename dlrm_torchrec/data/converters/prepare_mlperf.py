@@ -255,13 +255,17 @@ def check_disk(s: Settings) -> None:
 # --------------------------------------------------------------------------- transforms
 
 
-def torchrec_dense(raw: np.ndarray, day_min: int) -> np.ndarray:
+def torchrec_dense(raw: np.ndarray, day_min: int, arena: Optional["Arena"] = None) -> np.ndarray:
     """(n, 13) raw dense ints -> float32 as `tsv_to_npys`: log(x - m + 2) with the int32
-    arithmetic and the float32 log it uses (m: the smallest raw value of the day)."""
-    shifted = np.asarray(raw).astype(np.int32)
+    arithmetic and the float32 log it uses (m: the smallest raw value of the day); the
+    temporaries in `arena` memory if given."""
+    take = arena.take if arena is not None else np.empty
+    shifted = take(raw.shape, np.int32)
+    out = take(raw.shape, np.float32)
     with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        shifted -= np.int32(day_min) - np.int32(2)
-        return np.log(shifted, dtype=np.float32)
+        np.subtract(raw, np.int32(day_min) - np.int32(2), out=shifted, dtype=np.int32,
+                    casting="unsafe")
+        return np.log(shifted, out=out, dtype=np.float32)
 
 
 def through_float32(ids: np.ndarray) -> np.ndarray:
@@ -430,20 +434,52 @@ def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, i
                 return ct.StreamEnd(line, buf[:filled].tobytes())
 
 
-def read_rows(path: str, lo: int, hi: int) -> np.ndarray:
+class Arena:
+    """A process's scratch memory, reused by each of its tasks in turn (`reset` at a task's
+    start, `take` for each array): a fresh allocation costs a page fault and a zeroed page
+    for every 4 KB, which for the chunks of the scatter and place stages took more time
+    than the work on them. Grows to the largest task's need, which the memory share bounds."""
+
+    ALIGN = 64
+
+    def __init__(self):
+        self.buf = np.empty(0, np.uint8)
+        self.used = 0
+
+    def reset(self) -> None:
+        self.used = 0
+
+    def take(self, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        if self.used + size > len(self.buf):
+            # arrays handed out before keep the old buffer alive until the task ends
+            self.buf = np.empty(max(2 * len(self.buf), size + (1 << 20)), np.uint8)
+            self.used = 0
+        out = self.buf[self.used:self.used + size].view(dtype).reshape(shape)
+        self.used += -(-size // self.ALIGN) * self.ALIGN
+        return out
+
+
+ARENA = Arena()
+
+
+def read_rows(path: str, lo: int, hi: int, arena: Optional[Arena] = None) -> np.ndarray:
     """Rows lo .. hi of a .npy file, read (not memory-mapped: mapped pages a task touches
-    count as its memory, and at full scale these files are gigabytes)."""
+    count as its memory, and at full scale these files are gigabytes), into `arena` memory
+    if given."""
     layout = np.load(path, mmap_mode="r")  # the header only: no data page is touched
     shape, dtype, at = layout.shape, layout.dtype, layout.offset
     del layout
-    width = int(np.prod(shape[1:], dtype=np.int64))
     lo, hi = min(lo, shape[0]), min(hi, shape[0])
-    with open(path, "rb") as f:
-        f.seek(at + lo * width * dtype.itemsize)
-        out = np.fromfile(f, dtype, count=(hi - lo) * width)
-    if len(out) != (hi - lo) * width:
+    rows = (hi - lo,) + tuple(shape[1:])
+    out = arena.take(rows, dtype) if arena is not None else np.empty(rows, dtype)
+    with open(path, "rb", buffering=0) as f:
+        f.seek(at + lo * out[:1].nbytes)
+        got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    if got != out.nbytes:
         raise RuntimeError(f"{path}: shorter than its header says")
-    return out.reshape((hi - lo,) + tuple(shape[1:]))
+    return out
 
 
 def _day_firsts_offsets(parse_dir: str, day: int) -> np.ndarray:
@@ -482,11 +518,7 @@ def permute(n: int, seed: int, path: str) -> None:
         raise PrepareError(f"{n} training rows: more than this tool's uint32 permutation holds")
     perm = np.arange(n, dtype=np.uint32)
     np.random.RandomState(seed).shuffle(perm)
-    inverse = np.empty(n, dtype=np.uint32)
-    step = 1 << 24
-    for lo in range(0, n, step):
-        inverse[perm[lo:lo + step]] = np.arange(lo, min(n, lo + step), dtype=np.uint32)
-    del perm
+    inverse = native.invert_permutation(perm)  # in place: 4 bytes a row in all
     with open(path + ".tmp", "wb") as fh:
         np.save(fh, inverse)
     os.replace(path + ".tmp", path)
@@ -513,11 +545,21 @@ class _DayRows:
         self.rows = self.stats["rows"]
         self.folder = d
 
-    def read(self, lo: int, hi: int) -> Tuple[np.ndarray, List[np.ndarray], np.ndarray]:
+    def remove(self) -> None:
+        """Remove the rows once their day is written: the next stage's writes then reuse
+        their page-cache pages instead of pushing other data out (stats.json and the first
+        occurrences stay: the vocabulary and the checks read them)."""
+        for name in ["dense.npy", "labels.npy"] + [f"local_{f}.npy" for f in range(NUM_SPARSE)]:
+            try:
+                os.unlink(os.path.join(self.folder, name))
+            except FileNotFoundError:
+                pass
+
+    def read(self, lo: int, hi: int, arena: Arena) -> Tuple[np.ndarray, List[np.ndarray], np.ndarray]:
         at = lambda name: os.path.join(self.folder, name)  # noqa: E731
-        return (read_rows(at("dense.npy"), lo, hi),
-                [read_rows(at(f"local_{f}.npy"), lo, hi)[:, 0] for f in range(NUM_SPARSE)],
-                read_rows(at("labels.npy"), lo, hi)[:, 0])
+        return (read_rows(at("dense.npy"), lo, hi, arena),
+                [read_rows(at(f"local_{f}.npy"), lo, hi, arena)[:, 0] for f in range(NUM_SPARSE)],
+                read_rows(at("labels.npy"), lo, hi, arena)[:, 0])
 
 
 def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
@@ -529,19 +571,21 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
                "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE),
                "labels": NpyWriter(final["labels"], np.int32, 1)}
     for lo in range(0, day.rows, chunk_rows):
-        dense, local, labels = day.read(lo, lo + chunk_rows)
-        ids = np.empty((len(labels), NUM_SPARSE), np.int64)
+        ARENA.reset()
+        dense, local, labels = day.read(lo, lo + chunk_rows, ARENA)
+        ids = ARENA.take((len(labels), NUM_SPARSE), np.int64)
         for f in range(NUM_SPARSE):
             ids[:, f] = maps[f][local[f]]
-        writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"]))
+        writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"], ARENA))
         writers["sparse"].write(ids)
         writers["labels"].write(labels)
     for w in writers.values():
         w.finish()
+    day.remove()
 
 
 def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exact: bool,
-                chunk_rows: int, buffer_bytes: int) -> None:
+                chunk_rows: int) -> None:
     """Stage 3 for a training day: each row, transformed, appended with its offset in its
     bucket to `scatter/day_{day}/bucket_{b}.bin` (records of native.RECORD_BYTES)."""
     rows = _DayRows(os.path.join(work, "parse"), day)
@@ -549,36 +593,25 @@ def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exa
     inverse = os.path.join(work, "inverse.npy")
     dst = os.path.join(work, "scatter", f"day_{day}")
     tmp = _fresh(dst)
-    pending: Dict[int, List[bytes]] = {}
-    pending_bytes = 0
-    records = np.empty(min(chunk_rows, rows.rows) * native.RECORD_BYTES, np.uint8)
-
-    def flush() -> None:
-        for b, parts in pending.items():
-            with open(os.path.join(tmp, f"bucket_{b}.bin"), "ab") as fh:
-                fh.writelines(parts)
-        pending.clear()
-
     for lo in range(0, rows.rows, chunk_rows):
         hi = min(rows.rows, lo + chunk_rows)
-        dense, local, labels = rows.read(lo, hi)
-        dest = read_rows(inverse, offset + lo, offset + hi)
-        counts = native.scatter_records(torchrec_dense(dense, rows.stats["dense_min"]), local,
-                                        labels, maps, exact, dest, bucket_starts, records)
+        ARENA.reset()
+        dense, local, labels = rows.read(lo, hi, ARENA)
+        dest = read_rows(inverse, offset + lo, offset + hi, ARENA)
+        records = ARENA.take((hi - lo, native.RECORD_BYTES), np.uint8)
+        counts = native.scatter_records(
+            torchrec_dense(dense, rows.stats["dense_min"], ARENA), local, labels, maps, exact,
+            dest, bucket_starts, records)
         at = 0
         for b in np.flatnonzero(counts).tolist():
-            size = int(counts[b]) * native.RECORD_BYTES
-            pending.setdefault(b, []).append(records[at:at + size].tobytes())
-            at += size
-        pending_bytes += at
-        if pending_bytes >= buffer_bytes:
-            flush()
-            pending_bytes = 0
-    flush()
+            with open(os.path.join(tmp, f"bucket_{b}.bin"), "ab") as fh:
+                fh.write(records[at:at + int(counts[b])])
+            at += int(counts[b])
     for name in os.listdir(tmp):
         with open(os.path.join(tmp, name), "rb") as fh:
             os.fsync(fh.fileno())
     os.replace(tmp, dst)
+    rows.remove()
 
 
 def _part_path(out: str, day: int, part: str) -> str:
@@ -592,7 +625,8 @@ def _out_dtype(part: str) -> np.dtype:
 def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: int) -> None:
     """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
     day's scatter file into the day's output files; its marker is written last."""
-    records = np.empty(rows * native.RECORD_BYTES, np.uint8)
+    ARENA.reset()
+    records = ARENA.take((rows * native.RECORD_BYTES,), np.uint8)
     seen = 0
     for d in range(TRAIN_DAYS):
         path = os.path.join(work, "scatter", f"day_{d}", f"bucket_{b}.bin")
@@ -605,8 +639,7 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
             if got != size:
                 raise RuntimeError(f"{path}: short read")
             seen += size
-    columns = native.place_records(records[:seen], rows)
-    del records
+    columns = native.place_records(records[:seen], rows, ARENA.take)
     for (part, width), data in zip(PARTS, columns):
         fd = os.open(_part_path(out, day, part), os.O_WRONLY)
         try:
@@ -615,6 +648,11 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         finally:
             os.close(fd)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"), {"rows": rows})
+    for d in range(TRAIN_DAYS):  # placed for good: their pages go to the next buckets
+        try:
+            os.unlink(os.path.join(work, "scatter", f"day_{d}", f"bucket_{b}.bin"))
+        except FileNotFoundError:
+            pass
 
 
 # --------------------------------------------------------------------------- driver
@@ -783,7 +821,7 @@ class _Run:
                                 for p, _ in PARTS)
         tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), eval_done)]
         tasks += [(str(d), scatter_day, (d, work, offsets[d], starts, self.s.exact_ids,
-                                         self.chunk_rows, self.budget // 2),
+                                         self.chunk_rows),
                    lambda d=d: os.path.isdir(os.path.join(work, "scatter", f"day_{d}")))
                   for d in range(TRAIN_DAYS)]
         if self.s.rank == 0:
