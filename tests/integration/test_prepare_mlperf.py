@@ -264,3 +264,12 @@ def test_permutations_are_inverted_in_place_as_argsort_inverts_them():
         perm = rng.permutation(n).astype(np.uint32)
         want = np.argsort(perm).astype(np.uint32)
         assert (native.invert_permutation(perm) == want).all()
+
+
+def test_a_cleared_id_table_numbers_anew_from_its_base():
+    table = native.IdTable(2, keep_order=True)
+    table.assign(np.arange(10_000, dtype=np.uint32) * 7919)  # grows it several times
+    table.clear()
+    assert len(table) == 0
+    assert table.assign(np.array([5, 9, 5, 0], dtype=np.uint32)).tolist() == [2, 3, 2, 4]
+    assert table.order().tolist() == [5, 9, 0]

@@ -78,6 +78,8 @@ def lib() -> ctypes.CDLL:
             "table_free": (None, [_P]),
             "table_assign": (_I64, [_P, _P, _I64, _I64, _P]),
             "table_size": (_I64, [_P]),
+            "table_reserve": (_I64, [_P, _I64]),
+            "table_clear": (None, [_P]),
             "table_order": (None, [_P, _P]),
             "scatter_records": (_I64, [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P,
                                        _P, _P]),
@@ -146,6 +148,15 @@ class IdTable:
                               out.ctypes.data) < 0:
             raise MemoryError("id table: out of memory or more than 2**32 - 2 values")
         return out
+
+    def clear(self) -> None:
+        """Forget every value, keeping the memory for the next ones."""
+        lib().table_clear(self._t)
+
+    def reserve(self, count: int) -> None:
+        """Room for `count` values in all, so the table does not grow until then."""
+        if lib().table_reserve(self._t, count) < 0:
+            raise MemoryError(f"id table of {count} values")
 
     def __len__(self) -> int:
         return lib().table_size(self._t)

@@ -308,7 +308,7 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     labels_out = NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1)
     local_out = [NpyWriter(os.path.join(tmp, f"local_{f}.npy"), np.uint32, 1)
                  for f in range(NUM_SPARSE)]
-    tables = [native.IdTable(0, keep_order=True) for _ in range(NUM_SPARSE)]
+    tables = _day_tables()
     buffers = native.ParseBuffers(CHUNK_BYTES // 200)
     day_min: Optional[int] = None
     bad = ct.BadRows()
@@ -402,8 +402,6 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     for w in [dense_out, labels_out, *local_out]:
         w.finish()
     values = [t.order() for t in tables]
-    for t in tables:
-        t.close()
     np.save(os.path.join(tmp, "first.npy"), np.concatenate(values))
     np.save(os.path.join(tmp, "first_offsets.npy"),
             np.cumsum([0] + [len(v) for v in values]).astype(np.int64))
@@ -412,6 +410,19 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     write_json(os.path.join(tmp, "stats.json"), stats)
     os.replace(tmp, dst)
     return stats
+
+
+_DAY_TABLES: List[native.IdTable] = []
+
+
+def _day_tables() -> List[native.IdTable]:
+    """The per-feature tables of a parse task, emptied: a process's parse tasks reuse one
+    set, whose memory is already paged in at the size the largest day needed."""
+    if not _DAY_TABLES:
+        _DAY_TABLES.extend(native.IdTable(0, keep_order=True) for _ in range(NUM_SPARSE))
+    for t in _DAY_TABLES:
+        t.clear()
+    return _DAY_TABLES
 
 
 def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, int]]) -> ct.StreamEnd:
@@ -499,6 +510,9 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
         offsets = _day_firsts_offsets(parse_dir, day)
         values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"),
                            int(offsets[f]), int(offsets[f + 1]))
+        # room for every value of the day being new: one resize instead of several (the
+        # table never holds more than twice what growing one value at a time would)
+        table.reserve(len(table) + len(values))
         writer.write(table.assign(values)[:, None])
     writer.finish()
     if writer.rows != total:

@@ -202,6 +202,21 @@ int64_t table_assign(table_t *t, const uint32_t *values, int64_t n, int64_t stri
     return (int64_t)t->count;
 }
 
+/* Empty the table, keeping its memory: the next day's values reuse the slots already
+ * paged in (growing a table afresh faults in and zeroes every page again). */
+void table_clear(table_t *t) {
+    memset(t->slots, 0xFF, (t->mask + 1) * sizeof *t->slots); /* number EMPTY: free */
+    t->count = 0;
+}
+
+/* Room for `count` values in all without growing (a known bound spares the rehashes).
+ * Returns 0, or -1 when memory ran out (the table is then as before). */
+int64_t table_reserve(table_t *t, int64_t count) {
+    uint64_t capacity = t->mask + 1;
+    while ((uint64_t)count * 10 > capacity * 7) capacity *= 2;
+    return capacity == t->mask + 1 ? 0 : table_resize(t, capacity);
+}
+
 int64_t table_size(const table_t *t) { return (int64_t)t->count; }
 
 /* the values in order of first sight (a table made with keep_order) */
