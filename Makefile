@@ -21,6 +21,8 @@ $(STAMP): requirements/$(VARIANT).txt requirements/common.txt requirements/dev.t
 	# torchrec declares the CUDA fbgemm-gpu as a dependency; its real ones are in common.txt
 	$(PY) -m pip install -q --no-deps torchrec==$(TORCHREC_VERSION)
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	# prepare_mlperf's compiled loops (C, built with cc into ~/.cache/dlrm_torchrec)
+	$(PY) -m dlrm_torchrec.data.converters.native
 	touch $@
 
 install: $(STAMP)

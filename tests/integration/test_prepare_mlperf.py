@@ -273,3 +273,16 @@ def test_a_cleared_id_table_numbers_anew_from_its_base():
     assert len(table) == 0
     assert table.assign(np.array([5, 9, 5, 0], dtype=np.uint32)).tolist() == [2, 3, 2, 4]
     assert table.order().tolist() == [5, 9, 0]
+
+
+def test_no_c_compiler_or_no_writable_cache_stops_with_one_line(days, tmp_path, capsys,
+                                                                monkeypatch):
+    argv = days["inputs"] + ["-o", str(tmp_path / "out")]
+    monkeypatch.setattr(native, "_lib", None)  # as in a fresh process
+    monkeypatch.setenv("DLRM_TORCHREC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    assert "no C compiler" in _error(capsys, argv)
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("DLRM_TORCHREC_CACHE", str(tmp_path / "file" / "cache"))
+    assert "set DLRM_TORCHREC_CACHE to a writable folder" in _error(capsys, argv)
+    assert not (tmp_path / "out" / "meta.json").exists()

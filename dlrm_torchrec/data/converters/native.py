@@ -46,9 +46,14 @@ def build() -> str:
     path = library_path()
     if os.path.exists(path):
         return path
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     cc = os.environ.get("CC", "cc")
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=os.path.dirname(path))
+    except OSError as e:
+        raise NativeBuildError(f"cannot write the compiled parser to {os.path.dirname(path)} "
+                               f"({e.strerror}); set DLRM_TORCHREC_CACHE to a writable "
+                               "folder") from None
     os.close(fd)
     try:
         proc = subprocess.run([cc, *FLAGS, SOURCE, "-o", tmp], capture_output=True, text=True)

@@ -951,6 +951,10 @@ def run(s: Settings, barrier: Callable[[], None] = lambda: None) -> Optional[Rep
     report where meta.json was written (rank 0 of "all" or "meta"), else None. Raises
     PrepareError for user mistakes."""
     check_inputs(s)
+    try:
+        native.lib()  # built (once per machine) and loaded before the workers fork
+    except native.NativeBuildError as e:
+        raise PrepareError(str(e)) from None
     pool = _Pool(s.workers)
     r = _Run(s, pool)
     stages = STAGES[:-1] if s.stage == "all" else [s.stage] if s.stage != "meta" else []
