@@ -286,3 +286,47 @@ def test_no_c_compiler_or_no_writable_cache_stops_with_one_line(days, tmp_path, 
     monkeypatch.setenv("DLRM_TORCHREC_CACHE", str(tmp_path / "file" / "cache"))
     assert "set DLRM_TORCHREC_CACHE to a writable folder" in _error(capsys, argv)
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_compiled_parser_agrees_with_the_exact_one_on_mutated_lines():
+    """Random byte edits of valid lines: a line the compiled parser takes, the exact one
+    takes with the same values; the line it stops at, the exact one rejects or repairs."""
+    from tests.helpers.criteo_rows import good_row
+
+    rng = random.Random(11)
+    alphabet = "\t\r-+ 0189afAFgz."
+    for _ in range(400):
+        lines = [good_row(rng) for _ in range(6)]
+        k = rng.randrange(len(lines))
+        line = list(lines[k])
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(len(line) + 1)
+            op = rng.random()
+            if op < 0.4 and at < len(line):
+                line[at] = rng.choice(alphabet)
+            elif op < 0.7:
+                line.insert(at, rng.choice(alphabet))
+            elif at < len(line):
+                del line[at]
+        lines[k] = "".join(line)
+        data = "".join(x + "\n" for x in lines).encode()
+        text = np.frombuffer(data, np.uint8)
+        buffers = native.ParseBuffers(len(lines))
+        n, used, stop, _ = buffers.parse(text.ctypes.data, len(text))
+        if used:
+            taken = ct.parse_chunk(data[:used], 1, raw_dense=True)
+            assert not taken.bad.counts and len(taken.labels) == n
+            assert (taken.dense_raw == buffers.dense[:n]).all()
+            assert (taken.sparse == buffers.sparse[:, :n].T).all()
+            assert (taken.labels == buffers.labels[:n]).all()
+        else:
+            assert n == 0
+        if stop == 1:
+            rest = data[used:]
+            first = rest[:rest.index(b"\n") + 1]
+            p = ct.parse_chunk(first, n + 1, raw_dense=True)
+            outside = len(p.labels) and not (-2 ** 31 <= p.dense_raw.min()
+                                             and p.dense_raw.max() < 2 ** 31)
+            assert p.bad.counts or outside, first
+        else:
+            assert stop == 0 and used == len(data)

@@ -28,16 +28,20 @@ What those scripts do, and so what this reproduces (TorchRec 1.8.0,
 How: stages, each task's output published atomically (a folder or file renamed when
 complete, or a marker written after the data is synced), so a killed run restarted with
 the same command redoes only unfinished tasks and writes the same bytes. Work files lie in
-OUT/.prepare and are removed at the end (`--keep-work` keeps them).
-1. parse (one task per day): raw text -> raw int32 dense, uint32 ids, int32 labels, the
-   day's smallest dense value, and per feature the day's distinct ids in first-occurrence
-   order (`FirstOccurrences`).
-2. vocab (one task per feature) and permute (one task): the global first-occurrence order
-   of each feature from the days' lists; TorchRec's permutation of days 0-22 and its
-   inverse (uint32, 4 bytes a row, in memory while it is drawn).
-3. scatter (one task per day): transform each row and append it with its destination to
-   the bucket file of its destination range (buckets are cut so one fits the memory share
-   of a worker, and never span two output days).
+OUT/.prepare; each is removed once the stage after it has consumed it, the rest at the end
+(`--keep-work` keeps what is left). The loops over rows are compiled C (`native`); the
+rules that decide the bytes stay here.
+1. parse (one task per day): raw text -> raw int32 dense values, int32 labels, the day's
+   smallest dense value and, per feature, the day's distinct ids in first-occurrence order
+   and each row's id as its position in that order (its day-local number, uint32).
+2. vocab (one task per feature) and permute (one task): per feature, the contiguous id of
+   each day's distinct values (`map_{f}.npy`: the days' parts one after another, each in
+   the day's order, so a day-local number indexes it); TorchRec's permutation of days
+   0-22, inverted in place (uint32, 4 bytes a row).
+3. scatter (one task per day): transform each row (dense log, ids through the day's part
+   of the maps) and append it with its destination to the bucket file of its destination
+   range (buckets are cut so one fits the memory share of a worker, and never span two
+   output days).
 4. place (one task per bucket): read the bucket's rows from every day, put each at its
    destination, write them into the output day files at their offset.
 5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
@@ -52,9 +56,12 @@ bucket plan; making the output files the place stage fills) are rank 0's, in the
 before.
 
 Memory: each task holds at most its share of --memory-gb (chunks, one bucket), plus, in a
-vocab task, its feature's distinct values (8 bytes each), in a scatter task the ids of the
-day's distinct values (8 bytes each; the vocabulary is mapped a window at a time), and,
-in the permute task, 8 bytes per training row.
+parse task, a hash table per feature of the day's distinct values (8-byte slots, at most
+70 % full, doubling: under 23 bytes a value, plus 4 for the order), in a vocab task one of
+its feature's distinct values (sized for those so far plus the next day's before each day:
+under 23 bytes × (distinct values + a day's distinct values)), in a scatter task the ids
+of the day's distinct values (4 bytes each), and, in the permute task, 4 bytes per
+training row.
 
 Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command SIGKILLs
 its own process group once N tasks of STAGE are done, to test resumption.
