@@ -330,3 +330,47 @@ def test_compiled_parser_agrees_with_the_exact_one_on_mutated_lines():
             assert p.bad.counts or outside, first
         else:
             assert stop == 0 and used == len(data)
+
+
+def test_repaired_lines_crlf_a_byte_order_mark_and_no_final_newline_keep_torchrecs_bytes(
+        days, tmp_path):
+    """Plain days read through the reused buffer, with the lines the exact parser repairs:
+    every line ending in CRLF, a byte-order mark, a last line without its newline."""
+    inputs = list(days["inputs"])
+    folder = tmp_path / "in"
+    folder.mkdir()
+    edits = {5: lambda b: b.replace(b"\n", b"\r\n"), 6: lambda b: b[:-1],
+             8: lambda b: ct.UTF8_BOM + b}
+    for d, edit in edits.items():
+        path = folder / f"day_{d}"
+        path.write_bytes(edit(open(inputs[d], "rb").read()))
+        inputs[d] = str(path)
+    out = tmp_path / "out"
+    assert cli.main(inputs + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
+    assert_same_as_oracle(out, days["oracle"])
+
+
+def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():
+    rng = np.random.default_rng(4)
+    n = 5000
+    big = np.array([2 ** 24 - 1, 2 ** 24 + 1, 2 ** 24 + 3, 2 ** 25 + 3, 2 ** 31 - 1, 123],
+                   dtype=np.uint32)
+    maps = [np.concatenate([big, rng.integers(2, 2 ** 31, 100).astype(np.uint32)])
+            for _ in range(26)]
+    local = [rng.integers(0, len(m), n).astype(np.uint32) for m in maps]
+    ids = np.stack([m[c] for m, c in zip(maps, local)], axis=1).astype(np.int64)
+    dense = rng.random((n, 13), dtype=np.float32)
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    dest = rng.permutation(n).astype(np.uint32)
+    starts = np.array([0, 1000, 3500], dtype=np.int64)
+    for exact, want in ((False, pm.through_float32(ids)), (True, ids.astype(np.int32))):
+        records = np.empty((n, native.RECORD_BYTES), np.uint8)
+        counts = native.scatter_records(dense, local, labels, maps, exact, dest, starts, records)
+        bucket = np.searchsorted(starts, dest, side="right") - 1
+        assert counts.tolist() == np.bincount(bucket, minlength=3).tolist()
+        order = np.argsort(bucket, kind="stable")  # grouped by bucket, in row order within
+        rec = records.view(np.dtype([("dest", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26),
+                                     ("label", "<i4")]))[:, 0]
+        assert (rec["dest"] == dest[order] - starts[bucket[order]]).all()
+        assert (rec["sparse"] == want[order]).all() and (rec["label"] == labels[order]).all()
+        assert (rec["dense"] == dense[order]).all()

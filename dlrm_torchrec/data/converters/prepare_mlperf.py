@@ -105,6 +105,11 @@ DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)
 # bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
 # output columns and a byte marking each row placed
 PLACE_BYTES_PER_ROW = native.RECORD_BYTES + 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
+# bytes per row of a scatter chunk: the parsed row read (dense, 26 local numbers, label),
+# its destination, the dense transform's two arrays and the record
+SCATTER_BYTES_PER_ROW = 4 * (NUM_DENSE + NUM_SPARSE + 1) + 4 + 2 * 4 * NUM_DENSE + native.RECORD_BYTES
+# the same for day 23: the row read, the dense transform's arrays, int64 ids
+EVAL_BYTES_PER_ROW = 4 * (NUM_DENSE + NUM_SPARSE + 1) + 2 * 4 * NUM_DENSE + 8 * NUM_SPARSE
 # disk per row at the peak: raw rows, first occurrences (at most), bucket records, output
 DISK_BYTES_PER_ROW = 160 + 4 * NUM_SPARSE + native.RECORD_BYTES + 160 + 8
 PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
@@ -453,10 +458,11 @@ def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, i
 
 
 class Arena:
-    """A process's scratch memory, reused by each of its tasks in turn (`reset` at a task's
-    start, `take` for each array): a fresh allocation costs a page fault and a zeroed page
-    for every 4 KB, which for the chunks of the scatter and place stages took more time
-    than the work on them. Grows to the largest task's need, which the memory share bounds."""
+    """A process's scratch memory, reused by each of its tasks in turn: a fresh allocation
+    costs a page fault and a zeroed page for every 4 KB, which for the chunks of the
+    scatter and place stages took more time than the work on them. `reset(need)` before a
+    chunk (no array taken before may be in use then), `take` for each of its arrays; the
+    buffer grows to the largest need, which the memory share bounds."""
 
     ALIGN = 64
 
@@ -464,16 +470,18 @@ class Arena:
         self.buf = np.empty(0, np.uint8)
         self.used = 0
 
-    def reset(self) -> None:
+    def reset(self, need: int) -> None:
+        """Room for arrays of `need` bytes in all (plus ALIGN for each)."""
+        if need > len(self.buf):
+            self.buf = np.empty(0, np.uint8)  # the old buffer goes before the new one comes
+            self.buf = np.empty(need, np.uint8)
         self.used = 0
 
     def take(self, shape: Tuple[int, ...], dtype) -> np.ndarray:
         dtype = np.dtype(dtype)
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if self.used + size > len(self.buf):
-            # arrays handed out before keep the old buffer alive until the task ends
-            self.buf = np.empty(max(2 * len(self.buf), size + (1 << 20)), np.uint8)
-            self.used = 0
+        if self.used + size > len(self.buf):  # more than the chunk's `need`: not reused
+            return np.empty(shape, dtype)
         out = self.buf[self.used:self.used + size].view(dtype).reshape(shape)
         self.used += -(-size // self.ALIGN) * self.ALIGN
         return out
@@ -592,7 +600,7 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
                "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE),
                "labels": NpyWriter(final["labels"], np.int32, 1)}
     for lo in range(0, day.rows, chunk_rows):
-        ARENA.reset()
+        ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64)
         dense, local, labels = day.read(lo, lo + chunk_rows, ARENA)
         ids = ARENA.take((len(labels), NUM_SPARSE), np.int64)
         for f in range(NUM_SPARSE):
@@ -616,7 +624,7 @@ def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exa
     tmp = _fresh(dst)
     for lo in range(0, rows.rows, chunk_rows):
         hi = min(rows.rows, lo + chunk_rows)
-        ARENA.reset()
+        ARENA.reset((hi - lo) * SCATTER_BYTES_PER_ROW + 64 * 64)
         dense, local, labels = rows.read(lo, hi, ARENA)
         dest = read_rows(inverse, offset + lo, offset + hi, ARENA)
         records = ARENA.take((hi - lo, native.RECORD_BYTES), np.uint8)
@@ -646,7 +654,7 @@ def _out_dtype(part: str) -> np.dtype:
 def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: int) -> None:
     """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
     day's scatter file into the day's output files; its marker is written last."""
-    ARENA.reset()
+    ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8)
     records = ARENA.take((rows * native.RECORD_BYTES,), np.uint8)
     seen = 0
     for d in range(TRAIN_DAYS):
@@ -813,6 +821,9 @@ class _Run:
                               s.multi_hot_distribution, self.budget),
                              lambda: mh.tables_done(tables)))
         self.share("parse", tasks)
+        for t in _DAY_TABLES:  # this process's, when it ran the tasks itself
+            t.close()
+        _DAY_TABLES.clear()
         if s.world_size == 1:
             self.say(f"parse: {sum(self.rows('parse')):,} rows in {DAYS} days")
 
