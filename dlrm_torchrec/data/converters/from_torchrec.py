@@ -39,6 +39,7 @@ Kept as TorchRec made them, and recorded in meta.json:
 """
 
 import json
+import mmap
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -133,6 +134,16 @@ def _open_sparse(path: str) -> Tuple[List[np.ndarray], Optional[List[int]]]:
     return columns, [c.shape[1] for c in columns]
 
 
+def _forget_pages(arrays: Sequence[np.ndarray]) -> None:
+    """Drop the pages of memory-mapped arrays from this process (they stay in the page
+    cache): a scan touches every page of its files, which would otherwise count as the
+    process's memory until the files are closed."""
+    for a in arrays:
+        mm = getattr(a, "_mmap", None)  # np.memmap keeps its mmap.mmap there
+        if mm is not None and hasattr(mmap, "MADV_DONTNEED"):
+            mm.madvise(mmap.MADV_DONTNEED)
+
+
 def _id_range(blocks: List[np.ndarray], lo: int, hi: int) -> Tuple[np.ndarray, np.ndarray]:
     """Each feature's smallest and largest id in rows lo..hi."""
     if len(blocks) == 1:  # one-hot: one (rows, 26) array, reduced along the rows at once
@@ -188,6 +199,7 @@ def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.n
             r = lo + int(np.argmin(finite))
             raise AdoptError(f"{dense_p}: row {r} (0-based): non-finite dense value "
                              f"{np.asarray(dense[r]).tolist()}")
+        _forget_pages([dense, labels, *blocks])
     return n, top + 1, str(blocks[0].dtype), bag_sizes
 
 

@@ -437,6 +437,14 @@ def _day_tables() -> List[native.IdTable]:
     return _DAY_TABLES
 
 
+def _release_scratch() -> None:
+    """Free the memory a process's tasks keep between tasks of one stage."""
+    for t in _DAY_TABLES:
+        t.close()
+    _DAY_TABLES.clear()
+    ARENA.release()
+
+
 def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, int]]) -> ct.StreamEnd:
     """Feed a plain text file to `parse_text` through one reused buffer (no copies of the
     text beyond the read itself); returns what follows the last whole line."""
@@ -475,6 +483,10 @@ class Arena:
         if need > len(self.buf):
             self.buf = np.empty(0, np.uint8)  # the old buffer goes before the new one comes
             self.buf = np.empty(need, np.uint8)
+        self.used = 0
+
+    def release(self) -> None:
+        self.buf = np.empty(0, np.uint8)
         self.used = 0
 
     def take(self, shape: Tuple[int, ...], dtype) -> np.ndarray:
@@ -756,8 +768,8 @@ class _Run:
     """One process's part of a run: the stages it is asked for, its share of each stage's
     tasks (task i of a stage belongs to rank i mod world_size) and the shared layout."""
 
-    def __init__(self, s: Settings, pool: _Pool):
-        self.s, self.pool, self.log = s, pool, s.log
+    def __init__(self, s: Settings):
+        self.s, self.log = s, s.log
         self.work, self.out = s.work, s.output
         self.parse_dir = os.path.join(self.work, "parse")
         self.budget = int(s.memory_gb * (1 << 30)) // s.workers
@@ -769,7 +781,14 @@ class _Run:
         done. The share is cut from the whole list, so every rank agrees on it however far
         the others have got."""
         mine = tasks[self.s.rank::self.s.world_size]
-        self.pool.run(stage, [(k, fn, args) for k, fn, args, done in mine if not done()])
+        # workers of their own per stage: what a stage's tasks keep for the next one (id
+        # tables, the arena) ends with them instead of adding to the next stage's memory
+        pool = _Pool(self.s.workers)
+        try:
+            pool.run(stage, [(k, fn, args) for k, fn, args, done in mine if not done()])
+        finally:
+            pool.close()
+            _release_scratch()  # this process's, when it ran the tasks itself
 
     def say(self, msg: str) -> None:
         if self.s.rank == 0:
@@ -821,9 +840,6 @@ class _Run:
                               s.multi_hot_distribution, self.budget),
                              lambda: mh.tables_done(tables)))
         self.share("parse", tasks)
-        for t in _DAY_TABLES:  # this process's, when it ran the tasks itself
-            t.close()
-        _DAY_TABLES.clear()
         if s.world_size == 1:
             self.say(f"parse: {sum(self.rows('parse')):,} rows in {DAYS} days")
 
@@ -973,16 +989,12 @@ def run(s: Settings, barrier: Callable[[], None] = lambda: None) -> Optional[Rep
         native.lib()  # built (once per machine) and loaded before the workers fork
     except native.NativeBuildError as e:
         raise PrepareError(str(e)) from None
-    pool = _Pool(s.workers)
-    r = _Run(s, pool)
+    r = _Run(s)
     stages = STAGES[:-1] if s.stage == "all" else [s.stage] if s.stage != "meta" else []
-    try:
-        for i, stage in enumerate(stages):
-            if i:
-                barrier()
-            getattr(r, stage)()
-    finally:
-        pool.close()
+    for i, stage in enumerate(stages):
+        if i:
+            barrier()
+        getattr(r, stage)()
     if s.stage == "all":
         barrier()  # every rank's last tasks are done before rank 0 checks the files
     if s.stage == "meta" or (s.stage == "all" and s.rank == 0):
