@@ -22,8 +22,12 @@ def _interrupt_when(cmd, cwd, pattern, timeout=120):
     SIGINT its whole process group, as Ctrl-C in a terminal does. Returns (status, stdout,
     stderr) and checks that no process of the group is left."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
+    # a shell without job control starts background commands with SIGINT ignored, and
+    # Python then keeps ignoring it (a suite run under `nohup ... &`): the job gets the
+    # default disposition a terminal's foreground job has
     proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+                            stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + timeout
     while not glob.glob(os.path.join(cwd, pattern)):
         assert proc.poll() is None, f"ended before {pattern} appeared: {proc.stderr.read()}"
