@@ -170,11 +170,23 @@ def test_dense_values_outside_int32_stop_with_file_and_line(days, tmp_path, caps
     assert msg.startswith(f"error: {bad}:5: dense value outside int32")
 
 
+def _records(records: np.ndarray) -> np.ndarray:
+    """Scattered records (n, RECORD_BYTES) uint8 as their fields."""
+    return records.view(np.dtype([("dest", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26),
+                                  ("label", "<i4")]))[:, 0]
+
+
 def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
     # float32 has 24 bits of mantissa: above 2**24 ids are rounded to even multiples
-    ids = np.array([[2 ** 24 - 1, 2 ** 24, 2 ** 24 + 1, 2 ** 24 + 3, 2 ** 25 + 2, 2 ** 25 + 3]])
-    assert pm.through_float32(ids).tolist() == [
-        [2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]]
+    ids = np.array([2 ** 24 - 1, 2 ** 24, 2 ** 24 + 1, 2 ** 24 + 3, 2 ** 25 + 2, 2 ** 25 + 3],
+                   dtype=np.uint32)
+    n = len(ids)
+    records = np.empty((n, native.RECORD_BYTES), np.uint8)
+    native.scatter_records(np.zeros((n, 13), np.float32), [np.arange(n, dtype=np.uint32)] * 26,
+                           np.zeros(n, np.int32), [ids] * 26, False,
+                           np.arange(n, dtype=np.uint32), np.zeros(1, np.int64), records)
+    assert _records(records)["sparse"][:, 0].tolist() == [
+        2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]
 
 
 def test_id_tables_number_values_in_order_of_first_sight_across_calls():
@@ -363,14 +375,15 @@ def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():
     labels = rng.integers(0, 2, n).astype(np.int32)
     dest = rng.permutation(n).astype(np.uint32)
     starts = np.array([0, 1000, 3500], dtype=np.int64)
-    for exact, want in ((False, pm.through_float32(ids)), (True, ids.astype(np.int32))):
+    # numpy's casts, as TorchRec's shuffle makes them (float32, then int32)
+    rounded = ids.astype(np.float32).astype(np.int32)
+    for exact, want in ((False, rounded), (True, ids.astype(np.int32))):
         records = np.empty((n, native.RECORD_BYTES), np.uint8)
         counts = native.scatter_records(dense, local, labels, maps, exact, dest, starts, records)
         bucket = np.searchsorted(starts, dest, side="right") - 1
         assert counts.tolist() == np.bincount(bucket, minlength=3).tolist()
         order = np.argsort(bucket, kind="stable")  # grouped by bucket, in row order within
-        rec = records.view(np.dtype([("dest", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26),
-                                     ("label", "<i4")]))[:, 0]
+        rec = _records(records)
         assert (rec["dest"] == dest[order] - starts[bucket[order]]).all()
         assert (rec["sparse"] == want[order]).all() and (rec["label"] == labels[order]).all()
         assert (rec["dense"] == dense[order]).all()

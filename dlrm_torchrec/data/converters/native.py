@@ -137,7 +137,6 @@ class IdTable:
         self._t = lib().table_new(base, int(keep_order))
         if not self._t:
             raise MemoryError("id table")
-        self.keep_order = keep_order
 
     def assign(self, values: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
         """values: (n,) uint32, or a column of an (n, k) uint32 array (any row stride) ->

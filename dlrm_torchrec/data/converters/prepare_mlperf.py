@@ -280,12 +280,6 @@ def torchrec_dense(raw: np.ndarray, day_min: int, arena: Optional["Arena"] = Non
         return np.log(shifted, out=out, dtype=np.float32)
 
 
-def through_float32(ids: np.ndarray) -> np.ndarray:
-    """Ids as `shuffle` returns them: cast to float32 (ids above 2**24 rounded to the
-    nearest float32), then to int32."""
-    return ids.astype(np.float32).astype(np.int32)
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -531,12 +525,11 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     local number indexes its part of the map)."""
     table = native.IdTable(FIRST_ID)
     path = os.path.join(vocab_dir, f"map_{f}.npy")
-    total = sum(int(np.diff(_day_firsts_offsets(parse_dir, d)[f:f + 2])[0]) for d in range(DAYS))
+    spans = [_day_firsts_offsets(parse_dir, d)[f:f + 2].tolist() for d in range(DAYS)]
+    total = sum(hi - lo for lo, hi in spans)
     writer = NpyWriter(path + ".tmp", np.uint32, 1)
-    for day in range(DAYS):
-        offsets = _day_firsts_offsets(parse_dir, day)
-        values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"),
-                           int(offsets[f]), int(offsets[f + 1]))
+    for day, (lo, hi) in enumerate(spans):
+        values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"), lo, hi)
         # room for every value of the day being new: one resize instead of several (the
         # table never holds more than twice what growing one value at a time would)
         table.reserve(len(table) + len(values))
