@@ -270,12 +270,16 @@ def test_compiled_parser_gives_the_exact_parsers_values_and_stops_where_it_must(
         assert got[:3] == (5, len(head), 1), repr(other)
 
 
-def test_permutations_are_inverted_in_place_as_argsort_inverts_them():
+def test_destinations_of_a_row_range_are_argsorts_slice_of_the_permutation():
     rng = np.random.default_rng(1)
     for n in (1, 2, 9, 1000, 100_003):
         perm = rng.permutation(n).astype(np.uint32)
-        want = np.argsort(perm).astype(np.uint32)
-        assert (native.invert_permutation(perm) == want).all()
+        want = np.argsort(perm).astype(np.uint32)  # want[s]: where source row s lands
+        for lo, hi in [(0, n), (0, n // 2), (n // 3, n), (n // 4, n // 4 + 1), (n, n)]:
+            got = native.destinations(perm, lo, hi, np.empty(hi - lo, np.uint32))
+            assert (got == want[lo:hi]).all(), (n, lo, hi)
+    with pytest.raises(ValueError):
+        native.destinations(perm, 0, 10, np.empty(9, np.uint32))
 
 
 def test_a_cleared_id_table_numbers_anew_from_its_base():
@@ -387,3 +391,27 @@ def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():
         assert (rec["dest"] == dest[order] - starts[bucket[order]]).all()
         assert (rec["sparse"] == want[order]).all() and (rec["label"] == labels[order]).all()
         assert (rec["dense"] == dense[order]).all()
+
+
+def test_work_written_before_the_machine_restarted_is_redone_not_trusted(days, tmp_path,
+                                                                          capsys, monkeypatch):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "dlrm_torchrec.data.prepare_mlperf", *days["inputs"], "-o",
+           str(out), "--workers", "2", *MEMORY]
+    env = dict(os.environ, DLRM_PREPARE_KILL_AFTER="place:3")
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120,
+                          start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    records = list((out / ".prepare" / "hosts").iterdir())
+    assert [json.loads(r.read_text())["boot_id"] for r in records] == [pm.boot_id()]
+    # as if the machine went down after the kill: unsynced work files lost their tails
+    placed = next(out.glob("day_*_sparse.npy.part"))
+    with open(placed, "r+b") as f:
+        f.truncate(os.path.getsize(placed) // 2)
+    monkeypatch.setattr(pm, "boot_id", lambda: "another boot")
+    several = ["--world-size", "2", "--rank", "0", "--stage", "parse"]
+    msg = _error(capsys, days["inputs"] + ["-o", str(out)] + MEMORY + several)
+    assert "written on" in msg and "before the machine restarted" in msg and "remove" in msg
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
+    assert "starting over" in capsys.readouterr().err
+    assert_same_as_oracle(out, days["oracle"])

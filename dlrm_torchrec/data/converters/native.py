@@ -89,7 +89,7 @@ def lib() -> ctypes.CDLL:
             "scatter_records": (_I64, [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P,
                                        _P, _P]),
             "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P]),
-            "invert_permutation": (None, [_P, _I64, _P]),
+            "destinations": (None, [_P, _I64, _I64, _I64, _P]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(so, name)
@@ -221,11 +221,13 @@ def place_records(records: np.ndarray, rows: int, take=np.empty) -> List[np.ndar
     return [dense, sparse, labels]
 
 
-def invert_permutation(perm: np.ndarray) -> np.ndarray:
-    """(n,) uint32 permutation of 0 .. n-1 -> its inverse, in place (returned)."""
-    visited = np.zeros((len(perm) + 7) // 8, np.uint8)
-    lib().invert_permutation(_ptr(perm, np.uint32, True), len(perm), visited.ctypes.data)
-    return perm
+def destinations(perm: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """(n,) uint32 permutation (shuffled row k is source row perm[k]) -> `out` (hi - lo,)
+    uint32: where each of the source rows lo .. hi-1 goes (the inverse's slice lo:hi)."""
+    if not (0 <= lo <= hi and out.shape == (hi - lo,)):
+        raise ValueError(f"destinations of rows {lo} .. {hi}: out has shape {out.shape}")
+    lib().destinations(_ptr(perm, np.uint32), len(perm), lo, hi, _ptr(out, np.uint32, True))
+    return out
 
 
 if __name__ == "__main__":  # `python -m dlrm_torchrec.data.converters.native`: build it

@@ -37,7 +37,7 @@ rules that decide the bytes stay here.
 2. vocab (one task per feature) and permute (one task): per feature, the contiguous id of
    each day's distinct values (`map_{f}.npy`: the days' parts one after another, each in
    the day's order, so a day-local number indexes it); TorchRec's permutation of days
-   0-22, inverted in place (uint32, 4 bytes a row).
+   0-22 and, per day, where each of its rows goes (`destinations/day_{d}.npy`, uint32).
 3. scatter (one task per day): transform each row (dense log, ids through the day's part
    of the maps) and append it with its destination to the bucket file of its destination
    range (buckets are cut so one fits the memory share of a worker, and never span two
@@ -61,7 +61,8 @@ parse task, a hash table per feature of the day's distinct values (8-byte slots,
 its feature's distinct values (sized for those so far plus the next day's before each day:
 under 23 bytes × (distinct values + a day's distinct values)), in a scatter task the ids
 of the day's distinct values (4 bytes each), and, in the permute task, 4 bytes per
-training row.
+training row plus the destinations of the days it finds in one pass (4 bytes a row, as
+many days as its share holds, at least one).
 
 Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command SIGKILLs
 its own process group once N tasks of STAGE are done, to test resumption.
@@ -264,6 +265,83 @@ def check_disk(s: Settings) -> None:
                            "per row at its peak, rows estimated from the input sizes)")
 
 
+# --------------------------------------------------------------------------- restarts
+
+# Work files (everything under OUT/.prepare, and the output days until meta.json) are not
+# synced to disk as they are written: syncing them cost a fifth of the run, and most of
+# them are deleted seconds later. A killed run loses nothing by it (the page cache keeps
+# what a process wrote); a machine that went down may. So each machine that works on the
+# folder records its boot, and a run on a machine that has restarted since does not trust
+# what is there.
+OUTPUT_FILE = re.compile(r"day_\d+_(dense|sparse|labels)\.npy(\.part)?|day_\d+_sparse_multi_hot\.npz")
+
+
+def boot_id() -> str:
+    """This boot of this machine (Linux: the kernel's boot id; elsewhere empty, and a
+    restart goes unnoticed)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+def _boot_record(s: Settings) -> str:
+    return os.path.join(s.work, "hosts", f"{os.uname().nodename}.json")
+
+
+def check_restart(s: Settings) -> None:
+    """Start over (one task) or stop (several) when this machine restarted after it wrote
+    unsynced work files into s.output."""
+    host, path, now = os.uname().nodename, _boot_record(s), boot_id()
+    if os.path.exists(path) and not os.path.exists(os.path.join(s.output, "meta.json")):
+        with open(path) as f:
+            then = json.load(f).get("boot_id")
+        if then != now:
+            if s.world_size > 1:
+                raise PrepareError(
+                    f"{s.output}: its work files were written on {host} before the machine "
+                    "restarted, and they are not synced to disk, so some may be incomplete; "
+                    f"remove {s.work} and the day files in {s.output}, or run it again as "
+                    "one task, which starts over by itself")
+            s.log(f"{s.output}: written before this machine restarted (its work files are "
+                  "not synced to disk, so some may be incomplete): starting over")
+            shutil.rmtree(s.work)
+            for name in os.listdir(s.output):
+                if OUTPUT_FILE.fullmatch(name):
+                    os.remove(os.path.join(s.output, name))
+
+
+def record_boot(s: Settings) -> None:
+    """Note this machine's boot in the work folder before it writes work files there."""
+    path = _boot_record(s)
+    if not os.path.exists(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"  # several tasks of one machine may write it
+        with open(tmp, "w") as f:
+            json.dump({"boot_id": boot_id()}, f)
+            f.flush()
+            os.fsync(f.fileno())  # the one record that must outlive a crash
+        os.replace(tmp, path)
+        for folder in (os.path.dirname(path), s.work):  # and its name, too
+            fd = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def sync_outputs(out: str) -> None:
+    """Sync the output files to disk, before meta.json declares them complete."""
+    for name in sorted(os.listdir(out)):
+        if OUTPUT_FILE.fullmatch(name):
+            fd = os.open(os.path.join(out, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
 # --------------------------------------------------------------------------- transforms
 
 
@@ -310,9 +388,9 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     EXACT_BYTES, naming the problem. A plain file is read into one reused buffer; a gzip
     file (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
     tmp = _fresh(dst)
-    dense_out = NpyWriter(os.path.join(tmp, "dense.npy"), np.int32, NUM_DENSE)
-    labels_out = NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1)
-    local_out = [NpyWriter(os.path.join(tmp, f"local_{f}.npy"), np.uint32, 1)
+    dense_out = NpyWriter(os.path.join(tmp, "dense.npy"), np.int32, NUM_DENSE, sync=False)
+    labels_out = NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1, sync=False)
+    local_out = [NpyWriter(os.path.join(tmp, f"local_{f}.npy"), np.uint32, 1, sync=False)
                  for f in range(NUM_SPARSE)]
     tables = _day_tables()
     buffers = native.ParseBuffers(CHUNK_BYTES // 200)
@@ -413,7 +491,7 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
             np.cumsum([0] + [len(v) for v in values]).astype(np.int64))
     stats = {"day": day, "rows": dense_out.rows, "lines": lines, "dense_min": day_min,
              "bad_counts": bad.counts, "bad_examples": bad.examples}
-    write_json(os.path.join(tmp, "stats.json"), stats)
+    write_json(os.path.join(tmp, "stats.json"), stats, sync=False)
     os.replace(tmp, dst)
     return stats
 
@@ -527,7 +605,7 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     path = os.path.join(vocab_dir, f"map_{f}.npy")
     spans = [_day_firsts_offsets(parse_dir, d)[f:f + 2].tolist() for d in range(DAYS)]
     total = sum(hi - lo for lo, hi in spans)
-    writer = NpyWriter(path + ".tmp", np.uint32, 1)
+    writer = NpyWriter(path + ".tmp", np.uint32, 1, sync=False)
     for day, (lo, hi) in enumerate(spans):
         values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"), lo, hi)
         # room for every value of the day being new: one resize instead of several (the
@@ -543,19 +621,34 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     return count
 
 
-def permute(n: int, seed: int, path: str) -> None:
-    """Stage 2: TorchRec's permutation of the n training rows (shuffled row k is row
-    perm[k]) and its inverse, saved at `path` (inverse[s]: where row s goes). Shuffling
-    indices makes the same swaps as shuffling the rows: the legacy shuffle draws
-    random_interval(i) for i = n-1 .. 1 whatever the array holds."""
+def permute(rows: List[int], seed: int, dst: str, budget: int) -> None:
+    """Stage 2: TorchRec's permutation of the training rows (days 0-22, `rows` a day;
+    shuffled row k is row perm[k]) and, per day d, where each of its rows goes
+    (`dst/day_{d}.npy`, uint32: the inverse permutation's slice of the day), written
+    into folder `dst` at once. Shuffling indices makes the same swaps as shuffling the
+    rows: the legacy shuffle draws random_interval(i) for i = n-1 .. 1 whatever the array
+    holds. Holds the permutation (4 bytes a row) and the destinations of as many days as
+    `budget` bytes hold (at least one), found in one pass over the permutation."""
+    n = sum(rows)
     if n > 2 ** 32:
         raise PrepareError(f"{n} training rows: more than this tool's uint32 permutation holds")
     perm = np.arange(n, dtype=np.uint32)
     np.random.RandomState(seed).shuffle(perm)
-    inverse = native.invert_permutation(perm)  # in place: 4 bytes a row in all
-    with open(path + ".tmp", "wb") as fh:
-        np.save(fh, inverse)
-    os.replace(path + ".tmp", path)
+    tmp = _fresh(dst)
+    starts = np.cumsum([0] + list(rows)).tolist()
+    day = 0
+    while day < len(rows):
+        last = day + 1  # the days of this pass: as many as the budget holds
+        while last < len(rows) and 4 * (starts[last + 1] - starts[day]) <= budget:
+            last += 1
+        found = native.destinations(perm, starts[day], starts[last],
+                                    np.empty(starts[last] - starts[day], np.uint32))
+        for d in range(day, last):
+            np.save(os.path.join(tmp, f"day_{d}.npy"),
+                    found[starts[d] - starts[day]:starts[d + 1] - starts[day]])
+        del found
+        day = last
+    os.replace(tmp, dst)
 
 
 def day_maps(work: str, day: int) -> List[np.ndarray]:
@@ -601,9 +694,10 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     day = _DayRows(os.path.join(work, "parse"), TRAIN_DAYS)
     maps = day_maps(work, TRAIN_DAYS)
     final = {p: os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy") for p, _ in PARTS}
-    writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE),
-               "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE),
-               "labels": NpyWriter(final["labels"], np.int32, 1)}
+    # synced with the other days' files before meta.json is written
+    writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE, sync=False),
+               "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE, sync=False),
+               "labels": NpyWriter(final["labels"], np.int32, 1, sync=False)}
     for lo in range(0, day.rows, chunk_rows):
         ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64)
         dense, local, labels = day.read(lo, lo + chunk_rows, ARENA)
@@ -618,20 +712,20 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     day.remove()
 
 
-def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exact: bool,
+def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
                 chunk_rows: int) -> None:
     """Stage 3 for a training day: each row, transformed, appended with its offset in its
     bucket to `scatter/day_{day}/bucket_{b}.bin` (records of native.RECORD_BYTES)."""
     rows = _DayRows(os.path.join(work, "parse"), day)
     maps = day_maps(work, day)
-    inverse = os.path.join(work, "inverse.npy")
+    destinations = os.path.join(work, "destinations", f"day_{day}.npy")
     dst = os.path.join(work, "scatter", f"day_{day}")
     tmp = _fresh(dst)
     for lo in range(0, rows.rows, chunk_rows):
         hi = min(rows.rows, lo + chunk_rows)
         ARENA.reset((hi - lo) * SCATTER_BYTES_PER_ROW + 64 * 64)
         dense, local, labels = rows.read(lo, hi, ARENA)
-        dest = read_rows(inverse, offset + lo, offset + hi, ARENA)
+        dest = read_rows(destinations, lo, hi, ARENA)
         records = ARENA.take((hi - lo, native.RECORD_BYTES), np.uint8)
         counts = native.scatter_records(
             torchrec_dense(dense, rows.stats["dense_min"], ARENA), local, labels, maps, exact,
@@ -641,9 +735,6 @@ def scatter_day(day: int, work: str, offset: int, bucket_starts: np.ndarray, exa
             with open(os.path.join(tmp, f"bucket_{b}.bin"), "ab") as fh:
                 fh.write(records[at:at + int(counts[b])])
             at += int(counts[b])
-    for name in os.listdir(tmp):
-        with open(os.path.join(tmp, name), "rb") as fh:
-            os.fsync(fh.fileno())
     os.replace(tmp, dst)
     rows.remove()
 
@@ -678,10 +769,9 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         fd = os.open(_part_path(out, day, part), os.O_WRONLY)
         try:
             os.pwrite(fd, data, HEADER_BYTES + first_row * width * data.dtype.itemsize)
-            os.fsync(fd)
         finally:
             os.close(fd)
-    write_json(os.path.join(work, "place", f"bucket_{b}.done"), {"rows": rows})
+    write_json(os.path.join(work, "place", f"bucket_{b}.done"), {"rows": rows}, sync=False)
     for d in range(TRAIN_DAYS):  # placed for good: their pages go to the next buckets
         try:
             os.unlink(os.path.join(work, "scatter", f"day_{d}", f"bucket_{b}.bin"))
@@ -774,6 +864,7 @@ class _Run:
         done. The share is cut from the whole list, so every rank agrees on it however far
         the others have got."""
         mine = tasks[self.s.rank::self.s.world_size]
+        record_boot(self.s)
         # workers of their own per stage: what a stage's tasks keep for the next one (id
         # tables, the arena) ends with them instead of adding to the next stage's memory
         pool = _Pool(self.s.workers)
@@ -839,9 +930,9 @@ class _Run:
     def vocab(self) -> None:
         rows = self.rows("vocab")
         vocab_dir = os.path.join(self.work, "vocab")
-        inverse_path = os.path.join(self.work, "inverse.npy")
-        tasks = [("permute", permute, (sum(rows[:TRAIN_DAYS]), self.s.seed, inverse_path),
-                  lambda: os.path.exists(inverse_path))]
+        destinations = os.path.join(self.work, "destinations")
+        tasks = [("permute", permute, (rows[:TRAIN_DAYS], self.s.seed, destinations,
+                                       self.budget), lambda: os.path.isdir(destinations))]
         tasks += [(f"vocab {f}", build_vocab, (f, self.parse_dir, vocab_dir),
                    lambda f=f: os.path.exists(os.path.join(vocab_dir, f"map_{f}.npy")))
                   for f in range(NUM_SPARSE)]
@@ -850,18 +941,17 @@ class _Run:
 
     def scatter(self) -> None:
         vocab_dir = os.path.join(self.work, "vocab")
-        if not (os.path.exists(os.path.join(self.work, "inverse.npy")) and all(
+        if not (os.path.isdir(os.path.join(self.work, "destinations")) and all(
                 os.path.exists(os.path.join(vocab_dir, f"map_{f}.npy")) for f in range(NUM_SPARSE))):
             raise _stage_error("scatter", "the vocabularies or the permutation are missing",
                                "vocab")
         rows = self.rows("scatter")
         starts, buckets = self.buckets("scatter")
-        offsets = np.cumsum([0] + rows[:TRAIN_DAYS]).tolist()
         out, work = self.out, self.work
         eval_done = lambda: all(os.path.exists(os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy"))  # noqa: E731
                                 for p, _ in PARTS)
         tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), eval_done)]
-        tasks += [(str(d), scatter_day, (d, work, offsets[d], starts, self.s.exact_ids,
+        tasks += [(str(d), scatter_day, (d, work, starts, self.s.exact_ids,
                                          self.chunk_rows),
                    lambda d=d: os.path.isdir(os.path.join(work, "scatter", f"day_{d}")))
                   for d in range(TRAIN_DAYS)]
@@ -956,6 +1046,7 @@ class _Run:
                 raise _stage_error("meta", f"the multi-hot bags of day {missing[0]} are not "
                                    "written", "multi_hot")
         stats = self.stats("meta")
+        sync_outputs(out)
         try:
             adopt(out, out, "terabyte", DAYS, None, ("val", "test"), None, s.workers, log=self.log)
         except AdoptError as e:
@@ -982,6 +1073,7 @@ def run(s: Settings, barrier: Callable[[], None] = lambda: None) -> Optional[Rep
         native.lib()  # built (once per machine) and loaded before the workers fork
     except native.NativeBuildError as e:
         raise PrepareError(str(e)) from None
+    check_restart(s)
     r = _Run(s)
     stages = STAGES[:-1] if s.stage == "all" else [s.stage] if s.stage != "meta" else []
     for i, stage in enumerate(stages):

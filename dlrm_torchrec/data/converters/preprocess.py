@@ -105,10 +105,11 @@ def npy_header(dtype: np.dtype, shape: Tuple[int, ...]) -> bytes:
 
 
 class NpyWriter:
-    """Append rows to `path`.tmp; `finish` writes the real header and renames."""
+    """Append rows to `path`.tmp; `finish` writes the real header and renames (after an
+    fsync unless `sync` is False: a work file that a crash of the machine may lose)."""
 
-    def __init__(self, path: str, dtype, width: int):
-        self.path, self.dtype, self.width = path, np.dtype(dtype), width
+    def __init__(self, path: str, dtype, width: int, sync: bool = True):
+        self.path, self.dtype, self.width, self.sync = path, np.dtype(dtype), width, sync
         self.rows = 0
         self.f = open(path + ".tmp", "wb")
         self.f.write(npy_header(self.dtype, (0, width)))
@@ -122,7 +123,8 @@ class NpyWriter:
         self.f.seek(0)
         self.f.write(npy_header(self.dtype, (self.rows, self.width)))
         self.f.flush()
-        os.fsync(self.f.fileno())
+        if self.sync:
+            os.fsync(self.f.fileno())
         self.f.close()
         os.replace(self.path + ".tmp", self.path)
 
@@ -136,15 +138,17 @@ class NpyWriter:
             os.remove(self.path + ".tmp")
 
 
-def write_json(path: str, obj) -> None:
-    """Write `obj` to `path` atomically (a temporary name, then a rename); nothing is left
-    under the temporary name when writing fails."""
+def write_json(path: str, obj, sync: bool = True) -> None:
+    """Write `obj` to `path` atomically (a temporary name, then a rename; synced to disk
+    first unless `sync` is False); nothing is left under the temporary name when writing
+    fails."""
     try:
         with open(path + ".tmp", "w") as f:
             json.dump(obj, f, indent=1)
             f.write("\n")
             f.flush()
-            os.fsync(f.fileno())
+            if sync:
+                os.fsync(f.fileno())
     except BaseException:
         if os.path.exists(path + ".tmp"):
             os.remove(path + ".tmp")
