@@ -509,11 +509,25 @@ def _day_tables() -> List[native.IdTable]:
     return _DAY_TABLES
 
 
+_VOCAB_TABLE: List[native.IdTable] = []
+
+
+def _vocab_table() -> native.IdTable:
+    """The table of a vocab task, emptied: a process's vocab tasks reuse one, already
+    paged in at the size the largest feature so far needed (a fresh one faulted in and
+    filled every slot again at each of its doublings)."""
+    if not _VOCAB_TABLE:
+        _VOCAB_TABLE.append(native.IdTable(FIRST_ID))
+    _VOCAB_TABLE[0].clear()
+    return _VOCAB_TABLE[0]
+
+
 def _release_scratch() -> None:
     """Free the memory a process's tasks keep between tasks of one stage."""
-    for t in _DAY_TABLES:
+    for t in _DAY_TABLES + _VOCAB_TABLE:
         t.close()
     _DAY_TABLES.clear()
+    _VOCAB_TABLE.clear()
     ARENA.release()
 
 
@@ -601,7 +615,7 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     FIRST_ID in order of first occurrence over the days, written as `map_{f}.npy`: for day
     0, 1, ... in turn, the ids of the day's distinct values in the day's order (so a day's
     local number indexes its part of the map)."""
-    table = native.IdTable(FIRST_ID)
+    table = _vocab_table()
     path = os.path.join(vocab_dir, f"map_{f}.npy")
     spans = [_day_firsts_offsets(parse_dir, d)[f:f + 2].tolist() for d in range(DAYS)]
     total = sum(hi - lo for lo, hi in spans)
@@ -616,7 +630,6 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     if writer.rows != total:
         raise RuntimeError(f"feature {f}: {writer.rows} map entries, expected {total}")
     count = len(table)
-    table.close()
     os.replace(path + ".tmp", path)
     return count
 
