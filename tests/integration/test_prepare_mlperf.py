@@ -172,8 +172,18 @@ def test_dense_values_outside_int32_stop_with_file_and_line(days, tmp_path, caps
 
 def _records(records: np.ndarray) -> np.ndarray:
     """Scattered records (n, RECORD_BYTES) uint8 as their fields."""
-    return records.view(np.dtype([("dest", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26),
-                                  ("label", "<i4")]))[:, 0]
+    return records.view(native.RECORD_DTYPE)[:, 0]
+
+
+def _rows(labels: np.ndarray, local: list) -> np.ndarray:
+    """Parsed rows (native.ROW_WORDS uint32 words) with these labels and per-feature local
+    numbers, built field by field (their raw dense values are 0: the scatter takes the
+    transformed ones beside them)."""
+    rows = np.zeros((len(labels), native.ROW_WORDS), np.uint32)
+    rows[:, 0] = labels
+    for f, column in enumerate(local):
+        rows[:, 14 + f] = column
+    return rows
 
 
 def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
@@ -182,9 +192,10 @@ def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
                    dtype=np.uint32)
     n = len(ids)
     records = np.empty((n, native.RECORD_BYTES), np.uint8)
-    native.scatter_records(np.zeros((n, 13), np.float32), [np.arange(n, dtype=np.uint32)] * 26,
-                           np.zeros(n, np.int32), [ids] * 26, False,
-                           np.arange(n, dtype=np.uint32), np.zeros(1, np.int64), records)
+    native.scatter_records(np.zeros((n, 13), np.float32),
+                           _rows(np.zeros(n, np.int32), [np.arange(n, dtype=np.uint32)] * 26),
+                           [ids] * 26, False, np.arange(n, dtype=np.uint32), np.zeros(1, np.int64),
+                           records)
     assert _records(records)["sparse"][:, 0].tolist() == [
         2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]
 
@@ -383,14 +394,15 @@ def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():
     rounded = ids.astype(np.float32).astype(np.int32)
     for exact, want in ((False, rounded), (True, ids.astype(np.int32))):
         records = np.empty((n, native.RECORD_BYTES), np.uint8)
-        counts = native.scatter_records(dense, local, labels, maps, exact, dest, starts, records)
+        counts = native.scatter_records(dense, _rows(labels, local), maps, exact, dest, starts,
+                                        records)
         bucket = np.searchsorted(starts, dest, side="right") - 1
         assert counts.tolist() == np.bincount(bucket, minlength=3).tolist()
         order = np.argsort(bucket, kind="stable")  # grouped by bucket, in row order within
         rec = _records(records)
-        assert (rec["dest"] == dest[order] - starts[bucket[order]]).all()
-        assert (rec["sparse"] == want[order]).all() and (rec["label"] == labels[order]).all()
-        assert (rec["dense"] == dense[order]).all()
+        assert (rec["dest_label"] % 2 ** 31 == dest[order] - starts[bucket[order]]).all()
+        assert (rec["dest_label"] // 2 ** 31 == labels[order]).all()
+        assert (rec["sparse"] == want[order]).all() and (rec["dense"] == dense[order]).all()
 
 
 def test_work_written_before_the_machine_restarted_is_redone_not_trusted(days, tmp_path,
@@ -414,4 +426,20 @@ def test_work_written_before_the_machine_restarted_is_redone_not_trusted(days, t
     assert "written on" in msg and "before the machine restarted" in msg and "remove" in msg
     assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
     assert "starting over" in capsys.readouterr().err
+    assert_same_as_oracle(out, days["oracle"])
+
+
+def test_a_day_whose_scatter_was_killed_half_way_is_parsed_again(days, tmp_path):
+    # the scatter writes a day's records over its parsed rows: killed half-way, the day's
+    # rows are gone, and the resumed run must parse the day again rather than read them
+    out = tmp_path / "out"
+    for stage in ("parse", "vocab"):
+        assert cli.main(days["inputs"] + ["-o", str(out), "--stage", stage] + MEMORY) == 0
+    day = out / ".prepare" / "parse" / "day_5"
+    half = day / "records.partial.npy"
+    os.replace(day / "rows.npy", half)
+    with open(half, "r+b") as f:
+        f.seek(os.path.getsize(half) // 2)
+        f.write(b"\xff" * 1000)  # a record written over a row
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
     assert_same_as_oracle(out, days["oracle"])

@@ -20,7 +20,11 @@ import numpy as np
 
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_native.c")
 FLAGS = ["-O3", "-std=gnu99", "-shared", "-fPIC"]
-RECORD_BYTES = 164  # sizeof(record_t): dest, 13 dense, 26 ids, label
+ROW_WORDS = 1 + 13 + 26  # a parsed row (uint32 words): label, raw dense values, local ids
+# a scattered row (record_t), the size of a parsed row so it can be written over one
+RECORD_DTYPE = np.dtype([("dest_label", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26)])
+RECORD_BYTES = RECORD_DTYPE.itemsize
+LABEL_BIT = np.uint32(1 << 31)  # dest_label: the row in its bucket, the label in this bit
 
 
 class NativeBuildError(Exception):
@@ -86,8 +90,9 @@ def lib() -> ctypes.CDLL:
             "table_reserve": (_I64, [_P, _I64]),
             "table_clear": (None, [_P]),
             "table_order": (None, [_P, _P]),
-            "scatter_records": (_I64, [_I64, _P, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P,
-                                       _P, _P]),
+            "interleave_rows": (None, [_I64, _P, _P, _P, _I64, _P]),
+            "scatter_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P, _P,
+                                       _P]),
             "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
         }
@@ -179,29 +184,73 @@ class IdTable:
     __del__ = close
 
 
-def scatter_records(dense: np.ndarray, local: Sequence[np.ndarray], labels: np.ndarray,
-                    maps: Sequence[np.ndarray], exact: bool, dest: np.ndarray,
-                    bucket_starts: np.ndarray, records: np.ndarray) -> np.ndarray:
-    """n rows (dense (n, 13) float32; local: per feature (n,) uint32, the day-local numbers
-    of the ids; labels (n,) int32; each going to global row dest (n,) uint32) -> `records`
-    (raw bytes, at least n * RECORD_BYTES uint8) grouped by bucket in bucket order; returns
-    the rows per bucket (nb,) int64. maps[f]: (u_f,) uint32, the ids of the day's values of
-    feature f in the day's order."""
-    n, nb = len(labels), len(bucket_starts)
-    if not (dense.shape == (n, 13) and len(local) == 26 and all(c.shape == (n,) for c in local)
-            and dest.shape == (n,) and len(maps) == 26 and records.nbytes >= n * RECORD_BYTES):
+def interleave_rows(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
+                    out: np.ndarray) -> np.ndarray:
+    """Parser arrays of n rows (labels (n,) int32, dense (n, 13) int32, sparse (26, >= n)
+    uint32 feature-major, its first n columns) -> `out`'s first n rows ((>= n, ROW_WORDS)
+    uint32): label, dense values (their int32 bits), the 26 ids; returns them."""
+    n = len(labels)
+    if not (dense.shape == (n, 13) and sparse.shape[0] == 26 and sparse.shape[1] >= n
+            and (sparse.strides[1] == 4 or n == 1) and sparse.strides[0] % 4 == 0
+            and sparse.dtype == np.uint32 and out.shape[0] >= n and out.shape[1:] == (ROW_WORDS,)):
+        raise ValueError("interleave_rows: inconsistent shapes")
+    lib().interleave_rows(n, _ptr(labels, np.int32), _ptr(dense, np.int32), sparse.ctypes.data,
+                          sparse.strides[0] // 4, _ptr(out, np.uint32, True))
+    return out[:n]
+
+
+def scatter_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray],
+                    exact: bool, dest: np.ndarray, bucket_starts: np.ndarray,
+                    records: np.ndarray) -> np.ndarray:
+    """n parsed rows ((n, ROW_WORDS) uint32; dense (n, 13) float32: their transformed
+    values; each going to global row dest (n,) uint32) -> `records` (raw bytes, at least
+    n * RECORD_BYTES uint8) grouped by bucket in bucket order; returns the rows per bucket
+    (nb,) int64. maps[f]: (u_f,) uint32, the ids of the day's values of feature f in the
+    day's order (indexed by the rows' local numbers)."""
+    n, nb = len(rows), len(bucket_starts)
+    if not (dense.shape == (n, 13) and rows.shape == (n, ROW_WORDS) and dest.shape == (n,)
+            and len(maps) == 26 and records.nbytes >= n * RECORD_BYTES):
         raise ValueError("scatter_records: inconsistent shapes")
     counts = np.empty(nb, np.int64)
     bucket_of = np.empty(n, np.int32)
-    columns = (ctypes.c_void_p * 26)(*[_ptr(c, np.uint32) for c in local])
     table = (ctypes.c_void_p * 26)(*[_ptr(m, np.uint32) for m in maps])
-    rc = lib().scatter_records(n, _ptr(dense, np.float32), columns, _ptr(labels, np.int32),
-                               table, int(exact), _ptr(dest, np.uint32),
-                               _ptr(bucket_starts, np.int64), nb, _ptr(records, np.uint8, True),
-                               counts.ctypes.data, bucket_of.ctypes.data)
+    rc = lib().scatter_records(n, _ptr(dense, np.float32), _ptr(rows, np.uint32), table,
+                               int(exact), _ptr(dest, np.uint32), _ptr(bucket_starts, np.int64),
+                               nb, _ptr(records, np.uint8, True), counts.ctypes.data,
+                               bucket_of.ctypes.data)
+    if rc == -2:
+        raise MemoryError("scatter_records")
     if rc:
-        raise RuntimeError("scatter_records: a destination before the first bucket")
+        raise RuntimeError("scatter_records: a destination outside the buckets")
     return counts
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Free the disk blocks and page-cache pages of bytes offset .. offset + length of the
+    open file `fd` (which keeps its size, reading zeros there): Linux's fallocate
+    PUNCH_HOLE. Returns False where the system or file system cannot."""
+    if length <= 0:
+        return True
+    libc = _libc()
+    if libc is None:
+        return False
+    punch_keep_size = 0x02 | 0x01  # FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE
+    return libc.fallocate(fd, punch_keep_size, ctypes.c_int64(offset), ctypes.c_int64(length)) == 0
+
+
+_LIBC: List[Optional[ctypes.CDLL]] = []
+
+
+def _libc() -> Optional[ctypes.CDLL]:
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+            libc.fallocate.restype = ctypes.c_int
+        except (OSError, AttributeError):  # no fallocate (not Linux)
+            libc = None
+        _LIBC.append(libc)
+    return _LIBC[0]
 
 
 def place_records(records: np.ndarray, rows: int, take=np.empty) -> List[np.ndarray]:

@@ -103,16 +103,20 @@ FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 CHUNK_BYTES = 8 << 20  # text per parsed chunk
 EXACT_BYTES = 1 << 16  # text the exact parser takes from a line the compiled one does not
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
+ROW_BYTES = 4 * native.ROW_WORDS  # a parsed row: label, raw dense values, local ids
 # bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
 # output columns and a byte marking each row placed
 PLACE_BYTES_PER_ROW = native.RECORD_BYTES + 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
 # bytes per row of a scatter chunk: the parsed row read (dense, 26 local numbers, label),
 # its destination, the dense transform's two arrays and the record
-SCATTER_BYTES_PER_ROW = 4 * (NUM_DENSE + NUM_SPARSE + 1) + 4 + 2 * 4 * NUM_DENSE + native.RECORD_BYTES
+# bytes per row of a scatter chunk: the parsed row read, its destination, the dense
+# transform's two arrays and the record
+SCATTER_BYTES_PER_ROW = ROW_BYTES + 4 + 2 * 4 * NUM_DENSE + native.RECORD_BYTES
 # the same for day 23: the row read, the dense transform's arrays, int64 ids
-EVAL_BYTES_PER_ROW = 4 * (NUM_DENSE + NUM_SPARSE + 1) + 2 * 4 * NUM_DENSE + 8 * NUM_SPARSE
-# disk per row at the peak: raw rows, first occurrences (at most), bucket records, output
-DISK_BYTES_PER_ROW = 160 + 4 * NUM_SPARSE + native.RECORD_BYTES + 160 + 8
+EVAL_BYTES_PER_ROW = ROW_BYTES + 2 * 4 * NUM_DENSE + 8 * NUM_SPARSE
+# disk per row at the peak: parsed rows (then records in their place), first occurrences
+# (at most), output
+DISK_BYTES_PER_ROW = ROW_BYTES + 4 * NUM_SPARSE + 160 + 8
 PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
 # the stages in order; `--stage all` runs them all, with a barrier between two
@@ -380,20 +384,19 @@ def _first_bad(bad: ct.BadRows) -> Optional[Tuple[int, str, str]]:
 
 
 def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
-    """Stage 1 for one day, into folder `dst`: the raw dense values and labels, each id as
-    its day-local number (the position of its value in the day's first-occurrence order of
-    its feature; one file per feature), and those first-occurrence orders. The compiled
+    """Stage 1 for one day, into folder `dst`: its rows (`rows.npy`, (n, ROW_WORDS)
+    uint32: the label, the raw dense values, each id as its day-local number, the position
+    of its value in the day's first-occurrence order of its feature), and those
+    first-occurrence orders. The compiled
     parser takes the plainly valid lines; from a line it does not take (malformed, or to be
     repaired) the exact parser (`criteo_text.parse_chunk`) takes over for up to
     EXACT_BYTES, naming the problem. A plain file is read into one reused buffer; a gzip
     file (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
     tmp = _fresh(dst)
-    dense_out = NpyWriter(os.path.join(tmp, "dense.npy"), np.int32, NUM_DENSE, sync=False)
-    labels_out = NpyWriter(os.path.join(tmp, "labels.npy"), np.int32, 1, sync=False)
-    local_out = [NpyWriter(os.path.join(tmp, f"local_{f}.npy"), np.uint32, 1, sync=False)
-                 for f in range(NUM_SPARSE)]
+    rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS, sync=False)
     tables = _day_tables()
     buffers = native.ParseBuffers(CHUNK_BYTES // 200)
+    row_buffer = np.empty((buffers.max_rows, native.ROW_WORDS), np.uint32)
     day_min: Optional[int] = None
     bad = ct.BadRows()
 
@@ -411,10 +414,11 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
         if not len(labels):
             return
         day_min = low if day_min is None else min(day_min, low)
-        dense_out.write(dense)
-        labels_out.write(labels)
         for f in range(NUM_SPARSE):
-            local_out[f].write(tables[f].assign(columns[f], out=columns[f]))
+            tables[f].assign(columns[f], out=columns[f])
+        out = row_buffer if len(labels) <= len(row_buffer) else \
+            np.empty((len(labels), native.ROW_WORDS), np.uint32)
+        rows_out.write(native.interleave_rows(labels, dense, columns, out))
 
     def exact(data: bytes, first_line: int) -> int:
         """Whole lines parsed by the exact parser; returns their number."""
@@ -483,13 +487,12 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     bad.merge(tail)
     if day_min is None:
         raise PrepareError(f"{path}: no valid rows")
-    for w in [dense_out, labels_out, *local_out]:
-        w.finish()
+    rows_out.finish()
     values = [t.order() for t in tables]
     np.save(os.path.join(tmp, "first.npy"), np.concatenate(values))
     np.save(os.path.join(tmp, "first_offsets.npy"),
             np.cumsum([0] + [len(v) for v in values]).astype(np.int64))
-    stats = {"day": day, "rows": dense_out.rows, "lines": lines, "dense_min": day_min,
+    stats = {"day": day, "rows": rows_out.rows, "lines": lines, "dense_min": day_min,
              "bad_counts": bad.counts, "bad_examples": bad.examples}
     write_json(os.path.join(tmp, "stats.json"), stats, sync=False)
     os.replace(tmp, dst)
@@ -675,31 +678,37 @@ def day_maps(work: str, day: int) -> List[np.ndarray]:
 
 
 class _DayRows:
-    """A parsed day's rows, read a chunk at a time: (dense (n, 13) int32, per feature the
-    day-local numbers (n,) uint32, labels (n,) int32)."""
+    """A parsed day's folder: its stats, and its rows (`rows.npy`, (n, ROW_WORDS) uint32),
+    read a chunk at a time. The scatter writes the day's records over its rows, in place
+    (the same pages: a fresh page of the page cache cost this VM more than the copy into
+    it): `records.partial.npy` while it does, `records.npy` once done, with `index.npy`
+    ((chunks, 1 + buckets) int64: per chunk its first row, then its rows of each
+    bucket)."""
 
     def __init__(self, parse_dir: str, day: int):
-        d = os.path.join(parse_dir, f"day_{day}")
-        with open(os.path.join(d, "stats.json")) as f:
+        self.folder = os.path.join(parse_dir, f"day_{day}")
+        with open(self.at("stats.json")) as f:
             self.stats = json.load(f)
         self.rows = self.stats["rows"]
-        self.folder = d
+
+    def at(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def read(self, lo: int, hi: int, arena: Arena, name: str = "rows.npy") -> np.ndarray:
+        return read_rows(self.at(name), lo, hi, arena)
 
     def remove(self) -> None:
-        """Remove the rows once their day is written: the next stage's writes then reuse
-        their page-cache pages instead of pushing other data out (stats.json and the first
-        occurrences stay: the vocabulary and the checks read them)."""
-        for name in ["dense.npy", "labels.npy"] + [f"local_{f}.npy" for f in range(NUM_SPARSE)]:
+        """Remove the rows once their day is written (stats.json and the first occurrences
+        stay: the vocabulary and the checks read them)."""
+        for name in ("rows.npy", "records.npy", "records.partial.npy"):
             try:
-                os.unlink(os.path.join(self.folder, name))
+                os.unlink(self.at(name))
             except FileNotFoundError:
                 pass
 
-    def read(self, lo: int, hi: int, arena: Arena) -> Tuple[np.ndarray, List[np.ndarray], np.ndarray]:
-        at = lambda name: os.path.join(self.folder, name)  # noqa: E731
-        return (read_rows(at("dense.npy"), lo, hi, arena),
-                [read_rows(at(f"local_{f}.npy"), lo, hi, arena)[:, 0] for f in range(NUM_SPARSE)],
-                read_rows(at("labels.npy"), lo, hi, arena)[:, 0])
+
+def scattered(parse_dir: str, day: int) -> bool:
+    return os.path.exists(os.path.join(parse_dir, f"day_{day}", "records.npy"))
 
 
 def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
@@ -713,43 +722,60 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
                "labels": NpyWriter(final["labels"], np.int32, 1, sync=False)}
     for lo in range(0, day.rows, chunk_rows):
         ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64)
-        dense, local, labels = day.read(lo, lo + chunk_rows, ARENA)
-        ids = ARENA.take((len(labels), NUM_SPARSE), np.int64)
+        rows = day.read(lo, lo + chunk_rows, ARENA)
+        ids = ARENA.take((len(rows), NUM_SPARSE), np.int64)
         for f in range(NUM_SPARSE):
-            ids[:, f] = maps[f][local[f]]
+            ids[:, f] = maps[f][rows[:, 1 + NUM_DENSE + f]]
+        dense = rows[:, 1:1 + NUM_DENSE].view(np.int32)
         writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"], ARENA))
         writers["sparse"].write(ids)
-        writers["labels"].write(labels)
+        writers["labels"].write(rows[:, 0].view(np.int32))
     for w in writers.values():
         w.finish()
     day.remove()
 
 
-def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
-                chunk_rows: int) -> None:
-    """Stage 3 for a training day: each row, transformed, appended with its offset in its
-    bucket to `scatter/day_{day}/bucket_{b}.bin` (records of native.RECORD_BYTES)."""
-    rows = _DayRows(os.path.join(work, "parse"), day)
+def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_starts: np.ndarray,
+                exact: bool, chunk_rows: int) -> None:
+    """Stage 3 for a training day: each row, transformed, as a record (native.RECORD_DTYPE:
+    its row in its bucket, its values) grouped by bucket within its chunk, written over the
+    day's rows chunk by chunk (`_DayRows`). A scatter killed while it rewrote the rows
+    leaves them half records: the day (`path`, the raw text) is parsed again first."""
+    parse_dir = os.path.join(work, "parse")
+    day_dir = os.path.join(parse_dir, f"day_{day}")
+    if not os.path.exists(os.path.join(day_dir, "rows.npy")):
+        again = day_dir + ".again"  # its other files stay: other tasks may be reading them
+        shutil.rmtree(again, ignore_errors=True)
+        parse_day(day, path, again, drop_malformed)
+        os.replace(os.path.join(again, "rows.npy"), os.path.join(day_dir, "rows.npy"))
+        shutil.rmtree(again)
+    rows = _DayRows(parse_dir, day)
     maps = day_maps(work, day)
     destinations = os.path.join(work, "destinations", f"day_{day}.npy")
-    dst = os.path.join(work, "scatter", f"day_{day}")
-    tmp = _fresh(dst)
-    for lo in range(0, rows.rows, chunk_rows):
-        hi = min(rows.rows, lo + chunk_rows)
-        ARENA.reset((hi - lo) * SCATTER_BYTES_PER_ROW + 64 * 64)
-        dense, local, labels = rows.read(lo, hi, ARENA)
-        dest = read_rows(destinations, lo, hi, ARENA)
-        records = ARENA.take((hi - lo, native.RECORD_BYTES), np.uint8)
-        counts = native.scatter_records(
-            torchrec_dense(dense, rows.stats["dense_min"], ARENA), local, labels, maps, exact,
-            dest, bucket_starts, records)
-        at = 0
-        for b in np.flatnonzero(counts).tolist():
-            with open(os.path.join(tmp, f"bucket_{b}.bin"), "ab") as fh:
-                fh.write(records[at:at + int(counts[b])])
-            at += int(counts[b])
-    os.replace(tmp, dst)
-    rows.remove()
+    partial = rows.at("records.partial.npy")
+    os.replace(rows.at("rows.npy"), partial)
+    starts = list(range(0, rows.rows, chunk_rows))
+    index = np.zeros((len(starts), 1 + len(bucket_starts)), np.int64)
+    index[:, 0] = starts
+    fd = os.open(partial, os.O_WRONLY)
+    try:
+        for c, lo in enumerate(starts):
+            hi = min(rows.rows, lo + chunk_rows)
+            ARENA.reset((hi - lo) * SCATTER_BYTES_PER_ROW + 64 * 64)
+            parsed = rows.read(lo, hi, ARENA, "records.partial.npy")
+            dest = read_rows(destinations, lo, hi, ARENA)
+            dense = torchrec_dense(parsed[:, 1:1 + NUM_DENSE].view(np.int32),
+                                   rows.stats["dense_min"], ARENA)
+            records = ARENA.take((hi - lo, native.RECORD_BYTES), np.uint8)
+            index[c, 1:] = native.scatter_records(dense, parsed, maps, exact, dest,
+                                                  bucket_starts, records)
+            if os.pwrite(fd, records, HEADER_BYTES + lo * ROW_BYTES) != records.nbytes:
+                raise OSError(f"{partial}: short write")
+    finally:
+        os.close(fd)
+    np.save(rows.at("index.npy.tmp.npy"), index)
+    os.replace(rows.at("index.npy.tmp.npy"), rows.at("index.npy"))
+    os.replace(partial, rows.at("records.npy"))
 
 
 def _part_path(out: str, day: int, part: str) -> str:
@@ -762,21 +788,28 @@ def _out_dtype(part: str) -> np.dtype:
 
 def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: int) -> None:
     """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
-    day's scatter file into the day's output files; its marker is written last."""
+    day's records (its part of each chunk, `_DayRows`) into the day's output files; its
+    marker is written last, then its records' pages and blocks are freed (a hole punched)
+    for the next buckets' writes."""
     ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8)
     records = ARENA.take((rows * native.RECORD_BYTES,), np.uint8)
-    seen = 0
+    parse_dir = os.path.join(work, "parse")
+    seen, segments = 0, []
     for d in range(TRAIN_DAYS):
-        path = os.path.join(work, "scatter", f"day_{d}", f"bucket_{b}.bin")
-        if os.path.exists(path):
-            with open(path, "rb") as fh:
-                size = os.fstat(fh.fileno()).st_size
+        path = os.path.join(parse_dir, f"day_{d}", "records.npy")
+        index = np.load(os.path.join(parse_dir, f"day_{d}", "index.npy"))
+        first, counts = index[:, 0], index[:, 1:]
+        before = counts[:, :b].sum(axis=1)  # per chunk: its rows of the buckets before b
+        with open(path, "rb", buffering=0) as fh:
+            for c in np.flatnonzero(counts[:, b]).tolist():
+                at = HEADER_BYTES + int(first[c] + before[c]) * ROW_BYTES
+                size = int(counts[c, b]) * native.RECORD_BYTES
                 if seen + size > len(records):
                     raise RuntimeError(f"bucket {b}: more rows scattered to it than {rows}")
-                got = fh.readinto(memoryview(records)[seen:seen + size])
-            if got != size:
-                raise RuntimeError(f"{path}: short read")
-            seen += size
+                if os.preadv(fh.fileno(), [memoryview(records)[seen:seen + size]], at) != size:
+                    raise RuntimeError(f"{path}: short read")
+                seen += size
+                segments.append((path, at, size))
     columns = native.place_records(records[:seen], rows, ARENA.take)
     for (part, width), data in zip(PARTS, columns):
         fd = os.open(_part_path(out, day, part), os.O_WRONLY)
@@ -785,11 +818,13 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         finally:
             os.close(fd)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"), {"rows": rows}, sync=False)
-    for d in range(TRAIN_DAYS):  # placed for good: their pages go to the next buckets
+    for path in sorted({p for p, _, _ in segments}):  # placed for good
+        fd = os.open(path, os.O_WRONLY)
         try:
-            os.unlink(os.path.join(work, "scatter", f"day_{d}", f"bucket_{b}.bin"))
-        except FileNotFoundError:
-            pass
+            for _, at, size in (x for x in segments if x[0] == path):
+                native.punch_hole(fd, at, size)
+        finally:
+            os.close(fd)
 
 
 # --------------------------------------------------------------------------- driver
@@ -916,7 +951,7 @@ class _Run:
         s = self.s
         if s.rank == 0:
             check_disk(s)
-            for sub in ("parse", "vocab", "scatter", "place"):
+            for sub in ("parse", "vocab", "place"):
                 os.makedirs(os.path.join(self.work, sub), exist_ok=True)
             write_json(os.path.join(self.work, "settings.json"), s.identity())
             # the bucket plan of the first run is kept, so resumed scatters agree
@@ -964,9 +999,10 @@ class _Run:
         eval_done = lambda: all(os.path.exists(os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy"))  # noqa: E731
                                 for p, _ in PARTS)
         tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), eval_done)]
-        tasks += [(str(d), scatter_day, (d, work, starts, self.s.exact_ids,
+        tasks += [(str(d), scatter_day, (d, work, self.s.inputs[d], self.s.drop_malformed,
+                                         starts, self.s.exact_ids,
                                          self.chunk_rows),
-                   lambda d=d: os.path.isdir(os.path.join(work, "scatter", f"day_{d}")))
+                   lambda d=d: scattered(self.parse_dir, d))
                   for d in range(TRAIN_DAYS)]
         if self.s.rank == 0:
             # the place stage writes into these at offsets; made here, before it starts on
@@ -994,7 +1030,7 @@ class _Run:
     def place(self) -> None:
         work, out = self.work, self.out
         missing = [d for d in range(TRAIN_DAYS)
-                   if not os.path.isdir(os.path.join(work, "scatter", f"day_{d}"))]
+                   if not scattered(self.parse_dir, d)]
         if missing:
             raise _stage_error("place", f"day {missing[0]} is not scattered", "scatter")
         _, buckets = self.buckets("place")

@@ -224,26 +224,44 @@ void table_order(const table_t *t, uint32_t *out) {
     memcpy(out, t->order, t->count * sizeof *out);
 }
 
-/* ------------------------------------------------------------------ scatter and place */
+/* ------------------------------------------------------------------ rows, scatter, place */
 
-/* A row on its way to its bucket (164 bytes, numpy's RECORD in prepare_mlperf.py). */
+#define ROW_WORDS (1 + NUM_DENSE + NUM_SPARSE) /* a parsed row: label, dense, local ids */
+
+/* A parsed day's rows as the parse stage stores them: row i at out[i * ROW_WORDS ..]: its
+ * label, its 13 raw dense values (int32 bits), its 26 day-local numbers, taken from the
+ * parser's arrays (sparse feature-major, feature f's column at sparse + f * col_stride). */
+void interleave_rows(int64_t n, const int32_t *labels, const int32_t *dense,
+                     const uint32_t *sparse, int64_t col_stride, uint32_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t *r = out + i * ROW_WORDS;
+        r[0] = (uint32_t)labels[i];
+        memcpy(r + 1, dense + i * NUM_DENSE, NUM_DENSE * sizeof *r);
+        for (int f = 0; f < NUM_SPARSE; f++) r[1 + NUM_DENSE + f] = sparse[f * col_stride + i];
+    }
+}
+
+/* A row on its way to its bucket: the size of a parsed row (160 bytes), so the scatter
+ * writes a day's records over its rows, in the same pages (numpy's view of it:
+ * native.RECORD_DTYPE). */
 typedef struct {
-    uint32_t dest; /* its row in the bucket */
+    uint32_t dest_label; /* its row in the bucket, and its label (0 or 1) in the top bit */
     float dense[NUM_DENSE];
     int32_t sparse[NUM_SPARSE];
-    int32_t label;
 } record_t;
 
-/* Rows i < n of a training day -> records grouped by bucket, buckets in order, rows in
- * order within one: row i goes to global row dest[i], in the bucket b with
- * bucket_starts[b] <= dest[i] < bucket_starts[b + 1] (nb buckets, the last open-ended).
- * Its ids are maps[f][local[f][i]] (local: 26 columns of day-local numbers), through
- * float32 (as TorchRec's shuffle) unless `exact`. counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch.
- * Returns 0, or -1 if a destination is before the first bucket. */
-int64_t scatter_records(int64_t n, const float *dense, const uint32_t *const *local,
-                        const int32_t *labels, const uint32_t *const *maps, int exact,
-                        const uint32_t *dest, const int64_t *bucket_starts, int64_t nb,
-                        record_t *records, int64_t *counts, int32_t *bucket_of) {
+/* Parsed rows i < n of a training day (rows: n * ROW_WORDS; dense: their transformed
+ * values, n * 13) -> records grouped by bucket, buckets in order, rows in order within
+ * one: row i goes to global row dest[i], in the bucket b with bucket_starts[b] <= dest[i]
+ * < bucket_starts[b + 1] (nb buckets, the last open-ended). Its ids are
+ * maps[f][its local number of feature f], through float32 (as TorchRec's shuffle) unless
+ * `exact`. counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch. Returns
+ * 0, -1 if a destination is before the first bucket or a bucket holds 2**31 rows or more,
+ * -2 when memory ran out. */
+int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
+                        const uint32_t *const *maps, int exact, const uint32_t *dest,
+                        const int64_t *bucket_starts, int64_t nb, record_t *records,
+                        int64_t *counts, int32_t *bucket_of) {
     memset(counts, 0, nb * sizeof *counts);
     for (int64_t i = 0; i < n; i++) {
         int64_t lo = 0, hi = nb; /* the last start <= dest */
@@ -260,11 +278,14 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *const *lo
     for (int64_t b = 0, at = 0; b < nb; b++) { next[b] = at; at += counts[b]; }
     for (int64_t i = 0; i < n; i++) {
         int32_t b = bucket_of[i];
+        const uint32_t *row = rows + i * ROW_WORDS;
         record_t *r = records + next[b]++;
-        r->dest = (uint32_t)((int64_t)dest[i] - bucket_starts[b]);
+        int64_t k = (int64_t)dest[i] - bucket_starts[b];
+        if (k >= (1ll << 31)) { free(next); return -1; }
+        r->dest_label = (uint32_t)k | (row[0] ? 1u << 31 : 0);
         memcpy(r->dense, dense + i * NUM_DENSE, sizeof r->dense);
         for (int f = 0; f < NUM_SPARSE; f++) {
-            uint32_t id = maps[f][local[f][i]];
+            uint32_t id = maps[f][row[1 + NUM_DENSE + f]];
             if (exact) {
                 r->sparse[f] = (int32_t)id;
             } else {
@@ -273,7 +294,6 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *const *lo
                 r->sparse[f] = x >= 2147483648.0f ? INT32_MIN : (int32_t)x;
             }
         }
-        r->label = labels[i];
     }
     free(next);
     return 0;
@@ -286,12 +306,12 @@ int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *d
                       int32_t *sparse, int32_t *labels, uint8_t *filled) {
     for (int64_t i = 0; i < n; i++) {
         const record_t *r = records + i;
-        uint32_t k = r->dest;
+        uint32_t k = r->dest_label & 0x7FFFFFFFu;
         if (k >= rows || filled[k]) return -1;
         filled[k] = 1;
         memcpy(dense + (int64_t)k * NUM_DENSE, r->dense, sizeof r->dense);
         memcpy(sparse + (int64_t)k * NUM_SPARSE, r->sparse, sizeof r->sparse);
-        labels[k] = r->label;
+        labels[k] = (int32_t)(r->dest_label >> 31);
     }
     return 0;
 }
