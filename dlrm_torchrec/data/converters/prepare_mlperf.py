@@ -26,24 +26,27 @@ What those scripts do, and so what this reproduces (TorchRec 1.8.0,
 - day 23 is copied unshuffled: its ids stay int64 (days 0-22: int32).
 
 How: stages, each task's output published atomically (a folder or file renamed when
-complete, or a marker written after the data is synced), so a killed run restarted with
-the same command redoes only unfinished tasks and writes the same bytes. Work files lie in
-OUT/.prepare; each is removed once the stage after it has consumed it, the rest at the end
-(`--keep-work` keeps what is left). The loops over rows are compiled C (`native`); the
+complete, or a marker written once the data is written), so a killed run restarted with
+the same command redoes only unfinished tasks and writes the same bytes. Nothing is synced
+to disk before the outputs are, just ahead of meta.json; a run on a machine that restarted
+since it wrote work files starts over (`check_restart`). Work files lie in OUT/.prepare;
+each is removed (or punched out) once the stage after it has consumed it, the rest at the
+end (`--keep-work` keeps what is left). The loops over rows are compiled C (`native`); the
 rules that decide the bytes stay here.
-1. parse (one task per day): raw text -> raw int32 dense values, int32 labels, the day's
-   smallest dense value and, per feature, the day's distinct ids in first-occurrence order
-   and each row's id as its position in that order (its day-local number, uint32).
+1. parse (one task per day): raw text -> the day's rows (label, raw int32 dense values,
+   each id as its position in the day's first-occurrence order of its feature: its
+   day-local number), the day's smallest dense value and, per feature, the day's distinct
+   ids in first-occurrence order.
 2. vocab (one task per feature) and permute (one task): per feature, the contiguous id of
    each day's distinct values (`map_{f}.npy`: the days' parts one after another, each in
    the day's order, so a day-local number indexes it); TorchRec's permutation of days
    0-22 and, per day, where each of its rows goes (`destinations/day_{d}.npy`, uint32).
 3. scatter (one task per day): transform each row (dense log, ids through the day's part
-   of the maps) and append it with its destination to the bucket file of its destination
-   range (buckets are cut so one fits the memory share of a worker, and never span two
-   output days).
-4. place (one task per bucket): read the bucket's rows from every day, put each at its
-   destination, write them into the output day files at their offset.
+   of the maps) into a record with its row in the bucket of its destination range
+   (buckets are cut so one fits the memory share of a worker, and never span two output
+   days), grouped by bucket within each chunk and written over the chunk's rows in place.
+4. place (one task per bucket): read the bucket's records from every day, put each at its
+   destination, write them into the output day files at their offset, punch them out.
 5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
    (`mlperf_multi_hot`), from lookup tables drawn by one more task of the parse stage.
 6. meta: `from_torchrec.adopt` scans the output and writes meta.json.
