@@ -360,7 +360,7 @@ def test_compiled_parser_agrees_with_the_exact_one_on_mutated_lines():
 
 
 def test_repaired_lines_crlf_a_byte_order_mark_and_no_final_newline_keep_torchrecs_bytes(
-        days, tmp_path):
+        days, tmp_path, capsys):
     """Plain days read through the reused buffer, with the lines the exact parser repairs:
     every line ending in CRLF, a byte-order mark, a last line without its newline."""
     inputs = list(days["inputs"])
@@ -375,6 +375,9 @@ def test_repaired_lines_crlf_a_byte_order_mark_and_no_final_newline_keep_torchre
     out = tmp_path / "out"
     assert cli.main(inputs + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
     assert_same_as_oracle(out, days["oracle"])
+    err = capsys.readouterr().err  # the repairs are reported, each with its file
+    assert f"{inputs[8]}: " in err and "byte-order mark" in err
+    assert f"{inputs[5]}: " in err and "CRLF" in err
 
 
 def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():

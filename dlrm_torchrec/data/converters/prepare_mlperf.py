@@ -378,8 +378,8 @@ def _fresh(path: str) -> str:
 def _first_bad(bad: ct.BadRows) -> Optional[Tuple[int, str, str]]:
     best = None
     for reason, ex in bad.examples.items():
-        if reason == ct.CRLF:
-            continue  # repaired: TorchRec's text reader takes CRLF lines as they are
+        if reason in ct.REPAIRED:
+            continue  # repaired (as TorchRec's text reader takes these lines), and reported
         for line, detail in ex:
             if best is None or line < best[0]:
                 best = (line, reason, detail)
@@ -471,6 +471,8 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
             end = _parse_plain(path, parse_text)
         else:
             for chunk in ct.read_chunks(path, CHUNK_BYTES, ends):
+                if chunk.bom_removed:
+                    bad.add(ct.BOM, 1)
                 parse_text(np.frombuffer(chunk.data, np.uint8), chunk.first_line)
             end = ends[0] if ends else ct.StreamEnd(1)
     except ValueError as e:  # an endless line
