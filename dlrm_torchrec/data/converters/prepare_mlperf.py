@@ -275,7 +275,7 @@ def check_disk(s: Settings) -> None:
 # --------------------------------------------------------------------------- restarts
 
 # Work files (everything under OUT/.prepare, and the output days until meta.json) are not
-# synced to disk as they are written: syncing them cost a fifth of the run, and most of
+# synced to disk as they are written: syncing them cost an eighth of the run, and most of
 # them are deleted seconds later. A killed run loses nothing by it (the page cache keeps
 # what a process wrote); a machine that went down may. So each machine that works on the
 # folder records its boot, and a run on a machine that has restarted since does not trust
