@@ -23,8 +23,7 @@ FLAGS = ["-O3", "-std=gnu99", "-shared", "-fPIC"]
 ROW_WORDS = 1 + 13 + 26  # a parsed row (uint32 words): label, raw dense values, local ids
 # a scattered row (record_t), the size of a parsed row so it can be written over one
 RECORD_DTYPE = np.dtype([("dest_label", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26)])
-RECORD_BYTES = RECORD_DTYPE.itemsize
-LABEL_BIT = np.uint32(1 << 31)  # dest_label: the row in its bucket, the label in this bit
+RECORD_BYTES = RECORD_DTYPE.itemsize  # dest_label: the row in its bucket, the label in bit 31
 
 
 class NativeBuildError(Exception):

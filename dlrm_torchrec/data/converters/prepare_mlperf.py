@@ -110,8 +110,6 @@ ROW_BYTES = 4 * native.ROW_WORDS  # a parsed row: label, raw dense values, local
 # bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
 # output columns and a byte marking each row placed
 PLACE_BYTES_PER_ROW = native.RECORD_BYTES + 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
-# bytes per row of a scatter chunk: the parsed row read (dense, 26 local numbers, label),
-# its destination, the dense transform's two arrays and the record
 # bytes per row of a scatter chunk: the parsed row read, its destination, the dense
 # transform's two arrays and the record
 SCATTER_BYTES_PER_ROW = ROW_BYTES + 4 + 2 * 4 * NUM_DENSE + native.RECORD_BYTES
@@ -327,26 +325,26 @@ def record_boot(s: Settings) -> None:
         tmp = f"{path}.{os.getpid()}.tmp"  # several tasks of one machine may write it
         with open(tmp, "w") as f:
             json.dump({"boot_id": boot_id()}, f)
-            f.flush()
-            os.fsync(f.fileno())  # the one record that must outlive a crash
+        _sync(tmp)  # the one record that must outlive a crash
         os.replace(tmp, path)
         for folder in (os.path.dirname(path), s.work):  # and its name, too
-            fd = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _sync(folder)
 
 
 def sync_outputs(out: str) -> None:
     """Sync the output files to disk, before meta.json declares them complete."""
     for name in sorted(os.listdir(out)):
         if OUTPUT_FILE.fullmatch(name):
-            fd = os.open(os.path.join(out, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _sync(os.path.join(out, name))
+
+
+def _sync(path: str) -> None:
+    """fsync a file or a folder (its entries) by name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 # --------------------------------------------------------------------------- transforms
@@ -390,10 +388,9 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     """Stage 1 for one day, into folder `dst`: its rows (`rows.npy`, (n, ROW_WORDS)
     uint32: the label, the raw dense values, each id as its day-local number, the position
     of its value in the day's first-occurrence order of its feature), and those
-    first-occurrence orders. The compiled
-    parser takes the plainly valid lines; from a line it does not take (malformed, or to be
-    repaired) the exact parser (`criteo_text.parse_chunk`) takes over for up to
-    EXACT_BYTES, naming the problem. A plain file is read into one reused buffer; a gzip
+    first-occurrence orders. The compiled parser takes the plainly valid lines; from a line
+    it does not take (malformed, or to be repaired) the exact parser
+    (`criteo_text.parse_chunk`) takes over for up to EXACT_BYTES, naming the problem. A plain file is read into one reused buffer; a gzip
     file (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
     tmp = _fresh(dst)
     rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS, sync=False)
@@ -799,7 +796,7 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
     ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8)
     records = ARENA.take((rows * native.RECORD_BYTES,), np.uint8)
     parse_dir = os.path.join(work, "parse")
-    seen, segments = 0, []
+    seen, segments = 0, {}  # per records file, its (offset, size) parts of the bucket
     for d in range(TRAIN_DAYS):
         path = os.path.join(parse_dir, f"day_{d}", "records.npy")
         index = np.load(os.path.join(parse_dir, f"day_{d}", "index.npy"))
@@ -814,7 +811,7 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
                 if os.preadv(fh.fileno(), [memoryview(records)[seen:seen + size]], at) != size:
                     raise RuntimeError(f"{path}: short read")
                 seen += size
-                segments.append((path, at, size))
+                segments.setdefault(path, []).append((at, size))
     columns = native.place_records(records[:seen], rows, ARENA.take)
     for (part, width), data in zip(PARTS, columns):
         fd = os.open(_part_path(out, day, part), os.O_WRONLY)
@@ -823,10 +820,10 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         finally:
             os.close(fd)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"), {"rows": rows}, sync=False)
-    for path in sorted({p for p, _, _ in segments}):  # placed for good
+    for path, parts in segments.items():  # placed for good
         fd = os.open(path, os.O_WRONLY)
         try:
-            for _, at, size in (x for x in segments if x[0] == path):
+            for at, size in parts:
                 native.punch_hole(fd, at, size)
         finally:
             os.close(fd)
