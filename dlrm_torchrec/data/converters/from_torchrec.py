@@ -154,10 +154,9 @@ def _id_range(blocks: List[np.ndarray], lo: int, hi: int) -> Tuple[np.ndarray, n
             np.array([c.max() if c.size else 0 for c in cols]))
 
 
-def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.ndarray, str,
-                                                                      Optional[List[int]]]:
-    """Check one (dense, sparse, labels) set; returns its rows, each feature's largest
-    id + 1, the ids' dtype and the materialised bag sizes (None: one-hot)."""
+def _open_file_set(dense_p: str, sparse_p: str, labels_p: str):
+    """One (dense, sparse, labels) set opened (memory-mapped) and its shapes checked;
+    returns dense, labels, the id blocks, the bag sizes (None: one-hot) and the rows."""
     dense, labels = _open(dense_p), _open(labels_p)
     blocks, bag_sizes = _open_sparse(sparse_p)
     if dense.ndim != 2 or dense.shape[1] != NUM_DENSE or dense.dtype.kind != "f":
@@ -173,6 +172,23 @@ def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.n
                          f"{len(blocks[0])}, {labels_p} {n}")
     if n == 0:
         raise AdoptError(f"{labels_p}: no rows")
+    return dense, labels, blocks, bag_sizes, n
+
+
+def layout_file_set(dense_p: str, sparse_p: str, labels_p: str, sizes: np.ndarray
+                    ) -> Tuple[int, np.ndarray, str, Optional[List[int]]]:
+    """`scan_file_set`'s answer for a set whose table sizes (`sizes`, each feature's
+    largest id + 1) its writer found while writing it: only the shapes are checked, no data
+    page is read."""
+    _, _, blocks, bag_sizes, n = _open_file_set(dense_p, sparse_p, labels_p)
+    return n, np.asarray(sizes, np.int64), str(blocks[0].dtype), bag_sizes
+
+
+def scan_file_set(dense_p: str, sparse_p: str, labels_p: str) -> Tuple[int, np.ndarray, str,
+                                                                      Optional[List[int]]]:
+    """Check one (dense, sparse, labels) set; returns its rows, each feature's largest
+    id + 1, the ids' dtype and the materialised bag sizes (None: one-hot)."""
+    dense, labels, blocks, bag_sizes, n = _open_file_set(dense_p, sparse_p, labels_p)
     top = np.zeros(NUM_SPARSE, dtype=np.int64)
     for lo in range(0, n, SCAN_ROWS):
         hi = min(n, lo + SCAN_ROWS)
@@ -251,9 +267,12 @@ def stored_name(path: str, out: str) -> str:
 
 def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
           sparse_suffix: Optional[str] = None, eval_halves: Sequence[str] = ("val", "test"),
-          sparse_dir: Optional[str] = None, workers: int = 1, log=print) -> Dict:
+          sparse_dir: Optional[str] = None, workers: int = 1, log=print,
+          table_sizes: Optional[Sequence[np.ndarray]] = None) -> Dict:
     """Scan TorchRec's files in `src` (the ids in `sparse_dir`, default `src`) and write
-    `out`/meta.json; returns the meta."""
+    `out`/meta.json; returns the meta. `table_sizes`: per day, each feature's largest id + 1,
+    where the writer of the files found them as it wrote them (prepare_mlperf): then only
+    the files' shapes are checked, not their values."""
     sparse_dir = sparse_dir or src
     for folder in (src, sparse_dir):
         if not os.path.isdir(folder):
@@ -277,8 +296,12 @@ def adopt(src: str, out: str, dataset: Optional[str] = None, days: int = 0,
     for parts in part_sets:  # every file is there before the scan starts
         for path in parts.values():
             check_input_file(path)
-    scans = map_in_workers(scan_file_set, [(p["dense"], p["sparse"], p["labels"])
-                                           for p in part_sets], workers)
+    if table_sizes is not None:
+        scans = map(layout_file_set, *zip(*[(p["dense"], p["sparse"], p["labels"], t)
+                                            for p, t in zip(part_sets, table_sizes)]))
+    else:
+        scans = map_in_workers(scan_file_set, [(p["dense"], p["sparse"], p["labels"])
+                                               for p in part_sets], workers)
     dtypes = set()
     for stem, parts, (n, top, dtype, day_bags) in zip(stems, part_sets, scans):
         dtypes.add(dtype)

@@ -92,7 +92,7 @@ def lib() -> ctypes.CDLL:
             "interleave_rows": (None, [_I64, _P, _P, _P, _I64, _P]),
             "scatter_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P, _P,
                                        _P]),
-            "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P]),
+            "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
         }
         for name, (res, args) in sig.items():
@@ -252,21 +252,26 @@ def _libc() -> Optional[ctypes.CDLL]:
     return _LIBC[0]
 
 
-def place_records(records: np.ndarray, rows: int, take=np.empty) -> List[np.ndarray]:
-    """A bucket's records (n, RECORD_BYTES) uint8 -> its output columns [dense (rows, 13)
-    float32, sparse (rows, 26) int32, labels (rows, 1) int32], made by `take(shape, dtype)`;
-    every row exactly once."""
-    n = records.nbytes // RECORD_BYTES
+def place_records(records: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
+                  labels: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """A bucket's records (n, RECORD_BYTES) uint8 -> its output columns, filled in: dense
+    (rows, 13) float32, sparse (rows, 26) int32, labels (rows, 1) int32, every row exactly
+    once (`filled`: (rows,) uint8 scratch). Returns each feature's largest id, (26,) int64
+    (-1 for no rows)."""
+    rows, n = len(labels), records.nbytes // RECORD_BYTES
     if n != rows:
         raise RuntimeError(f"{n} rows scattered to the bucket, expected {rows}")
-    dense, sparse = take((rows, 13), np.float32), take((rows, 26), np.int32)
-    labels, filled = take((rows, 1), np.int32), take((rows,), np.uint8)
+    if dense.shape != (rows, 13) or sparse.shape != (rows, 26) or labels.shape != (rows, 1) \
+            or filled.shape != (rows,):
+        raise ValueError(f"output columns {dense.shape} {sparse.shape} {labels.shape} "
+                         f"{filled.shape} for {rows} rows")
+    top = np.full(26, -1, np.int32)
     filled[:] = 0
     if lib().place_records(_ptr(records, np.uint8), n, rows, _ptr(dense, np.float32, True),
                            _ptr(sparse, np.int32, True), _ptr(labels, np.int32, True),
-                           _ptr(filled, np.uint8, True)):
+                           _ptr(filled, np.uint8, True), _ptr(top, np.int32, True)):
         raise RuntimeError("a bucket's work file places a row twice or outside it")
-    return [dense, sparse, labels]
+    return top.astype(np.int64)
 
 
 def destinations(perm: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndarray:

@@ -86,6 +86,7 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from dlrm_torchrec.data import criteo_text as ct
+from dlrm_torchrec.data.converters import direct_io
 from dlrm_torchrec.data.converters import mlperf_multi_hot as mh
 from dlrm_torchrec.data.converters import native
 from dlrm_torchrec.data.converters.from_torchrec import AdoptError, adopt
@@ -580,13 +581,21 @@ class Arena:
         self.buf = np.empty(0, np.uint8)
         self.used = 0
 
-    def take(self, shape: Tuple[int, ...], dtype) -> np.ndarray:
+    def take(self, shape: Tuple[int, ...], dtype, phase: Optional[int] = None) -> np.ndarray:
+        """An array; with `phase`, at an address whose remainder mod direct_io.PAGE is
+        phase's (an O_DIRECT write of it to file offset `phase`; `need` then counts a PAGE
+        more for it)."""
         dtype = np.dtype(dtype)
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        if self.used + size > len(self.buf):  # more than the chunk's `need`: not reused
+        at = self.used
+        if phase is not None:
+            at += (phase - self.buf.ctypes.data - at) % direct_io.PAGE
+        if at + size > len(self.buf):  # more than the chunk's `need`: not reused
+            if phase is not None:
+                return direct_io.phase_aligned(size, phase).view(dtype).reshape(shape)
             return np.empty(shape, dtype)
-        out = self.buf[self.used:self.used + size].view(dtype).reshape(shape)
-        self.used += -(-size // self.ALIGN) * self.ALIGN
+        out = self.buf[at:at + size].view(dtype).reshape(shape)
+        self.used = at + -(-size // self.ALIGN) * self.ALIGN
         return out
 
 
@@ -714,24 +723,30 @@ def scattered(parse_dir: str, day: int) -> bool:
 
 
 def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
-    """Stage 3 for day 23: copied unshuffled, with its int64 contiguous ids."""
+    """Stage 3 for day 23: copied unshuffled, with its int64 contiguous ids, past the page
+    cache; each feature's largest id goes to `place/eval.json` (for meta.json)."""
     day = _DayRows(os.path.join(work, "parse"), TRAIN_DAYS)
     maps = day_maps(work, TRAIN_DAYS)
     final = {p: os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy") for p, _ in PARTS}
     # synced with the other days' files before meta.json is written
-    writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE, sync=False),
-               "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE, sync=False),
-               "labels": NpyWriter(final["labels"], np.int32, 1, sync=False)}
+    writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE, sync=False, direct=True),
+               "sparse": NpyWriter(final["sparse"], np.int64, NUM_SPARSE, sync=False,
+                                   direct=True),
+               "labels": NpyWriter(final["labels"], np.int32, 1, sync=False, direct=True)}
+    top = np.full(NUM_SPARSE, -1, np.int64)
     for lo in range(0, day.rows, chunk_rows):
         ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64)
         rows = day.read(lo, lo + chunk_rows, ARENA)
         ids = ARENA.take((len(rows), NUM_SPARSE), np.int64)
         for f in range(NUM_SPARSE):
             ids[:, f] = maps[f][rows[:, 1 + NUM_DENSE + f]]
+        np.maximum(top, ids.max(axis=0), out=top)
         dense = rows[:, 1:1 + NUM_DENSE].view(np.int32)
         writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"], ARENA))
         writers["sparse"].write(ids)
         writers["labels"].write(rows[:, 0].view(np.int32))
+    write_json(os.path.join(work, "place", "eval.json"), {"largest_ids": top.tolist()},
+               sync=False)
     for w in writers.values():
         w.finish()
     day.remove()
@@ -790,10 +805,13 @@ def _out_dtype(part: str) -> np.dtype:
 
 def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: int) -> None:
     """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
-    day's records (its part of each chunk, `_DayRows`) into the day's output files; its
-    marker is written last, then its records' pages and blocks are freed (a hole punched)
+    day's records (its part of each chunk, `_DayRows`) into the day's output files, past
+    the page cache (`direct_io`); its marker, with each feature's largest id in the
+    bucket, is written last, then its records' pages and blocks are freed (a hole punched)
     for the next buckets' writes."""
-    ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8)
+    offsets = [HEADER_BYTES + first_row * width * _out_dtype(part).itemsize
+               for part, width in PARTS]
+    ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8 + len(PARTS) * direct_io.PAGE)
     records = ARENA.take((rows * native.RECORD_BYTES,), np.uint8)
     parse_dir = os.path.join(work, "parse")
     seen, segments = 0, {}  # per records file, its (offset, size) parts of the bucket
@@ -812,14 +830,13 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
                     raise RuntimeError(f"{path}: short read")
                 seen += size
                 segments.setdefault(path, []).append((at, size))
-    columns = native.place_records(records[:seen], rows, ARENA.take)
-    for (part, width), data in zip(PARTS, columns):
-        fd = os.open(_part_path(out, day, part), os.O_WRONLY)
-        try:
-            os.pwrite(fd, data, HEADER_BYTES + first_row * width * data.dtype.itemsize)
-        finally:
-            os.close(fd)
-    write_json(os.path.join(work, "place", f"bucket_{b}.done"), {"rows": rows}, sync=False)
+    columns = [ARENA.take((rows, width), _out_dtype(part), phase=at)
+               for (part, width), at in zip(PARTS, offsets)]
+    top = native.place_records(records[:seen], *columns, ARENA.take((rows,), np.uint8))
+    for (part, _), data, at in zip(PARTS, columns, offsets):
+        direct_io.write_at(_part_path(out, day, part), data, at)
+    write_json(os.path.join(work, "place", f"bucket_{b}.done"),
+               {"rows": rows, "largest_ids": top.tolist()}, sync=False)
     for path, parts in segments.items():  # placed for good
         fd = os.open(path, os.O_WRONLY)
         try:
@@ -1087,6 +1104,20 @@ class _Run:
              lambda d=d: os.path.exists(npz(d))) for d in range(DAYS)])
         self.say("multi-hot bags")
 
+    def table_sizes(self) -> Optional[List[np.ndarray]]:
+        """Per output day, each feature's largest id + 1, from the markers of its buckets
+        (`place_bucket`) and of day 23 (`write_eval_day`); None where one is missing."""
+        _, buckets = self.buckets("meta")
+        markers = [(day, f"bucket_{b}.done") for b, (day, _, _) in enumerate(buckets)]
+        largest = np.full((DAYS, NUM_SPARSE), -1, np.int64)
+        for day, name in markers + [(TRAIN_DAYS, "eval.json")]:
+            try:
+                with open(os.path.join(self.work, "place", name)) as f:
+                    np.maximum(largest[day], json.load(f)["largest_ids"], out=largest[day])
+            except (OSError, ValueError, KeyError):
+                return None
+        return list(np.maximum(largest, 0) + 1)
+
     def meta(self) -> Report:
         s, out = self.s, self.out
         self.publish("meta")
@@ -1098,8 +1129,12 @@ class _Run:
                                    "written", "multi_hot")
         stats = self.stats("meta")
         sync_outputs(out)
+        # the one-hot days' table sizes as the place stage found them: their files are
+        # not read again (bags are scanned: their ids are the bag tables')
+        sizes = None if s.multi_hot else self.table_sizes()
         try:
-            adopt(out, out, "terabyte", DAYS, None, ("val", "test"), None, s.workers, log=self.log)
+            adopt(out, out, "terabyte", DAYS, None, ("val", "test"), None, s.workers,
+                  log=self.log, table_sizes=sizes)
         except AdoptError as e:
             raise RuntimeError(f"the prepared files fail their check: {e}") from None
         report = Report()

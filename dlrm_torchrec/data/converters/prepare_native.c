@@ -300,10 +300,14 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
 }
 
 /* A bucket's n records -> their rows of the output columns (rows rows): dense (rows, 13),
- * sparse (rows, 26), labels (rows,). `filled`: rows bytes, zero on entry. Returns 0, or -1
- * if a record's row is outside the bucket or already filled (a damaged work file). */
+ * sparse (rows, 26), labels (rows,). `filled`: rows bytes, zero on entry. top[f] rises to
+ * feature f's largest id (the table size the output needs, found here while the values pass
+ * through instead of by reading the output again). Returns 0, or -1 if a record's row is
+ * outside the bucket or already filled (a damaged work file). */
 int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *dense,
-                      int32_t *sparse, int32_t *labels, uint8_t *filled) {
+                      int32_t *sparse, int32_t *labels, uint8_t *filled, int32_t *top) {
+    int32_t high[NUM_SPARSE];
+    memcpy(high, top, sizeof high);
     for (int64_t i = 0; i < n; i++) {
         const record_t *r = records + i;
         uint32_t k = r->dest_label & 0x7FFFFFFFu;
@@ -312,7 +316,10 @@ int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *d
         memcpy(dense + (int64_t)k * NUM_DENSE, r->dense, sizeof r->dense);
         memcpy(sparse + (int64_t)k * NUM_SPARSE, r->sparse, sizeof r->sparse);
         labels[k] = (int32_t)(r->dest_label >> 31);
+        for (int f = 0; f < NUM_SPARSE; f++)
+            high[f] = r->sparse[f] > high[f] ? r->sparse[f] : high[f];
     }
+    memcpy(top, high, sizeof high);
     return 0;
 }
 

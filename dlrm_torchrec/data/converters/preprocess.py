@@ -57,6 +57,7 @@ kept and the partial files removed.
 """
 
 import errno
+import io
 import json
 import os
 import re
@@ -70,6 +71,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from dlrm_torchrec.data import criteo_text as ct
+from dlrm_torchrec.data.converters.direct_io import DirectWriter
 from dlrm_torchrec.data.file_checks import (
     fingerprint,
     fingerprint_change,
@@ -106,12 +108,14 @@ def npy_header(dtype: np.dtype, shape: Tuple[int, ...]) -> bytes:
 
 class NpyWriter:
     """Append rows to `path`.tmp; `finish` writes the real header and renames (after an
-    fsync unless `sync` is False: a work file that a crash of the machine may lose)."""
+    fsync unless `sync` is False: a work file that a crash of the machine may lose). With
+    `direct`, the rows bypass the page cache (`direct_io.DirectWriter`): for a large file
+    that is read back once at most."""
 
-    def __init__(self, path: str, dtype, width: int, sync: bool = True):
+    def __init__(self, path: str, dtype, width: int, sync: bool = True, direct: bool = False):
         self.path, self.dtype, self.width, self.sync = path, np.dtype(dtype), width, sync
         self.rows = 0
-        self.f = open(path + ".tmp", "wb")
+        self.f = DirectWriter(path + ".tmp") if direct else open(path + ".tmp", "wb")
         self.f.write(npy_header(self.dtype, (0, width)))
 
     def write(self, arr: np.ndarray) -> None:
@@ -120,20 +124,32 @@ class NpyWriter:
         self.rows += len(arr)
 
     def finish(self) -> None:
-        self.f.seek(0)
-        self.f.write(npy_header(self.dtype, (self.rows, self.width)))
-        self.f.flush()
-        if self.sync:
-            os.fsync(self.f.fileno())
-        self.f.close()
+        header = npy_header(self.dtype, (self.rows, self.width))
+        if isinstance(self.f, io.IOBase):
+            self.f.seek(0)
+            self.f.write(header)
+            self.f.flush()
+            if self.sync:
+                os.fsync(self.f.fileno())
+            self.f.close()
+        else:
+            self.f.close()
+            with open(self.path + ".tmp", "r+b") as f:
+                f.write(header)
+                f.flush()
+                if self.sync:
+                    os.fsync(f.fileno())
         os.replace(self.path + ".tmp", self.path)
 
     def abort(self) -> None:
-        if not self.f.closed:
-            try:
-                self.f.close()
-            except OSError:  # flushing the buffer fails again on a full disk
-                pass
+        if isinstance(self.f, io.IOBase):
+            if not self.f.closed:
+                try:
+                    self.f.close()
+                except OSError:  # flushing the buffer fails again on a full disk
+                    pass
+        else:
+            self.f.abort()
         if os.path.exists(self.path + ".tmp"):
             os.remove(self.path + ".tmp")
 
