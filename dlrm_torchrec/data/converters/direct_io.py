@@ -17,7 +17,8 @@ goes through the cache: the same bytes, at the old cost.
 
 import errno
 import os
-from typing import Optional
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Optional, Tuple
 
 import numpy as np
 
@@ -31,12 +32,12 @@ def phase_aligned(nbytes: int, phase: int) -> np.ndarray:
     return raw[skip:skip + nbytes]
 
 
-def _open_direct(path: str) -> Optional[int]:
-    """`path` opened for O_DIRECT writes, or None where its file system refuses them."""
+def _open_direct(path: str, flags: int = os.O_WRONLY) -> Optional[int]:
+    """`path` opened with O_DIRECT (and `flags`), or None where its file system refuses it."""
     if not hasattr(os, "O_DIRECT"):
         return None
     try:
-        return os.open(path, os.O_WRONLY | os.O_DIRECT)
+        return os.open(path, flags | os.O_DIRECT)
     except OSError as e:
         if e.errno == errno.EINVAL:
             return None
@@ -49,6 +50,44 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         if done <= 0:
             raise OSError(errno.EIO, "a write wrote nothing")
         data, offset = data[done:], offset + done
+
+
+def _pread_all(fd: int, out: memoryview, offset: int) -> int:
+    """Read into all of `out` unless the file ends first; returns the bytes read."""
+    got = 0
+    while got < len(out):
+        n = os.preadv(fd, [out[got:]], offset + got)
+        if n <= 0:
+            break
+        got += n
+    return got
+
+
+def read_at(path: str, out: np.ndarray, offset: int) -> int:
+    """Fill `out` (contiguous) with the bytes of `path` from `offset`, its whole pages with
+    O_DIRECT when its address has the offset's phase (no page-cache page made for them),
+    the rest through the cache; returns the bytes read (fewer where the file ends)."""
+    view = memoryview(out.reshape(-1).view(np.uint8))
+    first = -(-offset // PAGE) * PAGE
+    last = (offset + len(view)) // PAGE * PAGE
+    middle = None  # bytes the direct read got
+    if last > first and (out.ctypes.data - offset) % PAGE == 0:
+        direct = _open_direct(path, os.O_RDONLY)
+        if direct is not None:
+            try:
+                middle = _pread_all(direct, view[first - offset:last - offset], first)
+            except OSError as e:
+                if e.errno != errno.EINVAL:
+                    raise
+            finally:
+                os.close(direct)
+    with open(path, "rb", buffering=0) as f:
+        if middle is None:
+            return _pread_all(f.fileno(), view, offset)
+        head = _pread_all(f.fileno(), view[:first - offset], offset)
+        if middle < last - first:  # the file ends before the last whole page
+            return head + middle
+        return head + middle + _pread_all(f.fileno(), view[last - offset:], last)
 
 
 def write_at(path: str, data: np.ndarray, offset: int) -> None:
@@ -82,17 +121,20 @@ def write_at(path: str, data: np.ndarray, offset: int) -> None:
 
 class DirectWriter:
     """A new file written front to back: the bytes gather in a page-aligned buffer of
-    `buffer_bytes`, whose whole pages go to the file with O_DIRECT; `close` writes the last
-    partial page padded, then cuts the file to its length. Through the page cache where the
-    file system refuses O_DIRECT."""
+    `buffer_bytes`, whose whole pages go to the file with O_DIRECT from this process's I/O
+    thread (`background`) while the next buffer fills; `close` writes the last partial
+    page padded, then cuts the file to its length. Through the page cache where the file
+    system refuses O_DIRECT."""
 
     def __init__(self, path: str, buffer_bytes: int = 8 << 20):
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        self.fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.direct = _open_direct(path)
-        self.buf = phase_aligned(max(PAGE, buffer_bytes // PAGE * PAGE), 0)
+        size = max(PAGE, buffer_bytes // PAGE * PAGE)
+        self.buf, self.spare = phase_aligned(size, 0), phase_aligned(size, 0)
         self.filled = 0  # bytes waiting in buf
-        self.written = 0  # bytes in the file (a multiple of PAGE until close)
+        self.written = 0  # bytes handed to the file (a multiple of PAGE until close)
+        self.pending: Optional[Future] = None  # the write of spare, under way
 
     def write(self, data) -> None:
         src = memoryview(data).cast("B")
@@ -104,22 +146,32 @@ class DirectWriter:
             if self.filled == len(self.buf):
                 self._flush(self.filled)
 
-    def _flush(self, nbytes: int) -> None:
-        """Write the first `nbytes` (a multiple of PAGE) of buf, keep the rest."""
-        out = memoryview(self.buf)[:nbytes]
+    def _write(self, data: memoryview, offset: int) -> None:
         if self.direct is not None:
             try:
-                _pwrite_all(self.direct, out, self.written)
+                return _pwrite_all(self.direct, data, offset)
             except OSError as e:
                 if e.errno != errno.EINVAL:
                     raise
                 os.close(self.direct)
                 self.direct = None
-        if self.direct is None:
-            _pwrite_all(self.fd, out, self.written)
+        _pwrite_all(self.fd, data, offset)
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()
+
+    def _flush(self, nbytes: int) -> None:
+        """Start writing the first `nbytes` (a multiple of PAGE) of buf; the rest moves to
+        the other buffer, which is filled next."""
+        self._wait()  # the other buffer's write is done: it is free
+        self.pending = background().submit(self._write, memoryview(self.buf)[:nbytes],
+                                           self.written)
         self.written += nbytes
         rest = self.filled - nbytes
-        self.buf[:rest] = self.buf[nbytes:self.filled].copy()
+        self.spare[:rest] = self.buf[nbytes:self.filled]
+        self.buf, self.spare = self.spare, self.buf
         self.filled = rest
 
     def close(self) -> int:
@@ -132,12 +184,32 @@ class DirectWriter:
             self.buf[self.filled:PAGE] = 0
             self.filled = PAGE
             self._flush(PAGE)
+        self._wait()
+        if length != self.written:
             os.ftruncate(self.fd, length)
         self.abort()
         return length
 
     def abort(self) -> None:
-        for fd in (self.direct, self.fd):
-            if fd is not None:
-                os.close(fd)
-        self.direct = self.fd = None
+        try:
+            self._wait()
+        finally:
+            for fd in (self.direct, self.fd):
+                if fd is not None:
+                    os.close(fd)
+            self.direct = self.fd = None
+
+
+_BACKGROUND: Tuple[int, Optional[ThreadPoolExecutor]] = (0, None)
+
+
+def background() -> ThreadPoolExecutor:
+    """This process's I/O thread: the reads and writes handed to it run one at a time, in
+    the order given (so a buffer handed to a read after a write of it is free again), while
+    the caller computes; one per process (a forked child makes its own)."""
+    global _BACKGROUND
+    pid, pool = _BACKGROUND
+    if pool is None or pid != os.getpid():
+        pool = ThreadPoolExecutor(1, thread_name_prefix="direct-io")
+        _BACKGROUND = (os.getpid(), pool)
+    return pool

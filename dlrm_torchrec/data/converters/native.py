@@ -254,19 +254,17 @@ def _libc() -> Optional[ctypes.CDLL]:
 
 def place_records(records: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
                   labels: np.ndarray, filled: np.ndarray) -> np.ndarray:
-    """A bucket's records (n, RECORD_BYTES) uint8 -> its output columns, filled in: dense
-    (rows, 13) float32, sparse (rows, 26) int32, labels (rows, 1) int32, every row exactly
-    once (`filled`: (rows,) uint8 scratch). Returns each feature's largest id, (26,) int64
-    (-1 for no rows)."""
+    """Records (n, RECORD_BYTES) uint8 of a bucket -> their rows of its output columns: dense
+    (rows, 13) float32, sparse (rows, 26) int32, labels (rows, 1) int32; `filled` (rows,)
+    uint8 marks the rows placed so far (zero before a bucket's first records), and no row
+    may be placed twice. Returns each feature's largest id among the records, (26,) int64
+    (-1 for none)."""
     rows, n = len(labels), records.nbytes // RECORD_BYTES
-    if n != rows:
-        raise RuntimeError(f"{n} rows scattered to the bucket, expected {rows}")
     if dense.shape != (rows, 13) or sparse.shape != (rows, 26) or labels.shape != (rows, 1) \
-            or filled.shape != (rows,):
-        raise ValueError(f"output columns {dense.shape} {sparse.shape} {labels.shape} "
-                         f"{filled.shape} for {rows} rows")
+            or filled.shape != (rows,) or records.nbytes != n * RECORD_BYTES:
+        raise ValueError(f"{records.nbytes} bytes of records; output columns {dense.shape} "
+                         f"{sparse.shape} {labels.shape} {filled.shape}")
     top = np.full(26, -1, np.int32)
-    filled[:] = 0
     if lib().place_records(_ptr(records, np.uint8), n, rows, _ptr(dense, np.float32, True),
                            _ptr(sparse, np.int32, True), _ptr(labels, np.int32, True),
                            _ptr(filled, np.uint8, True), _ptr(top, np.int32, True)):

@@ -394,7 +394,7 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     (`criteo_text.parse_chunk`) takes over for up to EXACT_BYTES, naming the problem. A plain file is read into one reused buffer; a gzip
     file (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
     tmp = _fresh(dst)
-    rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS, sync=False)
+    rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS, sync=False, direct=True)
     tables = _day_tables()
     buffers = native.ParseBuffers(CHUNK_BYTES // 200)
     row_buffer = np.empty((buffers.max_rows, native.ROW_WORDS), np.uint32)
@@ -535,6 +535,7 @@ def _release_scratch() -> None:
     _DAY_TABLES.clear()
     _VOCAB_TABLE.clear()
     ARENA.release()
+    SPARE_ARENA.release()
 
 
 def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, int]]) -> ct.StreamEnd:
@@ -600,21 +601,31 @@ class Arena:
 
 
 ARENA = Arena()
+SPARE_ARENA = Arena()  # the scatter's second, so one chunk is read while another is worked on
 
 
-def read_rows(path: str, lo: int, hi: int, arena: Optional[Arena] = None) -> np.ndarray:
+def read_rows(path: str, lo: int, hi: int, arena: Optional[Arena] = None,
+              direct: bool = False) -> np.ndarray:
     """Rows lo .. hi of a .npy file, read (not memory-mapped: mapped pages a task touches
     count as its memory, and at full scale these files are gigabytes), into `arena` memory
-    if given."""
+    if given; with `direct`, past the page cache (`direct_io.read_at`; `arena`'s need then
+    counts a PAGE more)."""
     layout = np.load(path, mmap_mode="r")  # the header only: no data page is touched
     shape, dtype, at = layout.shape, layout.dtype, layout.offset
     del layout
     lo, hi = min(lo, shape[0]), min(hi, shape[0])
     rows = (hi - lo,) + tuple(shape[1:])
-    out = arena.take(rows, dtype) if arena is not None else np.empty(rows, dtype)
-    with open(path, "rb", buffering=0) as f:
-        f.seek(at + lo * out[:1].nbytes)
-        got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
+    at += lo * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+    phase = at if direct else None
+    out = arena.take(rows, dtype, phase) if arena is not None else \
+        direct_io.phase_aligned(int(np.prod(rows, dtype=np.int64)) * dtype.itemsize,
+                                at).view(dtype).reshape(rows)
+    if direct:
+        got = direct_io.read_at(path, out, at)
+    else:
+        with open(path, "rb", buffering=0) as f:
+            f.seek(at)
+            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
     if got != out.nbytes:
         raise RuntimeError(f"{path}: shorter than its header says")
     return out
@@ -706,7 +717,7 @@ class _DayRows:
         return os.path.join(self.folder, name)
 
     def read(self, lo: int, hi: int, arena: Arena, name: str = "rows.npy") -> np.ndarray:
-        return read_rows(self.at(name), lo, hi, arena)
+        return read_rows(self.at(name), lo, hi, arena, direct=True)
 
     def remove(self) -> None:
         """Remove the rows once their day is written (stats.json and the first occurrences
@@ -735,7 +746,8 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
                "labels": NpyWriter(final["labels"], np.int32, 1, sync=False, direct=True)}
     top = np.full(NUM_SPARSE, -1, np.int64)
     for lo in range(0, day.rows, chunk_rows):
-        ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64)
+        ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64
+                    + direct_io.PAGE)
         rows = day.read(lo, lo + chunk_rows, ARENA)
         ids = ARENA.take((len(rows), NUM_SPARSE), np.int64)
         for f in range(NUM_SPARSE):
@@ -774,25 +786,75 @@ def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_sta
     starts = list(range(0, rows.rows, chunk_rows))
     index = np.zeros((len(starts), 1 + len(bucket_starts)), np.int64)
     index[:, 0] = starts
-    fd = os.open(partial, os.O_WRONLY)
+    dest_at = _npy_offset(destinations)
+    # two arenas taking turns: chunk c+1 is read while chunk c is transformed and chunk c-1
+    # written. The I/O thread runs in order, so c+1's reads (into the arena of c-1) start
+    # once c-1's write is done. Both arenas grow here, to the first (largest) chunk, so no
+    # later reset frees memory that a write still reads.
+    arenas = (ARENA, SPARE_ARENA)
+    need = min(chunk_rows, rows.rows) * SCATTER_BYTES_PER_ROW + 64 * 64 + 2 * direct_io.PAGE
+    for arena in arenas:
+        arena.reset(need)
+    io = direct_io.background()
+
+    handed: List[Future] = []  # every read and write given to the I/O thread
+
+    def start(c: int):
+        lo, hi = starts[c], min(rows.rows, starts[c] + chunk_rows)
+        arena, at = arenas[c % 2], HEADER_BYTES + lo * ROW_BYTES
+        arena.reset(need)
+        parsed = arena.take((hi - lo, native.ROW_WORDS), np.uint32, phase=at)
+        dest = arena.take((hi - lo,), np.uint32)
+        reads = [io.submit(_read_exactly, partial, parsed, at),
+                 io.submit(_read_exactly, destinations, dest, dest_at + 4 * lo)]
+        handed.extend(reads)
+        return arena, at, parsed, dest, reads
+
     try:
-        for c, lo in enumerate(starts):
-            hi = min(rows.rows, lo + chunk_rows)
-            ARENA.reset((hi - lo) * SCATTER_BYTES_PER_ROW + 64 * 64)
-            parsed = rows.read(lo, hi, ARENA, "records.partial.npy")
-            dest = read_rows(destinations, lo, hi, ARENA)
+        ahead = start(0) if starts else None
+        for c in range(len(starts)):
+            arena, at, parsed, dest, reads = ahead
+            for r in reads:
+                r.result()
+            if c + 1 < len(starts):
+                ahead = start(c + 1)
             dense = torchrec_dense(parsed[:, 1:1 + NUM_DENSE].view(np.int32),
-                                   rows.stats["dense_min"], ARENA)
-            records = ARENA.take((hi - lo, native.RECORD_BYTES), np.uint8)
+                                   rows.stats["dense_min"], arena)
+            records = arena.take((len(parsed), native.RECORD_BYTES), np.uint8, phase=at)
             index[c, 1:] = native.scatter_records(dense, parsed, maps, exact, dest,
                                                   bucket_starts, records)
-            if os.pwrite(fd, records, HEADER_BYTES + lo * ROW_BYTES) != records.nbytes:
-                raise OSError(f"{partial}: short write")
-    finally:
-        os.close(fd)
+            handed.append(io.submit(direct_io.write_at, partial, records, at))
+    except BaseException:
+        _settle(handed, drop=True)
+        raise
+    _settle(handed)
     np.save(rows.at("index.npy.tmp.npy"), index)
     os.replace(rows.at("index.npy.tmp.npy"), rows.at("index.npy"))
     os.replace(partial, rows.at("records.npy"))
+
+
+def _npy_offset(path: str) -> int:
+    """Where the data of a .npy file starts (its header read, no data page touched)."""
+    layout = np.load(path, mmap_mode="r")
+    return layout.offset
+
+
+def _read_exactly(path: str, out: np.ndarray, at: int) -> None:
+    if direct_io.read_at(path, out, at) != out.nbytes:
+        raise RuntimeError(f"{path}: shorter than its header says")
+
+
+def _settle(handed: List[Future], drop: bool = False) -> None:
+    """Wait for reads and writes given to the I/O thread, raising the first failure: a task
+    ends with its writes done and no read still filling its memory. With `drop` (the task
+    failed), those not started are dropped and the failures of the rest ignored."""
+    if drop:
+        for fut in handed:
+            fut.cancel()
+        wait([f for f in handed if not f.cancelled()])
+        return
+    for fut in handed:
+        fut.result()
 
 
 def _part_path(out: str, day: int, part: str) -> str:
@@ -811,36 +873,47 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
     for the next buckets' writes."""
     offsets = [HEADER_BYTES + first_row * width * _out_dtype(part).itemsize
                for part, width in PARTS]
-    ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8 + len(PARTS) * direct_io.PAGE)
-    records = ARENA.take((rows * native.RECORD_BYTES,), np.uint8)
     parse_dir = os.path.join(work, "parse")
-    seen, segments = 0, {}  # per records file, its (offset, size) parts of the bucket
+    segments = []  # (records file, offset, bytes): the bucket's part of each chunk
     for d in range(TRAIN_DAYS):
         path = os.path.join(parse_dir, f"day_{d}", "records.npy")
         index = np.load(os.path.join(parse_dir, f"day_{d}", "index.npy"))
         first, counts = index[:, 0], index[:, 1:]
         before = counts[:, :b].sum(axis=1)  # per chunk: its rows of the buckets before b
-        with open(path, "rb", buffering=0) as fh:
-            for c in np.flatnonzero(counts[:, b]).tolist():
-                at = HEADER_BYTES + int(first[c] + before[c]) * ROW_BYTES
-                size = int(counts[c, b]) * native.RECORD_BYTES
-                if seen + size > len(records):
-                    raise RuntimeError(f"bucket {b}: more rows scattered to it than {rows}")
-                if os.preadv(fh.fileno(), [memoryview(records)[seen:seen + size]], at) != size:
-                    raise RuntimeError(f"{path}: short read")
-                seen += size
-                segments.setdefault(path, []).append((at, size))
+        segments += [(path, HEADER_BYTES + int(first[c] + before[c]) * ROW_BYTES,
+                      int(counts[c, b]) * native.RECORD_BYTES)
+                     for c in np.flatnonzero(counts[:, b]).tolist()]
+    scattered_rows = sum(size for _, _, size in segments) // native.RECORD_BYTES
+    if scattered_rows != rows:
+        raise RuntimeError(f"bucket {b}: {scattered_rows} rows scattered to it, expected {rows}")
+    # each part read past the page cache into memory of its offset's phase
+    ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8
+                + (len(segments) + len(PARTS)) * (direct_io.PAGE + Arena.ALIGN))
     columns = [ARENA.take((rows, width), _out_dtype(part), phase=at)
                for (part, width), at in zip(PARTS, offsets)]
-    top = native.place_records(records[:seen], *columns, ARENA.take((rows,), np.uint8))
+    filled, top = ARENA.take((rows,), np.uint8), np.full(NUM_SPARSE, -1, np.int64)
+    filled[:] = 0
+    # every part's read handed to the I/O thread at once: each is placed as it arrives
+    parts = [ARENA.take((size,), np.uint8, phase=at) for _, at, size in segments]
+    reads = [direct_io.background().submit(_read_exactly, path, part, at)
+             for (path, at, _), part in zip(segments, parts)]
+    try:
+        for part, read in zip(parts, reads):
+            read.result()
+            np.maximum(top, native.place_records(part, *columns, filled), out=top)
+    except BaseException:
+        _settle(reads, drop=True)
+        raise
+    if not filled.all():
+        raise RuntimeError(f"bucket {b}: a row is missing from the work files")
     for (part, _), data, at in zip(PARTS, columns, offsets):
         direct_io.write_at(_part_path(out, day, part), data, at)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"),
                {"rows": rows, "largest_ids": top.tolist()}, sync=False)
-    for path, parts in segments.items():  # placed for good
+    for path in dict.fromkeys(path for path, _, _ in segments):  # placed for good
         fd = os.open(path, os.O_WRONLY)
         try:
-            for at, size in parts:
+            for at, size in [(at, size) for p, at, size in segments if p == path]:
                 native.punch_hole(fd, at, size)
         finally:
             os.close(fd)

@@ -300,7 +300,7 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
 }
 
 /* A bucket's n records -> their rows of the output columns (rows rows): dense (rows, 13),
- * sparse (rows, 26), labels (rows,). `filled`: rows bytes, zero on entry. top[f] rises to
+ * sparse (rows, 26), labels (rows,). `filled`: rows bytes, the rows placed so far. top[f] rises to
  * feature f's largest id (the table size the output needs, found here while the values pass
  * through instead of by reading the output again). Returns 0, or -1 if a record's row is
  * outside the bucket or already filled (a damaged work file). */
