@@ -18,7 +18,7 @@ goes through the cache: the same bytes, at the old cost.
 import errno
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -131,7 +131,7 @@ class DirectWriter:
         self.fd: Optional[int] = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         self.direct = _open_direct(path)
         size = max(PAGE, buffer_bytes // PAGE * PAGE)
-        self.buf, self.spare = phase_aligned(size, 0), phase_aligned(size, 0)
+        self.buf, self.spare = _buffer(size), _buffer(size)
         self.filled = 0  # bytes waiting in buf
         self.written = 0  # bytes handed to the file (a multiple of PAGE until close)
         self.pending: Optional[Future] = None  # the write of spare, under way
@@ -198,6 +198,26 @@ class DirectWriter:
                 if fd is not None:
                     os.close(fd)
             self.direct = self.fd = None
+            if self.buf is not None:
+                _FREE_BUFFERS.extend((self.buf, self.spare))
+                self.buf = self.spare = None
+
+
+# page-aligned buffers of writers that are closed, for the process's next writers (a fresh
+# one is paged in again: a fault and a zeroed page every 4 KB)
+_FREE_BUFFERS: List[np.ndarray] = []
+
+
+def _buffer(size: int) -> np.ndarray:
+    for i, buf in enumerate(_FREE_BUFFERS):
+        if len(buf) == size:
+            return _FREE_BUFFERS.pop(i)
+    return phase_aligned(size, 0)
+
+
+def release_buffers() -> None:
+    """Free the buffers kept for later writers."""
+    _FREE_BUFFERS.clear()
 
 
 _BACKGROUND: Tuple[int, Optional[ThreadPoolExecutor]] = (0, None)

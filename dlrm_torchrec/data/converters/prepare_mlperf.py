@@ -396,8 +396,9 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     tmp = _fresh(dst)
     rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS, sync=False, direct=True)
     tables = _day_tables()
-    buffers = native.ParseBuffers(CHUNK_BYTES // 200)
-    row_buffer = np.empty((buffers.max_rows, native.ROW_WORDS), np.uint32)
+    buffers = _scratch("parse", lambda: native.ParseBuffers(CHUNK_BYTES // 200))
+    row_buffer = _scratch("rows", lambda: np.empty((buffers.max_rows, native.ROW_WORDS),
+                                                   np.uint32))
     day_min: Optional[int] = None
     bad = ct.BadRows()
 
@@ -528,12 +529,25 @@ def _vocab_table() -> native.IdTable:
     return _VOCAB_TABLE[0]
 
 
+_SCRATCH: Dict[str, object] = {}
+
+
+def _scratch(name: str, make: Callable[[], object]) -> object:
+    """A buffer a process's tasks reuse in turn (one task at a time): a fresh one is paged
+    in (a fault and a zeroed page every 4 KB) at every task."""
+    if name not in _SCRATCH:
+        _SCRATCH[name] = make()
+    return _SCRATCH[name]
+
+
 def _release_scratch() -> None:
     """Free the memory a process's tasks keep between tasks of one stage."""
     for t in _DAY_TABLES + _VOCAB_TABLE:
         t.close()
     _DAY_TABLES.clear()
     _VOCAB_TABLE.clear()
+    _SCRATCH.clear()
+    direct_io.release_buffers()
     ARENA.release()
     SPARE_ARENA.release()
 
@@ -541,7 +555,7 @@ def _release_scratch() -> None:
 def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, int]]) -> ct.StreamEnd:
     """Feed a plain text file to `parse_text` through one reused buffer (no copies of the
     text beyond the read itself); returns what follows the last whole line."""
-    buf = np.empty(CHUNK_BYTES, np.uint8)
+    buf = _scratch("text", lambda: np.empty(CHUNK_BYTES, np.uint8))
     filled, line = 0, 1
     with open(path, "rb", buffering=0) as f:
         while True:
