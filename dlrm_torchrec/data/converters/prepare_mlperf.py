@@ -86,9 +86,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple
 import numpy as np
 
 from dlrm_torchrec.data import criteo_text as ct
-from dlrm_torchrec.data.converters import direct_io
+from dlrm_torchrec.data.converters import direct_io, native
 from dlrm_torchrec.data.converters import mlperf_multi_hot as mh
-from dlrm_torchrec.data.converters import native
 from dlrm_torchrec.data.converters.from_torchrec import AdoptError, adopt
 from dlrm_torchrec.data.converters.preprocess import (
     HEADER_BYTES,
