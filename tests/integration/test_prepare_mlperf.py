@@ -19,7 +19,7 @@ import pytest
 from dlrm_torchrec.cli import prepare_mlperf as cli
 from dlrm_torchrec.config import load_config
 from dlrm_torchrec.data import criteo_text as ct
-from dlrm_torchrec.data.converters import native
+from dlrm_torchrec.data.converters import direct_io, native
 from dlrm_torchrec.data.converters import prepare_mlperf as pm
 from tests.helpers.dist_utils import run_ranks
 from tests.helpers.torchrec_preprocessing import raw_row
@@ -96,6 +96,16 @@ def test_files_are_byte_identical_to_torchrecs_three_scripts(days, tmp_path, cap
                   for d in range(24)], axis=0)
     assert meta["table_sizes"] == (top + 1).tolist()
     assert "rows written" in capsys.readouterr().err
+
+
+def test_lines_cut_across_the_blocks_the_text_is_read_in_keep_their_rows(days, tmp_path,
+                                                                         monkeypatch):
+    """The raw text read in blocks of two pages (not 8 MB): most lines start in one block
+    and end in the next, and the last block is short."""
+    monkeypatch.setattr(pm, "CHUNK_BYTES", 2 * direct_io.PAGE)
+    out = tmp_path / "out"
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "1"] + MEMORY) == 0
+    assert_same_as_oracle(out, days["oracle"])
 
 
 @pytest.mark.parametrize("kill_at", ["scatter:7", "place:15"])

@@ -395,9 +395,9 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     tmp = _fresh(dst)
     rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS, sync=False, direct=True)
     tables = _day_tables()
-    buffers = _scratch("parse", lambda: native.ParseBuffers(CHUNK_BYTES // 200))
-    row_buffer = _scratch("rows", lambda: np.empty((buffers.max_rows, native.ROW_WORDS),
-                                                   np.uint32))
+    buffers = _scratch(f"parse {CHUNK_BYTES}", lambda: native.ParseBuffers(CHUNK_BYTES // 200))
+    row_buffer = _scratch(f"rows {CHUNK_BYTES}",
+                          lambda: np.empty((buffers.max_rows, native.ROW_WORDS), np.uint32))
     day_min: Optional[int] = None
     bad = ct.BadRows()
 
@@ -552,23 +552,38 @@ def _release_scratch() -> None:
 
 
 def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, int]]) -> ct.StreamEnd:
-    """Feed a plain text file to `parse_text` through one reused buffer (no copies of the
-    text beyond the read itself); returns what follows the last whole line."""
-    buf = _scratch("text", lambda: np.empty(CHUNK_BYTES, np.uint8))
-    filled, line = 0, 1
-    with open(path, "rb", buffering=0) as f:
+    """Feed a plain text file to `parse_text` block by block, each read past the page cache
+    (`direct_io.read_at`: the raw days are read once, and a page-cache page costs more than
+    the read) by the I/O thread while the block before is parsed; returns what follows the
+    last whole line. A block is read into one of two reused buffers, after room for the
+    unfinished line of the block before, which is copied in front of it."""
+    room = -(-ct.MAX_LINE_BYTES // direct_io.PAGE) * direct_io.PAGE
+    buffers = [_scratch(f"text {i} {CHUNK_BYTES}",
+                        lambda: direct_io.phase_aligned(room + CHUNK_BYTES, 0)) for i in range(2)]
+    io = direct_io.background()
+    blocks = [io.submit(direct_io.read_at, path, buffers[0][room:], 0)]
+    tail = np.empty(0, np.uint8)  # the unfinished line so far
+    line, at, k = 1, 0, 0
+    try:
         while True:
-            got = f.readinto(memoryview(buf)[filled:])
-            filled += got
-            used, lines = parse_text(buf[:filled], line)
+            got = blocks[k].result()
+            buf = buffers[k % 2]
+            buf[room - len(tail):room] = tail
+            at += got
+            if got:  # the other buffer is free: its unfinished line is copied
+                blocks.append(io.submit(direct_io.read_at, path, buffers[(k + 1) % 2][room:], at))
+            text = buf[room - len(tail):room + got]
+            used, lines = parse_text(text, line)
             line += lines
-            tail = filled - used
-            if tail > ct.MAX_LINE_BYTES:
+            if len(text) - used > ct.MAX_LINE_BYTES:
                 raise ValueError(f"line {line} is longer than {ct.MAX_LINE_BYTES} bytes")
-            buf[:tail] = buf[used:filled].copy()
-            filled = tail
+            tail = text[used:].copy()
             if not got:
-                return ct.StreamEnd(line, buf[:filled].tobytes())
+                return ct.StreamEnd(line, tail.tobytes())
+            k += 1
+    except BaseException:
+        _settle(blocks, drop=True)
+        raise
 
 
 class Arena:
