@@ -35,6 +35,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
+from dlrm_torchrec.data.converters import direct_io
 from dlrm_torchrec.data.converters.preprocess import NpyWriter, write_json
 
 NUM_SPARSE = 26
@@ -152,16 +153,25 @@ def write_day(sparse_path: str, dst: str, tables: str, work: str, bag_sizes: Seq
 
     First the ids are split into one file per feature (x mod n_f, int32) under `work`, so
     each zip member is then written in one sequential pass with only a chunk in memory."""
-    sparse = np.load(sparse_path, mmap_mode="r")
-    rows = len(sparse)
+    layout = np.load(sparse_path, mmap_mode="r")  # the header only
+    rows, dtype, start = len(layout), layout.dtype, layout.offset
+    del layout
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
     cols = [os.path.join(work, f"ids_{f}.bin") for f in range(NUM_SPARSE)]
     step = max(1024, budget // (NUM_SPARSE * 8 * 3))
     handles = [open(p, "wb") for p in cols]
+    row_bytes = NUM_SPARSE * dtype.itemsize
+    space = np.empty(step * row_bytes + direct_io.PAGE, np.uint8)
     try:
         for lo in range(0, rows, step):
-            block = np.asarray(sparse[lo:lo + step])
+            # read past the page cache, as the day was written (prepare_mlperf)
+            at = start + lo * row_bytes
+            skip = (at - space.ctypes.data) % direct_io.PAGE
+            block = space[skip:skip + min(step, rows - lo) * row_bytes]
+            if direct_io.read_at(sparse_path, block, at) != len(block):
+                raise RuntimeError(f"{sparse_path}: shorter than its header says")
+            block = block.view(dtype).reshape(-1, NUM_SPARSE)
             for f, fh in enumerate(handles):
                 (block[:, f] % int(table_sizes[f])).astype(np.int32).tofile(fh)
     finally:
