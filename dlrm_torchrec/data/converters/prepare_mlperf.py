@@ -491,10 +491,13 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     if day_min is None:
         raise PrepareError(f"{path}: no valid rows")
     rows_out.finish()
-    values = [t.order() for t in tables]
-    np.save(os.path.join(tmp, "first.npy"), np.concatenate(values))
-    np.save(os.path.join(tmp, "first_offsets.npy"),
-            np.cumsum([0] + [len(v) for v in values]).astype(np.int64))
+    firsts, counts = NpyWriter(os.path.join(tmp, "first.npy"), np.uint32, 1, sync=False,
+                               direct=True), [0]
+    for t in tables:
+        firsts.write(t.order()[:, None])
+        counts.append(len(t))
+    firsts.finish()
+    np.save(os.path.join(tmp, "first_offsets.npy"), np.cumsum(counts).astype(np.int64))
     stats = {"day": day, "rows": rows_out.rows, "lines": lines, "dense_min": day_min,
              "bad_counts": bad.counts, "bad_examples": bad.examples}
     write_json(os.path.join(tmp, "stats.json"), stats, sync=False)
@@ -672,9 +675,10 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     path = os.path.join(vocab_dir, f"map_{f}.npy")
     spans = [_day_firsts_offsets(parse_dir, d)[f:f + 2].tolist() for d in range(DAYS)]
     total = sum(hi - lo for lo, hi in spans)
-    writer = NpyWriter(path + ".tmp", np.uint32, 1, sync=False)
+    writer = NpyWriter(path + ".tmp", np.uint32, 1, sync=False, direct=True)
     for day, (lo, hi) in enumerate(spans):
-        values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"), lo, hi)
+        values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"), lo, hi,
+                           direct=True)[:, 0]
         # room for every value of the day being new: one resize instead of several (the
         # table never holds more than twice what growing one value at a time would)
         table.reserve(len(table) + len(values))
@@ -724,7 +728,8 @@ def day_maps(work: str, day: int) -> List[np.ndarray]:
     counts = np.array([np.diff(_day_firsts_offsets(parse_dir, d)) for d in range(day + 1)])
     starts = counts[:day].sum(axis=0)
     return [read_rows(os.path.join(work, "vocab", f"map_{f}.npy"), int(starts[f]),
-                      int(starts[f] + counts[day, f]))[:, 0] for f in range(NUM_SPARSE)]
+                      int(starts[f] + counts[day, f]), direct=True)[:, 0]
+            for f in range(NUM_SPARSE)]
 
 
 class _DayRows:
