@@ -1030,6 +1030,8 @@ class _Run:
         self.parse_dir = os.path.join(self.work, "parse")
         self.budget = int(s.memory_gb * (1 << 30)) // s.workers
         self.chunk_rows = max(1 << 10, min(1 << 20, self.budget // (4 * PLACE_BYTES_PER_ROW)))
+        # the scatter holds two chunks at once (one read while the other is worked on)
+        self.scatter_rows = max(1 << 10, self.chunk_rows // 2)
         self.t0 = time.time()
 
     def share(self, stage: str, tasks: List[Tuple[str, Callable, tuple, Callable[[], bool]]]) -> None:
@@ -1126,7 +1128,7 @@ class _Run:
         tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), eval_done)]
         tasks += [(str(d), scatter_day, (d, work, self.s.inputs[d], self.s.drop_malformed,
                                          starts, self.s.exact_ids,
-                                         self.chunk_rows),
+                                         self.scatter_rows),
                    lambda d=d: scattered(self.parse_dir, d))
                   for d in range(TRAIN_DAYS)]
         if self.s.rank == 0:
