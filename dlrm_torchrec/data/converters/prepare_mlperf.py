@@ -27,9 +27,12 @@ What those scripts do, and so what this reproduces (TorchRec 1.8.0,
 
 How: stages, each task's output published atomically (a folder or file renamed when
 complete, or a marker written once the data is written), so a killed run restarted with
-the same command redoes only unfinished tasks and writes the same bytes. Nothing is synced
-to disk before the outputs are, just ahead of meta.json; a run on a machine that restarted
-since it wrote work files starts over (`check_restart`). Work files lie in OUT/.prepare;
+the same command redoes only unfinished tasks and writes the same bytes. The large files
+(the raw days, the rows, the records, the output) are read and written past the page cache
+(`direct_io`: O_DIRECT, by an I/O thread of each worker while it computes): each is read
+back once at most, and a new page-cache page costs more than its disk write. Nothing is
+synced to disk before the outputs are, just ahead of meta.json; a run on a machine that
+restarted since it wrote work files starts over (`check_restart`). Work files lie in OUT/.prepare;
 each is removed (or punched out) once the stage after it has consumed it, the rest at the
 end (`--keep-work` keeps what is left). The loops over rows are compiled C (`native`); the
 rules that decide the bytes stay here.
@@ -46,10 +49,12 @@ rules that decide the bytes stay here.
    (buckets are cut so one fits the memory share of a worker, and never span two output
    days), grouped by bucket within each chunk and written over the chunk's rows in place.
 4. place (one task per bucket): read the bucket's records from every day, put each at its
-   destination, write them into the output day files at their offset, punch them out.
+   destination, write them into the output day files at their offset, note each feature's
+   largest id, punch the records out.
 5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
    (`mlperf_multi_hot`), from lookup tables drawn by one more task of the parse stage.
-6. meta: `from_torchrec.adopt` scans the output and writes meta.json.
+6. meta: `from_torchrec.adopt` checks the output files' shapes and writes meta.json with
+   the table sizes the place stage noted (with --multi-hot it scans the bags).
 
 Several tasks (`Settings.rank`, `world_size`; torchrun's ranks under torchx): each takes task
 i of a stage when i mod world_size is its rank, a barrier separates the stages (`--stage
@@ -58,7 +63,8 @@ Steps that must happen once before a stage's tasks start on any rank (the settin
 bucket plan; making the output files the place stage fills) are rank 0's, in the stage
 before.
 
-Memory: each task holds at most its share of --memory-gb (chunks, one bucket), plus, in a
+Memory: each task holds at most its share of --memory-gb (chunks: two half-size ones in a
+scatter task, which reads one while it works on the other; one bucket), plus, in a
 parse task, a hash table per feature of the day's distinct values (8-byte slots, at most
 70 % full, doubling: under 23 bytes a value, plus 4 for the order), in a vocab task one of
 its feature's distinct values (sized for those so far plus the next day's before each day:
@@ -274,8 +280,8 @@ def check_disk(s: Settings) -> None:
 
 # Work files (everything under OUT/.prepare, and the output days until meta.json) are not
 # synced to disk as they are written: syncing them cost an eighth of the run, and most of
-# them are deleted seconds later. A killed run loses nothing by it (the page cache keeps
-# what a process wrote); a machine that went down may. So each machine that works on the
+# them are deleted seconds later. A killed run loses nothing by it (what a process wrote is
+# the kernel's, in the page cache or handed to the disk); a machine that went down may. So each machine that works on the
 # folder records its boot, and a run on a machine that has restarted since does not trust
 # what is there.
 OUTPUT_FILE = re.compile(r"day_\d+_(dense|sparse|labels)\.npy(\.part)?|day_\d+_sparse_multi_hot\.npz")
@@ -734,9 +740,9 @@ def day_maps(work: str, day: int) -> List[np.ndarray]:
 
 class _DayRows:
     """A parsed day's folder: its stats, and its rows (`rows.npy`, (n, ROW_WORDS) uint32),
-    read a chunk at a time. The scatter writes the day's records over its rows, in place
-    (the same pages: a fresh page of the page cache cost this VM more than the copy into
-    it): `records.partial.npy` while it does, `records.npy` once done, with `index.npy`
+    read a chunk at a time. The scatter writes each chunk's records over the chunk's rows
+    once it has read them (no second file on the disk: a record is as large as a row):
+    `records.partial.npy` while it does, `records.npy` once done, with `index.npy`
     ((chunks, 1 + buckets) int64: per chunk its first row, then its rows of each
     bucket)."""
 
