@@ -112,6 +112,12 @@ def test_uniform_bags_are_byte_identical_to_the_scripts(uniform_run, tmp_path):
     meta = json.loads((out / "meta.json").read_text())
     assert meta["multi_hot_sizes"] == list(mh.MLPERF_BAG_SIZES)
     assert meta["day_files"][5]["sparse"] == "day_5_sparse_multi_hot.npz"
+    # the table sizes, noted as the bags were written: their largest id + 1, read here
+    largest = np.zeros(len(TABLES), np.int64)
+    for d in range(DAYS):
+        with np.load(out / f"day_{d}_sparse_multi_hot.npz") as bags:
+            largest = np.maximum(largest, [bags[str(f)].max() for f in range(len(TABLES))])
+    assert meta["table_sizes"] == (largest + 1).tolist()
 
 
 def test_pareto_bags_are_byte_identical_to_the_scripts(inputs, tmp_path):

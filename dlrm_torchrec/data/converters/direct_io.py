@@ -124,7 +124,11 @@ class DirectWriter:
     `buffer_bytes`, whose whole pages go to the file with O_DIRECT from this process's I/O
     thread (`background`) while the next buffer fills; `close` writes the last partial
     page padded, then cuts the file to its length. Through the page cache where the file
-    system refuses O_DIRECT."""
+    system refuses O_DIRECT.
+
+    Bytes already written may be written again after a `seek` back (a zip member's header,
+    completed once its data is written, as `zipfile` does on a seekable file): in the
+    buffer if they are still there, else through the page cache."""
 
     def __init__(self, path: str, buffer_bytes: int = 8 << 20):
         self.path = path
@@ -135,9 +139,31 @@ class DirectWriter:
         self.filled = 0  # bytes waiting in buf
         self.written = 0  # bytes handed to the file (a multiple of PAGE until close)
         self.pending: Optional[Future] = None  # the write of spare, under way
+        self.pos = 0  # where the next write goes (the end, unless seek moved it)
 
-    def write(self, data) -> None:
+    def tell(self) -> int:
+        return self.pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        end = self.written + self.filled
+        self.pos = {os.SEEK_SET: pos, os.SEEK_CUR: self.pos + pos, os.SEEK_END: end + pos}[whence]
+        if not 0 <= self.pos <= end:
+            raise OSError(errno.EINVAL, f"{self.path}: seek to {self.pos} outside 0 .. {end}")
+        return self.pos
+
+    def flush(self) -> None:
+        """Nothing: the bytes reach the file as the buffers fill, and at close."""
+
+    def write(self, data) -> int:
         src = memoryview(data).cast("B")
+        size = len(src)
+        end = self.written + self.filled
+        if self.pos < end:  # over bytes written before
+            over = src[:end - self.pos]
+            self._rewrite(over, self.pos)
+            self.pos += len(over)
+            src = src[len(over):]
+        self.pos += len(src)
         while len(src):
             take = min(len(src), len(self.buf) - self.filled)
             self.buf[self.filled:self.filled + take] = np.frombuffer(src[:take], np.uint8)
@@ -145,6 +171,18 @@ class DirectWriter:
             src = src[take:]
             if self.filled == len(self.buf):
                 self._flush(self.filled)
+        return size
+
+    def _rewrite(self, data: memoryview, offset: int) -> None:
+        """Write `data` over bytes at `offset`, all below the end."""
+        in_file = max(0, min(len(data), self.written - offset))
+        if in_file:
+            self._wait()  # the page may be in the write under way
+            _pwrite_all(self.fd, data[:in_file], offset)
+        rest = data[in_file:]
+        if len(rest):
+            at = offset + in_file - self.written
+            self.buf[at:at + len(rest)] = np.frombuffer(rest, np.uint8)
 
     def _write(self, data: memoryview, offset: int) -> None:
         if self.direct is not None:

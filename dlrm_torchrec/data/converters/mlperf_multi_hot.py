@@ -178,27 +178,43 @@ def write_day(sparse_path: str, dst: str, tables: str, work: str, bag_sizes: Seq
         for fh in handles:
             fh.close()
     tmp = dst + ".tmp"
-    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for f in range(NUM_SPARSE):
-            k = bag_sizes[f]
-            table = np.load(_table_path(tables, f), mmap_mode="r") if k > 1 else None
-            step = max(1, budget // (8 * k + 8))
-            # np.savez opens every member this way (zip64 headers forced)
-            with zf.open(f"{f}.npy", "w", force_zip64=True) as member:
-                _npy_header_1_0(member, rows, k)
-                for lo in range(0, rows, step):
-                    ids = np.fromfile(cols[f], np.int32, count=min(rows, lo + step) - lo,
-                                      offset=4 * lo)
-                    bags = np.empty((len(ids), k), np.int32)
-                    bags[:, 0] = ids
-                    if table is not None:
-                        bags[:, 1:] = table[ids]
-                    member.write(memoryview(bags).cast("B"))
+    largest = np.zeros(NUM_SPARSE, np.int64)
+    # the bags (20 GB at 24 million rows) written past the page cache: meta.json takes the
+    # table sizes found here instead of reading them back
+    out = direct_io.DirectWriter(tmp)
+    try:
+        with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+            for f in range(NUM_SPARSE):
+                k = bag_sizes[f]
+                table = np.load(_table_path(tables, f), mmap_mode="r") if k > 1 else None
+                step = max(1, budget // (8 * k + 8))
+                # np.savez opens every member this way (zip64 headers forced)
+                with zf.open(f"{f}.npy", "w", force_zip64=True) as member:
+                    _npy_header_1_0(member, rows, k)
+                    for lo in range(0, rows, step):
+                        ids = np.fromfile(cols[f], np.int32, count=min(rows, lo + step) - lo,
+                                          offset=4 * lo)
+                        bags = np.empty((len(ids), k), np.int32)
+                        bags[:, 0] = ids
+                        if table is not None:
+                            bags[:, 1:] = table[ids]
+                        largest[f] = max(largest[f], int(bags.max()))
+                        member.write(memoryview(bags).cast("B"))
+    except BaseException:
+        out.abort()
+        raise
+    out.close()
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
+    write_json(largest_ids_path(work), {"largest_ids": largest.tolist()}, sync=False)
     os.replace(tmp, dst)
     shutil.rmtree(work, ignore_errors=True)
     return rows
+
+
+def largest_ids_path(work: str) -> str:
+    """Where `write_day` notes each feature's largest id in the day's bags."""
+    return work.rstrip(os.sep) + ".largest.json"
 
 
 def parse_sizes(text: str, flag: str) -> List[int]:

@@ -1219,14 +1219,23 @@ class _Run:
         self.say("multi-hot bags")
 
     def table_sizes(self) -> Optional[List[np.ndarray]]:
-        """Per output day, each feature's largest id + 1, from the markers of its buckets
-        (`place_bucket`) and of day 23 (`write_eval_day`); None where one is missing."""
-        _, buckets = self.buckets("meta")
-        markers = [(day, f"bucket_{b}.done") for b, (day, _, _) in enumerate(buckets)]
+        """Per output day, each feature's largest id + 1, as noted where the day was
+        written: by its buckets (`place_bucket`) and day 23's writer (`write_eval_day`),
+        or, for multi-hot bags, by `mlperf_multi_hot.write_day`; None where a note is
+        missing."""
+        if self.s.multi_hot:
+            notes = [(d, mh.largest_ids_path(os.path.join(self.work, "multi_hot", f"day_{d}")))
+                     for d in range(DAYS)]
+        else:
+            _, buckets = self.buckets("meta")
+            place = os.path.join(self.work, "place")
+            notes = [(day, os.path.join(place, f"bucket_{b}.done"))
+                     for b, (day, _, _) in enumerate(buckets)]
+            notes.append((TRAIN_DAYS, os.path.join(place, "eval.json")))
         largest = np.full((DAYS, NUM_SPARSE), -1, np.int64)
-        for day, name in markers + [(TRAIN_DAYS, "eval.json")]:
+        for day, path in notes:
             try:
-                with open(os.path.join(self.work, "place", name)) as f:
+                with open(path) as f:
                     np.maximum(largest[day], json.load(f)["largest_ids"], out=largest[day])
             except (OSError, ValueError, KeyError):
                 return None
@@ -1243,9 +1252,8 @@ class _Run:
                                    "written", "multi_hot")
         stats = self.stats("meta")
         sync_outputs(out)
-        # the one-hot days' table sizes as the place stage found them: their files are
-        # not read again (bags are scanned: their ids are the bag tables')
-        sizes = None if s.multi_hot else self.table_sizes()
+        # the table sizes as the files' writers found them: the files are not read again
+        sizes = self.table_sizes()
         try:
             adopt(out, out, "terabyte", DAYS, None, ("val", "test"), None, s.workers,
                   log=self.log, table_sizes=sizes)
