@@ -556,6 +556,7 @@ def _release_scratch() -> None:
     _VOCAB_TABLE.clear()
     _SCRATCH.clear()
     direct_io.release_buffers()
+    mh.release_scratch()
     ARENA.release()
     SPARE_ARENA.release()
 
