@@ -32,10 +32,10 @@ the same command redoes only unfinished tasks and writes the same bytes. The lar
 (`direct_io`: O_DIRECT, by an I/O thread of each worker while it computes): each is read
 back once at most, and a new page-cache page costs more than its disk write. Nothing is
 synced to disk before the outputs are, just ahead of meta.json; a run on a machine that
-restarted since it wrote work files starts over (`check_restart`). Work files lie in OUT/.prepare;
-each is removed (or punched out) once the stage after it has consumed it, the rest at the
-end (`--keep-work` keeps what is left). The loops over rows are compiled C (`native`); the
-rules that decide the bytes stay here.
+restarted since it wrote work files starts over (`check_restart`). Work files lie in
+OUT/.prepare; each is removed (or punched out) once the stage after it has consumed it,
+the rest at the end (`--keep-work` keeps what is left). The loops over rows are compiled
+C (`native`); the rules that decide the bytes stay here.
 1. parse (one task per day): raw text -> the day's rows (label, raw int32 dense values,
    each id as its position in the day's first-occurrence order of its feature: its
    day-local number), the day's smallest dense value and, per feature, the day's distinct
@@ -281,9 +281,9 @@ def check_disk(s: Settings) -> None:
 # Work files (everything under OUT/.prepare, and the output days until meta.json) are not
 # synced to disk as they are written: syncing them cost an eighth of the run, and most of
 # them are deleted seconds later. A killed run loses nothing by it (what a process wrote is
-# the kernel's, in the page cache or handed to the disk); a machine that went down may. So each machine that works on the
-# folder records its boot, and a run on a machine that has restarted since does not trust
-# what is there.
+# the kernel's, in the page cache or handed to the disk); a machine that went down may. So
+# each machine that works on the folder records its boot, and a run on a machine that has
+# restarted since does not trust what is there.
 OUTPUT_FILE = re.compile(r"day_\d+_(dense|sparse|labels)\.npy(\.part)?|day_\d+_sparse_multi_hot\.npz")
 
 
@@ -396,10 +396,12 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool) -> dict:
     of its value in the day's first-occurrence order of its feature), and those
     first-occurrence orders. The compiled parser takes the plainly valid lines; from a line
     it does not take (malformed, or to be repaired) the exact parser
-    (`criteo_text.parse_chunk`) takes over for up to EXACT_BYTES, naming the problem. A plain file is read into one reused buffer; a gzip
-    file (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
+    (`criteo_text.parse_chunk`) takes over for up to EXACT_BYTES, naming the problem. A
+    plain file is read block by block past the page cache (`_parse_plain`); a gzip file
+    (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
     tmp = _fresh(dst)
-    rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS, sync=False, direct=True)
+    rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS,
+                         sync=False, direct=True)
     tables = _day_tables()
     buffers = _scratch(f"parse {CHUNK_BYTES}", lambda: native.ParseBuffers(CHUNK_BYTES // 200))
     row_buffer = _scratch(f"rows {CHUNK_BYTES}",
