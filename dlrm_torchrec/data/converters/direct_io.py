@@ -1,4 +1,5 @@
-"""Writes that bypass the page cache (Linux O_DIRECT), for prepare_mlperf's large files.
+"""Reads and writes that bypass the page cache (Linux O_DIRECT), for prepare_mlperf's large
+files.
 
 A buffered write of data that is not cached yet makes a page-cache page for every 4 KB, and
 on a virtual machine whose host takes freed memory back (free page reporting) each such page
@@ -94,7 +95,8 @@ def write_at(path: str, data: np.ndarray, offset: int) -> None:
     """Write the bytes of `data` (contiguous) into the existing file `path` at `offset`:
     its whole pages with O_DIRECT when its address has the offset's phase, the rest
     (or all of it) through the page cache."""
-    view = memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+    data = np.ascontiguousarray(data)
+    view = memoryview(data.reshape(-1).view(np.uint8))
     first = -(-offset // PAGE) * PAGE  # the first page boundary at or after offset
     last = (offset + len(view)) // PAGE * PAGE  # the last at or before its end
     direct = None
