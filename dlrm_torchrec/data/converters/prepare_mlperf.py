@@ -54,7 +54,7 @@ C (`native`); the rules that decide the bytes stay here.
 5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
    (`mlperf_multi_hot`), from lookup tables drawn by one more task of the parse stage.
 6. meta: `from_torchrec.adopt` checks the output files' shapes and writes meta.json with
-   the table sizes the place stage noted (with --multi-hot it scans the bags).
+   the table sizes noted as they were written (by the place stage, or the bags' writer).
 
 Several tasks (`Settings.rank`, `world_size`; torchrun's ranks under torchx): each takes task
 i of a stage when i mod world_size is its rank, a barrier separates the stages (`--stage
