@@ -26,11 +26,22 @@ import numpy as np
 PAGE = 4096  # the alignment O_DIRECT needs here: the page size, a multiple of any block size
 
 
+def to_phase(address: int, phase: int) -> int:
+    """The bytes from `address` to the first address at or after it whose remainder mod
+    PAGE is phase's (so O_DIRECT can move data there to or from file offset `phase`)."""
+    return (phase - address) % PAGE
+
+
+def in_phase(space: np.ndarray, nbytes: int, phase: int) -> np.ndarray:
+    """(nbytes,) uint8 of `space` (uint8, at least nbytes + PAGE - 1) at an address in
+    `phase`'s phase."""
+    skip = to_phase(space.ctypes.data, phase)
+    return space[skip:skip + nbytes]
+
+
 def phase_aligned(nbytes: int, phase: int) -> np.ndarray:
-    """(nbytes,) uint8 whose address % PAGE == phase % PAGE."""
-    raw = np.empty(nbytes + PAGE, np.uint8)
-    skip = (phase - raw.ctypes.data) % PAGE
-    return raw[skip:skip + nbytes]
+    """(nbytes,) uint8, newly allocated, whose address % PAGE == phase % PAGE."""
+    return in_phase(np.empty(nbytes + PAGE, np.uint8), nbytes, phase)
 
 
 def _open_direct(path: str, flags: int = os.O_WRONLY) -> Optional[int]:

@@ -168,8 +168,7 @@ def write_day(sparse_path: str, dst: str, tables: str, work: str, bag_sizes: Seq
         for lo in range(0, rows, step):
             # read past the page cache, as the day was written (prepare_mlperf)
             at = start + lo * row_bytes
-            skip = (at - space.ctypes.data) % direct_io.PAGE
-            block = space[skip:skip + min(step, rows - lo) * row_bytes]
+            block = direct_io.in_phase(space, min(step, rows - lo) * row_bytes, at)
             if direct_io.read_at(sparse_path, block, at) != len(block):
                 raise RuntimeError(f"{sparse_path}: shorter than its header says")
             block = block.view(dtype).reshape(-1, NUM_SPARSE)

@@ -77,6 +77,7 @@ Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command
 its own process group once N tasks of STAGE are done, to test resumption.
 """
 
+import itertools
 import json
 import os
 import re
@@ -630,7 +631,7 @@ class Arena:
         size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         at = self.used
         if phase is not None:
-            at += (phase - self.buf.ctypes.data - at) % direct_io.PAGE
+            at += direct_io.to_phase(self.buf.ctypes.data + at, phase)
         if at + size > len(self.buf):  # more than the chunk's `need`: not reused
             if phase is not None:
                 return direct_io.phase_aligned(size, phase).view(dtype).reshape(shape)
@@ -650,25 +651,35 @@ def read_rows(path: str, lo: int, hi: int, arena: Optional[Arena] = None,
     count as its memory, and at full scale these files are gigabytes), into `arena` memory
     if given; with `direct`, past the page cache (`direct_io.read_at`; `arena`'s need then
     counts a PAGE more)."""
-    layout = np.load(path, mmap_mode="r")  # the header only: no data page is touched
-    shape, dtype, at = layout.shape, layout.dtype, layout.offset
-    del layout
+    shape, dtype, at = _npy_layout(path)
     lo, hi = min(lo, shape[0]), min(hi, shape[0])
     rows = (hi - lo,) + tuple(shape[1:])
     at += lo * int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-    phase = at if direct else None
-    out = arena.take(rows, dtype, phase) if arena is not None else \
-        direct_io.phase_aligned(int(np.prod(rows, dtype=np.int64)) * dtype.itemsize,
-                                at).view(dtype).reshape(rows)
-    if direct:
-        got = direct_io.read_at(path, out, at)
-    else:
+    if not direct:
+        out = arena.take(rows, dtype) if arena is not None else np.empty(rows, dtype)
         with open(path, "rb", buffering=0) as f:
             f.seek(at)
-            got = f.readinto(memoryview(out.reshape(-1).view(np.uint8)))
-    if got != out.nbytes:
-        raise RuntimeError(f"{path}: shorter than its header says")
+            if f.readinto(memoryview(out.reshape(-1).view(np.uint8))) != out.nbytes:
+                raise RuntimeError(f"{path}: shorter than its header says")
+        return out
+    out = arena.take(rows, dtype, phase=at) if arena is not None else \
+        direct_io.phase_aligned(int(np.prod(rows, dtype=np.int64)) * dtype.itemsize,
+                                at).view(dtype).reshape(rows)
+    _read_exactly(path, out, at)
     return out
+
+
+def _npy_layout(path: str) -> Tuple[Tuple[int, ...], np.dtype, int]:
+    """A .npy file's shape, dtype and where its data starts (its header read, no data page
+    touched)."""
+    layout = np.load(path, mmap_mode="r")
+    return layout.shape, layout.dtype, layout.offset
+
+
+def _read_exactly(path: str, out: np.ndarray, at: int) -> None:
+    """Fill `out` from `path` at `at` (`direct_io.read_at`)."""
+    if direct_io.read_at(path, out, at) != out.nbytes:
+        raise RuntimeError(f"{path}: shorter than its header says")
 
 
 def _day_firsts_offsets(parse_dir: str, day: int) -> np.ndarray:
@@ -828,7 +839,7 @@ def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_sta
     starts = list(range(0, rows.rows, chunk_rows))
     index = np.zeros((len(starts), 1 + len(bucket_starts)), np.int64)
     index[:, 0] = starts
-    dest_at = _npy_offset(destinations)
+    dest_at = _npy_layout(destinations)[2]
     # two arenas taking turns: chunk c+1 is read while chunk c is transformed and chunk c-1
     # written. The I/O thread runs in order, so c+1's reads (into the arena of c-1) start
     # once c-1's write is done. Both arenas grow here, to the first (largest) chunk, so no
@@ -873,17 +884,6 @@ def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_sta
     np.save(rows.at("index.npy.tmp.npy"), index)
     os.replace(rows.at("index.npy.tmp.npy"), rows.at("index.npy"))
     os.replace(partial, rows.at("records.npy"))
-
-
-def _npy_offset(path: str) -> int:
-    """Where the data of a .npy file starts (its header read, no data page touched)."""
-    layout = np.load(path, mmap_mode="r")
-    return layout.offset
-
-
-def _read_exactly(path: str, out: np.ndarray, at: int) -> None:
-    if direct_io.read_at(path, out, at) != out.nbytes:
-        raise RuntimeError(f"{path}: shorter than its header says")
 
 
 def _settle(handed: List[Future], drop: bool = False) -> None:
@@ -952,10 +952,11 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         direct_io.write_at(_part_path(out, day, part), data, at)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"),
                {"rows": rows, "largest_ids": top.tolist()}, sync=False)
-    for path in dict.fromkeys(path for path, _, _ in segments):  # placed for good
+    # placed for good; a file's parts are consecutive in `segments` (gathered day by day)
+    for path, parts in itertools.groupby(segments, key=lambda segment: segment[0]):
         fd = os.open(path, os.O_WRONLY)
         try:
-            for at, size in [(at, size) for p, at, size in segments if p == path]:
+            for _, at, size in parts:
                 native.punch_hole(fd, at, size)
         finally:
             os.close(fd)
