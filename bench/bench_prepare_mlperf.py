@@ -4,7 +4,9 @@ contiguous_preproc_criteo.py --frequency_threshold 0, shuffle_preproc_criteo.py
 generated days; wall time and peak RSS of each, a byte-for-byte comparison of the outputs,
 the time of each of prepare_mlperf's stages, a second prepare_mlperf run with
 --multi-hot (MLPerf's bag sizes, its lookup tables scaled down: --table-scale), and an
-extrapolation of each stage to the real 4.37 billion rows on a 32-core node.
+extrapolation of each stage to the real 4.37 billion rows on a 32-core node, and the disk
+floor: the run's reads and writes replayed stage by stage with nothing computed, the least
+time any run that moves those bytes through this disk can take.
 
     python bench/bench_prepare_mlperf.py [--rows-per-day 20000] [--workers N] [--dir DIR]
         [--table-scale 0.1] [--disk-gbps 2]
@@ -18,11 +20,13 @@ MLPerf's own; the lookups hit a table --table-scale the size, in the page cache)
 import argparse
 import gzip
 import json
+import mmap
 import os
 import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -113,6 +117,70 @@ def shuffle_ns_per_row(n: int = 1 << 26) -> float:
     return (time.time() - t0) / n * 1e9
 
 
+IO_BLOCK = 8 << 20
+
+
+def _stream(paths, out_path=None, out_bytes=0):
+    """Read `paths` one after another and write `out_bytes` random bytes to `out_path` at the same
+    time (two threads; O_DIRECT, page-aligned blocks, so no page cache is involved where the
+    file system takes it), as one stage of the run moves its data: seconds taken."""
+    def read_all():
+        buf = mmap.mmap(-1, IO_BLOCK)
+        for path in paths:
+            fd = _open_direct(path, os.O_RDONLY)
+            try:
+                offset = 0
+                while (n := os.preadv(fd, [buf], offset)) > 0:
+                    offset += n
+            finally:
+                os.close(fd)
+
+    def write_all():
+        buf = mmap.mmap(-1, IO_BLOCK)
+        buf.write(os.urandom(IO_BLOCK))  # not zeros, which a virtual disk may store for free
+        fd = _open_direct(out_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            for offset in range(0, out_bytes, IO_BLOCK):
+                os.pwritev(fd, [buf], offset)
+        finally:
+            os.close(fd)
+
+    t0 = time.time()
+    threads = [threading.Thread(target=read_all)]
+    if out_path:
+        threads.append(threading.Thread(target=write_all))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.time() - t0
+
+
+def _open_direct(path, flags):
+    try:
+        return os.open(path, flags | os.O_DIRECT, 0o644)
+    except OSError:  # a file system without O_DIRECT (tmpfs): through the page cache
+        return os.open(path, flags, 0o644)
+
+
+def disk_floor(folder: str, days, rows: int, out_bytes: int) -> dict:
+    """prepare_mlperf's disk traffic replayed with nothing computed, stage by stage (the
+    stages are separated, so their I/O cannot overlap): the parse reads the raw text and
+    writes the rows, the scatter reads the rows and writes the records, the place reads the
+    records and writes the output. Seconds per stage and in all."""
+    from dlrm_torchrec.data.converters import native
+    rows_bytes = rows * 4 * native.ROW_WORDS
+    records_bytes = rows * native.RECORD_BYTES
+    a, b, c = (os.path.join(folder, n) for n in ("floor_rows", "floor_records", "floor_out"))
+    out = {"parse": _stream(days, a, rows_bytes),
+           "scatter": _stream([a], b, records_bytes),
+           "place": _stream([b], c, out_bytes)}
+    for path in (a, b, c):
+        os.remove(path)
+    out["total"] = sum(out.values())
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rows-per-day", type=int, default=20_000)
@@ -197,6 +265,13 @@ def main() -> None:
                    == open(os.path.join(ours, n), "rb").read() for n in names)
         print(f"outputs byte-identical: {same}")
 
+    # the output's bytes as written (day 23's ids are int64), for the disk floor below
+    out_bytes = sum(os.path.getsize(os.path.join(ours, n)) for n in os.listdir(ours)
+                    if n.endswith(".npy"))
+    floor = disk_floor(a.dir, days, rows, out_bytes)
+    print("  disk alone, nothing computed: " + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
+          + (f"; 50x needs {torchrec_wall / 50:.2f} s" if results else ""))
+
     low = None
     if a.low_memory_gb:
         shutil.rmtree(ours, ignore_errors=True)
@@ -265,7 +340,7 @@ def main() -> None:
                       "multi_hot_s": mh_wall, "multi_hot_mb": mh_rss, "multi_hot_stages": mh_stages,
                       "draw_ns_per_value": draw_ns, "gunzip_ns_per_byte": gunzip_ns,
                       "shuffle_ns_per_row": ns, "extrapolated_h": {k: v / 3600 for k, v in total.items()},
-                      "same": same, "low_memory": low}))
+                      "same": same, "low_memory": low, "disk_floor_s": floor}))
 
 
 if __name__ == "__main__":

@@ -103,6 +103,7 @@ def test_lines_cut_across_the_blocks_the_text_is_read_in_keep_their_rows(days, t
     """The raw text read in blocks of two pages (not 8 MB): most lines start in one block
     and end in the next, and the last block is short."""
     monkeypatch.setattr(pm, "CHUNK_BYTES", 2 * direct_io.PAGE)
+    monkeypatch.setattr(pm, "MAX_CHUNK_BYTES", 2 * direct_io.PAGE)
     out = tmp_path / "out"
     assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "1"] + MEMORY) == 0
     assert_same_as_oracle(out, days["oracle"])
@@ -289,6 +290,43 @@ def test_compiled_parser_gives_the_exact_parsers_values_and_stops_where_it_must(
         chunk = np.frombuffer(head + "".join(r + "\n" for r in [other] + fits[5:9]).encode(), np.uint8)
         got = native.ParseBuffers(20).parse(chunk.ctypes.data, len(chunk))
         assert got[:3] == (5, len(head), 1), repr(other)
+
+
+def test_compiled_parser_reads_dense_values_of_every_length_as_the_exact_parser():
+    """Dense values of 0 to 17 digits, with and without a sign, leading zeros, in every
+    column and at the very end of the text (fewer than 8 bytes left to read): each line
+    whose values fit int32 is taken with the exact parser's values, the others (a lone
+    sign, a value outside int32) left to it."""
+    rng = random.Random(5)
+    lines, fits = [], []
+    for digits in range(18):
+        for sign in ("", "-"):
+            for _ in range(3):
+                number = "".join(rng.choice("0123456789") for _ in range(digits))
+                dense = [str(rng.randrange(-3, 30)) for _ in range(13)]
+                dense[rng.randrange(13)] = sign + number
+                ids = [f"{rng.randrange(2 ** 32):08x}" for _ in range(26)]
+                lines.append("\t".join([rng.choice("01")] + dense + ids))
+                fits.append(digits > 0 and -2 ** 31 <= int(sign + number) < 2 ** 31
+                            or digits == 0 and not sign)
+    lines.append("\t".join(["1", "12345678", "-9999999"] + ["7"] * 11 + ["a"] * 25 + ["1"]))
+    fits.append(True)
+    data = "".join(line + "\n" for line in lines).encode()
+    text = np.frombuffer(data, np.uint8)
+    want = [ct.parse_chunk((line + "\n").encode(), 1, raw_dense=True) for line in lines]
+    buffers = native.ParseBuffers(len(lines))
+    pos, line = 0, 0
+    while pos < len(data):  # a line the compiled parser leaves is stepped over
+        n, used, stop, _ = buffers.parse(text.ctypes.data + pos, len(data) - pos)
+        assert all(fits[line:line + n])
+        for i in range(n):
+            assert (buffers.dense[i] == want[line + i].dense_raw[0]).all(), lines[line + i]
+            assert buffers.labels[i] == want[line + i].labels[0]
+        pos, line = pos + used, line + n
+        if stop == 1:
+            assert not fits[line], lines[line]
+            pos, line = data.index(b"\n", pos) + 1, line + 1
+    assert line == len(lines)
 
 
 def test_destinations_of_a_row_range_are_argsorts_slice_of_the_permutation():
