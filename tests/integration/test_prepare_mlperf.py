@@ -329,6 +329,21 @@ def test_compiled_parser_reads_dense_values_of_every_length_as_the_exact_parser(
     assert line == len(lines)
 
 
+def test_compiled_shuffle_makes_numpys_legacy_shuffle():
+    for n in (1, 2, 3, 64, 65, 1000, 65_537, 300_007):
+        for seed in (0, 1, 12345, 2 ** 32 - 1):
+            want = np.arange(n, dtype=np.uint32)
+            np.random.RandomState(seed).shuffle(want)
+            got = native.legacy_shuffle(np.arange(n, dtype=np.uint32), seed)
+            assert (got == want).all(), (n, seed)
+    values = np.random.default_rng(2).integers(0, 2 ** 32, 5000, dtype=np.uint32)
+    want = values.copy()
+    np.random.RandomState(7).shuffle(want)
+    assert (native.legacy_shuffle(values, 7) == want).all()
+    with pytest.raises(ValueError, match="seed"):
+        native.legacy_shuffle(np.arange(3, dtype=np.uint32), -1)
+
+
 def test_destinations_of_a_row_range_are_argsorts_slice_of_the_permutation():
     rng = np.random.default_rng(1)
     for n in (1, 2, 9, 1000, 100_003):

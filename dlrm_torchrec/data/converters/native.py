@@ -94,6 +94,7 @@ def lib() -> ctypes.CDLL:
                                        _P]),
             "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
+            "legacy_shuffle": (None, [_P, _I64, ctypes.c_uint32]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(so, name)
@@ -279,6 +280,18 @@ def destinations(perm: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndar
         raise ValueError(f"destinations of rows {lo} .. {hi}: out has shape {out.shape}")
     lib().destinations(_ptr(perm, np.uint32), len(perm), lo, hi, _ptr(out, np.uint32, True))
     return out
+
+
+def legacy_shuffle(x: np.ndarray, seed: int) -> np.ndarray:
+    """(n,) uint32 shuffled in place as np.random.RandomState(seed).shuffle(x) shuffles it
+    (the same MT19937 draws and swaps), about three times as fast on large arrays; returns x."""
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed {seed}: numpy's RandomState takes 0 .. 2**32 - 1")
+    if x.ndim != 1 or len(x) > 2 ** 32:
+        raise ValueError(f"legacy_shuffle: shape {x.shape}, not (n,) with n <= 2**32")
+    if len(x):
+        lib().legacy_shuffle(_ptr(x, np.uint32, True), len(x), seed)
+    return x
 
 
 if __name__ == "__main__":  # `python -m dlrm_torchrec.data.converters.native`: build it

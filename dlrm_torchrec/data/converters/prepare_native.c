@@ -386,3 +386,82 @@ void destinations(const uint32_t *perm, int64_t n, int64_t lo, int64_t hi, uint3
         if (s < width) out[s] = (uint32_t)k;
     }
 }
+
+/* ------------------------------------------------------------------ the legacy shuffle */
+
+/* MT19937 (Matsumoto and Nishimura's generator), seeded as numpy's RandomState(seed) seeds
+ * it for an integer seed: the 624-word state from the seed by the generator's own
+ * initialisation recurrence. */
+#define MT_WORDS 624
+#define MT_SHIFT 397
+
+typedef struct {
+    uint32_t key[MT_WORDS];
+    int pos;
+} mt_t;
+
+static void mt_seed(mt_t *s, uint32_t seed) {
+    s->key[0] = seed;
+    for (int i = 1; i < MT_WORDS; i++)
+        s->key[i] = 1812433253u * (s->key[i - 1] ^ (s->key[i - 1] >> 30)) + (uint32_t)i;
+    s->pos = MT_WORDS;
+}
+
+/* the next 624 words of state, each made from words already renewed where the recurrence
+ * reaches past the end */
+static void mt_renew(mt_t *s) {
+    for (int i = 0; i < MT_WORDS; i++) {
+        uint32_t y = (s->key[i] & 0x80000000u) | (s->key[(i + 1) % MT_WORDS] & 0x7FFFFFFFu);
+        s->key[i] = s->key[(i + MT_SHIFT) % MT_WORDS] ^ (y >> 1) ^ (y & 1u ? 0x9908B0DFu : 0u);
+    }
+    s->pos = 0;
+}
+
+static inline uint32_t mt_next(mt_t *s) {
+    if (s->pos == MT_WORDS) mt_renew(s);
+    uint32_t y = s->key[s->pos++];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9D2C5680u;
+    y ^= (y << 15) & 0xEFC60000u;
+    return y ^ (y >> 18);
+}
+
+/* A uniform integer in 0 .. most (most < 2**32) as numpy's legacy random_interval draws it:
+ * 32-bit words masked to the bits of `most` until one is not above it. */
+static inline uint32_t mt_interval(mt_t *s, uint32_t most) {
+    uint32_t mask = most, v;
+    mask |= mask >> 1;
+    mask |= mask >> 2;
+    mask |= mask >> 4;
+    mask |= mask >> 8;
+    mask |= mask >> 16;
+    while ((v = mt_next(s) & mask) > most) {}
+    return v;
+}
+
+/* x (n values, 1 <= n <= 2**32) shuffled exactly as numpy's RandomState(seed).shuffle(x)
+ * shuffles a 1-d array: for i = n-1 down to 1, x[i] swapped with x[random_interval(i)].
+ * The draws do not depend on x, so each j is drawn SHUFFLE_AHEAD swaps early and its
+ * element fetched then: the swaps of a large x are cache misses, which so overlap. */
+#define SHUFFLE_AHEAD 32
+void legacy_shuffle(uint32_t *x, int64_t n, uint32_t seed) {
+    mt_t s;
+    uint32_t ahead[2 * SHUFFLE_AHEAD];
+    mt_seed(&s, seed);
+    int64_t drawn = n - 1; /* the next i whose j is drawn */
+    for (; drawn >= 1 && n - 1 - drawn < SHUFFLE_AHEAD; drawn--) {
+        ahead[drawn % (2 * SHUFFLE_AHEAD)] = mt_interval(&s, (uint32_t)drawn);
+        __builtin_prefetch(x + ahead[drawn % (2 * SHUFFLE_AHEAD)], 1);
+    }
+    for (int64_t i = n - 1; i >= 1; i--) {
+        if (drawn >= 1) {
+            uint32_t j = mt_interval(&s, (uint32_t)drawn);
+            ahead[drawn % (2 * SHUFFLE_AHEAD)] = j;
+            __builtin_prefetch(x + j, 1);
+            drawn--;
+        }
+        uint32_t j = ahead[i % (2 * SHUFFLE_AHEAD)], t = x[i];
+        x[i] = x[j];
+        x[j] = t;
+    }
+}
