@@ -353,6 +353,7 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
  * feature f's largest id (the table size the output needs, found here while the values pass
  * through instead of by reading the output again). Returns 0, or -1 if a record's row is
  * outside the bucket or already filled (a damaged work file). */
+#define PLACE_AHEAD 16
 int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *dense,
                       int32_t *sparse, int32_t *labels, uint8_t *filled, int32_t *top) {
     int32_t high[NUM_SPARSE];
@@ -360,6 +361,17 @@ int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *d
     for (int64_t i = 0; i < n; i++) {
         const record_t *r = records + i;
         uint32_t k = r->dest_label & 0x7FFFFFFFu;
+        /* the rows a later record fills, fetched while this one is placed: each is a cache
+         * miss anywhere in the bucket's output, and so they overlap */
+        if (i + PLACE_AHEAD < n) {
+            uint32_t later = records[i + PLACE_AHEAD].dest_label & 0x7FFFFFFFu;
+            if (later < rows) {
+                __builtin_prefetch(dense + (int64_t)later * NUM_DENSE, 1);
+                __builtin_prefetch(sparse + (int64_t)later * NUM_SPARSE, 1);
+                __builtin_prefetch(sparse + (int64_t)later * NUM_SPARSE + 16, 1);
+                __builtin_prefetch(filled + later, 1);
+            }
+        }
         if (k >= rows || filled[k]) return -1;
         filled[k] = 1;
         memcpy(dense + (int64_t)k * NUM_DENSE, r->dense, sizeof r->dense);
