@@ -181,8 +181,11 @@ def test_dense_values_outside_int32_stop_with_file_and_line(days, tmp_path, caps
     assert msg.startswith(f"error: {bad}:5: dense value outside int32")
 
 
+WIDEST = np.full(26, 4, np.uint8)  # every id in 4 bytes: records of native.RECORD_DTYPE
+
+
 def _records(records: np.ndarray) -> np.ndarray:
-    """Scattered records (n, RECORD_BYTES) uint8 as their fields."""
+    """Scattered records (n, RECORD_BYTES) uint8, every id 4 bytes wide, as their fields."""
     return records.view(native.RECORD_DTYPE)[:, 0]
 
 
@@ -206,7 +209,7 @@ def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
     native.scatter_records(np.zeros((n, 13), np.float32),
                            _rows(np.zeros(n, np.int32), [np.arange(n, dtype=np.uint32)] * 26),
                            [ids] * 26, False, np.arange(n, dtype=np.uint32), np.zeros(1, np.int64),
-                           records)
+                           WIDEST, records)
     assert _records(records)["sparse"][:, 0].tolist() == [
         2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]
 
@@ -461,7 +464,7 @@ def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():
     for exact, want in ((False, rounded), (True, ids.astype(np.int32))):
         records = np.empty((n, native.RECORD_BYTES), np.uint8)
         counts = native.scatter_records(dense, _rows(labels, local), maps, exact, dest, starts,
-                                        records)
+                                        WIDEST, records)
         bucket = np.searchsorted(starts, dest, side="right") - 1
         assert counts.tolist() == np.bincount(bucket, minlength=3).tolist()
         order = np.argsort(bucket, kind="stable")  # grouped by bucket, in row order within
@@ -469,6 +472,47 @@ def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():
         assert (rec["dest_label"] % 2 ** 31 == dest[order] - starts[bucket[order]]).all()
         assert (rec["dest_label"] // 2 ** 31 == labels[order]).all()
         assert (rec["sparse"] == want[order]).all() and (rec["dense"] == dense[order]).all()
+
+
+def test_records_with_ids_of_one_to_four_bytes_place_the_values_scattered():
+    """Each feature's ids in the bytes its largest needs: scattered to two buckets, then
+    placed, the output columns hold every row's values at its destination, as numpy puts
+    them there."""
+    rng = np.random.default_rng(8)
+    n, starts = 3000, np.array([0, 1800], dtype=np.int64)
+    largest = [0, 255, 256, 2 ** 16 - 1, 2 ** 16, 2 ** 24 - 1, 2 ** 24, 2 ** 31 - 1] * 3 + [7, 70000]
+    widths = np.array([native.id_width(x) for x in largest], np.uint8)
+    assert widths[:8].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
+    maps = [np.array([x, 0, x // 2], np.uint32) for x in largest]
+    local = [rng.integers(0, 3, n).astype(np.uint32) for _ in range(26)]
+    ids = np.stack([m[c] for m, c in zip(maps, local)], axis=1).astype(np.int64)
+    dense = rng.random((n, 13), dtype=np.float32)
+    labels = rng.integers(0, 2, n).astype(np.int32)
+    dest = rng.permutation(n).astype(np.uint32)
+    size = native.record_bytes(widths)
+    assert size == 56 + sum(widths) < native.RECORD_BYTES
+    records = np.empty(n * size + 5, np.uint8)  # room to spare: only n * size is written
+    records[n * size:] = 77
+    counts = native.scatter_records(dense, _rows(labels, local), maps, True, dest, starts,
+                                    widths, records)
+    assert counts.tolist() == [1800, 1200] and (records[n * size:] == 77).all()
+    for b, (lo, rows) in enumerate([(0, 1800), (1800, 1200)]):
+        at = int(counts[:b].sum()) * size
+        out = (np.zeros((rows, 13), np.float32), np.zeros((rows, 26), np.int32),
+               np.zeros((rows, 1), np.int32))
+        filled = np.zeros(rows, np.uint8)
+        top = native.place_records(records[at:at + rows * size], widths, *out, filled)
+        mine = np.flatnonzero((dest >= lo) & (dest < lo + rows))
+        want_sparse = np.zeros((rows, 26), np.int64)
+        want_sparse[dest[mine] - lo] = ids[mine]
+        assert filled.all() and (out[1] == want_sparse).all()
+        assert (out[0][dest[mine] - lo] == dense[mine]).all()
+        assert (out[2][dest[mine] - lo, 0] == labels[mine]).all()
+        assert top.tolist() == want_sparse.max(axis=0).tolist()
+    with pytest.raises(RuntimeError, match="wider than its feature's width"):
+        narrow = np.ones(26, np.uint8)  # 1 byte for ids up to 2**31 - 1
+        native.scatter_records(dense, _rows(labels, local), maps, True, dest, starts, narrow,
+                               np.empty(n * native.record_bytes(narrow), np.uint8))
 
 
 def test_work_written_before_the_machine_restarted_is_redone_not_trusted(days, tmp_path,

@@ -21,9 +21,20 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_native.c")
 FLAGS = ["-O3", "-std=gnu99", "-shared", "-fPIC"]
 ROW_WORDS = 1 + 13 + 26  # a parsed row (uint32 words): label, raw dense values, local ids
-# a scattered row (record_t), the size of a parsed row so it can be written over one
+# a scattered row at its widest (every id in 4 bytes), the size of a parsed row, so it can
+# be written over one; dest_label: the row in its bucket, the label in bit 31
 RECORD_DTYPE = np.dtype([("dest_label", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26)])
-RECORD_BYTES = RECORD_DTYPE.itemsize  # dest_label: the row in its bucket, the label in bit 31
+RECORD_BYTES = RECORD_DTYPE.itemsize
+RECORD_HEAD = 4 + 4 * 13  # dest_label and the dense values; then each id in its width
+
+
+def id_width(largest: int) -> int:
+    """The bytes (1 to 4) a record gives a feature whose ids are at most `largest`."""
+    return 1 if largest < 1 << 8 else 2 if largest < 1 << 16 else 3 if largest < 1 << 24 else 4
+
+
+def record_bytes(widths: Sequence[int]) -> int:
+    return RECORD_HEAD + sum(int(w) for w in widths)
 
 
 class NativeBuildError(Exception):
@@ -90,9 +101,9 @@ def lib() -> ctypes.CDLL:
             "table_clear": (None, [_P]),
             "table_order": (None, [_P, _P]),
             "interleave_rows": (None, [_I64, _P, _P, _P, _I64, _P]),
-            "scatter_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P, _P,
-                                       _P]),
-            "place_records": (_I64, [_P, _I64, _I64, _P, _P, _P, _P, _P]),
+            "scatter_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P, _I64,
+                                       _P, _P, _P]),
+            "place_records": (_I64, [_P, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
             "legacy_shuffle": (None, [_P, _I64, ctypes.c_uint32]),
         }
@@ -201,25 +212,29 @@ def interleave_rows(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
 
 def scatter_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray],
                     exact: bool, dest: np.ndarray, bucket_starts: np.ndarray,
-                    records: np.ndarray) -> np.ndarray:
+                    widths: np.ndarray, records: np.ndarray) -> np.ndarray:
     """n parsed rows ((n, ROW_WORDS) uint32; dense (n, 13) float32: their transformed
     values; each going to global row dest (n,) uint32) -> `records` (raw bytes, at least
-    n * RECORD_BYTES uint8) grouped by bucket in bucket order; returns the rows per bucket
-    (nb,) int64. maps[f]: (u_f,) uint32, the ids of the day's values of feature f in the
-    day's order (indexed by the rows' local numbers)."""
+    n * record_bytes(widths) uint8; feature f's ids in widths[f] bytes, (26,) uint8)
+    grouped by bucket in bucket order; returns the rows per bucket (nb,) int64. maps[f]:
+    (u_f,) uint32, the ids of the day's values of feature f in the day's order (indexed by
+    the rows' local numbers)."""
     n, nb = len(rows), len(bucket_starts)
+    size = record_bytes(widths)
     if not (dense.shape == (n, 13) and rows.shape == (n, ROW_WORDS) and dest.shape == (n,)
-            and len(maps) == 26 and records.nbytes >= n * RECORD_BYTES):
+            and len(maps) == 26 and widths.shape == (26,) and records.nbytes >= n * size):
         raise ValueError("scatter_records: inconsistent shapes")
     counts = np.empty(nb, np.int64)
     bucket_of = np.empty(n, np.int32)
     table = (ctypes.c_void_p * 26)(*[_ptr(m, np.uint32) for m in maps])
     rc = lib().scatter_records(n, _ptr(dense, np.float32), _ptr(rows, np.uint32), table,
                                int(exact), _ptr(dest, np.uint32), _ptr(bucket_starts, np.int64),
-                               nb, _ptr(records, np.uint8, True), counts.ctypes.data,
-                               bucket_of.ctypes.data)
+                               nb, _ptr(widths, np.uint8), size, _ptr(records, np.uint8, True),
+                               counts.ctypes.data, bucket_of.ctypes.data)
     if rc == -2:
         raise MemoryError("scatter_records")
+    if rc == -3:
+        raise RuntimeError("scatter_records: an id wider than its feature's width")
     if rc:
         raise RuntimeError("scatter_records: a destination outside the buckets")
     return counts
@@ -253,22 +268,24 @@ def _libc() -> Optional[ctypes.CDLL]:
     return _LIBC[0]
 
 
-def place_records(records: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
-                  labels: np.ndarray, filled: np.ndarray) -> np.ndarray:
-    """Records (n, RECORD_BYTES) uint8 of a bucket -> their rows of its output columns: dense
-    (rows, 13) float32, sparse (rows, 26) int32, labels (rows, 1) int32; `filled` (rows,)
-    uint8 marks the rows placed so far (zero before a bucket's first records), and no row
-    may be placed twice. Returns each feature's largest id among the records, (26,) int64
-    (-1 for none)."""
-    rows, n = len(labels), records.nbytes // RECORD_BYTES
+def place_records(records: np.ndarray, widths: np.ndarray, dense: np.ndarray,
+                  sparse: np.ndarray, labels: np.ndarray, filled: np.ndarray) -> np.ndarray:
+    """Records (raw bytes, n * record_bytes(widths) uint8) of a bucket -> their rows of its
+    output columns: dense (rows, 13) float32, sparse (rows, 26) int32, labels (rows, 1)
+    int32; `filled` (rows,) uint8 marks the rows placed so far (zero before a bucket's
+    first records), and no row may be placed twice. Returns each feature's largest id among
+    the records, (26,) int64 (-1 for none)."""
+    size = record_bytes(widths)
+    rows, n = len(labels), records.nbytes // size
     if dense.shape != (rows, 13) or sparse.shape != (rows, 26) or labels.shape != (rows, 1) \
-            or filled.shape != (rows,) or records.nbytes != n * RECORD_BYTES:
-        raise ValueError(f"{records.nbytes} bytes of records; output columns {dense.shape} "
-                         f"{sparse.shape} {labels.shape} {filled.shape}")
+            or filled.shape != (rows,) or records.nbytes != n * size or widths.shape != (26,):
+        raise ValueError(f"{records.nbytes} bytes of records of {size}; output columns "
+                         f"{dense.shape} {sparse.shape} {labels.shape} {filled.shape}")
     top = np.full(26, -1, np.int32)
-    if lib().place_records(_ptr(records, np.uint8), n, rows, _ptr(dense, np.float32, True),
-                           _ptr(sparse, np.int32, True), _ptr(labels, np.int32, True),
-                           _ptr(filled, np.uint8, True), _ptr(top, np.int32, True)):
+    if lib().place_records(_ptr(records, np.uint8), n, _ptr(widths, np.uint8), size, rows,
+                           _ptr(dense, np.float32, True), _ptr(sparse, np.int32, True),
+                           _ptr(labels, np.int32, True), _ptr(filled, np.uint8, True),
+                           _ptr(top, np.int32, True)):
         raise RuntimeError("a bucket's work file places a row twice or outside it")
     return top.astype(np.int64)
 

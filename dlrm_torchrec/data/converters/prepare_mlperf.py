@@ -45,7 +45,8 @@ C (`native`); the rules that decide the bytes stay here.
    the day's order, so a day-local number indexes it); TorchRec's permutation of days
    0-22 and, per day, where each of its rows goes (`destinations/day_{d}.npy`, uint32).
 3. scatter (one task per day): transform each row (dense log, ids through the day's part
-   of the maps) into a record with its row in the bucket of its destination range
+   of the maps) into a record (each feature's ids in as many bytes as its largest needs,
+   `record_widths`) with its row in the bucket of its destination range
    (buckets are cut so one fits the memory share of a worker, and never span two output
    days), grouped by bucket within each chunk and written over the chunk's rows in place.
 4. place (one task per bucket): read the bucket's records from every day, put each at its
@@ -724,8 +725,20 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     if writer.rows != total:
         raise RuntimeError(f"feature {f}: {writer.rows} map entries, expected {total}")
     count = len(table)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(vocab_dir, f"count_{f}.json"), {"distinct": count}, sync=False)
+    os.replace(path + ".tmp", path)  # last: the map marks the task done
     return count
+
+
+def record_widths(work: str) -> np.ndarray:
+    """(26,) uint8: the bytes a record gives each feature's ids, as few as its largest
+    contiguous id needs (`native.id_width`; from the vocabulary's counts, so every task of
+    a run, resumed or not, finds the same)."""
+    widths = []
+    for f in range(NUM_SPARSE):
+        with open(os.path.join(work, "vocab", f"count_{f}.json")) as fh:
+            widths.append(native.id_width(FIRST_ID + json.load(fh)["distinct"] - 1))
+    return np.array(widths, np.uint8)
 
 
 def permute(rows: List[int], seed: int, dst: str, budget: int) -> None:
@@ -774,7 +787,8 @@ def day_maps(work: str, day: int) -> List[np.ndarray]:
 class _DayRows:
     """A parsed day's folder: its stats, and its rows (`rows.npy`, (n, ROW_WORDS) uint32),
     read a chunk at a time. The scatter writes each chunk's records over the chunk's rows
-    once it has read them (no second file on the disk: a record is as large as a row):
+    once it has read them (no second file on the disk: a record is no larger than a row,
+    and a chunk's records start where its rows did):
     `records.partial.npy` while it does, `records.npy` once done, with `index.npy`
     ((chunks, 1 + buckets) int64: per chunk its first row, then its rows of each
     bucket)."""
@@ -838,8 +852,10 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
 
 def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_starts: np.ndarray,
                 exact: bool, chunk_rows: int) -> None:
-    """Stage 3 for a training day: each row, transformed, as a record (native.RECORD_DTYPE:
-    its row in its bucket, its values) grouped by bucket within its chunk, written over the
+    """Stage 3 for a training day: each row, transformed, as a record (its row in its
+    bucket, its values, each feature's ids in `record_widths` bytes: the bytes the largest
+    needs, so the records cross the disk twice in fewer bytes) grouped by bucket within its
+    chunk, written over the
     day's rows chunk by chunk (`_DayRows`). A scatter killed while it rewrote the rows
     leaves them half records: the day (`path`, the raw text) is parsed again first."""
     parse_dir = os.path.join(work, "parse")
@@ -852,6 +868,8 @@ def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_sta
         shutil.rmtree(again)
     rows = _DayRows(parse_dir, day)
     maps = day_maps(work, day)
+    widths = record_widths(work)
+    record_size = native.record_bytes(widths)
     destinations = os.path.join(work, "destinations", f"day_{day}.npy")
     partial = rows.at("records.partial.npy")
     os.replace(rows.at("rows.npy"), partial)
@@ -892,9 +910,9 @@ def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_sta
                 ahead = start(c + 1)
             dense = torchrec_dense(parsed[:, 1:1 + NUM_DENSE].view(np.int32),
                                    rows.stats["dense_min"], arena)
-            records = arena.take((len(parsed), native.RECORD_BYTES), np.uint8, phase=at)
+            records = arena.take((len(parsed), record_size), np.uint8, phase=at)
             index[c, 1:] = native.scatter_records(dense, parsed, maps, exact, dest,
-                                                  bucket_starts, records)
+                                                  bucket_starts, widths, records)
             handed.append(io.submit(direct_io.write_at, partial, records, at))
     except BaseException:
         _settle(handed, drop=True)
@@ -934,6 +952,8 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
     for the next buckets' writes."""
     offsets = [HEADER_BYTES + first_row * width * _out_dtype(part).itemsize
                for part, width in PARTS]
+    widths = record_widths(work)
+    size = native.record_bytes(widths)
     parse_dir = os.path.join(work, "parse")
     segments = []  # (records file, offset, bytes): the bucket's part of each chunk
     for d in range(TRAIN_DAYS):
@@ -941,10 +961,11 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         index = np.load(os.path.join(parse_dir, f"day_{d}", "index.npy"))
         first, counts = index[:, 0], index[:, 1:]
         before = counts[:, :b].sum(axis=1)  # per chunk: its rows of the buckets before b
-        segments += [(path, HEADER_BYTES + int(first[c] + before[c]) * ROW_BYTES,
-                      int(counts[c, b]) * native.RECORD_BYTES)
+        # a chunk's records start where its rows did (written over them), each of size
+        segments += [(path, HEADER_BYTES + int(first[c]) * ROW_BYTES + int(before[c]) * size,
+                      int(counts[c, b]) * size)
                      for c in np.flatnonzero(counts[:, b]).tolist()]
-    scattered_rows = sum(size for _, _, size in segments) // native.RECORD_BYTES
+    scattered_rows = sum(part for _, _, part in segments) // size
     if scattered_rows != rows:
         raise RuntimeError(f"bucket {b}: {scattered_rows} rows scattered to it, expected {rows}")
     # each part read past the page cache into memory of its offset's phase
@@ -961,7 +982,7 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
     try:
         for part, read in zip(parts, reads):
             read.result()
-            np.maximum(top, native.place_records(part, *columns, filled), out=top)
+            np.maximum(top, native.place_records(part, widths, *columns, filled), out=top)
     except BaseException:
         _settle(reads, drop=True)
         raise

@@ -290,27 +290,51 @@ void interleave_rows(int64_t n, const int32_t *labels, const int32_t *dense,
     }
 }
 
-/* A row on its way to its bucket: the size of a parsed row (160 bytes), so the scatter
- * writes a day's records over its rows, in the same pages (numpy's view of it:
- * native.RECORD_DTYPE). */
-typedef struct {
-    uint32_t dest_label; /* its row in the bucket, and its label (0 or 1) in the top bit */
-    float dense[NUM_DENSE];
-    int32_t sparse[NUM_SPARSE];
-} record_t;
+/* A row on its way to its bucket, as bytes: its row in the bucket with its label (0 or 1)
+ * in the top bit (uint32), its 13 dense values (float32), then each feature's id in
+ * widths[f] bytes (1 to 4, little-endian: as many as the feature's largest id needs, so
+ * the records cross the disk twice in fewer bytes). With every width 4 it is numpy's
+ * native.RECORD_DTYPE, the size of a parsed row. */
+#define RECORD_HEAD (4 + 4 * NUM_DENSE)
+
+static inline void put_id(uint8_t *at, int32_t id, int width) {
+    uint32_t v = (uint32_t)id;
+    switch (width) {
+    case 1: at[0] = (uint8_t)v; break;
+    case 2: memcpy(at, &v, 2); break;
+    case 3: memcpy(at, &v, 2); at[2] = (uint8_t)(v >> 16); break;
+    default: memcpy(at, &v, 4);
+    }
+}
+
+static inline int32_t get_id(const uint8_t *at, int width) {
+    uint32_t v = 0;
+    switch (width) {
+    case 1: v = at[0]; break;
+    case 2: memcpy(&v, at, 2); break;
+    case 3: memcpy(&v, at, 2); v |= (uint32_t)at[2] << 16; break;
+    default: memcpy(&v, at, 4);
+    }
+    return (int32_t)v;
+}
 
 /* Parsed rows i < n of a training day (rows: n * ROW_WORDS; dense: their transformed
- * values, n * 13) -> records grouped by bucket, buckets in order, rows in order within
- * one: row i goes to global row dest[i], in the bucket b with bucket_starts[b] <= dest[i]
- * < bucket_starts[b + 1] (nb buckets, the last open-ended). Its ids are
- * maps[f][its local number of feature f], through float32 (as TorchRec's shuffle) unless
- * `exact`. counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch. Returns
- * 0, -1 if a destination is before the first bucket or a bucket holds 2**31 rows or more,
- * -2 when memory ran out. */
+ * values, n * 13) -> records of record_bytes (RECORD_HEAD + the widths) grouped by
+ * bucket, buckets in order, rows in order within one: row i goes to global row dest[i], in
+ * the bucket b with bucket_starts[b] <= dest[i] < bucket_starts[b + 1] (nb buckets, the
+ * last open-ended). Its ids are maps[f][its local number of feature f], through float32
+ * (as TorchRec's shuffle) unless `exact`, each of which must fit widths[f] bytes.
+ * counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch. Returns 0, -1
+ * if a destination is before the first bucket or a bucket holds 2**31 rows or more, -2
+ * when memory ran out, -3 if an id does not fit its width. */
 int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
                         const uint32_t *const *maps, int exact, const uint32_t *dest,
-                        const int64_t *bucket_starts, int64_t nb, record_t *records,
-                        int64_t *counts, int32_t *bucket_of) {
+                        const int64_t *bucket_starts, int64_t nb, const uint8_t *widths,
+                        int64_t record_bytes, uint8_t *records, int64_t *counts,
+                        int32_t *bucket_of) {
+    uint32_t limit[NUM_SPARSE]; /* each width's largest unsigned value */
+    for (int f = 0; f < NUM_SPARSE; f++)
+        limit[f] = widths[f] >= 4 ? 0xFFFFFFFFu : (1u << (8 * widths[f])) - 1;
     memset(counts, 0, nb * sizeof *counts);
     for (int64_t i = 0; i < n; i++) {
         int64_t lo = 0, hi = nb; /* the last start <= dest */
@@ -325,46 +349,59 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
     int64_t *next = malloc(nb * sizeof *next);
     if (!next) return -2;
     for (int64_t b = 0, at = 0; b < nb; b++) { next[b] = at; at += counts[b]; }
-    for (int64_t i = 0; i < n; i++) {
+    int64_t rc = 0;
+    for (int64_t i = 0; i < n && !rc; i++) {
         int32_t b = bucket_of[i];
         const uint32_t *row = rows + i * ROW_WORDS;
-        record_t *r = records + next[b]++;
+        uint8_t *r = records + next[b]++ * record_bytes;
         int64_t k = (int64_t)dest[i] - bucket_starts[b];
-        if (k >= (1ll << 31)) { free(next); return -1; }
-        r->dest_label = (uint32_t)k | (row[0] ? 1u << 31 : 0);
-        memcpy(r->dense, dense + i * NUM_DENSE, sizeof r->dense);
+        if (k >= (1ll << 31)) { rc = -1; break; }
+        uint32_t dest_label = (uint32_t)k | (row[0] ? 1u << 31 : 0);
+        memcpy(r, &dest_label, 4);
+        memcpy(r + 4, dense + i * NUM_DENSE, 4 * NUM_DENSE);
+        uint8_t *at = r + RECORD_HEAD;
         for (int f = 0; f < NUM_SPARSE; f++) {
             uint32_t id = maps[f][row[1 + NUM_DENSE + f]];
+            int32_t out;
             if (exact) {
-                r->sparse[f] = (int32_t)id;
+                out = (int32_t)id;
             } else {
                 float x = (float)id; /* rounded to nearest, as numpy's astype */
                 /* numpy's float32 -> int32 gives INT32_MIN out of range on x86-64 */
-                r->sparse[f] = x >= 2147483648.0f ? INT32_MIN : (int32_t)x;
+                out = x >= 2147483648.0f ? INT32_MIN : (int32_t)x;
             }
+            if (widths[f] < 4 && (uint32_t)out > limit[f]) { rc = -3; break; }
+            put_id(at, out, widths[f]);
+            at += widths[f];
         }
     }
     free(next);
-    return 0;
+    return rc;
 }
 
-/* A bucket's n records -> their rows of the output columns (rows rows): dense (rows, 13),
- * sparse (rows, 26), labels (rows,). `filled`: rows bytes, the rows placed so far. top[f] rises to
- * feature f's largest id (the table size the output needs, found here while the values pass
- * through instead of by reading the output again). Returns 0, or -1 if a record's row is
- * outside the bucket or already filled (a damaged work file). */
+/* A bucket's n records (of record_bytes, ids in widths[f] bytes) -> their rows of the
+ * output columns (rows rows): dense (rows, 13), sparse (rows, 26), labels (rows,).
+ * `filled`: rows bytes, the rows placed so far. top[f] rises to feature f's largest id
+ * (the table size the output needs, found here while the values pass through instead of
+ * by reading the output again). Returns 0, or -1 if a record's row is outside the bucket
+ * or already filled (a damaged work file). */
 #define PLACE_AHEAD 16
-int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *dense,
-                      int32_t *sparse, int32_t *labels, uint8_t *filled, int32_t *top) {
+int64_t place_records(const uint8_t *records, int64_t n, const uint8_t *widths,
+                      int64_t record_bytes, int64_t rows, float *dense, int32_t *sparse,
+                      int32_t *labels, uint8_t *filled, int32_t *top) {
     int32_t high[NUM_SPARSE];
     memcpy(high, top, sizeof high);
     for (int64_t i = 0; i < n; i++) {
-        const record_t *r = records + i;
-        uint32_t k = r->dest_label & 0x7FFFFFFFu;
+        const uint8_t *r = records + i * record_bytes;
+        uint32_t dest_label, k;
+        memcpy(&dest_label, r, 4);
+        k = dest_label & 0x7FFFFFFFu;
         /* the rows a later record fills, fetched while this one is placed: each is a cache
          * miss anywhere in the bucket's output, and so they overlap */
         if (i + PLACE_AHEAD < n) {
-            uint32_t later = records[i + PLACE_AHEAD].dest_label & 0x7FFFFFFFu;
+            uint32_t later;
+            memcpy(&later, r + PLACE_AHEAD * record_bytes, 4);
+            later &= 0x7FFFFFFFu;
             if (later < rows) {
                 __builtin_prefetch(dense + (int64_t)later * NUM_DENSE, 1);
                 __builtin_prefetch(sparse + (int64_t)later * NUM_SPARSE, 1);
@@ -374,11 +411,16 @@ int64_t place_records(const record_t *records, int64_t n, int64_t rows, float *d
         }
         if (k >= rows || filled[k]) return -1;
         filled[k] = 1;
-        memcpy(dense + (int64_t)k * NUM_DENSE, r->dense, sizeof r->dense);
-        memcpy(sparse + (int64_t)k * NUM_SPARSE, r->sparse, sizeof r->sparse);
-        labels[k] = (int32_t)(r->dest_label >> 31);
-        for (int f = 0; f < NUM_SPARSE; f++)
-            high[f] = r->sparse[f] > high[f] ? r->sparse[f] : high[f];
+        memcpy(dense + (int64_t)k * NUM_DENSE, r + 4, 4 * NUM_DENSE);
+        labels[k] = (int32_t)(dest_label >> 31);
+        int32_t *out = sparse + (int64_t)k * NUM_SPARSE;
+        const uint8_t *at = r + RECORD_HEAD;
+        for (int f = 0; f < NUM_SPARSE; f++) {
+            int32_t id = get_id(at, widths[f]);
+            at += widths[f];
+            out[f] = id;
+            high[f] = id > high[f] ? id : high[f];
+        }
     }
     memcpy(top, high, sizeof high);
     return 0;
