@@ -163,14 +163,15 @@ def _open_direct(path, flags):
         return os.open(path, flags, 0o644)
 
 
-def disk_floor(folder: str, days, rows: int, out_bytes: int) -> dict:
+def disk_floor(folder: str, days, rows: int, out_bytes: int, table_sizes) -> dict:
     """prepare_mlperf's disk traffic replayed with nothing computed, stage by stage (the
     stages are separated, so their I/O cannot overlap): the parse reads the raw text and
-    writes the rows, the scatter reads the rows and writes the records, the place reads the
+    writes the rows, the scatter reads the rows and writes the records (each feature's ids
+    in the bytes its largest needs: from meta.json's table sizes), the place reads the
     records and writes the output. Seconds per stage and in all."""
     from dlrm_torchrec.data.converters import native
     rows_bytes = rows * 4 * native.ROW_WORDS
-    records_bytes = rows * native.RECORD_BYTES
+    records_bytes = rows * native.record_bytes([native.id_width(n - 1) for n in table_sizes])
     a, b, c = (os.path.join(folder, n) for n in ("floor_rows", "floor_records", "floor_out"))
     out = {"parse": _stream(days, a, rows_bytes),
            "scatter": _stream([a], b, records_bytes),
@@ -268,7 +269,9 @@ def main() -> None:
     # the output's bytes as written (day 23's ids are int64), for the disk floor below
     out_bytes = sum(os.path.getsize(os.path.join(ours, n)) for n in os.listdir(ours)
                     if n.endswith(".npy"))
-    floor = disk_floor(a.dir, days, rows, out_bytes)
+    with open(os.path.join(ours, "meta.json")) as f:
+        table_sizes = json.load(f)["table_sizes"]
+    floor = disk_floor(a.dir, days, rows, out_bytes, table_sizes)
     print("  disk alone, nothing computed: " + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
           + (f"; 50x needs {torchrec_wall / 50:.2f} s" if results else ""))
 
