@@ -714,13 +714,26 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
     spans = [_day_firsts_offsets(parse_dir, d)[f:f + 2].tolist() for d in range(DAYS)]
     total = sum(hi - lo for lo, hi in spans)
     writer = NpyWriter(path + ".tmp", np.uint32, 1, sync=False, direct=True)
-    for day, (lo, hi) in enumerate(spans):
-        values = read_rows(os.path.join(parse_dir, f"day_{day}", "first.npy"), lo, hi,
-                           direct=True)[:, 0]
-        # room for every value of the day being new: one resize instead of several (the
-        # table never holds more than twice what growing one value at a time would)
-        table.reserve(len(table) + len(values))
-        writer.write(table.assign(values)[:, None])
+
+    def read(day: int) -> Future:  # the next day's values read while this day's are numbered
+        return direct_io.background().submit(
+            read_rows, os.path.join(parse_dir, f"day_{day}", "first.npy"), *spans[day], None,
+            True)
+
+    ahead = read(0)
+    try:
+        for day in range(DAYS):
+            values = ahead.result()[:, 0]
+            if day + 1 < DAYS:
+                ahead = read(day + 1)
+            # room for every value of the day being new: one resize instead of several (the
+            # table never holds more than twice what growing one value at a time would)
+            table.reserve(len(table) + len(values))
+            writer.write(table.assign(values, out=values)[:, None])
+    except BaseException:
+        _settle([ahead], drop=True)
+        writer.abort()
+        raise
     writer.finish()
     if writer.rows != total:
         raise RuntimeError(f"feature {f}: {writer.rows} map entries, expected {total}")
