@@ -515,6 +515,22 @@ def test_records_with_ids_of_one_to_four_bytes_place_the_values_scattered():
                                np.empty(n * native.record_bytes(narrow), np.uint8))
 
 
+def test_evaluation_day_ids_are_the_maps_entries_at_the_local_numbers():
+    rng = np.random.default_rng(9)
+    n = 2000
+    maps = [rng.integers(0, 2 ** 32, rng.integers(1, 500), dtype=np.uint32) for _ in range(26)]
+    local = [rng.integers(0, len(m), n).astype(np.uint32) for m in maps]
+    top = np.full(26, -1, np.int64)
+    got = native.lookup_ids(_rows(np.zeros(n, np.int32), local), maps,
+                            np.empty((n, 26), np.int64), top)
+    want = np.stack([m.astype(np.int64)[c] for m, c in zip(maps, local)], axis=1)
+    assert (got == want).all() and top.tolist() == want.max(axis=0).tolist()
+    local[3][17] = len(maps[3])  # one past its map's end
+    with pytest.raises(RuntimeError, match="outside its day's map"):
+        native.lookup_ids(_rows(np.zeros(n, np.int32), local), maps,
+                          np.empty((n, 26), np.int64), top)
+
+
 def test_work_written_before_the_machine_restarted_is_redone_not_trusted(days, tmp_path,
                                                                           capsys, monkeypatch):
     out = tmp_path / "out"

@@ -106,6 +106,7 @@ def lib() -> ctypes.CDLL:
             "place_records": (_I64, [_P, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
             "legacy_shuffle": (None, [_P, _I64, ctypes.c_uint32]),
+            "lookup_ids": (_I64, [_I64, _P, _P, _P, _P, _P]),
         }
         for name, (res, args) in sig.items():
             fn = getattr(so, name)
@@ -296,6 +297,23 @@ def destinations(perm: np.ndarray, lo: int, hi: int, out: np.ndarray) -> np.ndar
     if not (0 <= lo <= hi and out.shape == (hi - lo,)):
         raise ValueError(f"destinations of rows {lo} .. {hi}: out has shape {out.shape}")
     lib().destinations(_ptr(perm, np.uint32), len(perm), lo, hi, _ptr(out, np.uint32, True))
+    return out
+
+
+def lookup_ids(rows: np.ndarray, maps: Sequence[np.ndarray], out: np.ndarray,
+               top: np.ndarray) -> np.ndarray:
+    """n parsed rows ((n, ROW_WORDS) uint32) -> `out` (n, 26) int64: feature f's id of each
+    row, maps[f][its local number] (maps[f]: (u_f,) uint32, the day's part of the map);
+    `top` (26,) int64 rises to each feature's largest. Returns out."""
+    n = len(rows)
+    if rows.shape != (n, ROW_WORDS) or out.shape != (n, 26) or top.shape != (26,) \
+            or len(maps) != 26:
+        raise ValueError("lookup_ids: inconsistent shapes")
+    table = (ctypes.c_void_p * 26)(*[_ptr(m, np.uint32) for m in maps])
+    sizes = np.array([len(m) for m in maps], np.int64)
+    if lib().lookup_ids(n, _ptr(rows, np.uint32), table, sizes.ctypes.data,
+                        _ptr(out, np.int64, True), _ptr(top, np.int64, True)):
+        raise RuntimeError("a parsed row's local number is outside its day's map")
     return out
 
 

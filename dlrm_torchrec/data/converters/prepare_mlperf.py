@@ -848,10 +848,7 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
         ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64
                     + direct_io.PAGE)
         rows = day.read(lo, lo + chunk_rows, ARENA)
-        ids = ARENA.take((len(rows), NUM_SPARSE), np.int64)
-        for f in range(NUM_SPARSE):
-            ids[:, f] = maps[f][rows[:, 1 + NUM_DENSE + f]]
-        np.maximum(top, ids.max(axis=0), out=top)
+        ids = native.lookup_ids(rows, maps, ARENA.take((len(rows), NUM_SPARSE), np.int64), top)
         dense = rows[:, 1:1 + NUM_DENSE].view(np.int32)
         writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"], ARENA))
         writers["sparse"].write(ids)

@@ -327,6 +327,7 @@ static inline int32_t get_id(const uint8_t *at, int width) {
  * counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch. Returns 0, -1
  * if a destination is before the first bucket or a bucket holds 2**31 rows or more, -2
  * when memory ran out, -3 if an id does not fit its width. */
+#define SCATTER_AHEAD 8
 int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
                         const uint32_t *const *maps, int exact, const uint32_t *dest,
                         const int64_t *bucket_starts, int64_t nb, const uint8_t *widths,
@@ -353,6 +354,12 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
     for (int64_t i = 0; i < n && !rc; i++) {
         int32_t b = bucket_of[i];
         const uint32_t *row = rows + i * ROW_WORDS;
+        /* the map entries of a later row fetched while this one is written: the 26 maps
+         * of a day outgrow the caches, and the misses so overlap */
+        if (i + SCATTER_AHEAD < n) {
+            const uint32_t *later = rows + (i + SCATTER_AHEAD) * ROW_WORDS + 1 + NUM_DENSE;
+            for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + later[f]);
+        }
         uint8_t *r = records + next[b]++ * record_bytes;
         int64_t k = (int64_t)dest[i] - bucket_starts[b];
         if (k >= (1ll << 31)) { rc = -1; break; }
@@ -518,4 +525,31 @@ void legacy_shuffle(uint32_t *x, int64_t n, uint32_t seed) {
         x[i] = x[j];
         x[j] = t;
     }
+}
+
+/* ------------------------------------------------------------------ day 23 */
+
+/* Parsed rows i < n of the evaluation day -> out[i * 26 + f] = maps[f][its local number of
+ * feature f] as int64 (the day is not shuffled, so its ids keep their width); top[f] rises
+ * to feature f's largest. Returns 0, or -1 if a local number is outside its map (sizes[f]
+ * entries: a damaged work file). */
+int64_t lookup_ids(int64_t n, const uint32_t *rows, const uint32_t *const *maps,
+                   const int64_t *sizes, int64_t *out, int64_t *top) {
+    int64_t high[NUM_SPARSE];
+    memcpy(high, top, sizeof high);
+    for (int64_t i = 0; i < n; i++) {
+        const uint32_t *local = rows + i * ROW_WORDS + 1 + NUM_DENSE;
+        if (i + SCATTER_AHEAD < n) {
+            const uint32_t *later = local + SCATTER_AHEAD * ROW_WORDS;
+            for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + later[f]);
+        }
+        for (int f = 0; f < NUM_SPARSE; f++) {
+            if ((int64_t)local[f] >= sizes[f]) return -1;
+            int64_t id = maps[f][local[f]];
+            out[i * NUM_SPARSE + f] = id;
+            high[f] = id > high[f] ? id : high[f];
+        }
+    }
+    memcpy(top, high, sizeof high);
+    return 0;
 }
