@@ -1,16 +1,26 @@
 """`python -m dlrm_torchrec.data.prepare_mlperf` (also `dlrm-prepare-mlperf`): the raw Criteo 1TB days to MLPerf DLRM-DCNv2's training files (`data.converters.prepare_mlperf`)."""
 
-import argparse
 import os
-import resource
-import sys
-import time
-from typing import Optional, Sequence
 
-from dlrm_torchrec.cli import positive_float, run_tool
-from dlrm_torchrec.data.converters import mlperf_multi_hot as mh
-from dlrm_torchrec.data.converters.prepare_mlperf import STAGES, PrepareError, Settings, run
-from dlrm_torchrec.data.converters.preprocess import print_report
+# no BLAS routine runs here: OpenBLAS's threads (one per core, spinning a while after
+# numpy's import) would only take time from the workers. Set before numpy is imported.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import resource  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from typing import Optional, Sequence  # noqa: E402
+
+from dlrm_torchrec.cli import positive_float, run_tool  # noqa: E402
+from dlrm_torchrec.data.converters import mlperf_multi_hot as mh  # noqa: E402
+from dlrm_torchrec.data.converters.prepare_mlperf import (  # noqa: E402
+    STAGES,
+    PrepareError,
+    Settings,
+    run,
+)
+from dlrm_torchrec.data.converters.preprocess import print_report  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> Settings:
