@@ -123,6 +123,21 @@ def test_a_killed_run_restarted_writes_the_same_bytes(days, tmp_path, kill_at):
     assert_same_as_oracle(out, days["oracle"])
 
 
+def test_the_place_stage_removes_what_only_the_scatter_read_and_a_rerun_needs_none_of_it(
+        days, tmp_path):
+    out = tmp_path / "out"
+    work = out / ".prepare"
+    for stage in ("parse", "vocab", "scatter", "place"):
+        assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2", "--stage", stage]
+                        + MEMORY) == 0
+    assert not list((work / "vocab").glob("map_*.npy")) and not (work / "destinations").exists()
+    assert not list((work / "parse").glob("day_*/first.npy"))
+    assert len(list((work / "vocab").glob("count_*.json"))) == 26  # the place reads these
+    # the whole command again: the vocabulary stage is not redone (its inputs are gone too)
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
+    assert_same_as_oracle(out, days["oracle"])
+
+
 def test_malformed_rows_are_dropped_and_reported_on_request(days, tmp_path, capsys):
     inputs = list(days["inputs"])
     text = open(inputs[7]).read().splitlines(keepends=True)

@@ -85,6 +85,7 @@ import re
 import shutil
 import signal
 import sys
+import threading
 import time
 import zlib
 from concurrent.futures import (
@@ -1188,10 +1189,19 @@ class _Run:
         if s.world_size == 1:
             self.say(f"parse: {sum(self.rows('parse')):,} rows in {DAYS} days")
 
+    def all_scattered(self) -> bool:
+        """Every day scattered (day 23 written): the maps and the destinations, which the
+        place stage removes as it starts, are not needed again."""
+        return all(scattered(self.parse_dir, d) for d in range(TRAIN_DAYS)) and all(
+            os.path.exists(os.path.join(self.out, f"day_{TRAIN_DAYS}_{p}.npy")) for p, _ in PARTS)
+
     def vocab(self) -> None:
         rows = self.rows("vocab")
         vocab_dir = os.path.join(self.work, "vocab")
         destinations = os.path.join(self.work, "destinations")
+        if self.all_scattered():  # a resumed run: what this stage made is used and gone
+            self.say("vocab and permutation")
+            return
         tasks = [("permute", permute, (rows[:TRAIN_DAYS], self.s.seed, destinations,
                                        self.budget), lambda: os.path.isdir(destinations))]
         tasks += [(f"vocab {f}", build_vocab, (f, self.parse_dir, vocab_dir),
@@ -1202,7 +1212,7 @@ class _Run:
 
     def scatter(self) -> None:
         vocab_dir = os.path.join(self.work, "vocab")
-        if not (os.path.isdir(os.path.join(self.work, "destinations")) and all(
+        if not self.all_scattered() and not (os.path.isdir(os.path.join(self.work, "destinations")) and all(
                 os.path.exists(os.path.join(vocab_dir, f"map_{f}.npy")) for f in range(NUM_SPARSE))):
             raise _stage_error("scatter", "the vocabularies or the permutation are missing",
                                "vocab")
@@ -1257,9 +1267,31 @@ class _Run:
             return (os.path.exists(os.path.join(work, "place", f"bucket_{b}.done"))
                     or os.path.exists(os.path.join(out, f"day_{buckets[b][0]}_labels.npy")))
 
-        self.share("place", [(str(b), place_bucket, (b, work, out) + buckets[b],
-                              lambda b=b: done(b)) for b in range(len(buckets))])
+        # what only the scatter read is removed while the buckets are placed: the workers
+        # wait on the disk, and this process on them (removing it at the end took 0.2 s)
+        cleaner = None
+        if self.s.rank == 0 and not self.s.keep_work:
+            cleaner = threading.Thread(target=self.remove_scatter_inputs, name="remove")
+            cleaner.start()
+        try:
+            self.share("place", [(str(b), place_bucket, (b, work, out) + buckets[b],
+                                  lambda b=b: done(b)) for b in range(len(buckets))])
+        finally:
+            if cleaner is not None:
+                cleaner.join()
         self.say("place")
+
+    def remove_scatter_inputs(self) -> None:
+        """The vocabulary maps (not their counts: the place reads those), the destinations
+        and the days' first occurrences."""
+        paths = [os.path.join(self.work, "vocab", f"map_{f}.npy") for f in range(NUM_SPARSE)]
+        paths += [os.path.join(self.parse_dir, f"day_{d}", "first.npy") for d in range(DAYS)]
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        shutil.rmtree(os.path.join(self.work, "destinations"), ignore_errors=True)
 
     def publish(self, stage: str) -> None:
         """Rename the placed days into place, each once all its buckets are placed. Any rank
