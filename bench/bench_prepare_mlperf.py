@@ -109,11 +109,12 @@ def gunzip_ns_per_byte(path: str) -> float:
 
 
 def shuffle_ns_per_row(n: int = 1 << 26) -> float:
-    """The legacy MT19937 shuffle of uint32 indices (the one step that cannot run in
-    parallel): ns per row."""
+    """The legacy MT19937 shuffle of uint32 indices as prepare_mlperf makes it
+    (`native.legacy_shuffle`; the one step that cannot run in parallel): ns per row."""
+    from dlrm_torchrec.data.converters import native
     perm = np.arange(n, dtype=np.uint32)
     t0 = time.time()
-    np.random.RandomState(0).shuffle(perm)
+    native.legacy_shuffle(perm, 0)
     return (time.time() - t0) / n * 1e9
 
 

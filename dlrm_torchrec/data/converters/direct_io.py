@@ -134,8 +134,8 @@ def write_at(path: str, data: np.ndarray, offset: int) -> None:
 
 class DirectWriter:
     """A new file written front to back: the bytes gather in a page-aligned buffer of
-    `buffer_bytes`, whose whole pages go to the file with O_DIRECT from this process's I/O
-    thread (`background`) while the next buffer fills; `close` writes the last partial
+    `buffer_bytes`, whose whole pages go to the file with O_DIRECT from this process's
+    writer thread (`writer_thread`) while the next buffer fills; `close` writes the last partial
     page padded, then cuts the file to its length. Through the page cache where the file
     system refuses O_DIRECT.
 

@@ -65,7 +65,8 @@ bucket plan; making the output files the place stage fills) are rank 0's, in the
 before.
 
 Memory: each task holds at most its share of --memory-gb (chunks: two half-size ones in a
-scatter task, which reads one while it works on the other; one bucket), plus, in a
+scatter task, which reads one while it works on the other; one bucket; a parse task's
+text blocks, a 16th of it within 8-32 MB, held about five times over), plus, in a
 parse task, a hash table per feature of the day's distinct values (8-byte slots, at most
 70 % full, doubling: under 23 bytes a value, plus 4 for the order), in a vocab task one of
 its feature's distinct values (sized for those so far plus the next day's before each day:
