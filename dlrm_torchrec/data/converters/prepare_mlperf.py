@@ -763,8 +763,9 @@ def permute(rows: List[int], seed: int, dst: str, budget: int) -> None:
     into folder `dst` at once. Shuffling indices makes the same swaps as shuffling the
     rows: the legacy shuffle draws random_interval(i) for i = n-1 .. 1 whatever the array
     holds (`native.legacy_shuffle` makes numpy's draws and swaps, its element fetches
-    overlapped, in a quarter of numpy's time). Holds the permutation (4 bytes a row) and the destinations of as many days as
-    `budget` bytes hold (at least one), found in one pass over the permutation."""
+    overlapped, in a quarter of numpy's time). Holds the permutation (4 bytes a row) and
+    the destinations of as many days as `budget` bytes hold (at least one), found in one
+    pass over the permutation."""
     n = sum(rows)
     if n > 2 ** 32:
         raise PrepareError(f"{n} training rows: more than this tool's uint32 permutation holds")
@@ -867,9 +868,9 @@ def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_sta
     """Stage 3 for a training day: each row, transformed, as a record (its row in its
     bucket, its values, each feature's ids in `record_widths` bytes: the bytes the largest
     needs, so the records cross the disk twice in fewer bytes) grouped by bucket within its
-    chunk, written over the
-    day's rows chunk by chunk (`_DayRows`). A scatter killed while it rewrote the rows
-    leaves them half records: the day (`path`, the raw text) is parsed again first."""
+    chunk, written over the day's rows chunk by chunk (`_DayRows`). A scatter killed while
+    it rewrote the rows leaves them half records: the day (`path`, the raw text) is parsed
+    again first."""
     parse_dir = os.path.join(work, "parse")
     day_dir = os.path.join(parse_dir, f"day_{day}")
     if not os.path.exists(os.path.join(day_dir, "rows.npy")):
