@@ -122,9 +122,10 @@ IO_BLOCK = 8 << 20
 
 
 def _stream(paths, out_path=None, out_bytes=0):
-    """Read `paths` one after another and write `out_bytes` random bytes to `out_path` at the same
-    time (two threads; O_DIRECT, page-aligned blocks, so no page cache is involved where the
-    file system takes it), as one stage of the run moves its data: seconds taken."""
+    """Read `paths` one after another and write `out_bytes` random bytes to `out_path` at
+    the same time (two threads; O_DIRECT, page-aligned blocks, so no page cache is involved
+    where the file system takes it), as one stage of the run moves its data: seconds
+    taken."""
     def read_all():
         buf = mmap.mmap(-1, IO_BLOCK)
         for path in paths:

@@ -274,8 +274,9 @@ def release_buffers() -> None:
 _THREADS: Dict[str, Tuple[int, ThreadPoolExecutor]] = {}
 
 
-def _thread(name: str) -> ThreadPoolExecutor:
-    """This process's thread `name` (a forked child makes its own)."""
+def thread(name: str) -> ThreadPoolExecutor:
+    """This process's thread `name`: what is handed to it runs one at a time, in order (a
+    forked child makes its own). A worker process joins it as it exits."""
     pid, pool = _THREADS.get(name, (0, None))
     if pool is None or pid != os.getpid():
         pool = ThreadPoolExecutor(1, thread_name_prefix=name)
@@ -283,11 +284,18 @@ def _thread(name: str) -> ThreadPoolExecutor:
     return pool
 
 
+def finish_thread(name: str) -> None:
+    """Wait for what this process handed to its thread `name`, and end the thread."""
+    pid, pool = _THREADS.pop(name, (0, None))
+    if pool is not None and pid == os.getpid():
+        pool.shutdown(wait=True)
+
+
 def background() -> ThreadPoolExecutor:
     """This process's I/O thread: the reads and writes handed to it run one at a time, in
     the order given (so a buffer handed to a read after a write of it is free again), while
     the caller computes; one per process."""
-    return _thread("direct-io")
+    return thread("direct-io")
 
 
 def writer_thread() -> ThreadPoolExecutor:
@@ -295,4 +303,4 @@ def writer_thread() -> ThreadPoolExecutor:
     writer's buffer is its own, so it needs no order with the reads, and the disk serves a
     read and a write at once faster than one after the other (a parse task waited 10 % of
     its time on its writes queued behind its reads)."""
-    return _thread("direct-writer")
+    return thread("direct-writer")

@@ -89,13 +89,7 @@ import sys
 import threading
 import time
 import zlib
-from concurrent.futures import (
-    FIRST_COMPLETED,
-    Future,
-    ProcessPoolExecutor,
-    ThreadPoolExecutor,
-    wait,
-)
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -124,6 +118,11 @@ FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 # feature's id table is looked up once per row of a chunk in a pass of its own: a larger
 # chunk finds more of the table in the caches (32 MB against 8 MB: 10 % less parsing time)
 CHUNK_BYTES, MAX_CHUNK_BYTES = 8 << 20, 32 << 20
+# a place task's thread for punching holes (`direct_io.thread`): a punch waits for the
+# direct reads in flight on its file (the other workers' parts of the same chunks), a few
+# milliseconds each, over a hundred per bucket, and the next bucket's reads need not wait
+# with it; `_release_scratch` waits for it where the tasks ran inline
+PUNCH_THREAD = "punch"
 EXACT_BYTES = 1 << 16  # text the exact parser takes from a line the compiled one does not
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
 ROW_BYTES = 4 * native.ROW_WORDS  # a parsed row: label, raw dense values, local ids
@@ -568,10 +567,7 @@ def _scratch(name: str, make: Callable[[], object]) -> object:
 def _release_scratch() -> None:
     """Free the memory a process's tasks keep between tasks of one stage (the holes they
     left to punch punched first)."""
-    global _PUNCHER
-    if _PUNCHER[1] is not None and _PUNCHER[0] == os.getpid():
-        _PUNCHER[1].shutdown(wait=True)
-    _PUNCHER = (0, None)
+    direct_io.finish_thread(PUNCH_THREAD)
     for t in _DAY_TABLES + _VOCAB_TABLE:
         t.close()
     _DAY_TABLES.clear()
@@ -1005,7 +1001,7 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         direct_io.write_at(_part_path(out, day, part), data, at)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"),
                {"rows": rows, "largest_ids": top.tolist()}, sync=False)
-    _puncher().submit(_punch_out, segments)  # placed for good
+    direct_io.thread(PUNCH_THREAD).submit(_punch_out, segments)  # placed for good
 
 
 def _punch_out(segments: List[Tuple[str, int, int]]) -> None:
@@ -1022,22 +1018,6 @@ def _punch_out(segments: List[Tuple[str, int, int]]) -> None:
                 native.punch_hole(fd, at, size)
         finally:
             os.close(fd)
-
-
-_PUNCHER: Tuple[int, Optional[ThreadPoolExecutor]] = (0, None)
-
-
-def _puncher() -> ThreadPoolExecutor:
-    """This process's thread for punching holes: a punch waits for the direct reads in
-    flight on its file (the other workers' parts of the same chunks), a few milliseconds
-    each, over a hundred per bucket, and the next bucket's reads need not wait with it.
-    A worker process joins it as it exits; `_release_scratch` waits for it inline."""
-    global _PUNCHER
-    pid, pool = _PUNCHER
-    if pool is None or pid != os.getpid():
-        pool = ThreadPoolExecutor(1, thread_name_prefix="punch")
-        _PUNCHER = (os.getpid(), pool)
-    return pool
 
 
 # --------------------------------------------------------------------------- driver
@@ -1191,11 +1171,14 @@ class _Run:
         if s.world_size == 1:
             self.say(f"parse: {sum(self.rows('parse')):,} rows in {DAYS} days")
 
+    def eval_written(self) -> bool:
+        return all(os.path.exists(os.path.join(self.out, f"day_{TRAIN_DAYS}_{p}.npy"))
+                   for p, _ in PARTS)
+
     def all_scattered(self) -> bool:
         """Every day scattered (day 23 written): the maps and the destinations, which the
         place stage removes as it starts, are not needed again."""
-        return all(scattered(self.parse_dir, d) for d in range(TRAIN_DAYS)) and all(
-            os.path.exists(os.path.join(self.out, f"day_{TRAIN_DAYS}_{p}.npy")) for p, _ in PARTS)
+        return all(scattered(self.parse_dir, d) for d in range(TRAIN_DAYS)) and self.eval_written()
 
     def vocab(self) -> None:
         rows = self.rows("vocab")
@@ -1214,16 +1197,15 @@ class _Run:
 
     def scatter(self) -> None:
         vocab_dir = os.path.join(self.work, "vocab")
-        if not self.all_scattered() and not (os.path.isdir(os.path.join(self.work, "destinations")) and all(
-                os.path.exists(os.path.join(vocab_dir, f"map_{f}.npy")) for f in range(NUM_SPARSE))):
+        made = os.path.isdir(os.path.join(self.work, "destinations")) and all(
+            os.path.exists(os.path.join(vocab_dir, f"map_{f}.npy")) for f in range(NUM_SPARSE))
+        if not made and not self.all_scattered():
             raise _stage_error("scatter", "the vocabularies or the permutation are missing",
                                "vocab")
         rows = self.rows("scatter")
         starts, buckets = self.buckets("scatter")
         out, work = self.out, self.work
-        eval_done = lambda: all(os.path.exists(os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy"))  # noqa: E731
-                                for p, _ in PARTS)
-        tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), eval_done)]
+        tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), self.eval_written)]
         tasks += [(str(d), scatter_day, (d, work, self.s.inputs[d], self.s.drop_malformed,
                                          starts, self.s.exact_ids,
                                          self.scatter_rows),

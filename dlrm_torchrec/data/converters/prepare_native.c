@@ -327,7 +327,14 @@ static inline int32_t get_id(const uint8_t *at, int width) {
  * counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch. Returns 0, -1
  * if a destination is before the first bucket or a bucket holds 2**31 rows or more, -2
  * when memory ran out, -3 if an id does not fit its width. */
+/* The map entries of a later parsed row fetched while the loops over rows work on this
+ * one: a day's 26 maps outgrow the caches, and the misses so overlap. */
 #define SCATTER_AHEAD 8
+static inline void prefetch_ids(const uint32_t *const *maps, const uint32_t *row) {
+    const uint32_t *local = row + 1 + NUM_DENSE;
+    for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + local[f]);
+}
+
 int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
                         const uint32_t *const *maps, int exact, const uint32_t *dest,
                         const int64_t *bucket_starts, int64_t nb, const uint8_t *widths,
@@ -354,12 +361,7 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
     for (int64_t i = 0; i < n && !rc; i++) {
         int32_t b = bucket_of[i];
         const uint32_t *row = rows + i * ROW_WORDS;
-        /* the map entries of a later row fetched while this one is written: the 26 maps
-         * of a day outgrow the caches, and the misses so overlap */
-        if (i + SCATTER_AHEAD < n) {
-            const uint32_t *later = rows + (i + SCATTER_AHEAD) * ROW_WORDS + 1 + NUM_DENSE;
-            for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + later[f]);
-        }
+        if (i + SCATTER_AHEAD < n) prefetch_ids(maps, rows + (i + SCATTER_AHEAD) * ROW_WORDS);
         uint8_t *r = records + next[b]++ * record_bytes;
         int64_t k = (int64_t)dest[i] - bucket_starts[b];
         if (k >= (1ll << 31)) { rc = -1; break; }
@@ -509,17 +511,12 @@ void legacy_shuffle(uint32_t *x, int64_t n, uint32_t seed) {
     mt_t s;
     uint32_t ahead[2 * SHUFFLE_AHEAD];
     mt_seed(&s, seed);
-    int64_t drawn = n - 1; /* the next i whose j is drawn */
-    for (; drawn >= 1 && n - 1 - drawn < SHUFFLE_AHEAD; drawn--) {
-        ahead[drawn % (2 * SHUFFLE_AHEAD)] = mt_interval(&s, (uint32_t)drawn);
-        __builtin_prefetch(x + ahead[drawn % (2 * SHUFFLE_AHEAD)], 1);
-    }
+    int64_t drawn = n - 1; /* the next i whose j is drawn, in the draws' order */
     for (int64_t i = n - 1; i >= 1; i--) {
-        if (drawn >= 1) {
+        for (; drawn >= 1 && drawn >= i - SHUFFLE_AHEAD; drawn--) {
             uint32_t j = mt_interval(&s, (uint32_t)drawn);
             ahead[drawn % (2 * SHUFFLE_AHEAD)] = j;
             __builtin_prefetch(x + j, 1);
-            drawn--;
         }
         uint32_t j = ahead[i % (2 * SHUFFLE_AHEAD)], t = x[i];
         x[i] = x[j];
@@ -539,10 +536,7 @@ int64_t lookup_ids(int64_t n, const uint32_t *rows, const uint32_t *const *maps,
     memcpy(high, top, sizeof high);
     for (int64_t i = 0; i < n; i++) {
         const uint32_t *local = rows + i * ROW_WORDS + 1 + NUM_DENSE;
-        if (i + SCATTER_AHEAD < n) {
-            const uint32_t *later = local + SCATTER_AHEAD * ROW_WORDS;
-            for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + later[f]);
-        }
+        if (i + SCATTER_AHEAD < n) prefetch_ids(maps, rows + (i + SCATTER_AHEAD) * ROW_WORDS);
         for (int f = 0; f < NUM_SPARSE; f++) {
             if ((int64_t)local[f] >= sizes[f]) return -1;
             int64_t id = maps[f][local[f]];
