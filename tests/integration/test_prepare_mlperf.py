@@ -229,6 +229,51 @@ def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
         2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]
 
 
+def _parser_arrays(labels, dense, sparse):
+    """The parser's arrays for rows given row-major: labels (n,), dense (n, 13), ids (n, 26)."""
+    return (np.asarray(labels, np.int32), np.asarray(dense, np.int32),
+            np.ascontiguousarray(np.asarray(sparse, np.uint32).T))
+
+
+def test_packed_rows_store_each_column_less_its_smallest_in_the_bytes_its_range_needs():
+    dense = np.zeros((2, 13), np.int64)
+    dense[:, 0] = [-2, 300]  # range 302: two bytes, 0 and 302 stored
+    dense[:, 1] = [-2 ** 31, 2 ** 31 - 1]  # the whole int32 range: four bytes
+    sparse = np.full((2, 26), 7)  # constant: no bytes at all
+    sparse[:, 5] = [2 ** 32 - 1, 2 ** 32 - 256]  # range 255: one byte
+    labels = [1, 0]
+    pack, packed = native.pack_rows(*_parser_arrays(labels, dense, sparse),
+                                    np.zeros(2 * 160 + native.PACK_ROOM, np.uint8))
+    want_widths = [1, 2, 4] + [0] * 11 + [0] * 5 + [1] + [0] * 20
+    assert pack.widths.tolist() == want_widths and pack.row_bytes == 8
+    assert pack.bases[:3].view(np.int32).tolist() == [0, -2, -2 ** 31]
+    assert int(pack.bases[14 + 5]) == 2 ** 32 - 256 and int(pack.bases[14]) == 7
+    # row 0: label 1, 0 (2 bytes), 0 (4 bytes), 255; row 1: label 0, 302, 2**32 - 1, 0
+    assert packed.tobytes() == bytes([1, 0, 0, 0, 0, 0, 0, 255,
+                                      0, 46, 1, 255, 255, 255, 255, 0])
+
+
+@pytest.mark.parametrize("n", [1, 7, 3000])
+def test_packed_rows_unpack_to_the_rows_even_over_their_own_bytes(n):
+    rng = np.random.default_rng(n)
+    labels = rng.integers(0, 2, n)
+    dense = rng.integers(-5, 5000, (n, 13))
+    dense[:, 4] = rng.integers(-2 ** 31, 2 ** 31, n)
+    sparse = rng.integers(0, 2 ** 32, (n, 26))
+    for f, top in enumerate([1, 2 ** 8, 2 ** 16, 2 ** 24] * 5):
+        sparse[:, f] = rng.integers(0, top, n)
+    pack, packed = native.pack_rows(*_parser_arrays(labels, dense, sparse),
+                                    np.zeros(n * 160 + native.PACK_ROOM, np.uint8))
+    assert len(packed) == n * pack.row_bytes < n * 160
+    want = np.concatenate([labels[:, None], dense, sparse], axis=1).astype(np.int64) % 2 ** 32
+    # the rows written over the packed bytes, which end where the rows do
+    space = np.zeros(n * 160 + native.PACK_ROOM, np.uint8)
+    space[n * 160 - len(packed):n * 160] = packed
+    rows = space[:n * 160].view(np.uint32).reshape(n, native.ROW_WORDS)
+    native.unpack_rows(pack, space[n * 160 - len(packed):n * 160], rows)
+    assert (rows == want).all()
+
+
 def test_id_tables_number_values_in_order_of_first_sight_across_calls():
     table = native.IdTable(2, keep_order=True)
     got = [table.assign(np.array(block, dtype=np.uint32)).tolist()
@@ -570,17 +615,14 @@ def test_work_written_before_the_machine_restarted_is_redone_not_trusted(days, t
     assert_same_as_oracle(out, days["oracle"])
 
 
-def test_a_day_whose_scatter_was_killed_half_way_is_parsed_again(days, tmp_path):
-    # the scatter writes a day's records over its parsed rows: killed half-way, the day's
-    # rows are gone, and the resumed run must parse the day again rather than read them
+def test_a_day_whose_scatter_was_killed_half_way_is_scattered_again_from_its_rows(days,
+                                                                                  tmp_path):
+    # a killed scatter leaves the day's rows and part of its records: the resumed run
+    # writes the records again, from the start, instead of trusting the partial file
     out = tmp_path / "out"
     for stage in ("parse", "vocab"):
         assert cli.main(days["inputs"] + ["-o", str(out), "--stage", stage] + MEMORY) == 0
     day = out / ".prepare" / "parse" / "day_5"
-    half = day / "records.partial.npy"
-    os.replace(day / "rows.npy", half)
-    with open(half, "r+b") as f:
-        f.seek(os.path.getsize(half) // 2)
-        f.write(b"\xff" * 1000)  # a record written over a row
+    (day / "records.partial.npy").write_bytes(b"\xff" * 5000)
     assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "2"] + MEMORY) == 0
     assert_same_as_oracle(out, days["oracle"])

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import List, Optional, Sequence, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -100,7 +100,8 @@ def lib() -> ctypes.CDLL:
             "table_reserve": (_I64, [_P, _I64]),
             "table_clear": (None, [_P]),
             "table_order": (None, [_P, _P]),
-            "interleave_rows": (None, [_I64, _P, _P, _P, _I64, _P]),
+            "pack_rows": (_I64, [_I64, _P, _P, _P, _I64, _P, _P, _P]),
+            "unpack_rows": (None, [_I64, _P, _P, _P, _P]),
             "scatter_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P, _I64,
                                        _P, _P, _P]),
             "place_records": (_I64, [_P, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P]),
@@ -196,19 +197,52 @@ class IdTable:
     __del__ = close
 
 
-def interleave_rows(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
-                    out: np.ndarray) -> np.ndarray:
+class Pack(NamedTuple):
+    """How a group of parsed rows is packed (see `pack_rows`): column c of a row (its
+    label, 13 raw dense values, 26 local numbers) is bases[c] plus widths[c] bytes."""
+
+    rows: int
+    bases: np.ndarray  # (ROW_WORDS,) uint32
+    widths: np.ndarray  # (ROW_WORDS,) uint8
+
+    @property
+    def row_bytes(self) -> int:
+        return int(self.widths.sum())
+
+
+PACK_ROOM = 4  # bytes a pack's buffer holds past its rows (each value is moved as a word)
+
+
+def pack_rows(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
+              out: np.ndarray) -> Tuple[Pack, np.ndarray]:
     """Parser arrays of n rows (labels (n,) int32, dense (n, 13) int32, sparse (26, >= n)
-    uint32 feature-major, its first n columns) -> `out`'s first n rows ((>= n, ROW_WORDS)
-    uint32): label, dense values (their int32 bits), the 26 ids; returns them."""
+    uint32 feature-major, its first n columns) -> (their Pack, its bytes: the start of
+    `out`, uint8 with room for n * 4 * ROW_WORDS + PACK_ROOM). Each column's values are
+    stored less the column's smallest, in as few bytes as the largest difference needs
+    (0 for a constant column): most take one to three bytes instead of four."""
     n = len(labels)
     if not (dense.shape == (n, 13) and sparse.shape[0] == 26 and sparse.shape[1] >= n
             and (sparse.strides[1] == 4 or n == 1) and sparse.strides[0] % 4 == 0
-            and sparse.dtype == np.uint32 and out.shape[0] >= n and out.shape[1:] == (ROW_WORDS,)):
-        raise ValueError("interleave_rows: inconsistent shapes")
-    lib().interleave_rows(n, _ptr(labels, np.int32), _ptr(dense, np.int32), sparse.ctypes.data,
-                          sparse.strides[0] // 4, _ptr(out, np.uint32, True))
-    return out[:n]
+            and sparse.dtype == np.uint32 and out.nbytes >= n * 4 * ROW_WORDS + PACK_ROOM):
+        raise ValueError("pack_rows: inconsistent shapes")
+    bases, widths = np.empty(ROW_WORDS, np.uint32), np.empty(ROW_WORDS, np.uint8)
+    row_bytes = lib().pack_rows(n, _ptr(labels, np.int32), _ptr(dense, np.int32),
+                                sparse.ctypes.data, sparse.strides[0] // 4,
+                                bases.ctypes.data, widths.ctypes.data, _ptr(out, np.uint8, True))
+    return Pack(n, bases, widths), out[:n * row_bytes]
+
+
+def unpack_rows(pack: Pack, packed: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """One pack's bytes (uint8, pack.rows * pack.row_bytes; readable for PACK_ROOM - 1
+    bytes past them) -> `out` (pack.rows, ROW_WORDS) uint32: label, dense values (their
+    int32 bits), local numbers. `out` may overlap `packed` if it starts at least
+    out.nbytes - packed.nbytes bytes before it."""
+    if packed.nbytes != pack.rows * pack.row_bytes or out.shape != (pack.rows, ROW_WORDS):
+        raise ValueError(f"unpack_rows: {packed.nbytes} bytes for {pack.rows} rows of "
+                         f"{pack.row_bytes}, out {out.shape}")
+    lib().unpack_rows(pack.rows, _ptr(packed, np.uint8), _ptr(pack.bases, np.uint32),
+                      _ptr(pack.widths, np.uint8), _ptr(out, np.uint32, True))
+    return out
 
 
 def _maps(maps: Sequence[np.ndarray]) -> ctypes.Array:

@@ -118,10 +118,11 @@ FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 # feature's id table is looked up once per row of a chunk in a pass of its own: a larger
 # chunk finds more of the table in the caches (32 MB against 8 MB: 10 % less parsing time)
 CHUNK_BYTES, MAX_CHUNK_BYTES = 8 << 20, 32 << 20
-# a place task's thread for punching holes (`direct_io.thread`): a punch waits for the
-# direct reads in flight on its file (the other workers' parts of the same chunks), a few
-# milliseconds each, over a hundred per bucket, and the next bucket's reads need not wait
-# with it; `_release_scratch` waits for it where the tasks ran inline
+# a worker's thread for freeing disk space (`direct_io.thread`): the place stage's punched
+# holes (a punch waits for the direct reads in flight on its file, the other workers'
+# parts of the same chunks, a few milliseconds each, over a hundred per bucket, and the
+# next bucket's reads need not wait with it) and the scatter's removal of a day's rows;
+# `_release_scratch` waits for it where the tasks ran inline
 PUNCH_THREAD = "punch"
 EXACT_BYTES = 1 << 16  # text the exact parser takes from a line the compiled one does not
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
@@ -129,13 +130,15 @@ ROW_BYTES = 4 * native.ROW_WORDS  # a parsed row: label, raw dense values, local
 # bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
 # output columns and a byte marking each row placed
 PLACE_BYTES_PER_ROW = native.RECORD_BYTES + 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
-# bytes per row of a scatter chunk: the parsed row read, its destination, the dense
-# transform's two arrays and the record
-SCATTER_BYTES_PER_ROW = ROW_BYTES + 4 + 2 * 4 * NUM_DENSE + native.RECORD_BYTES
+# bytes per row of a scatter chunk: the parsed row read and its destination (one arena),
+# the dense transform's two arrays and the record (another); a scatter holds two of each
+SCATTER_READ_BYTES_PER_ROW = ROW_BYTES + 4
+SCATTER_WRITE_BYTES_PER_ROW = 2 * 4 * NUM_DENSE + native.RECORD_BYTES
 # the same for day 23: the row read, the dense transform's arrays, int64 ids
 EVAL_BYTES_PER_ROW = ROW_BYTES + 2 * 4 * NUM_DENSE + 8 * NUM_SPARSE
-# disk per row at the peak: parsed rows (then records in their place), first occurrences
-# (at most), output
+# disk per row at the peak: parsed rows (then records: a day's rows go once its records
+# are written; a day being scattered has both, while no output is written yet), first
+# occurrences (at most), output
 DISK_BYTES_PER_ROW = ROW_BYTES + 4 * NUM_SPARSE + 160 + 8
 PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
@@ -405,21 +408,22 @@ def _first_bad(bad: ct.BadRows) -> Optional[Tuple[int, str, str]]:
 
 def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
               chunk_bytes: int = CHUNK_BYTES) -> dict:
-    """Stage 1 for one day, into folder `dst`: its rows (`rows.npy`, (n, ROW_WORDS)
-    uint32: the label, the raw dense values, each id as its day-local number, the position
-    of its value in the day's first-occurrence order of its feature), and those
-    first-occurrence orders. The compiled parser takes the plainly valid lines; from a line
+    """Stage 1 for one day, into folder `dst`: its rows (the label, the raw dense values,
+    each id as its day-local number, the position of its value in the day's
+    first-occurrence order of its feature), packed group by group (`rows.npy`, bytes, and
+    `packs.npy`: see `_DayRows`), and those first-occurrence orders. The compiled parser takes the plainly valid lines; from a line
     it does not take (malformed, or to be repaired) the exact parser
     (`criteo_text.parse_chunk`) takes over for up to EXACT_BYTES, naming the problem. A
     plain file is read block by block past the page cache (`_parse_plain`); a gzip file
     (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
     tmp = _fresh(dst)
-    rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint32, native.ROW_WORDS,
-                         sync=False, direct=True)
+    rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint8, 1, sync=False, direct=True)
+    packs: List[List[int]] = []  # per pack: its first row, its first byte, then its Pack
     tables = _day_tables()
     buffers = _scratch(f"parse {chunk_bytes}", lambda: native.ParseBuffers(chunk_bytes // 200))
-    row_buffer = _scratch(f"rows {chunk_bytes}",
-                          lambda: np.empty((buffers.max_rows, native.ROW_WORDS), np.uint32))
+    row_buffer = _scratch(f"rows {chunk_bytes}", lambda: np.empty(
+        buffers.max_rows * ROW_BYTES + native.PACK_ROOM, np.uint8))
+    rows_so_far = 0
     day_min: Optional[int] = None
     bad = ct.BadRows()
 
@@ -433,15 +437,20 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
     def take(dense: np.ndarray, columns: np.ndarray, labels: np.ndarray, low: int) -> None:
         """Rows: dense (n, 13) int32, the raw ids feature-major (26, n) uint32 (numbered
         in place), labels (n,) int32; low: their smallest dense value."""
-        nonlocal day_min
+        nonlocal day_min, rows_so_far
         if not len(labels):
             return
         day_min = low if day_min is None else min(day_min, low)
         for f in range(NUM_SPARSE):
             tables[f].assign(columns[f], out=columns[f])
-        out = row_buffer if len(labels) <= len(row_buffer) else \
-            np.empty((len(labels), native.ROW_WORDS), np.uint32)
-        rows_out.write(native.interleave_rows(labels, dense, columns, out))
+        room = len(labels) * ROW_BYTES + native.PACK_ROOM
+        pack, packed = native.pack_rows(labels, dense, columns, row_buffer if room <= len(
+            row_buffer) else np.empty(room, np.uint8))
+        packs.append([rows_so_far, rows_out.rows, pack.rows, *pack.bases.tolist(),
+                      *pack.widths.tolist()])
+        rows_so_far += pack.rows
+        if len(packed):  # rows all alike take no bytes
+            rows_out.write(packed)
 
     def exact(data: bytes, first_line: int) -> int:
         """Whole lines parsed by the exact parser; returns their number."""
@@ -520,7 +529,10 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
         counts.append(len(t))
     firsts.finish()
     np.save(os.path.join(tmp, "first_offsets.npy"), np.cumsum(counts).astype(np.int64))
-    stats = {"day": day, "rows": rows_out.rows, "lines": lines, "dense_min": day_min,
+    np.save(os.path.join(tmp, "packs.npy"), np.array(packs, np.int64).reshape(
+        len(packs), 3 + 2 * native.ROW_WORDS))
+    stats = {"day": day, "rows": rows_so_far, "row_bytes": rows_out.rows, "lines": lines,
+             "dense_min": day_min,
              "bad_counts": bad.counts, "bad_examples": bad.examples}
     write_json(os.path.join(tmp, "stats.json"), stats, sync=False)
     os.replace(tmp, dst)
@@ -575,8 +587,8 @@ def _release_scratch() -> None:
     _SCRATCH.clear()
     direct_io.release_buffers()
     mh.release_scratch()
-    ARENA.release()
-    SPARE_ARENA.release()
+    for arena in (ARENA, SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA):
+        arena.release()
 
 
 def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, int]],
@@ -658,7 +670,9 @@ class Arena:
 
 
 ARENA = Arena()
-SPARE_ARENA = Arena()  # the scatter's second, so one chunk is read while another is worked on
+# the scatter's other arenas: one chunk is read while another is worked on and a third
+# written (`scatter_day`)
+SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA = Arena(), Arena(), Arena()
 
 
 def read_rows(path: str, lo: int, hi: int, arena: Optional[Arena] = None,
@@ -797,34 +811,76 @@ def day_maps(work: str, day: int) -> List[np.ndarray]:
 
 
 class _DayRows:
-    """A parsed day's folder: its stats, and its rows (`rows.npy`, (n, ROW_WORDS) uint32),
-    read a chunk at a time. The scatter writes each chunk's records over the chunk's rows
-    once it has read them (no second file on the disk: a record is no larger than a row,
-    and a chunk's records start where its rows did):
-    `records.partial.npy` while it does, `records.npy` once done, with `index.npy`
-    ((chunks, 1 + buckets) int64: per chunk its first row, then its rows of each
-    bucket)."""
+    """A parsed day's folder: its stats, and its rows, read a chunk of packs at a time.
+    `rows.npy` holds the packed rows (uint8), pack after pack; `packs.npy` ((packs, 3 + 2 *
+    ROW_WORDS) int64) per pack its first row, its first byte, its rows, then its
+    `native.Pack` bases and widths. The scatter writes the day's records, bucket by
+    bucket within each chunk (`records.partial.npy` while it does, `records.npy` once
+    done, each record in the bytes `record_widths` gives), with `index.npy` ((chunks, 1 +
+    buckets) int64: per chunk its first row, then its rows of each bucket); then the rows
+    are removed."""
 
     def __init__(self, parse_dir: str, day: int):
         self.folder = os.path.join(parse_dir, f"day_{day}")
         with open(self.at("stats.json")) as f:
             self.stats = json.load(f)
         self.rows = self.stats["rows"]
+        table = np.load(self.at("packs.npy"))
+        self.first_row, self.first_byte = table[:, 0].tolist(), table[:, 1].tolist()
+        self.packs = [native.Pack(int(t[2]), t[3:3 + native.ROW_WORDS].astype(np.uint32),
+                                  t[3 + native.ROW_WORDS:].astype(np.uint8)) for t in table]
+        self.first_row.append(self.rows)
+        self.first_byte.append(self.stats["row_bytes"])
 
     def at(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
-    def read(self, lo: int, hi: int, arena: Arena, name: str = "rows.npy") -> np.ndarray:
-        return read_rows(self.at(name), lo, hi, arena, direct=True)
+    def chunks(self, most_rows: int) -> List[Tuple[int, int]]:
+        """Runs of whole packs (first, end) of at most `most_rows` rows each (or one pack)."""
+        out, first = [], 0
+        for p in range(1, len(self.packs) + 1):
+            if p == len(self.packs) or self.first_row[p + 1] - self.first_row[first] > most_rows:
+                out.append((first, p))
+                first = p
+        return out
+
+    def row_span(self, chunk: Tuple[int, int]) -> Tuple[int, int]:
+        return self.first_row[chunk[0]], self.first_row[chunk[1]]
+
+    def take(self, chunk: Tuple[int, int], arena: Arena) -> Tuple[np.ndarray, np.ndarray, int]:
+        """Memory for a chunk's rows: (rows (n, ROW_WORDS) uint32, the packed bytes to read
+        into, their file offset). The packed bytes lie at the end of the rows' memory (so
+        that `unpack` may fill the rows over them), at their offset's phase (`arena`'s need
+        counts a PAGE and PACK_ROOM more)."""
+        lo, hi = self.row_span(chunk)
+        at = HEADER_BYTES + self.first_byte[chunk[0]]
+        size = self.first_byte[chunk[1]] - self.first_byte[chunk[0]]
+        space = arena.take(((hi - lo) * ROW_BYTES + direct_io.PAGE + native.PACK_ROOM,),
+                           np.uint8)
+        start = (hi - lo) * ROW_BYTES - size
+        start += direct_io.to_phase(space.ctypes.data + start, at)
+        rows = space[:(hi - lo) * ROW_BYTES].view(np.uint32).reshape(hi - lo, native.ROW_WORDS)
+        return rows, space[start:start + size], at
+
+    def unpack(self, chunk: Tuple[int, int], packed: np.ndarray, rows: np.ndarray) -> None:
+        """The chunk's packed bytes (read into `take`'s memory) -> its rows."""
+        base_row, base_byte = self.first_row[chunk[0]], self.first_byte[chunk[0]]
+        for p in range(*chunk):
+            lo, hi = self.first_row[p] - base_row, self.first_row[p + 1] - base_row
+            start, end = self.first_byte[p] - base_byte, self.first_byte[p + 1] - base_byte
+            native.unpack_rows(self.packs[p], packed[start:end], rows[lo:hi])
+
+    def read(self, chunk: Tuple[int, int], arena: Arena) -> np.ndarray:
+        rows, packed, at = self.take(chunk, arena)
+        _read_exactly(self.at("rows.npy"), packed, at)
+        self.unpack(chunk, packed, rows)
+        return rows
 
     def remove(self) -> None:
-        """Remove the rows once their day is written (stats.json and the first occurrences
-        stay: the vocabulary and the checks read them)."""
-        for name in ("rows.npy", "records.npy", "records.partial.npy"):
-            try:
-                os.unlink(self.at(name))
-            except FileNotFoundError:
-                pass
+        """Remove the rows and records (stats.json and the first occurrences stay: the
+        vocabulary and the checks read them)."""
+        _remove([self.at(name) for name in ("rows.npy", "packs.npy", "records.npy",
+                                            "records.partial.npy")])
 
 
 def scattered(parse_dir: str, day: int) -> bool:
@@ -843,10 +899,10 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
                                    direct=True),
                "labels": NpyWriter(final["labels"], np.int32, 1, sync=False, direct=True)}
     top = np.full(NUM_SPARSE, -1, np.int64)
-    for lo in range(0, day.rows, chunk_rows):
-        ARENA.reset(min(chunk_rows, day.rows - lo) * EVAL_BYTES_PER_ROW + 64 * 64
-                    + direct_io.PAGE)
-        rows = day.read(lo, lo + chunk_rows, ARENA)
+    for chunk in day.chunks(chunk_rows):
+        lo, hi = day.row_span(chunk)
+        ARENA.reset((hi - lo) * EVAL_BYTES_PER_ROW + 64 * 64 + direct_io.PAGE + native.PACK_ROOM)
+        rows = day.read(chunk, ARENA)
         ids = native.lookup_ids(rows, maps, ARENA.take((len(rows), NUM_SPARSE), np.int64), top)
         dense = rows[:, 1:1 + NUM_DENSE].view(np.int32)
         writers["dense"].write(torchrec_dense(dense, day.stats["dense_min"], ARENA))
@@ -859,77 +915,89 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     day.remove()
 
 
-def scatter_day(day: int, work: str, path: str, drop_malformed: bool, bucket_starts: np.ndarray,
-                exact: bool, chunk_rows: int) -> None:
+def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
+                chunk_rows: int) -> None:
     """Stage 3 for a training day: each row, transformed, as a record (its row in its
     bucket, its values, each feature's ids in `record_widths` bytes: the bytes the largest
     needs, so the records cross the disk twice in fewer bytes) grouped by bucket within its
-    chunk, written over the day's rows chunk by chunk (`_DayRows`). A scatter killed while
-    it rewrote the rows leaves them half records: the day (`path`, the raw text) is parsed
-    again first."""
-    parse_dir = os.path.join(work, "parse")
-    day_dir = os.path.join(parse_dir, f"day_{day}")
-    if not os.path.exists(os.path.join(day_dir, "rows.npy")):
-        again = day_dir + ".again"  # its other files stay: other tasks may be reading them
-        shutil.rmtree(again, ignore_errors=True)
-        parse_day(day, path, again, drop_malformed)
-        os.replace(os.path.join(again, "rows.npy"), os.path.join(day_dir, "rows.npy"))
-        shutil.rmtree(again)
-    rows = _DayRows(parse_dir, day)
-    maps = day_maps(work, day)
-    widths = record_widths(work)
-    record_size = native.record_bytes(widths)
+    chunk (`_DayRows`). The rows are removed once the records are complete: a scatter
+    killed half-way starts the day again."""
+    rows = _DayRows(os.path.join(work, "parse"), day)
     destinations = os.path.join(work, "destinations", f"day_{day}.npy")
-    partial = rows.at("records.partial.npy")
-    os.replace(rows.at("rows.npy"), partial)
-    starts = list(range(0, rows.rows, chunk_rows))
-    index = np.zeros((len(starts), 1 + len(bucket_starts)), np.int64)
-    index[:, 0] = starts
+    partial, source = rows.at("records.partial.npy"), rows.at("rows.npy")
+    chunks = rows.chunks(chunk_rows)
+    index = np.zeros((len(chunks), 1 + len(bucket_starts)), np.int64)
+    index[:, 0] = [rows.row_span(chunk)[0] for chunk in chunks]
     dest_at = _npy_layout(destinations)[2]
-    # two arenas taking turns: chunk c+1 is read while chunk c is transformed and chunk c-1
-    # written. The I/O thread runs in order, so c+1's reads (into the arena of c-1) start
-    # once c-1's write is done. Both arenas grow here, to the first (largest) chunk, so no
-    # later reset frees memory that a write still reads.
-    arenas = (ARENA, SPARE_ARENA)
-    need = min(chunk_rows, rows.rows) * SCATTER_BYTES_PER_ROW + 64 * 64 + 2 * direct_io.PAGE
-    for arena in arenas:
+    most = max(hi - lo for lo, hi in map(rows.row_span, chunks))
+    # two pairs of arenas taking turns: chunk c+1 is read (the I/O thread) while chunk c
+    # is transformed and chunk c-1's records written (the writer thread). A chunk's
+    # records arena is reset only once the records it held two chunks before are written.
+    # Each arena grows here, to the largest chunk, so no later reset frees memory in use.
+    read_need = most * SCATTER_READ_BYTES_PER_ROW + 64 * 4 + 2 * direct_io.PAGE + native.PACK_ROOM
+    write_need = most * SCATTER_WRITE_BYTES_PER_ROW + 64 * 4 + direct_io.PAGE
+    inputs, outputs = (ARENA, SPARE_ARENA), (RECORDS_ARENA, SPARE_RECORDS_ARENA)
+    for arena, need in ((inputs[0], read_need), (inputs[1], read_need),
+                        (outputs[0], write_need), (outputs[1], write_need)):
         arena.reset(need)
-    io = direct_io.background()
-
-    handed: List[Future] = []  # every read and write given to the I/O thread
+    io, writer = direct_io.background(), direct_io.writer_thread()
+    handed: List[Future] = []  # every read and write given to the two threads
+    writes: List[Future] = []
 
     def start(c: int):
-        lo, hi = starts[c], min(rows.rows, starts[c] + chunk_rows)
-        arena, at = arenas[c % 2], HEADER_BYTES + lo * ROW_BYTES
-        arena.reset(need)
-        parsed = arena.take((hi - lo, native.ROW_WORDS), np.uint32, phase=at)
+        lo, hi = rows.row_span(chunks[c])
+        arena = inputs[c % 2]
+        arena.reset(read_need)
+        parsed, packed, at = rows.take(chunks[c], arena)
         dest = arena.take((hi - lo,), np.uint32)
-        reads = [io.submit(_read_exactly, partial, parsed, at),
+        reads = [io.submit(_read_exactly, source, packed, at),
                  io.submit(_read_exactly, destinations, dest, dest_at + 4 * lo)]
         handed.extend(reads)
-        return arena, at, parsed, dest, reads
+        return parsed, packed, dest, reads
 
     try:
-        ahead = start(0) if starts else None
-        for c in range(len(starts)):
-            arena, at, parsed, dest, reads = ahead
+        ahead = start(0)  # read while the maps are
+        maps = day_maps(work, day)
+        widths = record_widths(work)
+        record_size = native.record_bytes(widths)
+        with open(partial, "wb") as fh:
+            fh.write(npy_header(np.dtype(np.uint8), (rows.rows, record_size)))
+        for c, chunk in enumerate(chunks):
+            parsed, packed, dest, reads = ahead
             for r in reads:
                 r.result()
-            if c + 1 < len(starts):
+            if c + 1 < len(chunks):
                 ahead = start(c + 1)
+            rows.unpack(chunk, packed, parsed)
+            if c >= 2:
+                writes[c - 2].result()
+            arena = outputs[c % 2]
+            arena.reset(write_need)
             dense = torchrec_dense(parsed[:, 1:1 + NUM_DENSE].view(np.int32),
                                    rows.stats["dense_min"], arena)
+            at = HEADER_BYTES + int(index[c, 0]) * record_size
             records = arena.take((len(parsed), record_size), np.uint8, phase=at)
             index[c, 1:] = native.scatter_records(dense, parsed, maps, exact, dest,
                                                   bucket_starts, widths, records)
-            handed.append(io.submit(direct_io.write_at, partial, records, at))
+            writes.append(writer.submit(direct_io.write_at, partial, records, at))
+            handed.append(writes[-1])
     except BaseException:
         _settle(handed, drop=True)
         raise
     _settle(handed)
     np.save(rows.at("index.npy.tmp.npy"), index)
     os.replace(rows.at("index.npy.tmp.npy"), rows.at("index.npy"))
-    os.replace(partial, rows.at("records.npy"))
+    os.replace(partial, rows.at("records.npy"))  # marks the day scattered
+    # removing a large file takes a while (its blocks freed): meanwhile the next day starts
+    direct_io.thread(PUNCH_THREAD).submit(_remove, [source, rows.at("packs.npy")])
+
+
+def _remove(paths: List[str]) -> None:
+    for path in paths:
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 def _settle(handed: List[Future], drop: bool = False) -> None:
@@ -970,8 +1038,8 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
         index = np.load(os.path.join(parse_dir, f"day_{d}", "index.npy"))
         first, counts = index[:, 0], index[:, 1:]
         before = counts[:, :b].sum(axis=1)  # per chunk: its rows of the buckets before b
-        # a chunk's records start where its rows did (written over them), each of size
-        segments += [(path, HEADER_BYTES + int(first[c]) * ROW_BYTES + int(before[c]) * size,
+        # a chunk's records follow the chunks before it's, each of size
+        segments += [(path, HEADER_BYTES + (int(first[c]) + int(before[c])) * size,
                       int(counts[c, b]) * size)
                      for c in np.flatnonzero(counts[:, b]).tolist()]
     scattered_rows = sum(part for _, _, part in segments) // size
@@ -1206,9 +1274,7 @@ class _Run:
         starts, buckets = self.buckets("scatter")
         out, work = self.out, self.work
         tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), self.eval_written)]
-        tasks += [(str(d), scatter_day, (d, work, self.s.inputs[d], self.s.drop_malformed,
-                                         starts, self.s.exact_ids,
-                                         self.scatter_rows),
+        tasks += [(str(d), scatter_day, (d, work, starts, self.s.exact_ids, self.scatter_rows),
                    lambda d=d: scattered(self.parse_dir, d))
                   for d in range(TRAIN_DAYS)]
         if self.s.rank == 0:
@@ -1270,11 +1336,7 @@ class _Run:
         and the days' first occurrences."""
         paths = [os.path.join(self.work, "vocab", f"map_{f}.npy") for f in range(NUM_SPARSE)]
         paths += [os.path.join(self.parse_dir, f"day_{d}", "first.npy") for d in range(DAYS)]
-        for path in paths:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        _remove(paths)
         shutil.rmtree(os.path.join(self.work, "destinations"), ignore_errors=True)
 
     def publish(self, stage: str) -> None:

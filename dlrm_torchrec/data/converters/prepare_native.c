@@ -277,16 +277,95 @@ void table_order(const table_t *t, uint32_t *out) {
 
 #define ROW_WORDS (1 + NUM_DENSE + NUM_SPARSE) /* a parsed row: label, dense, local ids */
 
-/* A parsed day's rows as the parse stage stores them: row i at out[i * ROW_WORDS ..]: its
- * label, its 13 raw dense values (int32 bits), its 26 day-local numbers, taken from the
- * parser's arrays (sparse feature-major, feature f's column at sparse + f * col_stride). */
-void interleave_rows(int64_t n, const int32_t *labels, const int32_t *dense,
-                     const uint32_t *sparse, int64_t col_stride, uint32_t *out) {
+/* A parsed day's rows as the parse stage stores them: packed, a group of rows (a "pack")
+ * at a time. A row has ROW_WORDS values: its label, its 13 raw dense values (int32) and its 26
+ * day-local numbers (uint32). In a pack, column c holds value - bases[c] (uint32
+ * arithmetic: bases[c] is the column's smallest value, signed for the label and dense
+ * values) in widths[c] bytes, 0 to 4: as many as the column's range in the pack needs.
+ * A row's columns follow one another, little-endian, and its bytes are the widths' sum:
+ * most columns need one to three bytes, so the rows cross the disk twice in far fewer
+ * bytes than 4 a value. Each value is stored and loaded as a whole 4-byte word whose
+ * bytes beyond its width the next value overwrites (no branch per width): the output
+ * takes 4 bytes of room past its end, the input is read up to 3 bytes past it. */
+static const uint32_t WIDTH_MASK[5] = {0, 0xFFu, 0xFFFFu, 0xFFFFFFu, 0xFFFFFFFFu};
+
+static inline uint8_t range_width(uint32_t range) {
+    return range == 0 ? 0 : range < 1u << 8 ? 1 : range < 1u << 16 ? 2 : range < 1u << 24 ? 3 : 4;
+}
+
+/* The parser's n rows (labels, dense row-major n * 13, sparse feature-major: feature f's
+ * column at sparse + f * col_stride) -> one pack at out (n * row bytes + 4 bytes of room);
+ * bases and widths: ROW_WORDS each. Returns the row bytes. */
+int64_t pack_rows(int64_t n, const int32_t *labels, const int32_t *dense,
+                  const uint32_t *sparse, int64_t col_stride, uint32_t *bases,
+                  uint8_t *widths, uint8_t *out) {
+    int32_t lo[1 + NUM_DENSE], hi[1 + NUM_DENSE];
+    uint32_t ulo[NUM_SPARSE], uhi[NUM_SPARSE];
+    for (int c = 0; c <= NUM_DENSE; c++) { lo[c] = INT32_MAX; hi[c] = INT32_MIN; }
     for (int64_t i = 0; i < n; i++) {
-        uint32_t *r = out + i * ROW_WORDS;
-        r[0] = (uint32_t)labels[i];
-        memcpy(r + 1, dense + i * NUM_DENSE, NUM_DENSE * sizeof *r);
-        for (int f = 0; f < NUM_SPARSE; f++) r[1 + NUM_DENSE + f] = sparse[f * col_stride + i];
+        int32_t v = labels[i];
+        lo[0] = v < lo[0] ? v : lo[0];
+        hi[0] = v > hi[0] ? v : hi[0];
+        for (int j = 0; j < NUM_DENSE; j++) {
+            v = dense[(int64_t)i * NUM_DENSE + j];
+            lo[1 + j] = v < lo[1 + j] ? v : lo[1 + j];
+            hi[1 + j] = v > hi[1 + j] ? v : hi[1 + j];
+        }
+    }
+    for (int f = 0; f < NUM_SPARSE; f++) {
+        const uint32_t *col = sparse + f * col_stride;
+        uint32_t a = UINT32_MAX, b = 0;
+        for (int64_t i = 0; i < n; i++) {
+            a = col[i] < a ? col[i] : a;
+            b = col[i] > b ? col[i] : b;
+        }
+        ulo[f] = a;
+        uhi[f] = b;
+    }
+    int64_t row_bytes = 0;
+    for (int c = 0; c < ROW_WORDS; c++) {
+        uint32_t base = c <= NUM_DENSE ? (uint32_t)lo[c] : ulo[c - 1 - NUM_DENSE];
+        uint32_t top = c <= NUM_DENSE ? (uint32_t)hi[c] : uhi[c - 1 - NUM_DENSE];
+        bases[c] = n ? base : 0;
+        widths[c] = n ? range_width(top - base) : 0;
+        row_bytes += widths[c];
+    }
+    uint8_t *at = out;
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t v = (uint32_t)labels[i] - bases[0];
+        memcpy(at, &v, 4);
+        at += widths[0];
+        for (int j = 0; j < NUM_DENSE; j++) {
+            v = (uint32_t)dense[i * NUM_DENSE + j] - bases[1 + j];
+            memcpy(at, &v, 4);
+            at += widths[1 + j];
+        }
+        for (int f = 0; f < NUM_SPARSE; f++) {
+            v = sparse[f * col_stride + i] - bases[1 + NUM_DENSE + f];
+            memcpy(at, &v, 4);
+            at += widths[1 + NUM_DENSE + f];
+        }
+    }
+    return row_bytes;
+}
+
+/* One pack's n rows (at in, read up to 3 bytes past them) -> rows of ROW_WORDS uint32 words
+ * at out. The output may overlap the input if it starts at least (4 * ROW_WORDS * n - the
+ * pack's bytes) before it: each row is decoded whole before it is stored, and the rows
+ * before it then end no later than its packed bytes start. */
+void unpack_rows(int64_t n, const uint8_t *in, const uint32_t *bases, const uint8_t *widths,
+                 uint32_t *out) {
+    uint32_t mask[ROW_WORDS];
+    for (int c = 0; c < ROW_WORDS; c++) mask[c] = WIDTH_MASK[widths[c]];
+    for (int64_t i = 0; i < n; i++) {
+        uint32_t row[ROW_WORDS];
+        for (int c = 0; c < ROW_WORDS; c++) {
+            uint32_t v;
+            memcpy(&v, in, 4);
+            row[c] = bases[c] + (v & mask[c]);
+            in += widths[c];
+        }
+        memcpy(out + i * ROW_WORDS, row, sizeof row);
     }
 }
 
