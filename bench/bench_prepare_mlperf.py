@@ -55,7 +55,9 @@ LAUNCHER = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]
 
 def measured(cmd, env=None, log=False):
     """(wall seconds, peak RSS in MB of the largest process of the command's tree), and its
-    stderr with `log`."""
+    stderr with `log`. The disk is synced first, so that no command pays for writing back
+    what the one before it left in the page cache (TorchRec's scripts leave gigabytes)."""
+    os.sync()
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-c", LAUNCHER, *cmd], capture_output=True,
                           text=True, env=env)
@@ -165,14 +167,15 @@ def _open_direct(path, flags):
         return os.open(path, flags, 0o644)
 
 
-def disk_floor(folder: str, days, rows: int, out_bytes: int, table_sizes) -> dict:
+def disk_floor(folder: str, days, rows_bytes: int, rows: int, out_bytes: int,
+               table_sizes) -> dict:
     """prepare_mlperf's disk traffic replayed with nothing computed, stage by stage (the
     stages are separated, so their I/O cannot overlap): the parse reads the raw text and
-    writes the rows, the scatter reads the rows and writes the records (each feature's ids
+    writes the rows (packed: `rows_bytes`, as the run reported them), the scatter reads
+    the rows and writes the records (each feature's ids
     in the bytes its largest needs: from meta.json's table sizes), the place reads the
     records and writes the output. Seconds per stage and in all."""
     from dlrm_torchrec.data.converters import native
-    rows_bytes = rows * 4 * native.ROW_WORDS
     records_bytes = rows * native.record_bytes([native.id_width(n - 1) for n in table_sizes])
     a, b, c = (os.path.join(folder, n) for n in ("floor_rows", "floor_records", "floor_out"))
     out = {"parse": _stream(days, a, rows_bytes),
@@ -273,7 +276,8 @@ def main() -> None:
                     if n.endswith(".npy"))
     with open(os.path.join(ours, "meta.json")) as f:
         table_sizes = json.load(f)["table_sizes"]
-    floor = disk_floor(a.dir, days, rows, out_bytes, table_sizes)
+    row_bytes = float(re.search(r"^parse: .*, ([\d.]+) bytes a row", log, re.M).group(1))
+    floor = disk_floor(a.dir, days, round(row_bytes * rows), rows, out_bytes, table_sizes)
     print("  disk alone, nothing computed: " + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
           + (f"; 50x needs {torchrec_wall / 50:.2f} s" if results else ""))
 

@@ -186,6 +186,21 @@ def test_input_mistakes_stop_before_any_work(days, tmp_path, capsys, monkeypatch
     assert not out.exists()
 
 
+def test_a_work_folder_of_other_settings_or_another_version_is_not_resumed(days, tmp_path,
+                                                                              capsys):
+    out = tmp_path / "out"
+    argv = days["inputs"] + ["-o", str(out)] + MEMORY
+    assert cli.main(argv + ["--stage", "parse"]) == 0
+    capsys.readouterr()
+    assert "other settings (exact_ids)" in _error(capsys, argv + ["--exact-ids"])
+    settings = out / ".prepare" / "settings.json"
+    older = json.loads(settings.read_text())
+    del older["work_format"]  # as a version before the rows were packed wrote it
+    settings.write_text(json.dumps(older))
+    msg = _error(capsys, argv)
+    assert "of another version of this tool; remove" in msg and str(out / ".prepare") in msg
+
+
 def test_dense_values_outside_int32_stop_with_file_and_line(days, tmp_path, capsys):
     inputs = list(days["inputs"])
     text = open(inputs[0]).read().splitlines(keepends=True)

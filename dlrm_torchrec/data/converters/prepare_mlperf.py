@@ -143,6 +143,9 @@ DISK_BYTES_PER_ROW = ROW_BYTES + 4 * NUM_SPARSE + 160 + 8
 PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
 # the stages in order; `--stage all` runs them all, with a barrier between two
+# the layout of the work files (the parsed rows, the records); a work folder of another
+# layout is not resumed
+WORK_FORMAT = 2
 STAGES = ("parse", "vocab", "scatter", "place", "multi_hot", "meta")
 
 
@@ -171,7 +174,8 @@ class Settings:
 
     def identity(self) -> dict:
         """What the output bytes depend on: a rerun must match it to resume."""
-        return {"inputs": [[os.path.basename(p), os.path.getsize(p)] for p in self.inputs],
+        return {"work_format": WORK_FORMAT,
+                "inputs": [[os.path.basename(p), os.path.getsize(p)] for p in self.inputs],
                 "exact_ids": self.exact_ids, "drop_malformed": self.drop_malformed,
                 "seed": self.seed, **({"multi_hot": {
                     "sizes": list(self.multi_hot_sizes),
@@ -262,6 +266,10 @@ def check_inputs(s: Settings) -> None:
     if os.path.exists(settings_path):
         with open(settings_path) as f:
             old = json.load(f)
+        if old.get("work_format") != WORK_FORMAT:
+            raise PrepareError(f"{s.output} holds work files ({s.work}) of another version "
+                               f"of this tool; remove {s.work} and the day files in "
+                               f"{s.output}, or choose another output folder")
         if old != s.identity():
             diff = [k for k, v in s.identity().items() if old.get(k) != v]
             raise PrepareError(f"{s.output} holds a preparation with other settings ("
@@ -1237,7 +1245,9 @@ class _Run:
                              lambda: mh.tables_done(tables)))
         self.share("parse", tasks)
         if s.world_size == 1:
-            self.say(f"parse: {sum(self.rows('parse')):,} rows in {DAYS} days")
+            stats = self.stats("parse")
+            rows, packed = sum(st["rows"] for st in stats), sum(st["row_bytes"] for st in stats)
+            self.say(f"parse: {rows:,} rows in {DAYS} days, {packed / rows:.1f} bytes a row")
 
     def eval_written(self) -> bool:
         return all(os.path.exists(os.path.join(self.out, f"day_{TRAIN_DAYS}_{p}.npy"))
