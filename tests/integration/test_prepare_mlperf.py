@@ -101,9 +101,12 @@ def test_files_are_byte_identical_to_torchrecs_three_scripts(days, tmp_path, cap
 def test_lines_cut_across_the_blocks_the_text_is_read_in_keep_their_rows(days, tmp_path,
                                                                          monkeypatch):
     """The raw text read in blocks of two pages (not 8 MB): most lines start in one block
-    and end in the next, and the last block is short."""
+    and end in the next, and the last block is short. Each block's rows are packed on
+    their own, and the scatter reads chunks of 100 rows, which start and end inside the
+    packs."""
     monkeypatch.setattr(pm, "CHUNK_BYTES", 2 * direct_io.PAGE)
     monkeypatch.setattr(pm, "MAX_CHUNK_BYTES", 2 * direct_io.PAGE)
+    monkeypatch.setattr(pm, "MIN_CHUNK_ROWS", 100)
     out = tmp_path / "out"
     assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "1"] + MEMORY) == 0
     assert_same_as_oracle(out, days["oracle"])
@@ -250,22 +253,28 @@ def _parser_arrays(labels, dense, sparse):
             np.ascontiguousarray(np.asarray(sparse, np.uint32).T))
 
 
-def test_packed_rows_store_each_column_less_its_smallest_in_the_bytes_its_range_needs():
+def test_packed_rows_store_each_column_in_the_bytes_its_range_needs():
+    # the label and dense columns less their smallest; the ids (day-local numbers) as they
+    # are, in the bytes the largest number the day's table could have given needs
     dense = np.zeros((2, 13), np.int64)
     dense[:, 0] = [-2, 300]  # range 302: two bytes, 0 and 302 stored
     dense[:, 1] = [-2 ** 31, 2 ** 31 - 1]  # the whole int32 range: four bytes
-    sparse = np.full((2, 26), 7)  # constant: no bytes at all
-    sparse[:, 5] = [2 ** 32 - 1, 2 ** 32 - 256]  # range 255: one byte
-    labels = [1, 0]
-    pack, packed = native.pack_rows(*_parser_arrays(labels, dense, sparse),
+    sparse = np.zeros((2, 26), np.int64)  # all 0, below an id_top of 0: no bytes at all
+    sparse[:, 5] = [300, 2]
+    id_top = np.zeros(26, np.uint32)
+    id_top[5] = 300  # two bytes
+    pack, packed = native.pack_rows(*_parser_arrays([1, 0], dense, sparse), id_top,
                                     np.zeros(2 * 160 + native.PACK_ROOM, np.uint8))
-    want_widths = [1, 2, 4] + [0] * 11 + [0] * 5 + [1] + [0] * 20
-    assert pack.widths.tolist() == want_widths and pack.row_bytes == 8
-    assert pack.bases[:3].view(np.int32).tolist() == [0, -2, -2 ** 31]
-    assert int(pack.bases[14 + 5]) == 2 ** 32 - 256 and int(pack.bases[14]) == 7
-    # row 0: label 1, 0 (2 bytes), 0 (4 bytes), 255; row 1: label 0, 302, 2**32 - 1, 0
-    assert packed.tobytes() == bytes([1, 0, 0, 0, 0, 0, 0, 255,
-                                      0, 46, 1, 255, 255, 255, 255, 0])
+    assert pack.widths.tolist() == [1, 2, 4] + [0] * 11 + [0] * 5 + [2] + [0] * 20
+    assert pack.row_bytes == 9 and pack.bases[:3].view(np.int32).tolist() == [0, -2, -2 ** 31]
+    assert not pack.bases[14:].any()
+    # row 0: label 1, 0 (2 bytes), 0 (4 bytes), 300; row 1: label 0, 302, 2**32 - 1, 2
+    assert packed.tobytes() == bytes([1, 0, 0, 0, 0, 0, 0, 44, 1,
+                                      0, 46, 1, 255, 255, 255, 255, 2, 0])
+    id_top[5] = 299
+    with pytest.raises(ValueError, match="above its feature's id_top"):
+        native.pack_rows(*_parser_arrays([1, 0], dense, sparse), id_top,
+                         np.zeros(2 * 160 + native.PACK_ROOM, np.uint8))
 
 
 @pytest.mark.parametrize("n", [1, 7, 3000])
@@ -274,10 +283,10 @@ def test_packed_rows_unpack_to_the_rows_even_over_their_own_bytes(n):
     labels = rng.integers(0, 2, n)
     dense = rng.integers(-5, 5000, (n, 13))
     dense[:, 4] = rng.integers(-2 ** 31, 2 ** 31, n)
-    sparse = rng.integers(0, 2 ** 32, (n, 26))
-    for f, top in enumerate([1, 2 ** 8, 2 ** 16, 2 ** 24] * 5):
-        sparse[:, f] = rng.integers(0, top, n)
+    tops = np.array([0, 2 ** 8 - 1, 2 ** 16 - 1, 2 ** 24 - 1, 2 ** 32 - 1] * 5 + [1000])
+    sparse = rng.integers(0, tops + 1, (n, 26))
     pack, packed = native.pack_rows(*_parser_arrays(labels, dense, sparse),
+                                    tops.astype(np.uint32),
                                     np.zeros(n * 160 + native.PACK_ROOM, np.uint8))
     assert len(packed) == n * pack.row_bytes < n * 160
     want = np.concatenate([labels[:, None], dense, sparse], axis=1).astype(np.int64) % 2 ** 32

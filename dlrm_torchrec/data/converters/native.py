@@ -100,7 +100,7 @@ def lib() -> ctypes.CDLL:
             "table_reserve": (_I64, [_P, _I64]),
             "table_clear": (None, [_P]),
             "table_order": (None, [_P, _P]),
-            "pack_rows": (_I64, [_I64, _P, _P, _P, _I64, _P, _P, _P]),
+            "pack_rows": (_I64, [_I64, _P, _P, _P, _I64, _P, _P, _P, _P]),
             "unpack_rows": (None, [_I64, _P, _P, _P, _P]),
             "scatter_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P, _I64,
                                        _P, _P, _P]),
@@ -213,22 +213,27 @@ class Pack(NamedTuple):
 PACK_ROOM = 4  # bytes a pack's buffer holds past its rows (each value is moved as a word)
 
 
-def pack_rows(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray,
+def pack_rows(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray, id_top: np.ndarray,
               out: np.ndarray) -> Tuple[Pack, np.ndarray]:
     """Parser arrays of n rows (labels (n,) int32, dense (n, 13) int32, sparse (26, >= n)
-    uint32 feature-major, its first n columns) -> (their Pack, its bytes: the start of
-    `out`, uint8 with room for n * 4 * ROW_WORDS + PACK_ROOM). Each column's values are
-    stored less the column's smallest, in as few bytes as the largest difference needs
-    (0 for a constant column): most take one to three bytes instead of four."""
+    uint32 feature-major, its first n columns, feature f's values at most id_top[f], (26,)
+    uint32) -> (their Pack, its bytes: the start of `out`, uint8 with room for n * 4 *
+    ROW_WORDS + PACK_ROOM). The label and each dense column are stored less the column's
+    smallest, in as few bytes as the largest difference needs (0 for a constant column);
+    each id in the bytes its id_top needs: most take one to three bytes instead of four."""
     n = len(labels)
     if not (dense.shape == (n, 13) and sparse.shape[0] == 26 and sparse.shape[1] >= n
             and (sparse.strides[1] == 4 or n == 1) and sparse.strides[0] % 4 == 0
-            and sparse.dtype == np.uint32 and out.nbytes >= n * 4 * ROW_WORDS + PACK_ROOM):
+            and sparse.dtype == np.uint32 and id_top.shape == (26,)
+            and out.nbytes >= n * 4 * ROW_WORDS + PACK_ROOM):
         raise ValueError("pack_rows: inconsistent shapes")
     bases, widths = np.empty(ROW_WORDS, np.uint32), np.empty(ROW_WORDS, np.uint8)
     row_bytes = lib().pack_rows(n, _ptr(labels, np.int32), _ptr(dense, np.int32),
                                 sparse.ctypes.data, sparse.strides[0] // 4,
-                                bases.ctypes.data, widths.ctypes.data, _ptr(out, np.uint8, True))
+                                _ptr(id_top, np.uint32), bases.ctypes.data, widths.ctypes.data,
+                                _ptr(out, np.uint8, True))
+    if row_bytes < 0:
+        raise ValueError("pack_rows: an id above its feature's id_top")
     return Pack(n, bases, widths), out[:n * row_bytes]
 
 

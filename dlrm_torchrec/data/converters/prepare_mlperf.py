@@ -79,6 +79,7 @@ Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command
 its own process group once N tasks of STAGE are done, to test resumption.
 """
 
+import bisect
 import itertools
 import json
 import os
@@ -118,6 +119,7 @@ FIRST_ID = 2  # sparse_to_contiguous numbers from 2 (1 is its id of rare values)
 # feature's id table is looked up once per row of a chunk in a pass of its own: a larger
 # chunk finds more of the table in the caches (32 MB against 8 MB: 10 % less parsing time)
 CHUNK_BYTES, MAX_CHUNK_BYTES = 8 << 20, 32 << 20
+MIN_CHUNK_ROWS = 1 << 10  # rows a scatter chunk holds at the least, whatever the memory
 # a worker's thread for freeing disk space (`direct_io.thread`): the place stage's punched
 # holes (a punch waits for the direct reads in flight on its file, the other workers'
 # parts of the same chunks, a few milliseconds each, over a hundred per bucket, and the
@@ -452,7 +454,9 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
         for f in range(NUM_SPARSE):
             tables[f].assign(columns[f], out=columns[f])
         room = len(labels) * ROW_BYTES + native.PACK_ROOM
-        pack, packed = native.pack_rows(labels, dense, columns, row_buffer if room <= len(
+        # a day-local number is below its table's size
+        id_top = np.array([max(len(t), 1) - 1 for t in tables], np.uint32)
+        pack, packed = native.pack_rows(labels, dense, columns, id_top, row_buffer if room <= len(
             row_buffer) else np.empty(room, np.uint8))
         packs.append([rows_so_far, rows_out.rows, pack.rows, *pack.bases.tolist(),
                       *pack.widths.tolist()])
@@ -819,7 +823,7 @@ def day_maps(work: str, day: int) -> List[np.ndarray]:
 
 
 class _DayRows:
-    """A parsed day's folder: its stats, and its rows, read a chunk of packs at a time.
+    """A parsed day's folder: its stats, and its rows, read a chunk at a time.
     `rows.npy` holds the packed rows (uint8), pack after pack; `packs.npy` ((packs, 3 + 2 *
     ROW_WORDS) int64) per pack its first row, its first byte, its rows, then its
     `native.Pack` bases and widths. The scatter writes the day's records, bucket by
@@ -844,25 +848,25 @@ class _DayRows:
         return os.path.join(self.folder, name)
 
     def chunks(self, most_rows: int) -> List[Tuple[int, int]]:
-        """Runs of whole packs (first, end) of at most `most_rows` rows each (or one pack)."""
-        out, first = [], 0
-        for p in range(1, len(self.packs) + 1):
-            if p == len(self.packs) or self.first_row[p + 1] - self.first_row[first] > most_rows:
-                out.append((first, p))
-                first = p
-        return out
+        """The rows (lo, hi) of each chunk of at most `most_rows` rows. A chunk need not
+        start or end with a pack: a pack's rows all have its row bytes."""
+        return [(lo, min(lo + most_rows, self.rows)) for lo in range(0, self.rows, most_rows)]
 
-    def row_span(self, chunk: Tuple[int, int]) -> Tuple[int, int]:
-        return self.first_row[chunk[0]], self.first_row[chunk[1]]
+    def byte_at(self, row: int) -> int:
+        """Where row `row` (or, for self.rows, the end) starts among the packed bytes."""
+        p = bisect.bisect_right(self.first_row, row) - 1
+        if p == len(self.packs):
+            return self.first_byte[p]
+        return self.first_byte[p] + (row - self.first_row[p]) * self.packs[p].row_bytes
 
     def take(self, chunk: Tuple[int, int], arena: Arena) -> Tuple[np.ndarray, np.ndarray, int]:
-        """Memory for a chunk's rows: (rows (n, ROW_WORDS) uint32, the packed bytes to read
-        into, their file offset). The packed bytes lie at the end of the rows' memory (so
-        that `unpack` may fill the rows over them), at their offset's phase (`arena`'s need
-        counts a PAGE and PACK_ROOM more)."""
-        lo, hi = self.row_span(chunk)
-        at = HEADER_BYTES + self.first_byte[chunk[0]]
-        size = self.first_byte[chunk[1]] - self.first_byte[chunk[0]]
+        """Memory for the rows lo .. hi of `chunk`: (rows (n, ROW_WORDS) uint32, the packed
+        bytes to read into, their file offset). The packed bytes lie at the end of the
+        rows' memory (so that `unpack` may fill the rows over them), at their offset's
+        phase (`arena`'s need counts a PAGE and PACK_ROOM more)."""
+        lo, hi = chunk
+        at = HEADER_BYTES + self.byte_at(lo)
+        size = self.byte_at(hi) - self.byte_at(lo)
         space = arena.take(((hi - lo) * ROW_BYTES + direct_io.PAGE + native.PACK_ROOM,),
                            np.uint8)
         start = (hi - lo) * ROW_BYTES - size
@@ -871,12 +875,16 @@ class _DayRows:
         return rows, space[start:start + size], at
 
     def unpack(self, chunk: Tuple[int, int], packed: np.ndarray, rows: np.ndarray) -> None:
-        """The chunk's packed bytes (read into `take`'s memory) -> its rows."""
-        base_row, base_byte = self.first_row[chunk[0]], self.first_byte[chunk[0]]
-        for p in range(*chunk):
-            lo, hi = self.first_row[p] - base_row, self.first_row[p + 1] - base_row
-            start, end = self.first_byte[p] - base_byte, self.first_byte[p + 1] - base_byte
-            native.unpack_rows(self.packs[p], packed[start:end], rows[lo:hi])
+        """The chunk's packed bytes (read into `take`'s memory) -> its rows, pack by pack."""
+        lo, hi = chunk
+        first = bisect.bisect_right(self.first_row, lo) - 1
+        for p in range(first, len(self.packs)):
+            a, b = max(lo, self.first_row[p]), min(hi, self.first_row[p + 1])
+            if a >= hi:
+                break
+            start, end = self.byte_at(a) - self.byte_at(lo), self.byte_at(b) - self.byte_at(lo)
+            native.unpack_rows(self.packs[p]._replace(rows=b - a), packed[start:end],
+                               rows[a - lo:b - lo])
 
     def read(self, chunk: Tuple[int, int], arena: Arena) -> np.ndarray:
         rows, packed, at = self.take(chunk, arena)
@@ -908,7 +916,7 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
                "labels": NpyWriter(final["labels"], np.int32, 1, sync=False, direct=True)}
     top = np.full(NUM_SPARSE, -1, np.int64)
     for chunk in day.chunks(chunk_rows):
-        lo, hi = day.row_span(chunk)
+        lo, hi = chunk
         ARENA.reset((hi - lo) * EVAL_BYTES_PER_ROW + 64 * 64 + direct_io.PAGE + native.PACK_ROOM)
         rows = day.read(chunk, ARENA)
         ids = native.lookup_ids(rows, maps, ARENA.take((len(rows), NUM_SPARSE), np.int64), top)
@@ -935,9 +943,9 @@ def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
     partial, source = rows.at("records.partial.npy"), rows.at("rows.npy")
     chunks = rows.chunks(chunk_rows)
     index = np.zeros((len(chunks), 1 + len(bucket_starts)), np.int64)
-    index[:, 0] = [rows.row_span(chunk)[0] for chunk in chunks]
+    index[:, 0] = [lo for lo, _ in chunks]
     dest_at = _npy_layout(destinations)[2]
-    most = max(hi - lo for lo, hi in map(rows.row_span, chunks))
+    most = max(hi - lo for lo, hi in chunks)
     # two pairs of arenas taking turns: chunk c+1 is read (the I/O thread) while chunk c
     # is transformed and chunk c-1's records written (the writer thread). A chunk's
     # records arena is reset only once the records it held two chunks before are written.
@@ -953,7 +961,7 @@ def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
     writes: List[Future] = []
 
     def start(c: int):
-        lo, hi = rows.row_span(chunks[c])
+        lo, hi = chunks[c]
         arena = inputs[c % 2]
         arena.reset(read_need)
         parsed, packed, at = rows.take(chunks[c], arena)
@@ -1173,9 +1181,10 @@ class _Run:
         self.work, self.out = s.work, s.output
         self.parse_dir = os.path.join(self.work, "parse")
         self.budget = int(s.memory_gb * (1 << 30)) // s.workers
-        self.chunk_rows = max(1 << 10, min(1 << 20, self.budget // (4 * PLACE_BYTES_PER_ROW)))
+        self.chunk_rows = max(MIN_CHUNK_ROWS,
+                              min(1 << 20, self.budget // (4 * PLACE_BYTES_PER_ROW)))
         # the scatter holds two chunks at once (one read while the other is worked on)
-        self.scatter_rows = max(1 << 10, self.chunk_rows // 2)
+        self.scatter_rows = max(MIN_CHUNK_ROWS, self.chunk_rows // 2)
         self.chunk_bytes = min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, self.budget // 16 >> 20 << 20))
         self.t0 = time.time()
 
