@@ -144,10 +144,10 @@ EVAL_BYTES_PER_ROW = ROW_BYTES + 2 * 4 * NUM_DENSE + 8 * NUM_SPARSE
 DISK_BYTES_PER_ROW = ROW_BYTES + 4 * NUM_SPARSE + 160 + 8
 PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
-# the stages in order; `--stage all` runs them all, with a barrier between two
 # the layout of the work files (the parsed rows, the records); a work folder of another
 # layout is not resumed
 WORK_FORMAT = 2
+# the stages in order; `--stage all` runs them all, with a barrier between two
 STAGES = ("parse", "vocab", "scatter", "place", "multi_hot", "meta")
 
 
@@ -421,8 +421,9 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
     """Stage 1 for one day, into folder `dst`: its rows (the label, the raw dense values,
     each id as its day-local number, the position of its value in the day's
     first-occurrence order of its feature), packed group by group (`rows.npy`, bytes, and
-    `packs.npy`: see `_DayRows`), and those first-occurrence orders. The compiled parser takes the plainly valid lines; from a line
-    it does not take (malformed, or to be repaired) the exact parser
+    `packs.npy`: see `_DayRows`), and those first-occurrence orders. The compiled parser
+    takes the plainly valid lines; from a line it does not take (malformed, or to be
+    repaired) the exact parser
     (`criteo_text.parse_chunk`) takes over for up to EXACT_BYTES, naming the problem. A
     plain file is read block by block past the page cache (`_parse_plain`); a gzip file
     (or one starting with a byte-order mark) through `criteo_text.read_chunks`."""
@@ -454,10 +455,10 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
         for f in range(NUM_SPARSE):
             tables[f].assign(columns[f], out=columns[f])
         room = len(labels) * ROW_BYTES + native.PACK_ROOM
+        out = row_buffer if room <= len(row_buffer) else np.empty(room, np.uint8)
         # a day-local number is below its table's size
         id_top = np.array([max(len(t), 1) - 1 for t in tables], np.uint32)
-        pack, packed = native.pack_rows(labels, dense, columns, id_top, row_buffer if room <= len(
-            row_buffer) else np.empty(room, np.uint8))
+        pack, packed = native.pack_rows(labels, dense, columns, id_top, out)
         packs.append([rows_so_far, rows_out.rows, pack.rows, *pack.bases.tolist(),
                       *pack.widths.tolist()])
         rows_so_far += pack.rows
@@ -543,7 +544,8 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
     np.save(os.path.join(tmp, "first_offsets.npy"), np.cumsum(counts).astype(np.int64))
     np.save(os.path.join(tmp, "packs.npy"), np.array(packs, np.int64).reshape(
         len(packs), 3 + 2 * native.ROW_WORDS))
-    stats = {"day": day, "rows": rows_so_far, "row_bytes": rows_out.rows, "lines": lines,
+    stats = {"day": day, "rows": rows_so_far, "row_bytes": rows_out.rows,  # uint8 "rows"
+             "lines": lines,
              "dense_min": day_min,
              "bad_counts": bad.counts, "bad_examples": bad.examples}
     write_json(os.path.join(tmp, "stats.json"), stats, sync=False)
@@ -929,6 +931,9 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     for w in writers.values():
         w.finish()
     day.remove()
+    # its chunks (int64 ids) are the largest of the stage: the scatter tasks that follow
+    # in this process split their memory over four arenas, and would keep this one whole
+    ARENA.release()
 
 
 def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
