@@ -102,11 +102,12 @@ def test_lines_cut_across_the_blocks_the_text_is_read_in_keep_their_rows(days, t
                                                                          monkeypatch):
     """The raw text read in blocks of two pages (not 8 MB): most lines start in one block
     and end in the next, and the last block is short. Each block's rows are packed on
-    their own, and the scatter reads chunks of 100 rows, which start and end inside the
-    packs."""
+    their own, and the scatter reads chunks of 100 rows and unpacks them 37 at a time,
+    both starting and ending inside the packs."""
     monkeypatch.setattr(pm, "CHUNK_BYTES", 2 * direct_io.PAGE)
     monkeypatch.setattr(pm, "MAX_CHUNK_BYTES", 2 * direct_io.PAGE)
     monkeypatch.setattr(pm, "MIN_CHUNK_ROWS", 100)
+    monkeypatch.setattr(pm, "SCATTER_BLOCK_ROWS", 37)
     out = tmp_path / "out"
     assert cli.main(days["inputs"] + ["-o", str(out), "--workers", "1"] + MEMORY) == 0
     assert_same_as_oracle(out, days["oracle"])

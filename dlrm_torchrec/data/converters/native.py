@@ -102,8 +102,9 @@ def lib() -> ctypes.CDLL:
             "table_order": (None, [_P, _P]),
             "pack_rows": (_I64, [_I64, _P, _P, _P, _I64, _P, _P, _P, _P]),
             "unpack_rows": (None, [_I64, _P, _P, _P, _P]),
-            "scatter_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _I64, _P, _I64,
-                                       _P, _P, _P]),
+            "bucket_rows": (_I64, [_I64, _P, _P, _I64, _P, _P]),
+            "fill_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _P,
+                                    _I64, _P]),
             "place_records": (_I64, [_P, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
             "legacy_shuffle": (None, [_P, _I64, ctypes.c_uint32]),
@@ -255,32 +256,61 @@ def _maps(maps: Sequence[np.ndarray]) -> ctypes.Array:
     return (ctypes.c_void_p * 26)(*[_ptr(m, np.uint32) for m in maps])
 
 
-def scatter_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray],
-                    exact: bool, dest: np.ndarray, bucket_starts: np.ndarray,
-                    widths: np.ndarray, records: np.ndarray) -> np.ndarray:
+def bucket_rows(dest: np.ndarray, bucket_starts: np.ndarray,
+                bucket_of: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+    """Rows going to global rows dest ((n,) uint32) -> (rows per bucket (nb,) int64, each
+    row's bucket (n,) int32, into `bucket_of` if given): bucket b holds bucket_starts[b] <=
+    dest < bucket_starts[b + 1] ((nb,) int64, ascending; the last bucket open-ended)."""
+    counts = np.empty(len(bucket_starts), np.int64)
+    bucket_of = np.empty(len(dest), np.int32) if bucket_of is None else bucket_of
+    if bucket_of.shape != dest.shape:
+        raise ValueError(f"bucket_rows: bucket_of {bucket_of.shape} for {dest.shape} rows")
+    if lib().bucket_rows(len(dest), _ptr(dest, np.uint32), _ptr(bucket_starts, np.int64),
+                         len(bucket_starts), counts.ctypes.data,
+                         _ptr(bucket_of, np.int32, True)):
+        raise RuntimeError("scatter_records: a destination outside the buckets")
+    return counts, bucket_of
+
+
+def fill_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray], exact: bool,
+                 dest: np.ndarray, bucket_of: np.ndarray, bucket_starts: np.ndarray,
+                 widths: np.ndarray, records: np.ndarray, next_record: np.ndarray) -> None:
     """n parsed rows ((n, ROW_WORDS) uint32; dense (n, 13) float32: their transformed
-    values; each going to global row dest (n,) uint32) -> `records` (raw bytes, at least
-    n * record_bytes(widths) uint8; feature f's ids in widths[f] bytes, (26,) uint8)
-    grouped by bucket in bucket order; returns the rows per bucket (nb,) int64. maps[f]:
-    (u_f,) uint32, the ids of the day's values of feature f in the day's order (indexed by
-    the rows' local numbers)."""
-    n, nb = len(rows), len(bucket_starts)
-    size = record_bytes(widths)
+    values; each going to global row dest (n,) uint32, in bucket bucket_of (n,) int32) ->
+    records (raw bytes, uint8; feature f's ids in widths[f] bytes, (26,) uint8): row i's at
+    record next_record[its bucket], which then moves on ((nb,) int64). Calls for the parts
+    of a chunk in turn, next_record starting at each bucket's first record, group the
+    chunk's records by bucket. maps[f]: (u_f,) uint32, the ids of the day's values of
+    feature f in the day's order (indexed by the rows' local numbers)."""
+    n, size = len(rows), record_bytes(widths)
     if not (dense.shape == (n, 13) and rows.shape == (n, ROW_WORDS) and dest.shape == (n,)
-            and len(maps) == 26 and widths.shape == (26,) and records.nbytes >= n * size):
-        raise ValueError("scatter_records: inconsistent shapes")
-    counts = np.empty(nb, np.int64)
-    bucket_of = np.empty(n, np.int32)
-    rc = lib().scatter_records(n, _ptr(dense, np.float32), _ptr(rows, np.uint32), _maps(maps),
-                               int(exact), _ptr(dest, np.uint32), _ptr(bucket_starts, np.int64),
-                               nb, _ptr(widths, np.uint8), size, _ptr(records, np.uint8, True),
-                               counts.ctypes.data, bucket_of.ctypes.data)
-    if rc == -2:
-        raise MemoryError("scatter_records")
+            and bucket_of.shape == (n,) and len(maps) == 26 and widths.shape == (26,)
+            and next_record.shape == bucket_starts.shape):
+        raise ValueError("fill_records: inconsistent shapes")
+    if bucket_of.min(initial=0) < 0 or bucket_of.max(initial=0) >= len(bucket_starts):
+        raise ValueError("fill_records: a bucket outside bucket_starts")
+    rc = lib().fill_records(n, _ptr(dense, np.float32), _ptr(rows, np.uint32), _maps(maps),
+                            int(exact), _ptr(dest, np.uint32), _ptr(bucket_of, np.int32),
+                            _ptr(bucket_starts, np.int64), _ptr(widths, np.uint8), size,
+                            _ptr(records, np.uint8, True), records.nbytes // size,
+                            _ptr(next_record, np.int64, True))
+    if rc == -4:
+        raise ValueError("fill_records: records outside the buffer")
     if rc == -3:
         raise RuntimeError("scatter_records: an id wider than its feature's width")
     if rc:
-        raise RuntimeError("scatter_records: a destination outside the buckets")
+        raise RuntimeError("scatter_records: a row's place in its bucket beyond 2**31")
+
+
+def scatter_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray],
+                    exact: bool, dest: np.ndarray, bucket_starts: np.ndarray,
+                    widths: np.ndarray, records: np.ndarray) -> np.ndarray:
+    """`fill_records` for a whole chunk: its records grouped by bucket in bucket order, from
+    the start of `records`; returns the rows per bucket (nb,) int64."""
+    counts, bucket_of = bucket_rows(dest, bucket_starts)
+    next_record = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    fill_records(dense, rows, maps, exact, dest, bucket_of, bucket_starts, widths, records,
+                 next_record)
     return counts
 
 

@@ -132,10 +132,14 @@ ROW_BYTES = 4 * native.ROW_WORDS  # a parsed row: label, raw dense values, local
 # bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
 # output columns and a byte marking each row placed
 PLACE_BYTES_PER_ROW = native.RECORD_BYTES + 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
-# bytes per row of a scatter chunk: the parsed row read and its destination (one arena),
-# the dense transform's two arrays and the record (another); a scatter holds two of each
+# bytes per row of a scatter chunk: the packed row read (at most ROW_BYTES) and its
+# destination (one arena), the record and its bucket (another); a scatter holds two of each
 SCATTER_READ_BYTES_PER_ROW = ROW_BYTES + 4
-SCATTER_WRITE_BYTES_PER_ROW = 2 * 4 * NUM_DENSE + native.RECORD_BYTES
+SCATTER_WRITE_BYTES_PER_ROW = native.RECORD_BYTES + 4
+# the scatter unpacks and transforms a chunk's rows this many at a time, into memory that
+# stays in the core's cache (unpacked whole, a chunk's rows were written to and read back
+# from the main memory: 40 ns a row)
+SCATTER_BLOCK_ROWS = 16384
 # the same for day 23: the row read, the dense transform's arrays, int64 ids
 EVAL_BYTES_PER_ROW = ROW_BYTES + 2 * 4 * NUM_DENSE + 8 * NUM_SPARSE
 # disk per row at the peak: parsed rows (then records: a day's rows go once its records
@@ -685,7 +689,7 @@ class Arena:
 
 ARENA = Arena()
 # the scatter's other arenas: one chunk is read while another is worked on and a third
-# written (`scatter_day`)
+# written (`scatter_days`)
 SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA = Arena(), Arena(), Arena()
 
 
@@ -876,6 +880,14 @@ class _DayRows:
         rows = space[:(hi - lo) * ROW_BYTES].view(np.uint32).reshape(hi - lo, native.ROW_WORDS)
         return rows, space[start:start + size], at
 
+    def take_packed(self, chunk: Tuple[int, int], arena: Arena) -> Tuple[np.ndarray, int]:
+        """Memory for the packed bytes of the rows of `chunk` alone: (the bytes to read into,
+        at their file offset's phase, with PACK_ROOM after them; their file offset)."""
+        at = HEADER_BYTES + self.byte_at(chunk[0])
+        size = self.byte_at(chunk[1]) - self.byte_at(chunk[0])
+        space = arena.take((size + native.PACK_ROOM,), np.uint8, phase=at)
+        return space[:size], at
+
     def unpack(self, chunk: Tuple[int, int], packed: np.ndarray, rows: np.ndarray) -> None:
         """The chunk's packed bytes (read into `take`'s memory) -> its rows, pack by pack."""
         lo, hi = chunk
@@ -936,27 +948,63 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     ARENA.release()
 
 
-def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
-                chunk_rows: int) -> None:
-    """Stage 3 for a training day: each row, transformed, as a record (its row in its
-    bucket, its values, each feature's ids in `record_widths` bytes: the bytes the largest
-    needs, so the records cross the disk twice in fewer bytes) grouped by bucket within its
-    chunk (`_DayRows`). The rows are removed once the records are complete: a scatter
-    killed half-way starts the day again."""
-    rows = _DayRows(os.path.join(work, "parse"), day)
-    destinations = os.path.join(work, "destinations", f"day_{day}.npy")
-    partial, source = rows.at("records.partial.npy"), rows.at("rows.npy")
-    chunks = rows.chunks(chunk_rows)
-    index = np.zeros((len(chunks), 1 + len(bucket_starts)), np.int64)
-    index[:, 0] = [lo for lo, _ in chunks]
-    dest_at = _npy_layout(destinations)[2]
-    most = max(hi - lo for lo, hi in chunks)
-    # two pairs of arenas taking turns: chunk c+1 is read (the I/O thread) while chunk c
-    # is transformed and chunk c-1's records written (the writer thread). A chunk's
-    # records arena is reset only once the records it held two chunks before are written.
-    # Each arena grows here, to the largest chunk, so no later reset frees memory in use.
+class _DayScatter:
+    """A training day as a scatter run goes through it: its rows (`_DayRows`), chunks, the
+    index of its records, and its maps (read on the I/O thread when its first chunk is)."""
+
+    def __init__(self, day: int, work: str, buckets: int, chunk_rows: int):
+        self.day, self.work = day, work
+        self.rows = _DayRows(os.path.join(work, "parse"), day)
+        self.destinations = os.path.join(work, "destinations", f"day_{day}.npy")
+        self.dest_at = _npy_layout(self.destinations)[2]
+        self.partial, self.source = self.rows.at("records.partial.npy"), self.rows.at("rows.npy")
+        self.chunks = self.rows.chunks(chunk_rows)
+        self.index = np.zeros((len(self.chunks), 1 + buckets), np.int64)
+        self.index[:, 0] = [lo for lo, _ in self.chunks]
+        self.maps: Optional[Future] = None
+
+    def begin(self, record_size: int) -> None:
+        with open(self.partial, "wb") as fh:
+            fh.write(npy_header(np.dtype(np.uint8), (self.rows.rows, record_size)))
+
+    def finish(self) -> None:
+        """Its records complete: the index, then the records renamed (the day is scattered),
+        then its rows removed on the freeing thread (a large file takes a while)."""
+        tmp = self.rows.at("index.npy.tmp.npy")
+        np.save(tmp, self.index)
+        os.replace(tmp, self.rows.at("index.npy"))
+        os.replace(self.partial, self.rows.at("records.npy"))
+        direct_io.thread(PUNCH_THREAD).submit(_remove, [self.source, self.rows.at("packs.npy")])
+        if os.environ.get(KILL_AFTER):
+            parse_dir = os.path.join(self.work, "parse")
+            _kill_hook("scatter", sum(scattered(parse_dir, d) for d in range(TRAIN_DAYS)),
+                       at_least=True)
+
+
+def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: bool,
+                 chunk_rows: int) -> None:
+    """Stage 3 for training days, one after another: each row, transformed, as a record
+    (its row in its bucket, its values, each feature's ids in `record_widths` bytes: the
+    bytes the largest needs, so the records cross the disk twice in fewer bytes) grouped
+    by bucket within its chunk (`_DayRows`). The chunks of all the days are one stream:
+    chunk j+1 (the next day's first, with that day's maps) is read while chunk j is worked
+    on and chunk j-1 written, so a day starts without waiting for its reads, nor the next
+    for this one's last write. A day's rows are removed once its records are complete: a
+    scatter killed half-way starts the day again."""
+    widths = record_widths(work)
+    record_size = native.record_bytes(widths)
+    todo = [_DayScatter(d, work, len(bucket_starts), chunk_rows) for d in days]
+    steps = [(day, c) for day in todo for c in range(len(day.chunks))]
+    if not steps:
+        return
+    most = max(hi - lo for day in todo for lo, hi in day.chunks)
+    # two pairs of arenas taking turns: chunk j+1 is read (the I/O thread) while chunk j
+    # is transformed and chunk j-1's records written (the writer thread). A records arena
+    # is reset only once the records it held two chunks before are written. Each arena
+    # grows here, to the largest chunk, so no later reset frees memory in use.
     read_need = most * SCATTER_READ_BYTES_PER_ROW + 64 * 4 + 2 * direct_io.PAGE + native.PACK_ROOM
     write_need = most * SCATTER_WRITE_BYTES_PER_ROW + 64 * 4 + direct_io.PAGE
+    block = _scratch("scatter block", Arena)
     inputs, outputs = (ARENA, SPARE_ARENA), (RECORDS_ARENA, SPARE_RECORDS_ARENA)
     for arena, need in ((inputs[0], read_need), (inputs[1], read_need),
                         (outputs[0], write_need), (outputs[1], write_need)):
@@ -964,53 +1012,70 @@ def scatter_day(day: int, work: str, bucket_starts: np.ndarray, exact: bool,
     io, writer = direct_io.background(), direct_io.writer_thread()
     handed: List[Future] = []  # every read and write given to the two threads
     writes: List[Future] = []
+    written: List[Tuple[_DayScatter, int]] = []  # days all written out: (day, its last write)
 
-    def start(c: int):
-        lo, hi = chunks[c]
-        arena = inputs[c % 2]
+    def start(j: int):
+        day, c = steps[j]
+        if c == 0:
+            day.maps = io.submit(day_maps, work, day.day)
+            handed.append(day.maps)
+        lo, hi = day.chunks[c]
+        arena = inputs[j % 2]
         arena.reset(read_need)
-        parsed, packed, at = rows.take(chunks[c], arena)
+        packed, at = day.rows.take_packed(day.chunks[c], arena)
         dest = arena.take((hi - lo,), np.uint32)
-        reads = [io.submit(_read_exactly, source, packed, at),
-                 io.submit(_read_exactly, destinations, dest, dest_at + 4 * lo)]
+        reads = [io.submit(_read_exactly, day.source, packed, at),
+                 io.submit(_read_exactly, day.destinations, dest, day.dest_at + 4 * lo)]
         handed.extend(reads)
-        return parsed, packed, dest, reads
+        return packed, dest, reads
 
     try:
-        ahead = start(0)  # read while the maps are
-        maps = day_maps(work, day)
-        widths = record_widths(work)
-        record_size = native.record_bytes(widths)
-        with open(partial, "wb") as fh:
-            fh.write(npy_header(np.dtype(np.uint8), (rows.rows, record_size)))
-        for c, chunk in enumerate(chunks):
-            parsed, packed, dest, reads = ahead
+        ahead = start(0)
+        for j, (day, c) in enumerate(steps):
+            packed, dest, reads = ahead
             for r in reads:
                 r.result()
-            if c + 1 < len(chunks):
-                ahead = start(c + 1)
-            rows.unpack(chunk, packed, parsed)
-            if c >= 2:
-                writes[c - 2].result()
-            arena = outputs[c % 2]
+            if j + 1 < len(steps):
+                ahead = start(j + 1)
+            if j >= 2:
+                writes[j - 2].result()  # so every write before it is done, and succeeded
+            while written and written[0][1] <= j - 2:
+                written.pop(0)[0].finish()
+            if c == 0:
+                maps = day.maps.result()
+                day.begin(record_size)
+            lo, hi = day.chunks[c]
+            at = HEADER_BYTES + lo * record_size
+            arena = outputs[j % 2]
             arena.reset(write_need)
-            dense = torchrec_dense(parsed[:, 1:1 + NUM_DENSE].view(np.int32),
-                                   rows.stats["dense_min"], arena)
-            at = HEADER_BYTES + int(index[c, 0]) * record_size
-            records = arena.take((len(parsed), record_size), np.uint8, phase=at)
-            index[c, 1:] = native.scatter_records(dense, parsed, maps, exact, dest,
-                                                  bucket_starts, widths, records)
-            writes.append(writer.submit(direct_io.write_at, partial, records, at))
+            records = arena.take((hi - lo, record_size), np.uint8, phase=at)
+            counts, bucket_of = native.bucket_rows(dest, bucket_starts,
+                                                   arena.take((hi - lo,), np.int32))
+            next_record = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            # unpacked, transformed and scattered a block at a time, in the caches
+            first = day.rows.byte_at(lo)
+            for a in range(lo, hi, SCATTER_BLOCK_ROWS):
+                b = min(hi, a + SCATTER_BLOCK_ROWS)
+                block.reset(SCATTER_BLOCK_ROWS * (ROW_BYTES + 2 * 4 * NUM_DENSE) + 64 * 4)
+                parsed = block.take((b - a, native.ROW_WORDS), np.uint32)
+                day.rows.unpack((a, b), packed[day.rows.byte_at(a) - first:
+                                               day.rows.byte_at(b) - first], parsed)
+                dense = torchrec_dense(parsed[:, 1:1 + NUM_DENSE].view(np.int32),
+                                       day.rows.stats["dense_min"], block)
+                native.fill_records(dense, parsed, maps, exact, dest[a - lo:b - lo],
+                                    bucket_of[a - lo:b - lo], bucket_starts, widths, records,
+                                    next_record)
+            day.index[c, 1:] = counts
+            writes.append(writer.submit(direct_io.write_at, day.partial, records, at))
             handed.append(writes[-1])
+            if c == len(day.chunks) - 1:
+                written.append((day, j))
+        _settle(handed)
     except BaseException:
         _settle(handed, drop=True)
         raise
-    _settle(handed)
-    np.save(rows.at("index.npy.tmp.npy"), index)
-    os.replace(rows.at("index.npy.tmp.npy"), rows.at("index.npy"))
-    os.replace(partial, rows.at("records.npy"))  # marks the day scattered
-    # removing a large file takes a while (its blocks freed): meanwhile the next day starts
-    direct_io.thread(PUNCH_THREAD).submit(_remove, [source, rows.at("packs.npy")])
+    for day, _ in written:
+        day.finish()
 
 
 def _remove(paths: List[str]) -> None:
@@ -1112,9 +1177,16 @@ def _punch_out(segments: List[Tuple[str, int, int]]) -> None:
 # --------------------------------------------------------------------------- driver
 
 
-def _kill_hook(stage: str, done: int) -> None:
-    spec = os.environ.get("DLRM_PREPARE_KILL_AFTER", "")
-    if spec and spec == f"{stage}:{done}":
+KILL_AFTER = "DLRM_PREPARE_KILL_AFTER"
+
+
+def _kill_hook(stage: str, done: int, at_least: bool = False) -> None:
+    """For the tests: kill the run (its whole process group) once `done` tasks of `stage`
+    are done, as DLRM_PREPARE_KILL_AFTER=stage:count asks (with `at_least`, once they are
+    that many or more: the scatter's days, each run of them one task)."""
+    spec = os.environ.get(KILL_AFTER, "")
+    if spec.partition(":")[0] == stage and (
+            int(spec.partition(":")[2]) <= done if at_least else spec == f"{stage}:{done}"):
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
@@ -1298,9 +1370,15 @@ class _Run:
         starts, buckets = self.buckets("scatter")
         out, work = self.out, self.work
         tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), self.eval_written)]
-        tasks += [(str(d), scatter_day, (d, work, starts, self.s.exact_ids, self.scatter_rows),
-                   lambda d=d: scattered(self.parse_dir, d))
-                  for d in range(TRAIN_DAYS)]
+        # a task per worker, each a run of days whose chunks it streams through (the
+        # eval task first: the run after it has a day fewer)
+        runs = self.s.world_size * self.s.workers
+        tasks += [(f"days {k}", scatter_days,
+                   ([d for d in range(k, TRAIN_DAYS, runs) if not scattered(self.parse_dir, d)],
+                    work, starts, self.s.exact_ids, self.scatter_rows),
+                   lambda k=k: all(scattered(self.parse_dir, d)
+                                   for d in range(k, TRAIN_DAYS, runs)))
+                  for k in range(runs)]
         if self.s.rank == 0:
             # the place stage writes into these at offsets; made here, before it starts on
             # any rank, because making them there could replace a file another rank fills

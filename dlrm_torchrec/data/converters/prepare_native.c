@@ -365,20 +365,22 @@ int64_t pack_rows(int64_t n, const int32_t *labels, const int32_t *dense,
  * before it then end no later than its packed bytes start. */
 void unpack_rows(int64_t n, const uint8_t *in, const uint32_t *bases, const uint8_t *widths,
                  uint32_t *out) {
-    uint32_t mask[ROW_WORDS], base[ROW_WORDS]; /* local: out may alias what it points at */
-    int width[ROW_WORDS];
+    /* local copies (out may alias what they point at), and each column's fixed place in a
+     * row, so that a row's loads do not wait on one another */
+    uint32_t mask[ROW_WORDS], base[ROW_WORDS];
+    int64_t offset[ROW_WORDS], row_bytes = 0;
     for (int c = 0; c < ROW_WORDS; c++) {
         mask[c] = WIDTH_MASK[widths[c]];
         base[c] = bases[c];
-        width[c] = widths[c];
+        offset[c] = row_bytes;
+        row_bytes += widths[c];
     }
-    for (int64_t i = 0; i < n; i++) {
+    for (int64_t i = 0; i < n; i++, in += row_bytes) {
         uint32_t row[ROW_WORDS];
         for (int c = 0; c < ROW_WORDS; c++) {
             uint32_t v;
-            memcpy(&v, in, 4);
+            memcpy(&v, in + offset[c], 4);
             row[c] = base[c] + (v & mask[c]);
-            in += width[c];
         }
         memcpy(out + i * ROW_WORDS, row, sizeof row);
     }
@@ -412,31 +414,12 @@ static inline int32_t get_id(const uint8_t *at, int width) {
     return (int32_t)v;
 }
 
-/* Parsed rows i < n of a training day (rows: n * ROW_WORDS; dense: their transformed
- * values, n * 13) -> records of record_bytes (RECORD_HEAD + the widths) grouped by
- * bucket, buckets in order, rows in order within one: row i goes to global row dest[i], in
- * the bucket b with bucket_starts[b] <= dest[i] < bucket_starts[b + 1] (nb buckets, the
- * last open-ended). Its ids are maps[f][its local number of feature f], through float32
- * (as TorchRec's shuffle) unless `exact`, each of which must fit widths[f] bytes.
- * counts[b] becomes the rows of bucket b; `bucket_of`: n ints of scratch. Returns 0, -1
- * if a destination is before the first bucket or a bucket holds 2**31 rows or more, -2
- * when memory ran out, -3 if an id does not fit its width. */
-/* The map entries of a later parsed row fetched while the loops over rows work on this
- * one: a day's 26 maps outgrow the caches, and the misses so overlap. */
-#define SCATTER_AHEAD 8
-static inline void prefetch_ids(const uint32_t *const *maps, const uint32_t *row) {
-    const uint32_t *local = row + 1 + NUM_DENSE;
-    for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + local[f]);
-}
-
-int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
-                        const uint32_t *const *maps, int exact, const uint32_t *dest,
-                        const int64_t *bucket_starts, int64_t nb, const uint8_t *widths,
-                        int64_t record_bytes, uint8_t *records, int64_t *counts,
-                        int32_t *bucket_of) {
-    uint32_t limit[NUM_SPARSE]; /* each width's largest unsigned value */
-    for (int f = 0; f < NUM_SPARSE; f++)
-        limit[f] = widths[f] >= 4 ? 0xFFFFFFFFu : (1u << (8 * widths[f])) - 1;
+/* The bucket of each of n rows going to global rows dest: the b with bucket_starts[b] <=
+ * dest[i] < bucket_starts[b + 1] (nb buckets, the last open-ended), into bucket_of; counts[b]
+ * becomes the rows of bucket b. Returns 0, or -1 if a destination is before the first
+ * bucket. */
+int64_t bucket_rows(int64_t n, const uint32_t *dest, const int64_t *bucket_starts, int64_t nb,
+                    int64_t *counts, int32_t *bucket_of) {
     memset(counts, 0, nb * sizeof *counts);
     for (int64_t i = 0; i < n; i++) {
         int64_t lo = 0, hi = nb; /* the last start <= dest */
@@ -448,17 +431,42 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
         bucket_of[i] = (int32_t)lo;
         counts[lo]++;
     }
-    int64_t *next = malloc(nb * sizeof *next);
-    if (!next) return -2;
-    for (int64_t b = 0, at = 0; b < nb; b++) { next[b] = at; at += counts[b]; }
-    int64_t rc = 0;
-    for (int64_t i = 0; i < n && !rc; i++) {
+    return 0;
+}
+
+/* The map entries of a later parsed row fetched while the loops over rows work on this
+ * one: a day's 26 maps outgrow the caches, and the misses so overlap. */
+#define SCATTER_AHEAD 8
+static inline void prefetch_ids(const uint32_t *const *maps, const uint32_t *row) {
+    const uint32_t *local = row + 1 + NUM_DENSE;
+    for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + local[f]);
+}
+
+/* Parsed rows i < n of a training day (rows: n * ROW_WORDS; dense: their transformed
+ * values, n * 13; bucket_of: their buckets, from bucket_rows) -> records of record_bytes
+ * (RECORD_HEAD + the widths): row i's at records + next[its bucket] * record_bytes, and
+ * next[b] moves on (so calls for consecutive parts of a chunk, next starting at each
+ * bucket's first record of the chunk, group the chunk's records by bucket, rows in order
+ * within one). Its ids are maps[f][its local number of feature f], through float32 (as
+ * TorchRec's shuffle) unless `exact`, each of which must fit widths[f] bytes. Returns 0, -1
+ * if a row's place in its bucket is 2**31 or more, -3 if an id does not fit its width, -4
+ * if a record would fall outside the `capacity` records of `records`. */
+int64_t fill_records(int64_t n, const float *dense, const uint32_t *rows,
+                     const uint32_t *const *maps, int exact, const uint32_t *dest,
+                     const int32_t *bucket_of, const int64_t *bucket_starts,
+                     const uint8_t *widths, int64_t record_bytes, uint8_t *records,
+                     int64_t capacity, int64_t *next) {
+    uint32_t limit[NUM_SPARSE]; /* each width's largest unsigned value */
+    for (int f = 0; f < NUM_SPARSE; f++)
+        limit[f] = widths[f] >= 4 ? 0xFFFFFFFFu : (1u << (8 * widths[f])) - 1;
+    for (int64_t i = 0; i < n; i++) {
         int32_t b = bucket_of[i];
         const uint32_t *row = rows + i * ROW_WORDS;
         if (i + SCATTER_AHEAD < n) prefetch_ids(maps, rows + (i + SCATTER_AHEAD) * ROW_WORDS);
+        if (next[b] < 0 || next[b] >= capacity) return -4;
         uint8_t *r = records + next[b]++ * record_bytes;
         int64_t k = (int64_t)dest[i] - bucket_starts[b];
-        if (k >= (1ll << 31)) { rc = -1; break; }
+        if (k >= (1ll << 31)) return -1;
         uint32_t dest_label = (uint32_t)k | (row[0] ? 1u << 31 : 0);
         memcpy(r, &dest_label, 4);
         memcpy(r + 4, dense + i * NUM_DENSE, 4 * NUM_DENSE);
@@ -473,13 +481,12 @@ int64_t scatter_records(int64_t n, const float *dense, const uint32_t *rows,
                 /* numpy's float32 -> int32 gives INT32_MIN out of range on x86-64 */
                 out = x >= 2147483648.0f ? INT32_MIN : (int32_t)x;
             }
-            if (widths[f] < 4 && (uint32_t)out > limit[f]) { rc = -3; break; }
+            if (widths[f] < 4 && (uint32_t)out > limit[f]) return -3;
             put_id(at, out, widths[f]);
             at += widths[f];
         }
     }
-    free(next);
-    return rc;
+    return 0;
 }
 
 /* A bucket's n records (of record_bytes, ids in widths[f] bytes) -> their rows of the
