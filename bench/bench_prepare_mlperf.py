@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 from bench_criteo import generate  # noqa: E402
 
 from dlrm_torchrec.data.converters import mlperf_multi_hot as mh  # noqa: E402
+from dlrm_torchrec.data.converters import native  # noqa: E402
 
 DAYS = 24
 CRITEO_ROWS = 4_373_472_329  # days 0-23 of Criteo 1TB
@@ -113,7 +114,6 @@ def gunzip_ns_per_byte(path: str) -> float:
 def shuffle_ns_per_row(n: int = 1 << 26) -> float:
     """The legacy MT19937 shuffle of uint32 indices as prepare_mlperf makes it
     (`native.legacy_shuffle`; the one step that cannot run in parallel): ns per row."""
-    from dlrm_torchrec.data.converters import native
     perm = np.arange(n, dtype=np.uint32)
     t0 = time.time()
     native.legacy_shuffle(perm, 0)
@@ -175,7 +175,6 @@ def disk_floor(folder: str, days, rows_bytes: int, rows: int, out_bytes: int,
     the rows and writes the records (each feature's ids
     in the bytes its largest needs: from meta.json's table sizes), the place reads the
     records and writes the output. Seconds per stage and in all."""
-    from dlrm_torchrec.data.converters import native
     records_bytes = rows * native.record_bytes([native.id_width(n - 1) for n in table_sizes])
     a, b, c = (os.path.join(folder, n) for n in ("floor_rows", "floor_records", "floor_out"))
     out = {"parse": _stream(days, a, rows_bytes),
@@ -320,9 +319,11 @@ def main() -> None:
     ns = shuffle_ns_per_row()
     cores = min(a.workers, os.cpu_count() or 1)
     text_per_row = text_mb * 1e6 / rows
-    rec = 4 + 4 * (13 + 26 + 1)  # a scattered record
-    disk = {"parse": text_per_row + 160, "vocab+permute": 0, "scatter": 160 + rec,
-            "place": rec + 160, "multi-hot": 104 + 2 * 4 * 26 + 4 * sum(mh.MLPERF_BAG_SIZES)}
+    # a parsed row and a record at their widest (every value in 4 bytes): their widths at
+    # full scale depend on the real days' ranges, which are not measured here
+    row, rec, out = 4 * native.ROW_WORDS, native.RECORD_BYTES, 4 * (13 + 26 + 1)
+    disk = {"parse": text_per_row + row, "vocab+permute": 0, "scatter": row + rec,
+            "place": rec + out, "multi-hot": 104 + 2 * 4 * 26 + 4 * sum(mh.MLPERF_BAG_SIZES)}
     cpu_s = {k: (mh_stages if k == "multi-hot" else stages)[k] * cores / rows * CRITEO_ROWS
              / TARGET_CORES for k in disk}
     cpu_s["parse"] += CRITEO_ROWS * text_per_row * gunzip_ns * 1e-9 / TARGET_CORES
