@@ -950,7 +950,8 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
 
 class _DayScatter:
     """A training day as a scatter run goes through it: its rows (`_DayRows`), chunks, the
-    index of its records, and its maps (read on the I/O thread when its first chunk is)."""
+    index of its records, and its maps (read on the I/O thread when its first chunk is,
+    until the day takes them)."""
 
     def __init__(self, day: int, work: str, buckets: int, chunk_rows: int):
         self.day, self.work = day, work
@@ -1016,9 +1017,8 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
 
     def start(j: int):
         day, c = steps[j]
-        if c == 0:
+        if c == 0:  # not in `handed`, which would keep every day's maps to the end
             day.maps = io.submit(day_maps, work, day.day)
-            handed.append(day.maps)
         lo, hi = day.chunks[c]
         arena = inputs[j % 2]
         arena.reset(read_need)
@@ -1042,7 +1042,7 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
             while written and written[0][1] <= j - 2:
                 written.pop(0)[0].finish()
             if c == 0:
-                maps = day.maps.result()
+                maps, day.maps = day.maps.result(), None
                 day.begin(record_size)
             lo, hi = day.chunks[c]
             at = HEADER_BYTES + lo * record_size
@@ -1072,7 +1072,7 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
                 written.append((day, j))
         _settle(handed)
     except BaseException:
-        _settle(handed, drop=True)
+        _settle(handed + [day.maps for day in todo if day.maps is not None], drop=True)
         raise
     for day, _ in written:
         day.finish()
