@@ -21,8 +21,8 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_native.c")
 FLAGS = ["-O3", "-std=gnu99", "-shared", "-fPIC"]
 ROW_WORDS = 1 + 13 + 26  # a parsed row (uint32 words): label, raw dense values, local ids
-# a scattered row at its widest (every id in 4 bytes), the size of a parsed row, so it can
-# be written over one; dest_label: the row in its bucket, the label in bit 31
+# a scattered row at its widest (every id in 4 bytes; the size of an unpacked parsed row);
+# dest_label: the row in its bucket, the label in bit 31
 RECORD_DTYPE = np.dtype([("dest_label", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26)])
 RECORD_BYTES = RECORD_DTYPE.itemsize
 RECORD_HEAD = 4 + 4 * 13  # dest_label and the dense values; then each id in its width

@@ -38,17 +38,19 @@ the rest at the end (`--keep-work` keeps what is left). The loops over rows are 
 C (`native`); the rules that decide the bytes stay here.
 1. parse (one task per day): raw text -> the day's rows (label, raw int32 dense values,
    each id as its position in the day's first-occurrence order of its feature: its
-   day-local number), the day's smallest dense value and, per feature, the day's distinct
-   ids in first-occurrence order.
+   day-local number), packed a block at a time (each column in the bytes its range in the
+   block needs, `native.pack_rows`), the day's smallest dense value and, per feature, the
+   day's distinct ids in first-occurrence order.
 2. vocab (one task per feature) and permute (one task): per feature, the contiguous id of
    each day's distinct values (`map_{f}.npy`: the days' parts one after another, each in
    the day's order, so a day-local number indexes it); TorchRec's permutation of days
    0-22 and, per day, where each of its rows goes (`destinations/day_{d}.npy`, uint32).
-3. scatter (one task per day): transform each row (dense log, ids through the day's part
-   of the maps) into a record (each feature's ids in as many bytes as its largest needs,
-   `record_widths`) with its row in the bucket of its destination range
-   (buckets are cut so one fits the memory share of a worker, and never span two output
-   days), grouped by bucket within each chunk and written over the chunk's rows in place.
+3. scatter (one task per run of days, one run per worker): transform each row (dense log,
+   ids through the day's part of the maps) into a record (each feature's ids in as many
+   bytes as its largest needs, `record_widths`) with its row in the bucket of its
+   destination range (buckets are cut so one fits the memory share of a worker, and never
+   span two output days), grouped by bucket within each chunk, into the day's records
+   file; then the day's rows are removed. Day 23 is one more task: written as it is.
 4. place (one task per bucket): read the bucket's records from every day, put each at its
    destination, write them into the output day files at their offset, note each feature's
    largest id, punch the records out.
@@ -76,7 +78,8 @@ training row plus the destinations of the days it finds in one pass (4 bytes a r
 many days as its share holds, at least one).
 
 Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command SIGKILLs
-its own process group once N tasks of STAGE are done, to test resumption.
+its own process group once N tasks of STAGE are done (for the scatter, N days), to test
+resumption.
 """
 
 import bisect
