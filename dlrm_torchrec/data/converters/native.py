@@ -103,8 +103,8 @@ def lib() -> ctypes.CDLL:
             "pack_rows": (_I64, [_I64, _P, _P, _P, _I64, _P, _P, _P, _P]),
             "unpack_rows": (None, [_I64, _P, _P, _P, _P]),
             "bucket_rows": (_I64, [_I64, _P, _P, _I64, _P, _P]),
-            "fill_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _P, _P, _I64, _P,
-                                    _I64, _P]),
+            "fill_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _P, _I64,
+                                    _P, _I64, _P]),
             "place_records": (_I64, [_P, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
             "legacy_shuffle": (None, [_P, _I64, ctypes.c_uint32]),
@@ -287,15 +287,14 @@ def fill_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray]
             and bucket_of.shape == (n,) and len(maps) == 26 and widths.shape == (26,)
             and next_record.shape == bucket_starts.shape):
         raise ValueError("fill_records: inconsistent shapes")
-    if bucket_of.min(initial=0) < 0 or bucket_of.max(initial=0) >= len(bucket_starts):
-        raise ValueError("fill_records: a bucket outside bucket_starts")
     rc = lib().fill_records(n, _ptr(dense, np.float32), _ptr(rows, np.uint32), _maps(maps),
                             int(exact), _ptr(dest, np.uint32), _ptr(bucket_of, np.int32),
-                            _ptr(bucket_starts, np.int64), _ptr(widths, np.uint8), size,
-                            _ptr(records, np.uint8, True), records.nbytes // size,
-                            _ptr(next_record, np.int64, True))
+                            _ptr(bucket_starts, np.int64), len(bucket_starts),
+                            _ptr(widths, np.uint8), size, _ptr(records, np.uint8, True),
+                            records.nbytes // size, _ptr(next_record, np.int64, True))
     if rc == -4:
-        raise ValueError("fill_records: records outside the buffer")
+        raise ValueError("fill_records: a bucket outside bucket_starts, or records outside "
+                         "the buffer")
     if rc == -3:
         raise RuntimeError("scatter_records: an id wider than its feature's width")
     if rc:

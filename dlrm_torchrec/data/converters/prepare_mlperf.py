@@ -552,9 +552,8 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
     np.save(os.path.join(tmp, "packs.npy"), np.array(packs, np.int64).reshape(
         len(packs), 3 + 2 * native.ROW_WORDS))
     stats = {"day": day, "rows": rows_so_far, "row_bytes": rows_out.rows,  # uint8 "rows"
-             "lines": lines,
-             "dense_min": day_min,
-             "bad_counts": bad.counts, "bad_examples": bad.examples}
+             "lines": lines, "dense_min": day_min, "bad_counts": bad.counts,
+             "bad_examples": bad.examples}
     write_json(os.path.join(tmp, "stats.json"), stats, sync=False)
     os.replace(tmp, dst)
     return stats

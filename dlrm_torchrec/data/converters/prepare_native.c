@@ -278,10 +278,12 @@ void table_order(const table_t *t, uint32_t *out) {
 #define ROW_WORDS (1 + NUM_DENSE + NUM_SPARSE) /* a parsed row: label, dense, local ids */
 
 /* A parsed day's rows as the parse stage stores them: packed, a group of rows (a "pack")
- * at a time. A row has ROW_WORDS values: its label, its 13 raw dense values (int32) and its 26
- * day-local numbers (uint32). In a pack, column c holds value - bases[c] (uint32
- * arithmetic: bases[c] is the column's smallest value, signed for the label and dense
- * values) in widths[c] bytes, 0 to 4: as many as the column's range in the pack needs.
+ * at a time. A row has ROW_WORDS values: its label, its 13 raw dense values (int32) and its
+ * 26 day-local numbers (uint32). In a pack, column c holds value - bases[c] (uint32
+ * arithmetic) in widths[c] bytes, 0 to 4: for the label and the dense values, bases[c] is
+ * the column's smallest in the pack (signed) and the width what its range needs; for the
+ * ids, bases[c] is 0 and the width what the largest number the day's table could have
+ * given needs (`pack_rows`).
  * A row's columns follow one another, little-endian, and its bytes are the widths' sum:
  * most columns need one to three bytes, so the rows cross the disk twice in far fewer
  * bytes than 4 a value. Each value is stored and loaded as a whole 4-byte word whose
@@ -450,10 +452,11 @@ static inline void prefetch_ids(const uint32_t *const *maps, const uint32_t *row
  * within one). Its ids are maps[f][its local number of feature f], through float32 (as
  * TorchRec's shuffle) unless `exact`, each of which must fit widths[f] bytes. Returns 0, -1
  * if a row's place in its bucket is 2**31 or more, -3 if an id does not fit its width, -4
- * if a record would fall outside the `capacity` records of `records`. */
+ * if a row's bucket is not one of the nb, or its record would fall outside the `capacity`
+ * records of `records`. */
 int64_t fill_records(int64_t n, const float *dense, const uint32_t *rows,
                      const uint32_t *const *maps, int exact, const uint32_t *dest,
-                     const int32_t *bucket_of, const int64_t *bucket_starts,
+                     const int32_t *bucket_of, const int64_t *bucket_starts, int64_t nb,
                      const uint8_t *widths, int64_t record_bytes, uint8_t *records,
                      int64_t capacity, int64_t *next) {
     uint32_t limit[NUM_SPARSE]; /* each width's largest unsigned value */
@@ -463,7 +466,7 @@ int64_t fill_records(int64_t n, const float *dense, const uint32_t *rows,
         int32_t b = bucket_of[i];
         const uint32_t *row = rows + i * ROW_WORDS;
         if (i + SCATTER_AHEAD < n) prefetch_ids(maps, rows + (i + SCATTER_AHEAD) * ROW_WORDS);
-        if (next[b] < 0 || next[b] >= capacity) return -4;
+        if (b < 0 || b >= nb || next[b] < 0 || next[b] >= capacity) return -4;
         uint8_t *r = records + next[b]++ * record_bytes;
         int64_t k = (int64_t)dest[i] - bucket_starts[b];
         if (k >= (1ll << 31)) return -1;
