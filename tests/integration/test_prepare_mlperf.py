@@ -215,20 +215,22 @@ def test_dense_values_outside_int32_stop_with_file_and_line(days, tmp_path, caps
     assert msg.startswith(f"error: {bad}:5: dense value outside int32")
 
 
-WIDEST = np.full(26, 4, np.uint8)  # every id in 4 bytes: records of native.RECORD_DTYPE
+# every value in 4 bytes: records of native.RECORD_DTYPE
+WIDEST = np.full(native.RECORD_COLUMNS, 4, np.uint8)
 
 
 def _records(records: np.ndarray) -> np.ndarray:
-    """Scattered records (n, RECORD_BYTES) uint8, every id 4 bytes wide, as their fields."""
+    """Scattered records (n, RECORD_BYTES) uint8, every value 4 bytes wide, as their fields."""
     return records.view(native.RECORD_DTYPE)[:, 0]
 
 
-def _rows(labels: np.ndarray, local: list) -> np.ndarray:
-    """Parsed rows (native.ROW_WORDS uint32 words) with these labels and per-feature local
-    numbers, built field by field (their raw dense values are 0: the scatter takes the
-    transformed ones beside them)."""
+def _rows(labels: np.ndarray, local: list, dense=None) -> np.ndarray:
+    """Parsed rows (native.ROW_WORDS uint32 words) with these labels, raw dense values ((n,
+    13) int, or 0) and per-feature local numbers, built field by field."""
     rows = np.zeros((len(labels), native.ROW_WORDS), np.uint32)
     rows[:, 0] = labels
+    if dense is not None:
+        rows[:, 1:14] = np.asarray(dense, np.int64).astype(np.int32).view(np.uint32)
     for f, column in enumerate(local):
         rows[:, 14 + f] = column
     return rows
@@ -240,10 +242,9 @@ def test_ids_pass_through_float32_as_torchrecs_shuffle_casts_them():
                    dtype=np.uint32)
     n = len(ids)
     records = np.empty((n, native.RECORD_BYTES), np.uint8)
-    native.scatter_records(np.zeros((n, 13), np.float32),
-                           _rows(np.zeros(n, np.int32), [np.arange(n, dtype=np.uint32)] * 26),
-                           [ids] * 26, False, np.arange(n, dtype=np.uint32), np.zeros(1, np.int64),
-                           WIDEST, records)
+    native.scatter_records(_rows(np.zeros(n, np.int32), [np.arange(n, dtype=np.uint32)] * 26),
+                           0, [ids] * 26, False, np.arange(n, dtype=np.uint32),
+                           np.zeros(1, np.int64), WIDEST, records)
     assert _records(records)["sparse"][:, 0].tolist() == [
         2 ** 24 - 1, 2 ** 24, 2 ** 24, 2 ** 24 + 4, 2 ** 25, 2 ** 25 + 4]
 
@@ -540,64 +541,108 @@ def test_scattered_ids_pass_through_float32_as_numpy_casts_them_unless_exact():
             for _ in range(26)]
     local = [rng.integers(0, len(m), n).astype(np.uint32) for m in maps]
     ids = np.stack([m[c] for m, c in zip(maps, local)], axis=1).astype(np.int64)
-    dense = rng.random((n, 13), dtype=np.float32)
+    # raw dense values over the whole int32 range, shifted by a day whose smallest is
+    # INT32_MIN + 1: m - 2 and x - (m - 2) wrap around in int32
+    dense = rng.integers(-2 ** 31 + 1, 2 ** 31, (n, 13))
+    shift = 2 ** 31 - 1  # (-2**31 + 1) - 2, wrapped
+    shifted = (dense - shift + 2 ** 31) % 2 ** 32 - 2 ** 31
     labels = rng.integers(0, 2, n).astype(np.int32)
     dest = rng.permutation(n).astype(np.uint32)
     starts = np.array([0, 1000, 3500], dtype=np.int64)
     # numpy's casts, as TorchRec's shuffle makes them (float32, then int32)
     rounded = ids.astype(np.float32).astype(np.int32)
+    assert pm.dense_shift(-2 ** 31 + 1) == shift
     for exact, want in ((False, rounded), (True, ids.astype(np.int32))):
         records = np.empty((n, native.RECORD_BYTES), np.uint8)
-        counts = native.scatter_records(dense, _rows(labels, local), maps, exact, dest, starts,
-                                        WIDEST, records)
+        counts = native.scatter_records(_rows(labels, local, dense), shift, maps, exact, dest,
+                                        starts, WIDEST, records)
         bucket = np.searchsorted(starts, dest, side="right") - 1
         assert counts.tolist() == np.bincount(bucket, minlength=3).tolist()
         order = np.argsort(bucket, kind="stable")  # grouped by bucket, in row order within
         rec = _records(records)
         assert (rec["dest_label"] % 2 ** 31 == dest[order] - starts[bucket[order]]).all()
         assert (rec["dest_label"] // 2 ** 31 == labels[order]).all()
-        assert (rec["sparse"] == want[order]).all() and (rec["dense"] == dense[order]).all()
+        assert (rec["sparse"] == want[order]).all() and (rec["dense"] == shifted[order]).all()
 
 
-def test_records_with_ids_of_one_to_four_bytes_place_the_values_scattered():
-    """Each feature's ids in the bytes its largest needs: scattered to two buckets, then
-    placed, the output columns hold every row's values at its destination, as numpy puts
-    them there."""
+def test_records_with_values_of_one_to_four_bytes_place_the_values_scattered():
+    """Each column (shifted dense values, ids) in the bytes its largest needs: scattered to
+    two buckets, then placed, the output columns hold every row's values at its
+    destination, as numpy puts them there."""
     rng = np.random.default_rng(8)
     n, starts = 3000, np.array([0, 1800], dtype=np.int64)
     largest = [0, 255, 256, 2 ** 16 - 1, 2 ** 16, 2 ** 24 - 1, 2 ** 24, 2 ** 31 - 1] * 3 + [7, 70000]
-    widths = np.array([native.id_width(x) for x in largest], np.uint8)
-    assert widths[:8].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
     maps = [np.array([x, 0, x // 2], np.uint32) for x in largest]
     local = [rng.integers(0, 3, n).astype(np.uint32) for _ in range(26)]
     ids = np.stack([m[c] for m, c in zip(maps, local)], axis=1).astype(np.int64)
-    dense = rng.random((n, 13), dtype=np.float32)
+    # a day whose smallest dense value is -5: shifted values from 2 (x = m) upward, each
+    # column's largest one of the edges of a width
+    low, shift = -5, -7
+    dense_top = [2, 255, 256, 2 ** 16 - 1, 2 ** 16, 2 ** 24 - 1, 2 ** 24, 2 ** 31 - 1, 2 ** 32 - 1,
+                 3, 1000, 2 ** 20, 2 ** 30]
+    shifted = np.stack([rng.integers(2, top + 1, n) for top in dense_top], axis=1)
+    shifted[0] = dense_top  # each column's largest, and its smallest (x = m) in the next row
+    shifted[1] = 2
+    dense = shifted + shift  # the raw values: x = shifted + m - 2, some beyond int32
     labels = rng.integers(0, 2, n).astype(np.int32)
     dest = rng.permutation(n).astype(np.uint32)
+    widths = np.array([native.id_width(x) for x in dense_top + largest], np.uint8)
+    assert widths[:9].tolist() == [1, 1, 2, 2, 3, 3, 4, 4, 4]
+    assert widths[13:21].tolist() == [1, 1, 2, 2, 3, 3, 4, 4]
     size = native.record_bytes(widths)
-    assert size == 56 + sum(widths) < native.RECORD_BYTES
+    assert size == 4 + sum(widths) < native.RECORD_BYTES
     records = np.empty(n * size + 5, np.uint8)  # room to spare: only n * size is written
     records[n * size:] = 77
-    counts = native.scatter_records(dense, _rows(labels, local), maps, True, dest, starts,
-                                    widths, records)
+    rows = _rows(labels, local, (dense + 2 ** 31) % 2 ** 32 - 2 ** 31)
+    assert pm.dense_shift(low) == shift
+    counts = native.scatter_records(rows, shift, maps, True, dest, starts, widths, records)
     assert counts.tolist() == [1800, 1200] and (records[n * size:] == 77).all()
-    for b, (lo, rows) in enumerate([(0, 1800), (1800, 1200)]):
+    for b, (lo, bucket_rows) in enumerate([(0, 1800), (1800, 1200)]):
         at = int(counts[:b].sum()) * size
-        out = (np.zeros((rows, 13), np.float32), np.zeros((rows, 26), np.int32),
-               np.zeros((rows, 1), np.int32))
-        filled = np.zeros(rows, np.uint8)
-        top = native.place_records(records[at:at + rows * size], widths, *out, filled)
-        mine = np.flatnonzero((dest >= lo) & (dest < lo + rows))
-        want_sparse = np.zeros((rows, 26), np.int64)
+        out = (np.zeros((bucket_rows, 13), np.int32), np.zeros((bucket_rows, 26), np.int32),
+               np.zeros((bucket_rows, 1), np.int32))
+        filled = np.zeros(bucket_rows, np.uint8)
+        top = native.place_records(records[at:at + bucket_rows * size], widths, *out, filled)
+        mine = np.flatnonzero((dest >= lo) & (dest < lo + bucket_rows))
+        want_sparse = np.zeros((bucket_rows, 26), np.int64)
         want_sparse[dest[mine] - lo] = ids[mine]
         assert filled.all() and (out[1] == want_sparse).all()
-        assert (out[0][dest[mine] - lo] == dense[mine]).all()
+        # the shifted values as int32 bits (2**32 - 1 is -1)
+        assert (out[0][dest[mine] - lo] == shifted[mine].astype(np.uint32).view(np.int32)).all()
         assert (out[2][dest[mine] - lo, 0] == labels[mine]).all()
         assert top.tolist() == want_sparse.max(axis=0).tolist()
-    with pytest.raises(RuntimeError, match="wider than its feature's width"):
-        narrow = np.ones(26, np.uint8)  # 1 byte for ids up to 2**31 - 1
-        native.scatter_records(dense, _rows(labels, local), maps, True, dest, starts, narrow,
-                               np.empty(n * native.record_bytes(narrow), np.uint8))
+    for column in (2, 13 + 2):  # a dense value, then an id, a byte short of their width
+        narrow = widths.copy()
+        narrow[column] = 1
+        with pytest.raises(RuntimeError, match="wider than its column's width"):
+            native.scatter_records(rows, shift, maps, True, dest, starts, narrow,
+                                   np.empty(n * native.record_bytes(narrow), np.uint8))
+
+
+def test_record_widths_fit_each_dense_columns_largest_shifted_value_over_the_training_days(
+        tmp_path):
+    # shifted values reach the largest less the day's smallest, plus 2; day 23 (not
+    # scattered) is not counted
+    work = tmp_path
+    lows = {0: -3, 1: 0, 22: 5, 23: -1000}
+    for d in range(pm.DAYS):
+        top = [0] * 13
+        if d == 0:
+            top[:4] = [250, 251, 2 ** 16 - 5, 2 ** 24]  # + 3 + 2: 255, 256, 2**16, 2**24 + 5
+        if d == 22:
+            top[4] = 2 ** 16 + 100  # - 5 + 2: 2**16 + 97
+        if d == 23:
+            top[5] = 2 ** 20
+        os.makedirs(work / "parse" / f"day_{d}")
+        (work / "parse" / f"day_{d}" / "stats.json").write_text(json.dumps(
+            {"dense_min": lows.get(d, 0), "dense_max": top}))
+    os.makedirs(work / "vocab")
+    for f in range(26):  # ids up to FIRST_ID + count - 1
+        (work / "vocab" / f"count_{f}.json").write_text(json.dumps({"distinct": 254 + f}))
+    widths = pm.record_widths(str(work))
+    # column 5's 2**20 is day 23's; the others' largest are 0 - (-3) + 2 = 5 (day 0's)
+    assert widths[:13].tolist() == [1, 2, 3, 4, 3] + [1] * 8
+    assert widths[13:].tolist() == [1] + [2] * 25  # 2 + 254 - 1 = 255, then 256 on
 
 
 def test_evaluation_day_ids_are_the_maps_entries_at_the_local_numbers():

@@ -21,20 +21,22 @@ import numpy as np
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prepare_native.c")
 FLAGS = ["-O3", "-std=gnu99", "-shared", "-fPIC"]
 ROW_WORDS = 1 + 13 + 26  # a parsed row (uint32 words): label, raw dense values, local ids
-# a scattered row at its widest (every id in 4 bytes; the size of an unpacked parsed row);
-# dest_label: the row in its bucket, the label in bit 31
-RECORD_DTYPE = np.dtype([("dest_label", "<u4"), ("dense", "<f4", 13), ("sparse", "<i4", 26)])
+# a scattered row at its widest (every value in 4 bytes; the size of an unpacked parsed
+# row); dest_label: the row in its bucket, the label in bit 31; dense: the day's shifted
+# values (`dense_shift`), whose logarithm the place stage takes
+RECORD_DTYPE = np.dtype([("dest_label", "<u4"), ("dense", "<i4", 13), ("sparse", "<i4", 26)])
 RECORD_BYTES = RECORD_DTYPE.itemsize
-RECORD_HEAD = 4 + 4 * 13  # dest_label and the dense values; then each id in its width
+RECORD_COLUMNS = 13 + 26  # a record's values after dest_label, each in its width
 
 
 def id_width(largest: int) -> int:
-    """The bytes (1 to 4) a record gives a feature whose ids are at most `largest`."""
+    """The bytes (1 to 4) a record gives a column whose values are at most `largest`."""
     return 1 if largest < 1 << 8 else 2 if largest < 1 << 16 else 3 if largest < 1 << 24 else 4
 
 
 def record_bytes(widths: Sequence[int]) -> int:
-    return RECORD_HEAD + sum(int(w) for w in widths)
+    """A record's bytes with these (RECORD_COLUMNS) widths."""
+    return 4 + sum(int(w) for w in widths)
 
 
 class NativeBuildError(Exception):
@@ -103,8 +105,8 @@ def lib() -> ctypes.CDLL:
             "pack_rows": (_I64, [_I64, _P, _P, _P, _I64, _P, _P, _P, _P]),
             "unpack_rows": (None, [_I64, _P, _P, _P, _P]),
             "bucket_rows": (_I64, [_I64, _P, _P, _I64, _P, _P]),
-            "fill_records": (_I64, [_I64, _P, _P, _P, ctypes.c_int, _P, _P, _P, _I64, _P, _I64,
-                                    _P, _I64, _P]),
+            "fill_records": (_I64, [_I64, _P, ctypes.c_int32, _P, ctypes.c_int, _P, _P, _P, _I64,
+                                    _P, _I64, _P, _I64, _P]),
             "place_records": (_I64, [_P, _I64, _P, _I64, _I64, _P, _P, _P, _P, _P]),
             "destinations": (None, [_P, _I64, _I64, _I64, _P]),
             "legacy_shuffle": (None, [_P, _I64, ctypes.c_uint32]),
@@ -272,22 +274,23 @@ def bucket_rows(dest: np.ndarray, bucket_starts: np.ndarray,
     return counts, bucket_of
 
 
-def fill_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray], exact: bool,
+def fill_records(rows: np.ndarray, shift: int, maps: Sequence[np.ndarray], exact: bool,
                  dest: np.ndarray, bucket_of: np.ndarray, bucket_starts: np.ndarray,
                  widths: np.ndarray, records: np.ndarray, next_record: np.ndarray) -> None:
-    """n parsed rows ((n, ROW_WORDS) uint32; dense (n, 13) float32: their transformed
-    values; each going to global row dest (n,) uint32, in bucket bucket_of (n,) int32) ->
-    records (raw bytes, uint8; feature f's ids in widths[f] bytes, (26,) uint8): row i's at
-    record next_record[its bucket], which then moves on ((nb,) int64). Calls for the parts
-    of a chunk in turn, next_record starting at each bucket's first record, group the
-    chunk's records by bucket. maps[f]: (u_f,) uint32, the ids of the day's values of
-    feature f in the day's order (indexed by the rows' local numbers)."""
+    """n parsed rows of a day ((n, ROW_WORDS) uint32; shift: the day's dense shift,
+    `dense_shift`; each row going to global row dest (n,) uint32, in bucket bucket_of (n,)
+    int32) -> records (raw bytes, uint8; column c, a shifted dense value or an id, in
+    widths[c] bytes, (RECORD_COLUMNS,) uint8): row i's at record next_record[its bucket],
+    which then moves on ((nb,) int64). Calls for the parts of a chunk in turn, next_record
+    starting at each bucket's first record, group the chunk's records by bucket.
+    maps[f]: (u_f,) uint32, the ids of the day's values of feature f in the day's order
+    (indexed by the rows' local numbers)."""
     n, size = len(rows), record_bytes(widths)
-    if not (dense.shape == (n, 13) and rows.shape == (n, ROW_WORDS) and dest.shape == (n,)
-            and bucket_of.shape == (n,) and len(maps) == 26 and widths.shape == (26,)
+    if not (rows.shape == (n, ROW_WORDS) and dest.shape == (n,) and bucket_of.shape == (n,)
+            and len(maps) == 26 and widths.shape == (RECORD_COLUMNS,)
             and next_record.shape == bucket_starts.shape):
         raise ValueError("fill_records: inconsistent shapes")
-    rc = lib().fill_records(n, _ptr(dense, np.float32), _ptr(rows, np.uint32), _maps(maps),
+    rc = lib().fill_records(n, _ptr(rows, np.uint32), shift, _maps(maps),
                             int(exact), _ptr(dest, np.uint32), _ptr(bucket_of, np.int32),
                             _ptr(bucket_starts, np.int64), len(bucket_starts),
                             _ptr(widths, np.uint8), size, _ptr(records, np.uint8, True),
@@ -296,19 +299,19 @@ def fill_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray]
         raise ValueError("fill_records: a bucket outside bucket_starts, or records outside "
                          "the buffer")
     if rc == -3:
-        raise RuntimeError("scatter_records: an id wider than its feature's width")
+        raise RuntimeError("scatter_records: a value wider than its column's width")
     if rc:
         raise RuntimeError("scatter_records: a row's place in its bucket beyond 2**31")
 
 
-def scatter_records(dense: np.ndarray, rows: np.ndarray, maps: Sequence[np.ndarray],
-                    exact: bool, dest: np.ndarray, bucket_starts: np.ndarray,
-                    widths: np.ndarray, records: np.ndarray) -> np.ndarray:
+def scatter_records(rows: np.ndarray, shift: int, maps: Sequence[np.ndarray], exact: bool,
+                    dest: np.ndarray, bucket_starts: np.ndarray, widths: np.ndarray,
+                    records: np.ndarray) -> np.ndarray:
     """`fill_records` for a whole chunk: its records grouped by bucket in bucket order, from
     the start of `records`; returns the rows per bucket (nb,) int64."""
     counts, bucket_of = bucket_rows(dest, bucket_starts)
     next_record = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    fill_records(dense, rows, maps, exact, dest, bucket_of, bucket_starts, widths, records,
+    fill_records(rows, shift, maps, exact, dest, bucket_of, bucket_starts, widths, records,
                  next_record)
     return counts
 
@@ -341,22 +344,24 @@ def _libc() -> Optional[ctypes.CDLL]:
     return _LIBC[0]
 
 
-def place_records(records: np.ndarray, widths: np.ndarray, dense: np.ndarray,
+def place_records(records: np.ndarray, widths: np.ndarray, shifted: np.ndarray,
                   sparse: np.ndarray, labels: np.ndarray, filled: np.ndarray) -> np.ndarray:
     """Records (raw bytes, n * record_bytes(widths) uint8) of a bucket -> their rows of its
-    output columns: dense (rows, 13) float32, sparse (rows, 26) int32, labels (rows, 1)
-    int32; `filled` (rows,) uint8 marks the rows placed so far (zero before a bucket's
-    first records), and no row may be placed twice. Returns each feature's largest id among
-    the records, (26,) int64 (-1 for none)."""
+    output columns: shifted (rows, 13) int32 (the dense values as the records hold them,
+    before their logarithm), sparse (rows, 26) int32, labels (rows, 1) int32; `filled`
+    (rows,) uint8 marks the rows placed so far (zero before a bucket's first records), and
+    no row may be placed twice. Returns each feature's largest id among the records, (26,)
+    int64 (-1 for none)."""
     size = record_bytes(widths)
     rows, n = len(labels), records.nbytes // size
-    if dense.shape != (rows, 13) or sparse.shape != (rows, 26) or labels.shape != (rows, 1) \
-            or filled.shape != (rows,) or records.nbytes != n * size or widths.shape != (26,):
+    if shifted.shape != (rows, 13) or sparse.shape != (rows, 26) or labels.shape != (rows, 1) \
+            or filled.shape != (rows,) or records.nbytes != n * size \
+            or widths.shape != (RECORD_COLUMNS,):
         raise ValueError(f"{records.nbytes} bytes of records of {size}; output columns "
-                         f"{dense.shape} {sparse.shape} {labels.shape} {filled.shape}")
+                         f"{shifted.shape} {sparse.shape} {labels.shape} {filled.shape}")
     top = np.full(26, -1, np.int32)
     if lib().place_records(_ptr(records, np.uint8), n, _ptr(widths, np.uint8), size, rows,
-                           _ptr(dense, np.float32, True), _ptr(sparse, np.int32, True),
+                           _ptr(shifted, np.int32, True), _ptr(sparse, np.int32, True),
                            _ptr(labels, np.int32, True), _ptr(filled, np.uint8, True),
                            _ptr(top, np.int32, True)):
         raise RuntimeError("a bucket's work file places a row twice or outside it")

@@ -39,21 +39,22 @@ C (`native`); the rules that decide the bytes stay here.
 1. parse (one task per day): raw text -> the day's rows (label, raw int32 dense values,
    each id as its position in the day's first-occurrence order of its feature: its
    day-local number), packed a block at a time (each column in the bytes its range in the
-   block needs, `native.pack_rows`), the day's smallest dense value and, per feature, the
-   day's distinct ids in first-occurrence order.
+   block needs, `native.pack_rows`), the day's smallest dense value, each dense column's
+   largest and, per feature, the day's distinct ids in first-occurrence order.
 2. vocab (one task per feature) and permute (one task): per feature, the contiguous id of
    each day's distinct values (`map_{f}.npy`: the days' parts one after another, each in
    the day's order, so a day-local number indexes it); TorchRec's permutation of days
    0-22 and, per day, where each of its rows goes (`destinations/day_{d}.npy`, uint32).
-3. scatter (one task per run of days, one run per worker): transform each row (dense log,
-   ids through the day's part of the maps) into a record (each feature's ids in as many
-   bytes as its largest needs, `record_widths`) with its row in the bucket of its
-   destination range (buckets are cut so one fits the memory share of a worker, and never
-   span two output days), grouped by bucket within each chunk, into the day's records
-   file; then the day's rows are removed. Day 23 is one more task: written as it is.
+3. scatter (one task per run of days, one run per worker): transform each row (dense
+   values shifted by the day's smallest, ids through the day's part of the maps) into a
+   record (each column in as many bytes as its largest needs, `record_widths`) with its
+   row in the bucket of its destination range (buckets are cut so one fits the memory
+   share of a worker, and never span two output days), grouped by bucket within each
+   chunk, into the day's records file; then the day's rows are removed. Day 23 is one
+   more task: written as it is.
 4. place (one task per bucket): read the bucket's records from every day, put each at its
-   destination, write them into the output day files at their offset, note each feature's
-   largest id, punch the records out.
+   destination, take the dense values' logarithm, write them into the output day files at
+   their offset, note each feature's largest id, punch the records out.
 5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
    (`mlperf_multi_hot`), from lookup tables drawn by one more task of the parse stage.
 6. meta: `from_torchrec.adopt` checks the output files' shapes and writes meta.json with
@@ -143,6 +144,9 @@ SCATTER_WRITE_BYTES_PER_ROW = native.RECORD_BYTES + 4
 # stays in the core's cache (unpacked whole, a chunk's rows were written to and read back
 # from the main memory: 40 ns a row)
 SCATTER_BLOCK_ROWS = 16384
+# rows of a bucket whose dense logarithm the place stage takes at once (numpy copies the
+# shifted values it overwrites: 52 bytes a row beside the bucket's memory)
+LOG_BLOCK_ROWS = 16384
 # the same for day 23: the row read, the dense transform's arrays, int64 ids
 EVAL_BYTES_PER_ROW = ROW_BYTES + 2 * 4 * NUM_DENSE + 8 * NUM_SPARSE
 # disk per row at the peak: parsed rows (then records: a day's rows go once its records
@@ -153,7 +157,7 @@ PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
 # the layout of the work files (the parsed rows, the records); a work folder of another
 # layout is not resumed
-WORK_FORMAT = 2
+WORK_FORMAT = 3
 # the stages in order; `--stage all` runs them all, with a barrier between two
 STAGES = ("parse", "vocab", "scatter", "place", "multi_hot", "meta")
 
@@ -389,17 +393,31 @@ def _sync(path: str) -> None:
 # --------------------------------------------------------------------------- transforms
 
 
+def dense_shift(day_min: int) -> int:
+    """What `tsv_to_npys` subtracts from a day's raw dense values before their logarithm:
+    m - 2 (m: the day's smallest raw value) in int32 arithmetic, wrapping as numpy does."""
+    with np.errstate(over="ignore"):
+        return int(np.int32(day_min) - np.int32(2))
+
+
+def dense_log(shifted: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Shifted dense values (int32) -> their float32 logarithm into `out` (which may be
+    their own memory), as `tsv_to_npys` takes it: numpy's float32 log of the int32 values
+    (its own routine, whose results other libraries' logf need not match bit for bit)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.log(shifted, out=out, dtype=np.float32)
+
+
 def torchrec_dense(raw: np.ndarray, day_min: int, arena: Optional["Arena"] = None) -> np.ndarray:
     """(n, 13) raw dense ints -> float32 as `tsv_to_npys`: log(x - m + 2) with the int32
     arithmetic and the float32 log it uses (m: the smallest raw value of the day); the
     temporaries in `arena` memory if given."""
     take = arena.take if arena is not None else np.empty
     shifted = take(raw.shape, np.int32)
-    out = take(raw.shape, np.float32)
-    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
-        np.subtract(raw, np.int32(day_min) - np.int32(2), out=shifted, dtype=np.int32,
+    with np.errstate(over="ignore"):
+        np.subtract(raw, np.int32(dense_shift(day_min)), out=shifted, dtype=np.int32,
                     casting="unsafe")
-        return np.log(shifted, out=out, dtype=np.float32)
+    return dense_log(shifted, take(raw.shape, np.float32))
 
 
 # --------------------------------------------------------------------------- stages
@@ -443,6 +461,7 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
         buffers.max_rows * ROW_BYTES + native.PACK_ROOM, np.uint8))
     rows_so_far = 0
     day_min: Optional[int] = None
+    day_max = np.full(NUM_DENSE, -2 ** 31, np.int64)  # each dense column's largest
     bad = ct.BadRows()
 
     def stop_if_bad(found: ct.BadRows) -> None:
@@ -459,6 +478,7 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
         if not len(labels):
             return
         day_min = low if day_min is None else min(day_min, low)
+        np.maximum(day_max, dense.max(axis=0), out=day_max)
         for f in range(NUM_SPARSE):
             tables[f].assign(columns[f], out=columns[f])
         room = len(labels) * ROW_BYTES + native.PACK_ROOM
@@ -552,7 +572,8 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
     np.save(os.path.join(tmp, "packs.npy"), np.array(packs, np.int64).reshape(
         len(packs), 3 + 2 * native.ROW_WORDS))
     stats = {"day": day, "rows": rows_so_far, "row_bytes": rows_out.rows,  # uint8 "rows"
-             "lines": lines, "dense_min": day_min, "bad_counts": bad.counts,
+             "lines": lines, "dense_min": day_min, "dense_max": day_max.tolist(),
+             "bad_counts": bad.counts,
              "bad_examples": bad.examples}
     write_json(os.path.join(tmp, "stats.json"), stats, sync=False)
     os.replace(tmp, dst)
@@ -776,10 +797,18 @@ def build_vocab(f: int, parse_dir: str, vocab_dir: str) -> int:
 
 
 def record_widths(work: str) -> np.ndarray:
-    """(26,) uint8: the bytes a record gives each feature's ids, as few as its largest
-    contiguous id needs (`native.id_width`; from the vocabulary's counts, so every task of
-    a run, resumed or not, finds the same)."""
-    widths = []
+    """(39,) uint8: the bytes a record gives each of its columns, as few as the column's
+    largest needs (`native.id_width`). The dense columns hold the training days' shifted
+    values, x - m + 2 at most their largest less their day's smallest (from the parse's
+    stats); the ids the contiguous ids, below FIRST_ID + the vocabulary's count. Both come
+    from files every task of a run finds the same, resumed or not."""
+    parse_dir = os.path.join(work, "parse")
+    shifted = np.zeros(NUM_DENSE, np.int64)
+    for d in range(TRAIN_DAYS):
+        with open(os.path.join(parse_dir, f"day_{d}", "stats.json")) as fh:
+            st = json.load(fh)
+        np.maximum(shifted, np.array(st["dense_max"]) - st["dense_min"] + 2, out=shifted)
+    widths = [native.id_width(int(x)) for x in shifted]
     for f in range(NUM_SPARSE):
         with open(os.path.join(work, "vocab", f"count_{f}.json")) as fh:
             widths.append(native.id_width(FIRST_ID + json.load(fh)["distinct"] - 1))
@@ -1045,6 +1074,7 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
                 written.pop(0)[0].finish()
             if c == 0:
                 maps, day.maps = day.maps.result(), None
+                shift = dense_shift(day.rows.stats["dense_min"])
                 day.begin(record_size)
             lo, hi = day.chunks[c]
             at = HEADER_BYTES + lo * record_size
@@ -1058,13 +1088,11 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
             first = day.rows.byte_at(lo)
             for a in range(lo, hi, SCATTER_BLOCK_ROWS):
                 b = min(hi, a + SCATTER_BLOCK_ROWS)
-                block.reset(SCATTER_BLOCK_ROWS * (ROW_BYTES + 2 * 4 * NUM_DENSE) + 64 * 4)
+                block.reset(SCATTER_BLOCK_ROWS * ROW_BYTES + 64)
                 parsed = block.take((b - a, native.ROW_WORDS), np.uint32)
                 day.rows.unpack((a, b), packed[day.rows.byte_at(a) - first:
                                                day.rows.byte_at(b) - first], parsed)
-                dense = torchrec_dense(parsed[:, 1:1 + NUM_DENSE].view(np.int32),
-                                       day.rows.stats["dense_min"], block)
-                native.fill_records(dense, parsed, maps, exact, dest[a - lo:b - lo],
+                native.fill_records(parsed, shift, maps, exact, dest[a - lo:b - lo],
                                     bucket_of[a - lo:b - lo], bucket_starts, widths, records,
                                     next_record)
             day.index[c, 1:] = counts
@@ -1144,15 +1172,22 @@ def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: in
     parts = [ARENA.take((size,), np.uint8, phase=at) for _, at, size in segments]
     reads = [direct_io.background().submit(_read_exactly, path, part, at)
              for (path, at, _), part in zip(segments, parts)]
+    # the dense values arrive shifted, in the dense column's memory, and their logarithm
+    # replaces them once all are placed, a block at a time (numpy copies its input when
+    # it overlaps the output)
+    shifted = columns[0].view(np.int32)
     try:
         for part, read in zip(parts, reads):
             read.result()
-            np.maximum(top, native.place_records(part, widths, *columns, filled), out=top)
+            np.maximum(top, native.place_records(part, widths, shifted, *columns[1:], filled),
+                       out=top)
     except BaseException:
         _settle(reads, drop=True)
         raise
     if not filled.all():
         raise RuntimeError(f"bucket {b}: a row is missing from the work files")
+    for lo in range(0, rows, LOG_BLOCK_ROWS):
+        dense_log(shifted[lo:lo + LOG_BLOCK_ROWS], columns[0][lo:lo + LOG_BLOCK_ROWS])
     for (part, _), data, at in zip(PARTS, columns, offsets):
         direct_io.write_at(_part_path(out, day, part), data, at)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"),

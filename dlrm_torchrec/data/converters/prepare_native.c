@@ -389,14 +389,16 @@ void unpack_rows(int64_t n, const uint8_t *in, const uint32_t *bases, const uint
 }
 
 /* A row on its way to its bucket, as bytes: its row in the bucket with its label (0 or 1)
- * in the top bit (uint32), its 13 dense values (float32), then each feature's id in
- * widths[f] bytes (1 to 4, little-endian: as many as the feature's largest id needs, so
- * the records cross the disk twice in fewer bytes). With every width 4 it is numpy's
- * native.RECORD_DTYPE, the size of a parsed row. */
-#define RECORD_HEAD (4 + 4 * NUM_DENSE)
+ * in the top bit (uint32), then its 13 dense values and its 26 ids, value c in widths[c]
+ * bytes (1 to 4, little-endian: as many as the column's largest needs over all the days,
+ * so the records cross the disk twice in fewer bytes). A dense value is stored as its
+ * day's shifted value x - (m - 2) (int32 arithmetic, m the day's smallest): the place
+ * stage takes its logarithm, which TorchRec's transform then is, so the record carries a
+ * count of two or three bytes instead of a float32 of four. With every width 4 it is
+ * numpy's native.RECORD_DTYPE, the size of a parsed row. */
+#define RECORD_COLUMNS (NUM_DENSE + NUM_SPARSE)
 
-static inline void put_id(uint8_t *at, int32_t id, int width) {
-    uint32_t v = (uint32_t)id;
+static inline void put_value(uint8_t *at, uint32_t v, int width) {
     switch (width) {
     case 1: at[0] = (uint8_t)v; break;
     case 2: memcpy(at, &v, 2); break;
@@ -405,7 +407,7 @@ static inline void put_id(uint8_t *at, int32_t id, int width) {
     }
 }
 
-static inline int32_t get_id(const uint8_t *at, int width) {
+static inline int32_t get_value(const uint8_t *at, int width) {
     uint32_t v = 0;
     switch (width) {
     case 1: v = at[0]; break;
@@ -444,24 +446,27 @@ static inline void prefetch_ids(const uint32_t *const *maps, const uint32_t *row
     for (int f = 0; f < NUM_SPARSE; f++) __builtin_prefetch(maps[f] + local[f]);
 }
 
-/* Parsed rows i < n of a training day (rows: n * ROW_WORDS; dense: their transformed
- * values, n * 13; bucket_of: their buckets, from bucket_rows) -> records of record_bytes
- * (RECORD_HEAD + the widths): row i's at records + next[its bucket] * record_bytes, and
- * next[b] moves on (so calls for consecutive parts of a chunk, next starting at each
- * bucket's first record of the chunk, group the chunk's records by bucket, rows in order
- * within one). Its ids are maps[f][its local number of feature f], through float32 (as
- * TorchRec's shuffle) unless `exact`, each of which must fit widths[f] bytes. Returns 0, -1
- * if a row's place in its bucket is 2**31 or more, -3 if an id does not fit its width, -4
- * if a row's bucket is not one of the nb, or its record would fall outside the `capacity`
- * records of `records`. */
-int64_t fill_records(int64_t n, const float *dense, const uint32_t *rows,
+/* Parsed rows i < n of a training day (rows: n * ROW_WORDS; shift: the day's m - 2, the
+ * int32 its dense values are shifted by; bucket_of: their buckets, from bucket_rows) ->
+ * records of record_bytes (4 + the widths): row i's at records + next[its bucket] *
+ * record_bytes, and next[b] moves on (so calls for consecutive parts of a chunk, next
+ * starting at each bucket's first record of the chunk, group the chunk's records by
+ * bucket, rows in order within one). Its ids are maps[f][its local number of feature f],
+ * through float32 (as TorchRec's shuffle) unless `exact`. Every value must fit its width.
+ * Returns 0, -1 if a row's place in its bucket is 2**31 or more, -3 if a value does not
+ * fit its width, -4 if a row's bucket is not one of the nb, or its record would fall
+ * outside the `capacity` records of `records`. */
+int64_t fill_records(int64_t n, const uint32_t *rows, int32_t shift,
                      const uint32_t *const *maps, int exact, const uint32_t *dest,
                      const int32_t *bucket_of, const int64_t *bucket_starts, int64_t nb,
                      const uint8_t *widths, int64_t record_bytes, uint8_t *records,
                      int64_t capacity, int64_t *next) {
-    uint32_t limit[NUM_SPARSE]; /* each width's largest unsigned value */
-    for (int f = 0; f < NUM_SPARSE; f++)
-        limit[f] = widths[f] >= 4 ? 0xFFFFFFFFu : (1u << (8 * widths[f])) - 1;
+    uint32_t limit[RECORD_COLUMNS]; /* each width's largest unsigned value */
+    uint8_t width[RECORD_COLUMNS];
+    for (int c = 0; c < RECORD_COLUMNS; c++) {
+        width[c] = widths[c];
+        limit[c] = width[c] >= 4 ? 0xFFFFFFFFu : (1u << (8 * width[c])) - 1;
+    }
     for (int64_t i = 0; i < n; i++) {
         int32_t b = bucket_of[i];
         const uint32_t *row = rows + i * ROW_WORDS;
@@ -472,8 +477,13 @@ int64_t fill_records(int64_t n, const float *dense, const uint32_t *rows,
         if (k >= (1ll << 31)) return -1;
         uint32_t dest_label = (uint32_t)k | (row[0] ? 1u << 31 : 0);
         memcpy(r, &dest_label, 4);
-        memcpy(r + 4, dense + i * NUM_DENSE, 4 * NUM_DENSE);
-        uint8_t *at = r + RECORD_HEAD;
+        uint8_t *at = r + 4;
+        for (int c = 0; c < NUM_DENSE; c++) {
+            uint32_t v = row[1 + c] - (uint32_t)shift; /* int32 arithmetic, wrapping */
+            if (v > limit[c]) return -3;
+            put_value(at, v, width[c]);
+            at += width[c];
+        }
         for (int f = 0; f < NUM_SPARSE; f++) {
             uint32_t id = maps[f][row[1 + NUM_DENSE + f]];
             int32_t out;
@@ -484,26 +494,30 @@ int64_t fill_records(int64_t n, const float *dense, const uint32_t *rows,
                 /* numpy's float32 -> int32 gives INT32_MIN out of range on x86-64 */
                 out = x >= 2147483648.0f ? INT32_MIN : (int32_t)x;
             }
-            if (widths[f] < 4 && (uint32_t)out > limit[f]) return -3;
-            put_id(at, out, widths[f]);
-            at += widths[f];
+            int c = NUM_DENSE + f;
+            if ((uint32_t)out > limit[c]) return -3;
+            put_value(at, (uint32_t)out, width[c]);
+            at += width[c];
         }
     }
     return 0;
 }
 
-/* A bucket's n records (of record_bytes, ids in widths[f] bytes) -> their rows of the
- * output columns (rows rows): dense (rows, 13), sparse (rows, 26), labels (rows,).
- * `filled`: rows bytes, the rows placed so far. top[f] rises to feature f's largest id
- * (the table size the output needs, found here while the values pass through instead of
- * by reading the output again). Returns 0, or -1 if a record's row is outside the bucket
- * or already filled (a damaged work file). */
+/* A bucket's n records (of record_bytes, value c in widths[c] bytes) -> their rows of the
+ * output columns (rows rows): shifted (rows, 13) (the dense values as the records hold
+ * them: the caller takes their logarithm), sparse (rows, 26), labels (rows,). `filled`:
+ * rows bytes, the rows placed so far. top[f] rises to feature f's largest id (the table
+ * size the output needs, found here while the values pass through instead of by reading
+ * the output again). Returns 0, or -1 if a record's row is outside the bucket or already
+ * filled (a damaged work file). */
 #define PLACE_AHEAD 16
 int64_t place_records(const uint8_t *records, int64_t n, const uint8_t *widths,
-                      int64_t record_bytes, int64_t rows, float *dense, int32_t *sparse,
+                      int64_t record_bytes, int64_t rows, int32_t *shifted, int32_t *sparse,
                       int32_t *labels, uint8_t *filled, int32_t *top) {
     int32_t high[NUM_SPARSE];
+    uint8_t width[RECORD_COLUMNS];
     memcpy(high, top, sizeof high);
+    memcpy(width, widths, sizeof width);
     for (int64_t i = 0; i < n; i++) {
         const uint8_t *r = records + i * record_bytes;
         uint32_t dest_label, k;
@@ -516,7 +530,7 @@ int64_t place_records(const uint8_t *records, int64_t n, const uint8_t *widths,
             memcpy(&later, r + PLACE_AHEAD * record_bytes, 4);
             later &= 0x7FFFFFFFu;
             if (later < rows) {
-                __builtin_prefetch(dense + (int64_t)later * NUM_DENSE, 1);
+                __builtin_prefetch(shifted + (int64_t)later * NUM_DENSE, 1);
                 __builtin_prefetch(sparse + (int64_t)later * NUM_SPARSE, 1);
                 __builtin_prefetch(sparse + (int64_t)later * NUM_SPARSE + 16, 1);
                 __builtin_prefetch(filled + later, 1);
@@ -524,13 +538,17 @@ int64_t place_records(const uint8_t *records, int64_t n, const uint8_t *widths,
         }
         if (k >= rows || filled[k]) return -1;
         filled[k] = 1;
-        memcpy(dense + (int64_t)k * NUM_DENSE, r + 4, 4 * NUM_DENSE);
         labels[k] = (int32_t)(dest_label >> 31);
+        const uint8_t *at = r + 4;
+        int32_t *d = shifted + (int64_t)k * NUM_DENSE;
+        for (int c = 0; c < NUM_DENSE; c++) {
+            d[c] = get_value(at, width[c]);
+            at += width[c];
+        }
         int32_t *out = sparse + (int64_t)k * NUM_SPARSE;
-        const uint8_t *at = r + RECORD_HEAD;
         for (int f = 0; f < NUM_SPARSE; f++) {
-            int32_t id = get_id(at, widths[f]);
-            at += widths[f];
+            int32_t id = get_value(at, width[NUM_DENSE + f]);
+            at += width[NUM_DENSE + f];
             out[f] = id;
             high[f] = id > high[f] ? id : high[f];
         }
