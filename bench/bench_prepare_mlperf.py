@@ -167,15 +167,13 @@ def _open_direct(path, flags):
         return os.open(path, flags, 0o644)
 
 
-def disk_floor(folder: str, days, rows_bytes: int, rows: int, out_bytes: int,
-               table_sizes) -> dict:
+def disk_floor(folder: str, days, rows_bytes: int, records_bytes: int, out_bytes: int) -> dict:
     """prepare_mlperf's disk traffic replayed with nothing computed, stage by stage (the
     stages are separated, so their I/O cannot overlap): the parse reads the raw text and
     writes the rows (packed: `rows_bytes`, as the run reported them), the scatter reads
-    the rows and writes the records (each feature's ids
-    in the bytes its largest needs: from meta.json's table sizes), the place reads the
-    records and writes the output. Seconds per stage and in all."""
-    records_bytes = rows * native.record_bytes([native.id_width(n - 1) for n in table_sizes])
+    the rows and writes the records (`records_bytes`: each column in the bytes its largest
+    needs, as the run reported them), the place reads the records and writes the output.
+    Seconds per stage and in all."""
     a, b, c = (os.path.join(folder, n) for n in ("floor_rows", "floor_records", "floor_out"))
     out = {"parse": _stream(days, a, rows_bytes),
            "scatter": _stream([a], b, records_bytes),
@@ -273,10 +271,9 @@ def main() -> None:
     # the output's bytes as written (day 23's ids are int64), for the disk floor below
     out_bytes = sum(os.path.getsize(os.path.join(ours, n)) for n in os.listdir(ours)
                     if n.endswith(".npy"))
-    with open(os.path.join(ours, "meta.json")) as f:
-        table_sizes = json.load(f)["table_sizes"]
     row_bytes = float(re.search(r"^parse: .*, ([\d.]+) bytes a row", log, re.M).group(1))
-    floor = disk_floor(a.dir, days, round(row_bytes * rows), rows, out_bytes, table_sizes)
+    record_bytes = int(re.search(r"^scatter: .*, (\d+) bytes a record", log, re.M).group(1))
+    floor = disk_floor(a.dir, days, round(row_bytes * rows), record_bytes * rows, out_bytes)
     print("  disk alone, nothing computed: " + ", ".join(f"{k} {v:.2f} s" for k, v in floor.items())
           + (f"; 50x needs {torchrec_wall / 50:.2f} s" if results else ""))
 

@@ -144,13 +144,23 @@ def test_the_place_stage_removes_what_only_the_scatter_read_and_a_rerun_needs_no
 
 def test_malformed_rows_are_dropped_and_reported_on_request(days, tmp_path, capsys):
     inputs = list(days["inputs"])
+    (tmp_path / "bad").mkdir()
     text = open(inputs[7]).read().splitlines(keepends=True)
     text.insert(10, "1\t2\tx\n")  # line 11: too few columns
     text.insert(20, text[19].replace("\t", "\tzz", 1))  # line 21: a non-integer dense value
     bad = tmp_path / "bad" / "day_7"
-    bad.parent.mkdir()
     bad.write_text("".join(text))
     inputs[7] = str(bad)
+    # day 9, line 101: a dense value far below the day's others, then an id that is not
+    # hex: the compiled parser stops at it (the only line of its day the exact parser
+    # takes), and the dropped row's values must not count towards the day's smallest
+    text = open(inputs[9]).read().splitlines(keepends=True)
+    fields = text[100].rstrip("\n").split("\t")
+    fields[1], fields[20] = "-99999", "zz"
+    text.insert(100, "\t".join(fields) + "\n")
+    low = tmp_path / "bad" / "day_9"
+    low.write_text("".join(text))
+    inputs[9] = str(low)
     out = tmp_path / "out"
     assert cli.main(inputs + ["-o", str(out)] + MEMORY) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -162,7 +172,8 @@ def test_malformed_rows_are_dropped_and_reported_on_request(days, tmp_path, caps
     err = capsys.readouterr().err
     assert f"{bad}: 2 malformed row(s) dropped" in err
     assert "1 x non-integer dense value: line 21 (column I1" in err
-    # without the two bad lines the data are TorchRec's
+    assert f"{low}: 1 malformed row(s) dropped" in err and "line 101" in err
+    # without the three bad lines the data are TorchRec's
     assert_same_as_oracle(out, days["oracle"])
 
 

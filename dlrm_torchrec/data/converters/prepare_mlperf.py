@@ -1421,7 +1421,8 @@ class _Run:
             # any rank, because making them there could replace a file another rank fills
             self.allocate(rows)
         self.share("scatter", tasks)
-        self.say(f"scatter: {len(buckets)} buckets")
+        self.say(f"scatter: {len(buckets)} buckets, "
+                 f"{native.record_bytes(record_widths(self.work))} bytes a record")
 
     def allocate(self, rows: List[int]) -> None:
         for day in range(TRAIN_DAYS):

@@ -49,6 +49,224 @@ static inline uint32_t digits_value(uint64_t word, int nd) {
     return (uint32_t)((v * 10000 + (v >> 32)) & 0xFFFFFFFFull);
 }
 
+/* parse_plain_line reads at most this many bytes from a line's start: the label (2), the
+ * 64 bytes searched for the dense values' tabs (the words read at the values' starts end
+ * inside those and the ids), the 26 ids of 8 digits with their separators (234); lines
+ * nearer the buffer's end are left to the byte by byte parser. */
+#define PLAIN_BYTES 320
+#define TEXT_AHEAD 1024 /* how far ahead of the line parse_lines prefetches the text */
+
+/* The positions of `word`'s bytes equal to `c8`'s (one byte below 0x80, repeated), as
+ * bits 0-7. Exact for every byte: the low 7 bits are tested by an addition that cannot
+ * carry out of its byte; the high bits then gathered by one multiplication, each landing
+ * on its own bit of the top byte with no carries. */
+static inline uint64_t bytes_equal(uint64_t word, uint64_t c8) {
+    const uint64_t low7 = 0x7F7F7F7F7F7F7F7Full;
+    uint64_t x = word ^ c8;
+    uint64_t zero = ~(((x & low7) + low7) | x | low7);
+    return (zero >> 7) * 0x0102040810204080ull >> 56;
+}
+
+/* -1 for '-', 0 for every other byte: a sign as a mask by one load (a comparison's flags
+ * would cost more instructions and tie the values' ones together) */
+static const int8_t MINUS[256] = {['-'] = -1};
+
+/* The next dense value of a line whose dense text starts at q (bit i of *tabs: a tab at
+ * q[i]), starting at *f: its tab taken off *tabs and *f moved past it. Returns the
+ * value's first 8 bytes (as many past it as there are), *len its length and *neg -1 when
+ * it starts with '-', else 0. */
+static inline uint64_t next_value(const uint8_t *q, uint64_t *tabs, const uint8_t **f,
+                                  uint64_t *len, uint64_t *neg) {
+    const uint8_t *tab = q + __builtin_ctzll(*tabs);
+    uint64_t word;
+    *tabs &= *tabs - 1;
+    memcpy(&word, *f, sizeof word);
+    *len = (uint64_t)(tab - *f);
+    *neg = (uint64_t)(int64_t)MINUS[word & 0xFF];
+    *f = tab + 1;
+    return word;
+}
+
+/* How a dense value of n bytes is set out for digits_value's combining: PLACE8[2 n + m]
+ * (m = 1 when it starts with '-') for n <= 8 in 64 bits, PLACE4 for n <= 4 in 32. First
+ * what its first byte is xored with after '0' (0x1D = '-' ^ '0': a '-' as a leading 0,
+ * but a '-' alone stays a non-digit), then the factor that moves its n bytes to the top
+ * (0 for n = 0: all moved out, the value 0). */
+static const uint64_t PLACE8[18][2] = {
+    {0, 0}, {0, 0}, {0, 1ull << 56}, {0, 1ull << 56}, {0, 1ull << 48}, {0x1D, 1ull << 48},
+    {0, 1ull << 40}, {0x1D, 1ull << 40}, {0, 1ull << 32}, {0x1D, 1ull << 32},
+    {0, 1ull << 24}, {0x1D, 1ull << 24}, {0, 1ull << 16}, {0x1D, 1ull << 16},
+    {0, 1ull << 8}, {0x1D, 1ull << 8}, {0, 1}, {0x1D, 1}};
+static const uint32_t PLACE4[10][2] = {
+    {0, 0}, {0, 0}, {0, 1u << 24}, {0, 1u << 24}, {0, 1u << 16}, {0x1D, 1u << 16},
+    {0, 1u << 8}, {0x1D, 1u << 8}, {0, 1}, {0x1D, 1}};
+
+/* 16-byte vectors of GCC's generic vector extension, which the compiler maps on what the
+ * target has (SSE2 on x86-64, NEON on AArch64, plain words elsewhere) */
+typedef int8_t i8x16 __attribute__((vector_size(16)));
+typedef uint8_t u8x16 __attribute__((vector_size(16)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+typedef uint32_t u32x4 __attribute__((vector_size(16)));
+typedef uint64_t u64x2 __attribute__((vector_size(16)));
+
+/* The elements of a and b (numbered on after a's) at constant indices, as a vector of
+ * `type`: the builtin that Clang and GCC 12 share, else GCC's older one */
+#if defined(__clang__) || __GNUC__ >= 12
+#define PICK(type, a, b, ...) ((type)__builtin_shufflevector(a, b, __VA_ARGS__))
+#else
+#define PICK(type, a, b, ...) ((type)__builtin_shuffle(a, b, (type){__VA_ARGS__}))
+#endif
+
+/* Two ids of 8 hexadecimal digits, one per half of x: the values of their digit pairs
+ * (n0 << 4 | n1), each in the high byte of 16 bits, the id's last pair first. Clears the
+ * bytes of *ok for x's bytes that are no hexadecimal digit (0-9, a-f, A-F): a byte is in
+ * [lo, lo + n) when adding 0x80 - lo (wrapping) lands it in [-128, -128 + n), the
+ * letters tested with their case folded (| 0x20 brings only 0x41-0x46 to them). A
+ * letter's value is its low 4 bits + 9; one multiplication by 0x1001 makes n0 << 4 | n1
+ * in the high byte of (n0 | n1 << 8). */
+static inline u16x8 hex_pairs(i8x16 x, i8x16 *ok) {
+    i8x16 digit = (i8x16)(x + 0x50) < -118;
+    i8x16 letter = (i8x16)((x | 0x20) + 0x1F) < -122;
+    *ok &= digit | letter;
+    u16x8 pairs = (u16x8)((x & 0x0F) + (letter & 9)) * 0x1001;
+    return PICK(u16x8, pairs, pairs, 3, 2, 1, 0, 7, 6, 5, 4);
+}
+
+/* The values of the ids of 8 digits at a, b, c, d written to col[0], col[stride], ...
+ * (the first n of them, n = 2 or 4), *ok's bytes cleared as hex_pairs does: the pairs'
+ * bytes gathered, which puts each id's in the order of its 32 bits. */
+static inline void id_values(const uint8_t *a, const uint8_t *b, const uint8_t *c,
+                             const uint8_t *d, uint32_t *col, int64_t stride, int n,
+                             i8x16 *ok) {
+    uint64_t wa, wb, wc, wd;
+    memcpy(&wa, a, sizeof wa);
+    memcpy(&wb, b, sizeof wb);
+    memcpy(&wc, c, sizeof wc);
+    memcpy(&wd, d, sizeof wd);
+    u16x8 ab = hex_pairs((i8x16)(u64x2){wa, wb}, ok);
+    u16x8 cd = hex_pairs((i8x16)(u64x2){wc, wd}, ok);
+    u32x4 v = (u32x4)PICK(u8x16, (u8x16)ab, (u8x16)cd, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21,
+                          23, 25, 27, 29, 31);
+    col[0] = v[0];
+    col[stride] = v[1];
+    if (n > 2) {
+        col[2 * stride] = v[2];
+        col[3 * stride] = v[3];
+    }
+}
+
+/* The digits of the id at *f, *f moved past it and its separator `sep`: an id of 8
+ * digits as it is (id_values checks them), an empty one as "00000000" (its value, 0);
+ * NULL for any other length. */
+static const uint8_t ZERO_ID[8] = {'0', '0', '0', '0', '0', '0', '0', '0'};
+
+static inline const uint8_t *next_id(const uint8_t **f, uint8_t sep) {
+    const uint8_t *id = *f;
+    if (__builtin_expect(id[8] == sep, 1)) { *f = id + 9; return id; }
+    if (id[0] == sep) { *f = id + 1; return ZERO_ID; }
+    return NULL;
+}
+
+/* One line at `p`, at least PLAIN_BYTES before the buffer's end, in its common form:
+ * label "0" or "1"; 13 dense values of up to 8 bytes (digits, or a '-' and up to 7
+ * digits: inside int32), all within 64 bytes; 26 ids of 8 hexadecimal digits or empty.
+ * Every such line is plainly valid; writes its values as parse_lines would, folds its
+ * smallest dense value into *low and returns the next line's start. Returns NULL for any
+ * other line, whose outputs may then be partly written: the byte by byte parser takes it
+ * from its start. Branches only on the shape of the line: the bytes' checks are gathered
+ * in the high bits of `bad` and of the vector `hex`, tested once at the end. */
+static inline const uint8_t *parse_plain_line(const uint8_t *p, int32_t *label, int32_t *d,
+                                              uint32_t *col, int64_t col_stride,
+                                              int64_t *low) {
+    if ((p[0] != '0' && p[0] != '1') || p[1] != '\t') return NULL;
+    const uint8_t *q = p + 2, *f = q;
+    /* the tabs of the dense text: bit i for q[i] */
+    uint64_t tabs = 0;
+    for (int i = 0; i < 8; i++) {
+        uint64_t word;
+        memcpy(&word, q + 8 * i, sizeof word);
+        tabs |= bytes_equal(word, 0x0909090909090909ull) << (8 * i);
+    }
+    /* the 13th tab ends the dense text; in it, the runs of bytes without a tab (5 in a
+     * row from bit i: bit i of run5) give the longest value */
+    uint64_t end13 = tabs;
+    for (int c = 0; c < NUM_DENSE - 1; c++) end13 &= end13 - 1;
+    if (!end13) return NULL;
+    uint64_t text = ~tabs & ((end13 << 1) - 1);
+    uint64_t run4 = text & text >> 1;
+    run4 &= run4 >> 2;
+    uint64_t run5 = run4 & text >> 4, run9 = run4 & run4 >> 4 & text >> 8;
+    if (run9) return NULL;
+    uint64_t bad = 0, len, neg[2];
+    int64_t line_low = INT64_MAX;
+    if (!run5) {
+        /* no value over 4 bytes (nearly always): two at a time, one in each half of a word,
+         * digits_value's first two steps making both */
+        for (int c = 0; c < NUM_DENSE; c += 2) {
+            uint64_t two = 0;
+            neg[1] = 0;
+            for (int h = 0; h < 2 && c + h < NUM_DENSE; h++) {
+                uint64_t word = next_value(q, &tabs, &f, &len, &neg[h]);
+                const uint32_t *place = PLACE4[2 * len + (neg[h] & 1)];
+                two |= (uint64_t)(((uint32_t)word ^ 0x30303030u ^ place[0]) * place[1])
+                       << (32 * h);
+            }
+            /* a byte above 9 (no digit) sets its high bit: one below 0x80 by the addition
+             * (which carries out only of those with it set already) */
+            bad |= two | (two + 0x7676767676767676ull);
+            two = (two * 10 + (two >> 8)) & 0x00FF00FF00FF00FFull;
+            two = (two * 100 + (two >> 16)) & 0x0000FFFF0000FFFFull;
+            for (int h = 0; h < 2 && c + h < NUM_DENSE; h++) {
+                int64_t value = (int64_t)((two >> (32 * h)) & 0xFFFF);
+                value = (value ^ (int64_t)neg[h]) - (int64_t)neg[h];
+                if (value < line_low) line_low = value;
+                d[c + h] = (int32_t)value;
+            }
+        }
+    } else {
+        for (int c = 0; c < NUM_DENSE; c++) {
+            uint64_t word = next_value(q, &tabs, &f, &len, &neg[0]);
+            const uint64_t *place = PLACE8[2 * len + (neg[0] & 1)];
+            uint64_t v = (word ^ 0x3030303030303030ull ^ place[0]) * place[1];
+            bad |= v | (v + 0x7676767676767676ull);
+            v = (v * 10 + (v >> 8)) & 0x00FF00FF00FF00FFull;
+            v = (v * 100 + (v >> 16)) & 0x0000FFFF0000FFFFull;
+            int64_t value = (int64_t)((v * 10000 + (v >> 32)) & 0xFFFFFFFFull);
+            value = (value ^ (int64_t)neg[0]) - (int64_t)neg[0];
+            if (value < line_low) line_low = value;
+            d[c] = (int32_t)value;
+        }
+    }
+    /* the ids: nearly always all of 8 digits, at fixed places */
+    i8x16 hex = (i8x16)(u64x2){~0ull, ~0ull};
+    int fixed = f[9 * NUM_SPARSE - 1] == '\n';
+#pragma GCC unroll 32 /* a comparison each */
+    for (int c = 0; c < NUM_SPARSE - 1; c++)
+        if (f[9 * c + 8] != '\t') fixed = 0;
+    if (fixed) {
+        for (int c = 0; c < NUM_SPARSE - 2; c += 4, f += 36)
+            id_values(f, f + 9, f + 18, f + 27, col + c * col_stride, col_stride, 4, &hex);
+        id_values(f, f + 9, f, f + 9, col + (NUM_SPARSE - 2) * col_stride, col_stride, 2, &hex);
+        f += 18;
+    } else {
+        const uint8_t *id[NUM_SPARSE];
+        for (int c = 0; c < NUM_SPARSE; c++) {
+            id[c] = next_id(&f, c == NUM_SPARSE - 1 ? '\n' : '\t');
+            if (!id[c]) return NULL;
+        }
+        for (int c = 0; c < NUM_SPARSE - 2; c += 4)
+            id_values(id[c], id[c + 1], id[c + 2], id[c + 3], col + c * col_stride, col_stride,
+                      4, &hex);
+        id_values(id[NUM_SPARSE - 2], id[NUM_SPARSE - 1], id[NUM_SPARSE - 2],
+                  id[NUM_SPARSE - 1], col + (NUM_SPARSE - 2) * col_stride, col_stride, 2, &hex);
+    }
+    uint64_t all_hex = ((u64x2)hex)[0] & ((u64x2)hex)[1];
+    if ((bad | ~all_hex) & 0x8080808080808080ull) return NULL;
+    *label = p[0] - '0';
+    if (line_low < *low) *low = line_low;
+    return f;
+}
+
 /* Parse the whole Criteo lines (label, 13 integers, 26 hexadecimal ids; tab separated,
  * each ending in '\n') at the start of `buf`, writing row r's label to labels[r], its
  * dense values to dense[13 r ..] and its id of feature f to sparse[f * col_stride + r]
@@ -59,7 +277,11 @@ static inline uint32_t digits_value(uint64_t word, int nd) {
  * (*stop = 1: the caller parses from there with the exact parser, which names the
  * problem or repairs the line as the other readers do), at a line the buffer ends inside
  * (*stop = 0), or after max_rows rows (*stop = 2). Returns the rows parsed; *consumed
- * becomes their bytes, *dense_min the smallest dense value seen (untouched without rows). */
+ * becomes their bytes, *dense_min the smallest dense value of those rows (untouched without
+ * rows: a line stopped at does not count, as the exact parser may drop it).
+ * Lines in their common form are read a word or a vector at a time (parse_plain_line);
+ * every other line, and those near the buffer's end, byte by byte, which decides. The
+ * row a stop leaves behind (row `rows`) may hold values of the line stopped at. */
 int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int64_t col_stride,
                     int32_t *labels, int32_t *dense, uint32_t *sparse, int64_t *dense_min,
                     int64_t *consumed, int64_t *stop) {
@@ -70,12 +292,22 @@ int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int64_t c
         line = p;
         if (p == end) { *stop = 0; break; }
         if (rows == max_rows) { *stop = 2; break; }
+        if (end - p >= PLAIN_BYTES) {
+            /* the text a few lines ahead fetched now, a line's worth per line: the
+             * hardware's own prefetching alone leaves the parser waiting on memory */
+            if (end - p >= TEXT_AHEAD + PLAIN_BYTES)
+                for (int k = 0; k < PLAIN_BYTES; k += 64) __builtin_prefetch(p + TEXT_AHEAD + k);
+            const uint8_t *next = parse_plain_line(p, labels + rows, dense + rows * NUM_DENSE,
+                                                   sparse + rows, col_stride, &low);
+            if (next) { p = next; continue; }
+        }
         /* label */
         if (end - p < 2) goto short_or_bad;
         if ((p[0] != '0' && p[0] != '1') || p[1] != '\t') goto bad;
         labels[rows] = p[0] - '0';
         p += 2;
         int32_t *d = dense + rows * NUM_DENSE;
+        int64_t line_low = INT64_MAX; /* folded into low once the line is whole and valid */
         for (int c = 0; c < NUM_DENSE; c++) {
             int neg = 0, nd = 0;
             int64_t v = 0;
@@ -90,7 +322,7 @@ int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int64_t c
                     v = nd ? (int64_t)digits_value(word, nd) : 0;
                     p += nd + 1;
                     if (neg) v = -v;
-                    if (v < low) low = v;
+                    if (v < line_low) line_low = v;
                     d[c] = (int32_t)v;
                     continue;
                 }
@@ -105,7 +337,7 @@ int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int64_t c
             p++;
             if (neg) v = -v;
             if (v < INT32_MIN || v > INT32_MAX) goto bad;
-            if (v < low) low = v;
+            if (v < line_low) line_low = v;
             d[c] = (int32_t)v;
         }
         for (int c = 0; c < NUM_SPARSE; c++) {
@@ -135,6 +367,7 @@ int64_t parse_lines(const uint8_t *buf, int64_t len, int64_t max_rows, int64_t c
             p++;
             sparse[c * col_stride + rows] = v;
         }
+        if (line_low < low) low = line_low;
         continue;
     short_or_bad:
         /* the buffer ends inside this line, unless a newline comes before its end */
@@ -510,7 +743,7 @@ int64_t fill_records(int64_t n, const uint32_t *rows, int32_t shift,
  * size the output needs, found here while the values pass through instead of by reading
  * the output again). Returns 0, or -1 if a record's row is outside the bucket or already
  * filled (a damaged work file). */
-#define PLACE_AHEAD 16
+#define PLACE_AHEAD 64
 int64_t place_records(const uint8_t *records, int64_t n, const uint8_t *widths,
                       int64_t record_bytes, int64_t rows, int32_t *shifted, int32_t *sparse,
                       int32_t *labels, uint8_t *filled, int32_t *top) {
