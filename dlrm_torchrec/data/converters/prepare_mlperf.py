@@ -208,7 +208,7 @@ def day_number(path: str) -> Optional[int]:
     return int(m.group(1)) if m else None
 
 
-def estimate_rows(path: str, sample: int = 4 << 20) -> int:
+def estimate_rows(path: str, sample: int = 1 << 20) -> int:
     """Rows of a day file estimated from its first `sample` bytes (decompressed if gzip)."""
     with open(path, "rb") as f:
         head = f.read(sample)
