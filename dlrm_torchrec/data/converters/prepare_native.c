@@ -623,12 +623,12 @@ void unpack_rows(int64_t n, const uint8_t *in, const uint32_t *bases, const uint
 
 /* A row on its way to its bucket, as bytes: its row in the bucket with its label (0 or 1)
  * in the top bit (uint32), then its 13 dense values and its 26 ids, value c in widths[c]
- * bytes (1 to 4, little-endian: as many as the column's largest needs over all the days,
- * so the records cross the disk twice in fewer bytes). A dense value is stored as its
- * day's shifted value x - (m - 2) (int32 arithmetic, m the day's smallest): the place
- * stage takes its logarithm, which TorchRec's transform then is, so the record carries a
- * count of two or three bytes instead of a float32 of four. With every width 4 it is
- * numpy's native.RECORD_DTYPE, the size of a parsed row. */
+ * bytes (1 to 4, little-endian: as many as the column's largest over the training days
+ * needs, so the records cross the disk twice in fewer bytes). A dense value is stored as
+ * its day's shifted value x - (m - 2) (int32 arithmetic, m the day's smallest): the place
+ * stage takes its logarithm, which is TorchRec's transform, so the record carries an
+ * integer of usually two or three bytes instead of a float32 of four. With every width 4
+ * it is numpy's native.RECORD_DTYPE, the size of a parsed row. */
 #define RECORD_COLUMNS (NUM_DENSE + NUM_SPARSE)
 
 static inline void put_value(uint8_t *at, uint32_t v, int width) {
