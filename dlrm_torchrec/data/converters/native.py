@@ -259,10 +259,13 @@ def _maps(maps: Sequence[np.ndarray]) -> ctypes.Array:
 
 
 def bucket_rows(dest: np.ndarray, bucket_starts: np.ndarray,
-                bucket_of: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
+                bucket_of: Optional[np.ndarray] = None
+                ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows going to global rows dest ((n,) uint32) -> (rows per bucket (nb,) int64, each
-    row's bucket (n,) int32, into `bucket_of` if given): bucket b holds bucket_starts[b] <=
-    dest < bucket_starts[b + 1] ((nb,) int64, ascending; the last bucket open-ended)."""
+    row's bucket (n,) int32, into `bucket_of` if given, and the rows of the buckets before
+    each (nb,) int64: where its records start when they are grouped by bucket): bucket b
+    holds bucket_starts[b] <= dest < bucket_starts[b + 1] ((nb,) int64, ascending; the last
+    bucket open-ended)."""
     counts = np.empty(len(bucket_starts), np.int64)
     bucket_of = np.empty(len(dest), np.int32) if bucket_of is None else bucket_of
     if bucket_of.shape != dest.shape:
@@ -271,7 +274,7 @@ def bucket_rows(dest: np.ndarray, bucket_starts: np.ndarray,
                          len(bucket_starts), counts.ctypes.data,
                          _ptr(bucket_of, np.int32, True)):
         raise RuntimeError("scatter_records: a destination outside the buckets")
-    return counts, bucket_of
+    return counts, bucket_of, np.cumsum(counts) - counts
 
 
 def fill_records(rows: np.ndarray, shift: int, maps: Sequence[np.ndarray], exact: bool,
@@ -309,8 +312,7 @@ def scatter_records(rows: np.ndarray, shift: int, maps: Sequence[np.ndarray], ex
                     records: np.ndarray) -> np.ndarray:
     """`fill_records` for a whole chunk: its records grouped by bucket in bucket order, from
     the start of `records`; returns the rows per bucket (nb,) int64."""
-    counts, bucket_of = bucket_rows(dest, bucket_starts)
-    next_record = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    counts, bucket_of, next_record = bucket_rows(dest, bucket_starts)
     fill_records(rows, shift, maps, exact, dest, bucket_of, bucket_starts, widths, records,
                  next_record)
     return counts

@@ -1016,8 +1016,9 @@ class _DayScatter:
 def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: bool,
                  chunk_rows: int) -> None:
     """Stage 3 for training days, one after another: each row, transformed, as a record
-    (its row in its bucket, its values, each feature's ids in `record_widths` bytes: the
-    bytes the largest needs, so the records cross the disk twice in fewer bytes) grouped
+    (its row in its bucket, then its shifted dense values and its ids, each column in
+    `record_widths` bytes: the bytes its largest needs, so the records cross the disk
+    twice in fewer bytes) grouped
     by bucket within its chunk (`_DayRows`). The chunks of all the days are one stream:
     chunk j+1 (the next day's first, with that day's maps) is read while chunk j is worked
     on and chunk j-1 written, so a day starts without waiting for its reads, nor the next
@@ -1081,9 +1082,8 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
             arena = outputs[j % 2]
             arena.reset(write_need)
             records = arena.take((hi - lo, record_size), np.uint8, phase=at)
-            counts, bucket_of = native.bucket_rows(dest, bucket_starts,
-                                                   arena.take((hi - lo,), np.int32))
-            next_record = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            counts, bucket_of, next_record = native.bucket_rows(
+                dest, bucket_starts, arena.take((hi - lo,), np.int32))
             # unpacked, transformed and scattered a block at a time, in the caches
             first = day.rows.byte_at(lo)
             for a in range(lo, hi, SCATTER_BLOCK_ROWS):
@@ -1137,15 +1137,16 @@ def _out_dtype(part: str) -> np.dtype:
     return OUT_DTYPES.get(part, np.dtype("<i4"))  # sparse: int32 after the shuffle
 
 
-def place_bucket(b: int, work: str, out: str, day: int, first_row: int, rows: int) -> None:
+def place_bucket(b: int, work: str, out: str, widths: np.ndarray, day: int, first_row: int,
+                 rows: int) -> None:
     """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
-    day's records (its part of each chunk, `_DayRows`) into the day's output files, past
+    day's records (its part of each chunk, `_DayRows`, each column in `widths` bytes:
+    `record_widths`) into the day's output files, past
     the page cache (`direct_io`); its marker, with each feature's largest id in the
     bucket, is written last, then its records' pages and blocks are freed (a hole punched)
     for the next buckets' writes."""
     offsets = [HEADER_BYTES + first_row * width * _out_dtype(part).itemsize
                for part, width in PARTS]
-    widths = record_widths(work)
     size = native.record_bytes(widths)
     parse_dir = os.path.join(work, "parse")
     segments = []  # (records file, offset, bytes): the bucket's part of each chunk
@@ -1459,12 +1460,13 @@ class _Run:
 
         # what only the scatter read is removed while the buckets are placed: the workers
         # wait on the disk, and this process on them (removing it at the end took 0.2 s)
+        widths = record_widths(work)  # read once here, not by every bucket
         cleaner = None
         if self.s.rank == 0 and not self.s.keep_work:
             cleaner = threading.Thread(target=self.remove_scatter_inputs, name="remove")
             cleaner.start()
         try:
-            self.share("place", [(str(b), place_bucket, (b, work, out) + buckets[b],
+            self.share("place", [(str(b), place_bucket, (b, work, out, widths) + buckets[b],
                                   lambda b=b: done(b)) for b in range(len(buckets))])
         finally:
             if cleaner is not None:

@@ -39,14 +39,19 @@ static inline int digits_before(uint64_t word) {
     return other ? __builtin_ctzll(other) >> 3 : 8;
 }
 
-/* The value of the first nd (1..7) digits of `word`: their bytes moved to the top (the
- * rest shifted out, zeros below as leading zeros), then pairs, quads and the eight
- * combined by multiplication. Subtracting '0' borrows only into the bytes after them. */
-static inline uint32_t digits_value(uint64_t word, int nd) {
-    uint64_t v = (word - 0x3030303030303030ull) << (8 * (8 - nd));
+/* The number whose 8 digits (0-9) are v's bytes, the most significant in the lowest byte:
+ * pairs, quads and the eight combined by multiplication. */
+static inline uint32_t digits_combined(uint64_t v) {
     v = (v * 10 + (v >> 8)) & 0x00FF00FF00FF00FFull;
     v = (v * 100 + (v >> 16)) & 0x0000FFFF0000FFFFull;
     return (uint32_t)((v * 10000 + (v >> 32)) & 0xFFFFFFFFull);
+}
+
+/* The value of the first nd (1..7) digits of `word`: their bytes moved to the top (the
+ * rest shifted out, zeros below as leading zeros), then combined. Subtracting '0' borrows
+ * only into the bytes after them. */
+static inline uint32_t digits_value(uint64_t word, int nd) {
+    return digits_combined((word - 0x3030303030303030ull) << (8 * (8 - nd)));
 }
 
 /* parse_plain_line reads at most this many bytes from a line's start: the label (2), the
@@ -87,7 +92,7 @@ static inline uint64_t next_value(const uint8_t *q, uint64_t *tabs, const uint8_
     return word;
 }
 
-/* How a dense value of n bytes is set out for digits_value's combining: PLACE8[2 n + m]
+/* How a dense value of n bytes is set out for digits_combined: PLACE8[2 n + m]
  * (m = 1 when it starts with '-') for n <= 8 in 64 bits, PLACE4 for n <= 4 in 32. First
  * what its first byte is xored with after '0' (0x1D = '-' ^ '0': a '-' as a leading 0,
  * but a '-' alone stays a non-digit), then the factor that moves its n bytes to the top
@@ -201,7 +206,7 @@ static inline const uint8_t *parse_plain_line(const uint8_t *p, int32_t *label, 
     int64_t line_low = INT64_MAX;
     if (!run5) {
         /* no value over 4 bytes (nearly always): two at a time, one in each half of a word,
-         * digits_value's first two steps making both */
+         * digits_combined's first two steps making both */
         for (int c = 0; c < NUM_DENSE; c += 2) {
             uint64_t two = 0;
             neg[1] = 0;
@@ -229,9 +234,7 @@ static inline const uint8_t *parse_plain_line(const uint8_t *p, int32_t *label, 
             const uint64_t *place = PLACE8[2 * len + (neg[0] & 1)];
             uint64_t v = (word ^ 0x3030303030303030ull ^ place[0]) * place[1];
             bad |= v | (v + 0x7676767676767676ull);
-            v = (v * 10 + (v >> 8)) & 0x00FF00FF00FF00FFull;
-            v = (v * 100 + (v >> 16)) & 0x0000FFFF0000FFFFull;
-            int64_t value = (int64_t)((v * 10000 + (v >> 32)) & 0xFFFFFFFFull);
+            int64_t value = (int64_t)digits_combined(v);
             value = (value ^ (int64_t)neg[0]) - (int64_t)neg[0];
             if (value < line_low) line_low = value;
             d[c] = (int32_t)value;
