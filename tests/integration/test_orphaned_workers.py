@@ -98,7 +98,7 @@ def test_prepare_mlperf_workers_exit_when_it_is_killed(tmp_path):
     script = textwrap.dedent("""
         import time
         from dlrm_torchrec.data.converters.prepare_mlperf import _Pool
-        _Pool(2).run("parse", [("a", time.sleep, (120,)), ("b", time.sleep, (120,))])
+        _Pool(2, 1 << 20).run("parse", [("a", time.sleep, (120,)), ("b", time.sleep, (120,))])
     """)
     kill_and_check_workers([sys.executable, "-c", script], 2, tmp_path)
 

@@ -465,6 +465,79 @@ def test_a_cleared_id_table_numbers_anew_from_its_base():
     assert table.order().tolist() == [5, 9, 0]
 
 
+def test_an_id_table_grows_into_lent_memory_then_past_it_as_a_dictionary_numbers():
+    rng = np.random.default_rng(1)
+    values = rng.integers(0, 2 ** 32, 50_000).astype(np.uint32)
+    values = np.concatenate([values, values[::3]])  # seen again, in another order
+    want = {}
+    for v in values.tolist():
+        want.setdefault(v, 2 + len(want))
+    table = native.IdTable(2)
+    # room for the slot arrays of its next two sizes (2**13, 2**14 slots), not the third
+    lent = np.zeros((2 ** 13 + 2 ** 14) * 8, np.uint8)
+    table.lend(lent)
+    got = [table.assign(values[:5000].copy()), table.assign(values[5000:].copy())]
+    assert np.concatenate(got).tolist() == [want[v] for v in values.tolist()]
+    assert lent[-8:].any()  # the largest array that fitted was made there
+    assert len(table) == len(want) > 2 ** 14  # and the table grew past it
+    with pytest.raises(TypeError):
+        table.lend(np.zeros(16, np.uint32))
+
+
+def test_stage_memory_is_taken_as_a_stack_and_starts_over_at_each_stage():
+    mem = pm.StageMemory()
+    mem.begin("one", 1000)
+    base = mem.buf.ctypes.data
+    assert base % mem.ALIGN == 0 and len(mem.buf) == 1000
+    a, b = mem.take(100), mem.take(10)
+    assert (a.ctypes.data - base, b.ctypes.data - base) == (0, 128)  # 64-byte boundaries
+    mem.give_back(a)  # not the latest: stays taken
+    assert mem.take(1).ctypes.data - base == 192
+    c = mem.take(300, grow=mem.take(200))  # the latest, replaced where it started
+    assert c.ctypes.data - base == 256
+    mem.give_back(c)
+    assert mem.array((2, 3), np.int64).ctypes.data - base == 256
+    rest = mem.rest()
+    assert rest.ctypes.data - base == 320 and len(rest) == 1000 - 320
+    beyond = mem.take(64)  # past the share: memory of its own
+    assert not base <= beyond.ctypes.data < base + 1000 and len(beyond) == 64
+    mem.begin("one", 1000)  # the same stage: nothing let go
+    assert len(mem.take(64)) == 64 and mem.take(1).ctypes.data != base
+    mem.begin("two", 500)  # a new one: from the start, in the same memory
+    assert mem.take(8).ctypes.data == base and len(mem.buf) == 1000
+    mem.end()
+    assert len(mem.buf) == 0
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_buckets_placed_from_small_batches_in_kept_memory_write_the_same_bytes(
+        days, tmp_path, monkeypatch, workers):
+    """A memory share the stages' buffers fit in (the other tests' is too small, so they
+    take memory of their own), while buckets stay small (the plan counts 400 KB a row):
+    several to a day, each read in batches of at most two parts and 320 bytes (a few
+    records), so most parts are read in pieces."""
+    monkeypatch.setattr(pm, "PLACE_BYTES_PER_ROW", 400_000)
+    monkeypatch.setattr(pm, "PLACE_BATCH_BYTES", 2 * native.RECORD_BYTES)
+    monkeypatch.setattr(pm, "PLACE_BATCH_PARTS", 2)
+    inside = {"yes": 0, "no": 0}
+
+    class Watched(pm.StageMemory):
+        def take(self, nbytes, grow=None):
+            out = super().take(nbytes, grow)
+            at = out.ctypes.data - self.buf.ctypes.data
+            if nbytes:
+                inside["yes" if 0 <= at < len(self.buf) else "no"] += 1
+            return out
+
+    monkeypatch.setattr(pm, "MEMORY", Watched())
+    out = tmp_path / "out"
+    assert cli.main(days["inputs"] + ["-o", str(out), "--workers", str(workers),
+                                      "--memory-gb", "0.1"]) == 0
+    assert_same_as_oracle(out, days["oracle"])
+    if workers == 1:  # the tasks ran in this process, their memory taken from the share
+        assert inside["yes"] > 0 and inside["no"] == 0, inside
+
+
 def test_no_c_compiler_or_no_writable_cache_stops_with_one_line(days, tmp_path, capsys,
                                                                 monkeypatch):
     argv = days["inputs"] + ["-o", str(tmp_path / "out")]

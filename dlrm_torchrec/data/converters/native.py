@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -101,6 +101,7 @@ def lib() -> ctypes.CDLL:
             "table_size": (_I64, [_P]),
             "table_reserve": (_I64, [_P, _I64]),
             "table_clear": (None, [_P]),
+            "table_lend": (None, [_P, _P, ctypes.c_uint64]),
             "table_order": (None, [_P, _P]),
             "pack_rows": (_I64, [_I64, _P, _P, _P, _I64, _P, _P, _P, _P]),
             "unpack_rows": (None, [_I64, _P, _P, _P, _P]),
@@ -129,13 +130,13 @@ def _ptr(a: np.ndarray, dtype, writable: bool = False) -> int:
 
 class ParseBuffers:
     """Row arrays for `parse_lines`: labels (rows,) int32, dense (rows, 13) int32 and the
-    ids feature-major, sparse (26, rows) uint32."""
+    ids feature-major, sparse (26, rows) uint32, made by `empty(shape, dtype)`."""
 
-    def __init__(self, rows: int):
+    def __init__(self, rows: int, empty: Callable[[Tuple[int, ...], type], np.ndarray] = np.empty):
         self.max_rows = rows
-        self.labels = np.empty(rows, np.int32)
-        self.dense = np.empty((rows, 13), np.int32)
-        self.sparse = np.empty((26, rows), np.uint32)
+        self.labels = empty((rows,), np.int32)
+        self.dense = empty((rows, 13), np.int32)
+        self.sparse = empty((26, rows), np.uint32)
 
     def parse(self, address: int, length: int) -> Tuple[int, int, int, int]:
         """Parse the plainly valid whole lines of the `length` bytes at `address` into the
@@ -155,6 +156,7 @@ class IdTable:
     """uint32 values -> uint32 numbers base, base + 1, ... in order of first sight."""
 
     def __init__(self, base: int, keep_order: bool = False):
+        self._lent: Optional[np.ndarray] = None
         self._t = lib().table_new(base, int(keep_order))
         if not self._t:
             raise MemoryError("id table")
@@ -173,6 +175,14 @@ class IdTable:
                               out.ctypes.data) < 0:
             raise MemoryError("id table: out of memory or more than 2**32 - 2 values")
         return out
+
+    def lend(self, space: np.ndarray) -> None:
+        """Give the table `space` (uint8, contiguous, 8-byte aligned) to grow its slots into
+        (from its start on, while it lasts) instead of new memory; kept alive here."""
+        if space.dtype != np.uint8 or not space.flags.c_contiguous or space.ctypes.data % 8:
+            raise TypeError("lend takes contiguous, 8-byte aligned uint8 memory")
+        self._lent = space
+        lib().table_lend(self._t, space.ctypes.data, len(space))
 
     def clear(self) -> None:
         """Forget every value, keeping the memory for the next ones."""
@@ -196,6 +206,7 @@ class IdTable:
         if self._t:
             lib().table_free(self._t)
             self._t = None
+        self._lent = None
 
     __del__ = close
 

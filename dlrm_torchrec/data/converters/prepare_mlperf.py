@@ -84,6 +84,7 @@ resumption.
 """
 
 import bisect
+import ctypes
 import itertools
 import json
 import os
@@ -133,9 +134,15 @@ PUNCH_THREAD = "punch"
 EXACT_BYTES = 1 << 16  # text the exact parser takes from a line the compiled one does not
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
 ROW_BYTES = 4 * native.ROW_WORDS  # a parsed row: label, raw dense values, local ids
-# bytes per row that a place task holds: the bucket's records (native.RECORD_BYTES), its
-# output columns and a byte marking each row placed
-PLACE_BYTES_PER_ROW = native.RECORD_BYTES + 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
+# bytes per row of a bucket that a place task holds: its output columns and a byte marking
+# each row placed
+PLACE_OUT_BYTES_PER_ROW = 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
+# bytes per row the bucket plan counts: its records (native.RECORD_BYTES) as well, which a
+# place task read whole before it read them in batches (the plan is kept)
+PLACE_BYTES_PER_ROW = native.RECORD_BYTES + PLACE_OUT_BYTES_PER_ROW
+# the records a place task reads at once, and the arenas they take turns in: one batch is
+# placed while the I/O thread reads the next two
+PLACE_BATCH_BYTES, PLACE_BATCH_PARTS = 8 << 20, 64
 # bytes per row of a scatter chunk: the packed row read (at most ROW_BYTES) and its
 # destination (one arena), the record and its bucket (another); a scatter holds two of each
 SCATTER_READ_BYTES_PER_ROW = ROW_BYTES + 4
@@ -456,9 +463,10 @@ def parse_day(day: int, path: str, dst: str, drop_malformed: bool,
     rows_out = NpyWriter(os.path.join(tmp, "rows.npy"), np.uint8, 1, sync=False, direct=True)
     packs: List[List[int]] = []  # per pack: its first row, its first byte, then its Pack
     tables = _day_tables()
-    buffers = _scratch(f"parse {chunk_bytes}", lambda: native.ParseBuffers(chunk_bytes // 200))
-    row_buffer = _scratch(f"rows {chunk_bytes}", lambda: np.empty(
-        buffers.max_rows * ROW_BYTES + native.PACK_ROOM, np.uint8))
+    buffers = _scratch(f"parse {chunk_bytes}",
+                       lambda: native.ParseBuffers(chunk_bytes // 200, MEMORY.array))
+    row_buffer = _scratch(f"rows {chunk_bytes}", lambda: MEMORY.take(
+        buffers.max_rows * ROW_BYTES + native.PACK_ROOM))
     rows_so_far = 0
     day_min: Optional[int] = None
     day_max = np.full(NUM_DENSE, -2 ** 31, np.int64)  # each dense column's largest
@@ -602,6 +610,7 @@ def _vocab_table() -> native.IdTable:
     filled every slot again at each of its doublings)."""
     if not _VOCAB_TABLE:
         _VOCAB_TABLE.append(native.IdTable(FIRST_ID))
+        _VOCAB_TABLE[0].lend(MEMORY.rest())
     _VOCAB_TABLE[0].clear()
     return _VOCAB_TABLE[0]
 
@@ -640,8 +649,9 @@ def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, i
     last whole line. A block is read into one of two reused buffers, after room for the
     unfinished line of the block before, which is copied in front of it."""
     room = -(-ct.MAX_LINE_BYTES // direct_io.PAGE) * direct_io.PAGE
-    buffers = [_scratch(f"text {i} {chunk_bytes}",
-                        lambda: direct_io.phase_aligned(room + chunk_bytes, 0)) for i in range(2)]
+    buffers = [_scratch(f"text {i} {chunk_bytes}", lambda: direct_io.in_phase(
+        MEMORY.take(room + chunk_bytes + direct_io.PAGE), room + chunk_bytes, 0))
+        for i in range(2)]
     io = direct_io.background()
     blocks = [io.submit(direct_io.read_at, path, buffers[0][room:], 0)]
     tail = np.empty(0, np.uint8)  # the unfinished line so far
@@ -668,14 +678,99 @@ def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, i
         raise
 
 
+def _trim_heap() -> None:
+    """Return the C heap's free pages to the system (glibc's malloc_trim): the id tables of
+    one stage, freed, would otherwise stay in a kept worker's memory through the next."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+class StageMemory:
+    """A worker's memory for its tasks' large arrays: one allocation of its memory share,
+    kept for the whole run and carved anew by each stage (`begin`).
+
+    A page a process touches for the first time costs a fault and a zeroed page, and on a
+    virtual machine often the host's backing first: 0.4-0.7 GB/s, against 10 GB/s into a
+    page in use. Workers made per stage faulted every stage's buffers in afresh; kept
+    workers that freed their buffers back to the allocator between stages kept their pages
+    but the heap was too broken up for the next stage's buffers, and its peak grew. Carved
+    from here, a worker's pages are faulted in once, by the stage that touches the most.
+
+    Arrays are taken as from a stack (`take`, at 64-byte boundaries) and given back only
+    from its top (`give_back`), or all at once when the next stage begins. What takes from
+    here takes once per stage (arenas, `_scratch` buffers, a vocabulary table's slots) or
+    gives back at its end (the permutation). Past the share, `take` allocates afresh, so
+    nothing fails for want of room here."""
+
+    ALIGN = 64
+
+    def __init__(self):
+        self.buf = np.empty(0, np.uint8)
+        self.starts: List[int] = []  # where each array taken and not given back starts
+        self.used = 0
+        self.stage = ""
+
+    def begin(self, stage: str, share: int) -> None:
+        """Start `stage` (a no-op within one): what the stage before kept is let go, and
+        the memory is `share` bytes (allocated once; its pages are faulted in as touched)."""
+        if stage == self.stage:
+            return
+        _release_scratch()
+        _trim_heap()
+        self.stage, self.starts, self.used = stage, [], 0
+        if share > len(self.buf):
+            self.buf = np.empty(0, np.uint8)
+            space = np.empty(share + self.ALIGN, np.uint8)
+            skip = -space.ctypes.data % self.ALIGN
+            self.buf = space[skip:skip + share]
+
+    def end(self) -> None:
+        """Give the memory back (a process that runs tasks only now and then)."""
+        _release_scratch()
+        self.__init__()
+
+    def take(self, nbytes: int, grow: Optional[np.ndarray] = None) -> np.ndarray:
+        """(nbytes,) uint8. `grow`: an array taken here before, which this one replaces
+        (its bytes are not kept): where it is the latest taken, this one starts where it
+        did."""
+        if grow is not None:
+            self.give_back(grow)
+        at = self.used
+        if at + nbytes > len(self.buf):
+            return np.empty(nbytes, np.uint8)
+        self.starts.append(at)
+        self.used = at + -(-nbytes // self.ALIGN) * self.ALIGN
+        return self.buf[at:at + nbytes]
+
+    def rest(self) -> np.ndarray:
+        """All the memory not taken (uint8), taken."""
+        return self.take(len(self.buf) - self.used)
+
+    def give_back(self, array: np.ndarray) -> None:
+        """Let the stage take `array`'s bytes again, where it is the latest taken (else
+        they stay taken until the stage ends)."""
+        if len(array) and self.starts and \
+                array.ctypes.data == self.buf.ctypes.data + self.starts[-1]:
+            self.used = self.starts.pop()
+
+    def array(self, shape: Tuple[int, ...], dtype) -> np.ndarray:
+        """A `take` as an array of `shape` and `dtype`."""
+        dtype = np.dtype(dtype)
+        count = int(np.prod(shape, dtype=np.int64))
+        return self.take(count * dtype.itemsize).view(dtype).reshape(shape)
+
+
+MEMORY = StageMemory()
+
+
 class Arena:
-    """A process's scratch memory, reused by each of its tasks in turn: a fresh allocation
-    costs a page fault and a zeroed page for every 4 KB, which for the chunks of the
-    scatter and place stages took more time than the work on them. `reset(need)` before a
+    """Scratch memory a process's tasks reuse in turn, in `MEMORY`: `reset(need)` before a
     chunk (no array taken before may be in use then), `take` for each of its arrays; the
     buffer grows to the largest need, which the memory share bounds."""
 
-    ALIGN = 64
+    ALIGN = StageMemory.ALIGN
 
     def __init__(self):
         self.buf = np.empty(0, np.uint8)
@@ -684,11 +779,11 @@ class Arena:
     def reset(self, need: int) -> None:
         """Room for arrays of `need` bytes in all (plus ALIGN for each)."""
         if need > len(self.buf):
-            self.buf = np.empty(0, np.uint8)  # the old buffer goes before the new one comes
-            self.buf = np.empty(need, np.uint8)
+            self.buf = MEMORY.take(need, grow=self.buf)
         self.used = 0
 
     def release(self) -> None:
+        MEMORY.give_back(self.buf)
         self.buf = np.empty(0, np.uint8)
         self.used = 0
 
@@ -714,6 +809,7 @@ ARENA = Arena()
 # the scatter's other arenas: one chunk is read while another is worked on and a third
 # written (`scatter_days`)
 SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA = Arena(), Arena(), Arena()
+PLACE_BATCH_ARENAS = (SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA)
 
 
 def read_rows(path: str, lo: int, hi: int, arena: Optional[Arena] = None,
@@ -828,24 +924,32 @@ def permute(rows: List[int], seed: int, dst: str, budget: int) -> None:
     n = sum(rows)
     if n > 2 ** 32:
         raise PrepareError(f"{n} training rows: more than this tool's uint32 permutation holds")
-    perm = native.legacy_shuffle(np.arange(n, dtype=np.uint32), seed)
+    perm = MEMORY.array((n,), np.uint32)
+    step = 1 << 22
+    for lo in range(0, n, step):  # np.arange would fault in memory of its own
+        perm[lo:lo + step] = np.arange(lo, min(n, lo + step), dtype=np.uint32)
+    native.legacy_shuffle(perm, seed)
     tmp = _fresh(dst)
     starts = np.cumsum([0] + list(rows)).tolist()
-    day = 0
+    passes, day = [], 0
     while day < len(rows):
-        last = day + 1  # the days of this pass: as many as the budget holds
+        last = day + 1  # the days of a pass: as many as the budget holds
         while last < len(rows) and 4 * (starts[last + 1] - starts[day]) <= budget:
             last += 1
+        passes.append((day, last))
+        day = last
+    space = MEMORY.array((max(starts[last] - starts[day] for day, last in passes),), np.uint32)
+    for day, last in passes:
         found = native.destinations(perm, starts[day], starts[last],
-                                    np.empty(starts[last] - starts[day], np.uint32))
+                                    space[:starts[last] - starts[day]])
         for d in range(day, last):  # read once, by the day's scatter: past the page cache
             writer = NpyWriter(os.path.join(tmp, f"day_{d}.npy"), np.uint32, 1, sync=False,
                                direct=True)
             writer.write(found[starts[d] - starts[day]:starts[d + 1] - starts[day]])
             writer.finish()
-        del found
-        day = last
     os.replace(tmp, dst)
+    for array in (space, perm):  # for the vocabulary tasks after it in this process
+        MEMORY.give_back(array.view(np.uint8))
 
 
 def day_maps(work: str, day: int) -> List[np.ndarray]:
@@ -1137,8 +1241,8 @@ def _out_dtype(part: str) -> np.dtype:
     return OUT_DTYPES.get(part, np.dtype("<i4"))  # sparse: int32 after the shuffle
 
 
-def place_bucket(b: int, work: str, out: str, widths: np.ndarray, day: int, first_row: int,
-                 rows: int) -> None:
+def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int, day: int,
+                 first_row: int, rows: int) -> None:
     """Stage 4: bucket b (rows first_row .. first_row + rows of output day `day`) from every
     day's records (its part of each chunk, `_DayRows`, each column in `widths` bytes:
     `record_widths`) into the day's output files, past
@@ -1162,26 +1266,54 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, day: int, firs
     scattered_rows = sum(part for _, _, part in segments) // size
     if scattered_rows != rows:
         raise RuntimeError(f"bucket {b}: {scattered_rows} rows scattered to it, expected {rows}")
-    # each part read past the page cache into memory of its offset's phase
-    ARENA.reset(rows * PLACE_BYTES_PER_ROW + 64 * 8
-                + (len(segments) + len(PARTS)) * (direct_io.PAGE + Arena.ALIGN))
+    # the same need for every bucket (`most_rows`), so the arena never grows in the stage
+    ARENA.reset(most_rows * PLACE_OUT_BYTES_PER_ROW + 64 * 8
+                + len(PARTS) * (direct_io.PAGE + Arena.ALIGN))
     columns = [ARENA.take((rows, width), _out_dtype(part), phase=at)
                for (part, width), at in zip(PARTS, offsets)]
     filled, top = ARENA.take((rows,), np.uint8), np.full(NUM_SPARSE, -1, np.int64)
     filled[:] = 0
-    # every part's read handed to the I/O thread at once: each is placed as it arrives
-    parts = [ARENA.take((size,), np.uint8, phase=at) for _, at, size in segments]
-    reads = [direct_io.background().submit(_read_exactly, path, part, at)
-             for (path, at, _), part in zip(segments, parts)]
+    # the parts are read in batches of about PLACE_BATCH_BYTES, each into one of the
+    # batch arenas in turn, past the page cache into memory of its offset's phase: the
+    # I/O thread reads the next batches while one is placed
+    # (a part larger than a batch is read in pieces of whole records)
+    most = max(1, PLACE_BATCH_BYTES // size) * size
+    pieces = [(path, at + lo, min(most, part_bytes - lo)) for path, at, part_bytes in segments
+              for lo in range(0, part_bytes, most)]
+    batches: List[List[Tuple[str, int, int]]] = []
+    held = 0  # bytes in the last batch
+    for piece in pieces:
+        if not batches or held + piece[2] > most or len(batches[-1]) == PLACE_BATCH_PARTS:
+            batches.append([])
+            held = 0
+        batches[-1].append(piece)
+        held += piece[2]
+    need = most + PLACE_BATCH_PARTS * (direct_io.PAGE + Arena.ALIGN)  # the same every time
+    reads: List[Future] = []
+
+    def read_batch(k: int) -> List[Tuple[np.ndarray, Future]]:
+        arena = PLACE_BATCH_ARENAS[k % len(PLACE_BATCH_ARENAS)]
+        arena.reset(need)
+        parts = []
+        for path, at, part_bytes in batches[k]:
+            part = arena.take((part_bytes,), np.uint8, phase=at)
+            parts.append((part, direct_io.background().submit(_read_exactly, path, part, at)))
+        reads.extend(read for _, read in parts)
+        return parts
+
     # the dense values arrive shifted, in the dense column's memory, and their logarithm
     # replaces them once all are placed, a block at a time (numpy copies its input when
     # it overlaps the output)
     shifted = columns[0].view(np.int32)
     try:
-        for part, read in zip(parts, reads):
-            read.result()
-            np.maximum(top, native.place_records(part, widths, shifted, *columns[1:], filled),
-                       out=top)
+        ahead = [read_batch(k) for k in range(min(len(batches), len(PLACE_BATCH_ARENAS) - 1))]
+        for k in range(len(batches)):
+            if k + len(ahead) < len(batches):  # the arena placed from before this one
+                ahead.append(read_batch(k + len(ahead)))
+            for part, read in ahead.pop(0):
+                read.result()
+                np.maximum(top, native.place_records(part, widths, shifted, *columns[1:],
+                                                     filled), out=top)
     except BaseException:
         _settle(reads, drop=True)
         raise
@@ -1228,12 +1360,19 @@ def _kill_hook(stage: str, done: int, at_least: bool = False) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+def _stage_task(stage: str, share: int, fn: Callable, *args):
+    """`fn(*args)`, a task of `stage`, in a process whose tasks hold `share` bytes."""
+    MEMORY.begin(stage, share)
+    return fn(*args)
+
+
 class _Pool:
     """Tasks in forked worker processes (or inline with one worker), results as they end;
-    the first error cancels the rest and is raised."""
+    the first error cancels the rest and is raised. The workers serve every stage of the
+    run: each keeps its memory (`StageMemory`, `share` bytes) from one stage to the next."""
 
-    def __init__(self, workers: int):
-        self.workers = workers
+    def __init__(self, workers: int, share: int):
+        self.workers, self.share = workers, share
         self.ex = None
         if workers > 1:
             import multiprocessing as mp
@@ -1247,10 +1386,12 @@ class _Pool:
         tasks = list(tasks)
         if self.ex is None:
             for key, fn, args in tasks:
-                results[key] = fn(*args)
+                results[key] = _stage_task(stage, self.share, fn, *args)
                 _kill_hook(stage, len(results))
             return results
-        futures: Dict[Future, str] = {self.ex.submit(fn, *args): key for key, fn, args in tasks}
+        futures: Dict[Future, str] = {
+            self.ex.submit(_stage_task, stage, self.share, fn, *args): key
+            for key, fn, args in tasks}
         try:
             pending = set(futures)
             while pending:
@@ -1267,6 +1408,7 @@ class _Pool:
     def close(self) -> None:
         if self.ex is not None:
             self.ex.shutdown(wait=True, cancel_futures=True)
+        MEMORY.end()  # this process's, where it ran the tasks itself
 
 
 def bucket_plan(rows_per_day: List[int], bucket_rows: int) -> Tuple[np.ndarray, List[Tuple[int, int, int]]]:
@@ -1302,6 +1444,7 @@ class _Run:
         self.scatter_rows = max(MIN_CHUNK_ROWS, self.chunk_rows // 2)
         self.chunk_bytes = min(MAX_CHUNK_BYTES, max(CHUNK_BYTES, self.budget // 16 >> 20 << 20))
         self.t0 = time.time()
+        self.pool: Optional[_Pool] = None
 
     def share(self, stage: str, tasks: List[Tuple[str, Callable, tuple, Callable[[], bool]]]) -> None:
         """Run this rank's share of `tasks` (key, function, arguments, done?), skipping those
@@ -1309,14 +1452,14 @@ class _Run:
         the others have got."""
         mine = tasks[self.s.rank::self.s.world_size]
         record_boot(self.s)
-        # workers of their own per stage: what a stage's tasks keep for the next one (id
-        # tables, the arena) ends with them instead of adding to the next stage's memory
-        pool = _Pool(self.s.workers)
-        try:
-            pool.run(stage, [(k, fn, args) for k, fn, args, done in mine if not done()])
-        finally:
-            pool.close()
-            _release_scratch()  # this process's, when it ran the tasks itself
+        if self.pool is None:  # started by the first stage, for all of them (`close`)
+            self.pool = _Pool(self.s.workers, self.budget)
+        self.pool.run(stage, [(k, fn, args) for k, fn, args, done in mine if not done()])
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def say(self, msg: str) -> None:
         if self.s.rank == 0:
@@ -1407,7 +1550,7 @@ class _Run:
         rows = self.rows("scatter")
         starts, buckets = self.buckets("scatter")
         out, work = self.out, self.work
-        tasks = [("eval", write_eval_day, (work, out, self.chunk_rows), self.eval_written)]
+        tasks = [("eval", write_eval_day, (work, out, self.scatter_rows), self.eval_written)]
         # a task per worker, each a run of days whose chunks it streams through (the
         # eval task first: the run after it has a day fewer)
         runs = self.s.world_size * self.s.workers
@@ -1466,7 +1609,9 @@ class _Run:
             cleaner = threading.Thread(target=self.remove_scatter_inputs, name="remove")
             cleaner.start()
         try:
-            self.share("place", [(str(b), place_bucket, (b, work, out, widths) + buckets[b],
+            most_rows = max(rows for _, _, rows in buckets)
+            self.share("place", [(str(b), place_bucket, (b, work, out, widths, most_rows)
+                                  + buckets[b],
                                   lambda b=b: done(b)) for b in range(len(buckets))])
         finally:
             if cleaner is not None:
@@ -1584,10 +1729,13 @@ def run(s: Settings, barrier: Callable[[], None] = lambda: None) -> Optional[Rep
     check_restart(s)
     r = _Run(s)
     stages = STAGES[:-1] if s.stage == "all" else [s.stage] if s.stage != "meta" else []
-    for i, stage in enumerate(stages):
-        if i:
-            barrier()
-        getattr(r, stage)()
+    try:
+        for i, stage in enumerate(stages):
+            if i:
+                barrier()
+            getattr(r, stage)()
+    finally:
+        r.close()
     if s.stage == "all":
         barrier()  # every rank's last tasks are done before rank 0 checks the files
     if s.stage == "meta" or (s.stage == "all" and s.rank == 0):

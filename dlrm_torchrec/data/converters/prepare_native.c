@@ -395,6 +395,11 @@ typedef struct {
     uint32_t base;
     uint32_t *order; /* the values in order of first sight (keep_order), else NULL */
     uint64_t order_cap;
+    /* memory the caller lends for slot arrays (`table_lend`), taken from its start on:
+     * a process's pages already in use, where malloc's would be new ones */
+    uint8_t *lent;
+    uint64_t lent_left;
+    int slots_lent; /* the slots lie in lent memory: not freed here */
 } table_t;
 
 static inline uint64_t slot_of(uint32_t value, uint64_t mask) {
@@ -402,7 +407,15 @@ static inline uint64_t slot_of(uint32_t value, uint64_t mask) {
 }
 
 static int table_resize(table_t *t, uint64_t capacity) {
-    uint64_t *slots = malloc(capacity * sizeof *slots);
+    uint64_t bytes = capacity * sizeof(uint64_t), *slots;
+    int lent = t->lent && bytes <= t->lent_left;
+    if (lent) {
+        slots = (uint64_t *)t->lent;
+        t->lent += bytes;
+        t->lent_left -= bytes;
+    } else {
+        slots = malloc(bytes);
+    }
     if (!slots) return -1;
     for (uint64_t i = 0; i < capacity; i++) slots[i] = EMPTY;
     uint64_t mask = capacity - 1;
@@ -414,16 +427,24 @@ static int table_resize(table_t *t, uint64_t capacity) {
             while ((uint32_t)slots[j] != EMPTY) j = (j + 1) & mask;
             slots[j] = s;
         }
-        free(t->slots);
+        if (!t->slots_lent) free(t->slots);
     }
     t->slots = slots;
+    t->slots_lent = lent;
     t->mask = mask;
     return 0;
 }
 
+/* Lend the table `bytes` at `space` (8-byte aligned) for the slot arrays it grows into
+ * from now on, until it is freed; the caller keeps the memory alive that long. */
+void table_lend(table_t *t, void *space, uint64_t bytes) {
+    t->lent = space;
+    t->lent_left = bytes;
+}
+
 void table_free(table_t *t) {
     if (!t) return;
-    free(t->slots);
+    if (!t->slots_lent) free(t->slots);
     free(t->order);
     free(t);
 }
