@@ -509,6 +509,18 @@ def test_stage_memory_is_taken_as_a_stack_and_starts_over_at_each_stage():
     assert len(mem.buf) == 0
 
 
+def test_record_parts_are_read_in_batches_of_whole_records(monkeypatch):
+    monkeypatch.setattr(pm, "PLACE_BATCH_BYTES", 14)  # three 4-byte records
+    monkeypatch.setattr(pm, "PLACE_BATCH_PARTS", 2)
+    batches, need = pm._read_batches([("a", 0, 40), ("b", 100, 4), ("c", 500, 12)], 4)
+    assert batches == [[("a", 0, 12)], [("a", 12, 12)], [("a", 24, 12)],
+                       [("a", 36, 4), ("b", 100, 4)], [("c", 500, 12)]]
+    assert need == 12 + 2 * (direct_io.PAGE + pm.Arena.ALIGN)
+    # at most two reads a batch, however small
+    batches, _ = pm._read_batches([(str(i), 0, 4) for i in range(5)], 4)
+    assert [len(b) for b in batches] == [2, 2, 1]
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_buckets_placed_from_small_batches_in_kept_memory_write_the_same_bytes(
         days, tmp_path, monkeypatch, workers):

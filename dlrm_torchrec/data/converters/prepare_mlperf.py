@@ -52,7 +52,8 @@ C (`native`); the rules that decide the bytes stay here.
    share of a worker, and never span two output days), grouped by bucket within each
    chunk, into the day's records file; then the day's rows are removed. Day 23 is one
    more task: written as it is.
-4. place (one task per bucket): read the bucket's records from every day, put each at its
+4. place (one task per bucket): read the bucket's records from every day (a few batches
+   of about 8 MB at a time, the next read while one is placed), put each at its
    destination, take the dense values' logarithm, write them into the output day files at
    their offset, note each feature's largest id, punch the records out.
 5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
@@ -67,9 +68,14 @@ Steps that must happen once before a stage's tasks start on any rank (the settin
 bucket plan; making the output files the place stage fills) are rank 0's, in the stage
 before.
 
+Worker processes (`_Pool`) serve every stage of a run, and each keeps one allocation of its
+memory share for the large arrays of all its tasks (`StageMemory`), carved anew by each
+stage: its pages are faulted in once per run, not once per stage.
+
 Memory: each task holds at most its share of --memory-gb (chunks: two half-size ones in a
-scatter task, which reads one while it works on the other; one bucket; a parse task's
-text blocks, a 16th of it within 8-32 MB, held about five times over), plus, in a
+scatter task, which reads one while it works on the other; a bucket's output columns and
+three batches of its records; a parse task's text blocks, a 16th of it within 8-32 MB,
+held about five times over), plus, in a
 parse task, a hash table per feature of the day's distinct values (8-byte slots, at most
 70 % full, doubling: under 23 bytes a value, plus 4 for the order), in a vocab task one of
 its feature's distinct values (sized for those so far plus the next day's before each day:
@@ -129,7 +135,8 @@ MIN_CHUNK_ROWS = 1 << 10  # rows a scatter chunk holds at the least, whatever th
 # holes (a punch waits for the direct reads in flight on its file, the other workers'
 # parts of the same chunks, a few milliseconds each, over a hundred per bucket, and the
 # next bucket's reads need not wait with it) and the scatter's removal of a day's rows;
-# `_release_scratch` waits for it where the tasks ran inline
+# `_release_scratch` waits for it as the next stage begins in the process (or as a process
+# that ran tasks inline ends them); a worker also joins it as it exits
 PUNCH_THREAD = "punch"
 EXACT_BYTES = 1 << 16  # text the exact parser takes from a line the compiled one does not
 DENSE_RANGE = "dense value outside int32 (TorchRec stores dense values as int32)"
@@ -137,8 +144,9 @@ ROW_BYTES = 4 * native.ROW_WORDS  # a parsed row: label, raw dense values, local
 # bytes per row of a bucket that a place task holds: its output columns and a byte marking
 # each row placed
 PLACE_OUT_BYTES_PER_ROW = 4 * (NUM_DENSE + NUM_SPARSE + 1) + 1
-# bytes per row the bucket plan counts: its records (native.RECORD_BYTES) as well, which a
-# place task read whole before it read them in batches (the plan is kept)
+# bytes per row the bucket plan counts: the output columns and a record at its widest. A
+# place task reads the records a few batches at a time, so it holds less: its peak stays
+# well under its share, where buckets twice as large would make them the run's peak
 PLACE_BYTES_PER_ROW = native.RECORD_BYTES + PLACE_OUT_BYTES_PER_ROW
 # the records a place task reads at once, and the arenas they take turns in: one batch is
 # placed while the I/O thread reads the next two
@@ -692,11 +700,12 @@ class StageMemory:
     kept for the whole run and carved anew by each stage (`begin`).
 
     A page a process touches for the first time costs a fault and a zeroed page, and on a
-    virtual machine often the host's backing first: 0.4-0.7 GB/s, against 10 GB/s into a
-    page in use. Workers made per stage faulted every stage's buffers in afresh; kept
-    workers that freed their buffers back to the allocator between stages kept their pages
-    but the heap was too broken up for the next stage's buffers, and its peak grew. Carved
-    from here, a worker's pages are faulted in once, by the stage that touches the most.
+    virtual machine often the host's backing first (measured on a 2-core VM: 0.4-0.7 GB/s,
+    against 10 GB/s into a page in use). Workers made per stage faulted every stage's
+    buffers in afresh. Kept workers that freed their buffers to the C heap between stages,
+    told to keep its pages (mallopt), kept them, but the heap was too broken up for the next
+    stage's buffers: the largest worker's peak grew from 297 to 496 MB. Carved from here, a
+    worker's pages are faulted in once, by the stage that touches the most of them.
 
     Arrays are taken as from a stack (`take`, at 64-byte boundaries) and given back only
     from its top (`give_back`), or all at once when the next stage begins. What takes from
@@ -729,7 +738,7 @@ class StageMemory:
     def end(self) -> None:
         """Give the memory back (a process that runs tasks only now and then)."""
         _release_scratch()
-        self.__init__()
+        self.buf, self.starts, self.used, self.stage = np.empty(0, np.uint8), [], 0, ""
 
     def take(self, nbytes: int, grow: Optional[np.ndarray] = None) -> np.ndarray:
         """(nbytes,) uint8. `grow`: an array taken here before, which this one replaces
@@ -1273,22 +1282,10 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
                for (part, width), at in zip(PARTS, offsets)]
     filled, top = ARENA.take((rows,), np.uint8), np.full(NUM_SPARSE, -1, np.int64)
     filled[:] = 0
-    # the parts are read in batches of about PLACE_BATCH_BYTES, each into one of the
-    # batch arenas in turn, past the page cache into memory of its offset's phase: the
-    # I/O thread reads the next batches while one is placed
-    # (a part larger than a batch is read in pieces of whole records)
-    most = max(1, PLACE_BATCH_BYTES // size) * size
-    pieces = [(path, at + lo, min(most, part_bytes - lo)) for path, at, part_bytes in segments
-              for lo in range(0, part_bytes, most)]
-    batches: List[List[Tuple[str, int, int]]] = []
-    held = 0  # bytes in the last batch
-    for piece in pieces:
-        if not batches or held + piece[2] > most or len(batches[-1]) == PLACE_BATCH_PARTS:
-            batches.append([])
-            held = 0
-        batches[-1].append(piece)
-        held += piece[2]
-    need = most + PLACE_BATCH_PARTS * (direct_io.PAGE + Arena.ALIGN)  # the same every time
+    # the parts are read in batches, each into one of the batch arenas in turn, past the
+    # page cache into memory of its offset's phase: the I/O thread reads the next two
+    # batches while one is placed
+    batches, need = _read_batches(segments, size)
     reads: List[Future] = []
 
     def read_batch(k: int) -> List[Tuple[np.ndarray, Future]]:
@@ -1326,6 +1323,26 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
     write_json(os.path.join(work, "place", f"bucket_{b}.done"),
                {"rows": rows, "largest_ids": top.tolist()}, sync=False)
     direct_io.thread(PUNCH_THREAD).submit(_punch_out, segments)  # placed for good
+
+
+def _read_batches(segments: List[Tuple[str, int, int]], size: int
+                  ) -> Tuple[List[List[Tuple[str, int, int]]], int]:
+    """Record parts (file, offset, bytes; records of `size` bytes) cut into batches of
+    reads: at most PLACE_BATCH_BYTES (rounded down to whole records, at least one) and
+    PLACE_BATCH_PARTS reads each, a part larger than that read in pieces of whole
+    records. Returns the batches and the arena bytes one needs, the same for any parts."""
+    most = max(1, PLACE_BATCH_BYTES // size) * size
+    batches: List[List[Tuple[str, int, int]]] = []
+    held = 0  # bytes in the last batch
+    for path, at, part_bytes in segments:
+        for lo in range(0, part_bytes, most):
+            piece = min(most, part_bytes - lo)
+            if not batches or held + piece > most or len(batches[-1]) == PLACE_BATCH_PARTS:
+                batches.append([])
+                held = 0
+            batches[-1].append((path, at + lo, piece))
+            held += piece
+    return batches, most + PLACE_BATCH_PARTS * (direct_io.PAGE + Arena.ALIGN)
 
 
 def _punch_out(segments: List[Tuple[str, int, int]]) -> None:
