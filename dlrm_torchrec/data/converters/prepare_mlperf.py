@@ -645,7 +645,7 @@ def _release_scratch() -> None:
     _SCRATCH.clear()
     direct_io.release_buffers()
     mh.release_scratch()
-    for arena in (ARENA, SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA):
+    for arena in (ARENA, SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA) + MAP_ARENAS:
         arena.release()
 
 
@@ -819,6 +819,9 @@ ARENA = Arena()
 # written (`scatter_days`)
 SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA = Arena(), Arena(), Arena()
 PLACE_BATCH_ARENAS = (SPARE_ARENA, RECORDS_ARENA, SPARE_RECORDS_ARENA)
+# the maps of a scatter's days, which take turns: the next day's are read while this day's
+# last chunk is worked on
+MAP_ARENAS = (Arena(), Arena())
 
 
 def read_rows(path: str, lo: int, hi: int, arena: Optional[Arena] = None,
@@ -961,15 +964,23 @@ def permute(rows: List[int], seed: int, dst: str, budget: int) -> None:
         MEMORY.give_back(array.view(np.uint8))
 
 
-def day_maps(work: str, day: int) -> List[np.ndarray]:
+def day_maps(work: str, day: int, arena: Optional[Arena] = None) -> List[np.ndarray]:
     """Per feature f, (u_f,) uint32: the contiguous ids of day `day`'s distinct values, in
-    the day's order (indexed by its local numbers): its part of `map_{f}.npy`."""
+    the day's order (indexed by its local numbers): its part of `map_{f}.npy`, read into
+    `arena` memory if given (reset here; its need: `maps_bytes`)."""
     parse_dir = os.path.join(work, "parse")
     counts = np.array([np.diff(_day_firsts_offsets(parse_dir, d)) for d in range(day + 1)])
     starts = counts[:day].sum(axis=0)
+    if arena is not None:
+        arena.reset(maps_bytes(counts[day]))
     return [read_rows(os.path.join(work, "vocab", f"map_{f}.npy"), int(starts[f]),
-                      int(starts[f] + counts[day, f]), direct=True)[:, 0]
+                      int(starts[f] + counts[day, f]), arena, direct=True)[:, 0]
             for f in range(NUM_SPARSE)]
+
+
+def maps_bytes(counts: np.ndarray) -> int:
+    """The arena bytes a day's maps need, its distinct values per feature `counts`."""
+    return int(counts.sum()) * 4 + len(counts) * (direct_io.PAGE + Arena.ALIGN)
 
 
 class _DayRows:
@@ -1065,7 +1076,7 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     """Stage 3 for day 23: copied unshuffled, with its int64 contiguous ids, past the page
     cache; each feature's largest id goes to `place/eval.json` (for meta.json)."""
     day = _DayRows(os.path.join(work, "parse"), TRAIN_DAYS)
-    maps = day_maps(work, TRAIN_DAYS)
+    maps = day_maps(work, TRAIN_DAYS, MAP_ARENAS[0])
     final = {p: os.path.join(out, f"day_{TRAIN_DAYS}_{p}.npy") for p, _ in PARTS}
     # synced with the other days' files before meta.json is written
     writers = {"dense": NpyWriter(final["dense"], np.float32, NUM_DENSE, sync=False, direct=True),
@@ -1089,7 +1100,11 @@ def write_eval_day(work: str, out: str, chunk_rows: int) -> None:
     day.remove()
     # its chunks (int64 ids) are the largest of the stage: the scatter tasks that follow
     # in this process split their memory over four arenas, and would keep this one whole
+    # (and the maps' beneath it), as the writers' buffers, which they do not use
+    del maps
     ARENA.release()
+    MAP_ARENAS[0].release()
+    direct_io.release_buffers()
 
 
 class _DayScatter:
@@ -1152,8 +1167,12 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
     write_need = most * SCATTER_WRITE_BYTES_PER_ROW + 64 * 4 + direct_io.PAGE
     block = _scratch("scatter block", Arena)
     inputs, outputs = (ARENA, SPARE_ARENA), (RECORDS_ARENA, SPARE_RECORDS_ARENA)
+    parse_dir = os.path.join(work, "parse")
+    maps_need = max(maps_bytes(np.diff(_day_firsts_offsets(parse_dir, day.day)))
+                    for day in todo)
     for arena, need in ((inputs[0], read_need), (inputs[1], read_need),
-                        (outputs[0], write_need), (outputs[1], write_need)):
+                        (outputs[0], write_need), (outputs[1], write_need),
+                        (MAP_ARENAS[0], maps_need), (MAP_ARENAS[1], maps_need)):
         arena.reset(need)
     io, writer = direct_io.background(), direct_io.writer_thread()
     handed: List[Future] = []  # every read and write given to the two threads
@@ -1163,7 +1182,7 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
     def start(j: int):
         day, c = steps[j]
         if c == 0:  # not in `handed`, which would keep every day's maps to the end
-            day.maps = io.submit(day_maps, work, day.day)
+            day.maps = io.submit(day_maps, work, day.day, MAP_ARENAS[todo.index(day) % 2])
         lo, hi = day.chunks[c]
         arena = inputs[j % 2]
         arena.reset(read_need)
