@@ -80,9 +80,10 @@ parse task, a hash table per feature of the day's distinct values (8-byte slots,
 70 % full, doubling: under 23 bytes a value, plus 4 for the order), in a vocab task one of
 its feature's distinct values (sized for those so far plus the next day's before each day:
 under 23 bytes × (distinct values + a day's distinct values)), in a scatter task the ids
-of the day's distinct values (4 bytes each), and, in the permute task, 4 bytes per
-training row plus the destinations of the days it finds in one pass (4 bytes a row, as
-many days as its share holds, at least one).
+of the day's distinct values (4 bytes each, two days' at a time), and, in the permute
+task, 4 bytes per training row plus the destinations of the days it finds in one pass (4
+bytes a row, as many days as its share holds, at least one). Each is taken from the
+worker's share where it fits (`StageMemory`).
 
 Testing aid: with DLRM_PREPARE_KILL_AFTER=STAGE:N in the environment the command SIGKILLs
 its own process group once N tasks of STAGE are done (for the scatter, N days), to test
