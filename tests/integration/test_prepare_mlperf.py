@@ -481,7 +481,9 @@ def test_an_id_table_grows_into_lent_memory_then_past_it_as_a_dictionary_numbers
     assert lent[-8:].any()  # the largest array that fitted was made there
     assert len(table) == len(want) > 2 ** 14  # and the table grew past it
     with pytest.raises(TypeError):
-        table.lend(np.zeros(16, np.uint32))
+        native.IdTable(2).lend(np.zeros(16, np.uint32))
+    with pytest.raises(RuntimeError):  # its slots lie in the first
+        table.lend(np.zeros(64, np.uint8))
 
 
 def test_stage_memory_is_taken_as_a_stack_and_starts_over_at_each_stage():

@@ -178,9 +178,12 @@ class IdTable:
 
     def lend(self, space: np.ndarray) -> None:
         """Give the table `space` (uint8, contiguous, 8-byte aligned) to grow its slots into
-        (from its start on, while it lasts) instead of new memory; kept alive here."""
+        (from its start on, while it lasts) instead of new memory; kept alive here. Once
+        per table: its slots may lie in the memory lent first."""
         if space.dtype != np.uint8 or not space.flags.c_contiguous or space.ctypes.data % 8:
             raise TypeError("lend takes contiguous, 8-byte aligned uint8 memory")
+        if self._lent is not None:
+            raise RuntimeError("a table is lent memory once")
         self._lent = space
         lib().table_lend(self._t, space.ctypes.data, len(space))
 
