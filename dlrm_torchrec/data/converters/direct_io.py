@@ -19,7 +19,7 @@ goes through the cache: the same bytes, at the old cost.
 import errno
 import os
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -39,9 +39,12 @@ def in_phase(space: np.ndarray, nbytes: int, phase: int) -> np.ndarray:
     return space[skip:skip + nbytes]
 
 
-def phase_aligned(nbytes: int, phase: int) -> np.ndarray:
-    """(nbytes,) uint8, newly allocated, whose address % PAGE == phase % PAGE."""
-    return in_phase(np.empty(nbytes + PAGE, np.uint8), nbytes, phase)
+def phase_aligned(nbytes: int, phase: int,
+                  take: Callable[[int], np.ndarray] = lambda n: np.empty(n, np.uint8)
+                  ) -> np.ndarray:
+    """(nbytes,) uint8 whose address % PAGE == phase % PAGE, in memory of `take(bytes)`
+    (uint8; newly allocated by default)."""
+    return in_phase(take(nbytes + PAGE), nbytes, phase)
 
 
 def _open_direct(path: str, flags: int = os.O_WRONLY) -> Optional[int]:

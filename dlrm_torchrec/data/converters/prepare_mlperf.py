@@ -658,9 +658,9 @@ def _parse_plain(path: str, parse_text: Callable[[np.ndarray, int], Tuple[int, i
     last whole line. A block is read into one of two reused buffers, after room for the
     unfinished line of the block before, which is copied in front of it."""
     room = -(-ct.MAX_LINE_BYTES // direct_io.PAGE) * direct_io.PAGE
-    buffers = [_scratch(f"text {i} {chunk_bytes}", lambda: direct_io.in_phase(
-        MEMORY.take(room + chunk_bytes + direct_io.PAGE), room + chunk_bytes, 0))
-        for i in range(2)]
+    buffers = [_scratch(f"text {i} {chunk_bytes}",
+                        lambda: direct_io.phase_aligned(room + chunk_bytes, 0, MEMORY.take))
+               for i in range(2)]
     io = direct_io.background()
     blocks = [io.submit(direct_io.read_at, path, buffers[0][room:], 0)]
     tail = np.empty(0, np.uint8)  # the unfinished line so far

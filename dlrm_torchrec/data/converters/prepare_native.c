@@ -39,11 +39,18 @@ static inline int digits_before(uint64_t word) {
     return other ? __builtin_ctzll(other) >> 3 : 8;
 }
 
-/* The number whose 8 digits (0-9) are v's bytes, the most significant in the lowest byte:
- * pairs, quads and the eight combined by multiplication. */
-static inline uint32_t digits_combined(uint64_t v) {
+/* The numbers whose 4 digits (0-9) are the bytes of each 32-bit half of v, the most
+ * significant in the lowest byte, in the low 16 bits of each half: pairs, then quads
+ * combined by multiplication. */
+static inline uint64_t digits_quads(uint64_t v) {
     v = (v * 10 + (v >> 8)) & 0x00FF00FF00FF00FFull;
-    v = (v * 100 + (v >> 16)) & 0x0000FFFF0000FFFFull;
+    return (v * 100 + (v >> 16)) & 0x0000FFFF0000FFFFull;
+}
+
+/* The number whose 8 digits (0-9) are v's bytes, the most significant in the lowest byte:
+ * its two quads combined by one more multiplication. */
+static inline uint32_t digits_combined(uint64_t v) {
+    v = digits_quads(v);
     return (uint32_t)((v * 10000 + (v >> 32)) & 0xFFFFFFFFull);
 }
 
@@ -206,7 +213,7 @@ static inline const uint8_t *parse_plain_line(const uint8_t *p, int32_t *label, 
     int64_t line_low = INT64_MAX;
     if (!run5) {
         /* no value over 4 bytes (nearly always): two at a time, one in each half of a word,
-         * digits_combined's first two steps making both */
+         * digits_quads making both */
         for (int c = 0; c < NUM_DENSE; c += 2) {
             uint64_t two = 0;
             neg[1] = 0;
@@ -219,8 +226,7 @@ static inline const uint8_t *parse_plain_line(const uint8_t *p, int32_t *label, 
             /* a byte above 9 (no digit) sets its high bit: one below 0x80 by the addition
              * (which carries out only of those with it set already) */
             bad |= two | (two + 0x7676767676767676ull);
-            two = (two * 10 + (two >> 8)) & 0x00FF00FF00FF00FFull;
-            two = (two * 100 + (two >> 16)) & 0x0000FFFF0000FFFFull;
+            two = digits_quads(two);
             for (int h = 0; h < 2 && c + h < NUM_DENSE; h++) {
                 int64_t value = (int64_t)((two >> (32 * h)) & 0xFFFF);
                 value = (value ^ (int64_t)neg[h]) - (int64_t)neg[h];
