@@ -277,12 +277,13 @@ def release_buffers() -> None:
 _THREADS: Dict[str, Tuple[int, ThreadPoolExecutor]] = {}
 
 
-def thread(name: str) -> ThreadPoolExecutor:
-    """This process's thread `name`: what is handed to it runs one at a time, in order (a
-    forked child makes its own). A worker process joins it as it exits."""
+def thread(name: str, count: int = 1) -> ThreadPoolExecutor:
+    """This process's thread `name` (a forked child makes its own): what is handed to it
+    runs one at a time, in order; or with `count` > 1 (the same at every call), that many
+    threads, each taking the next thing handed. A worker process joins them as it exits."""
     pid, pool = _THREADS.get(name, (0, None))
     if pool is None or pid != os.getpid():
-        pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+        pool = ThreadPoolExecutor(count, thread_name_prefix=name)
         _THREADS[name] = (os.getpid(), pool)
     return pool
 
@@ -299,6 +300,17 @@ def background() -> ThreadPoolExecutor:
     the order given (so a buffer handed to a read after a write of it is free again), while
     the caller computes; one per process."""
     return thread("direct-io")
+
+
+READ_THREADS = 2
+
+
+def parallel_reads() -> ThreadPoolExecutor:
+    """This process's READ_THREADS threads for reads that need no order among them (the
+    place's record parts, about 1 MB each): the disk serves two such reads at once faster
+    than one after the other (on a 2-core VM, O_DIRECT reads of 1 MB moved 0.9 GB/s one at
+    a time, 1.5 GB/s two at a time, 1.7 GB/s four at a time)."""
+    return thread("direct-reads", READ_THREADS)
 
 
 def writer_thread() -> ThreadPoolExecutor:

@@ -1303,8 +1303,8 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
     filled, top = ARENA.take((rows,), np.uint8), np.full(NUM_SPARSE, -1, np.int64)
     filled[:] = 0
     # the parts are read in batches, each into one of the batch arenas in turn, past the
-    # page cache into memory of its offset's phase: the I/O thread reads the next two
-    # batches while one is placed
+    # page cache into memory of its offset's phase: the read threads read the next two
+    # batches, two parts at a time, while one is placed
     batches, need = _read_batches(segments, size)
     reads: List[Future] = []
 
@@ -1314,7 +1314,8 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
         parts = []
         for path, at, part_bytes in batches[k]:
             part = arena.take((part_bytes,), np.uint8, phase=at)
-            parts.append((part, direct_io.background().submit(_read_exactly, path, part, at)))
+            parts.append((part, direct_io.parallel_reads().submit(_read_exactly, path,
+                                                                    part, at)))
         reads.extend(read for _, read in parts)
         return parts
 
