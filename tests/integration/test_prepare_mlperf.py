@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -521,6 +522,41 @@ def test_record_parts_are_read_in_batches_of_whole_records(monkeypatch):
     # at most two reads a batch, however small
     batches, _ = pm._read_batches([(str(i), 0, 4) for i in range(5)], 4)
     assert [len(b) for b in batches] == [2, 2, 1]
+
+
+def test_buckets_split_the_largest_days_further_until_each_process_has_as_many():
+    # 10, 7 and 3 rows in buckets of at most 4: 3 + 2 + 1 buckets; for 4 processes two
+    # more, each to the day whose buckets are then largest (7 / 2, then 10 / 3 rows)
+    starts, buckets = pm.bucket_plan([10, 7, 3], 4, processes=4)
+    assert buckets == [(0, 0, 2), (0, 2, 3), (0, 5, 2), (0, 7, 3),
+                       (1, 0, 2), (1, 2, 2), (1, 4, 3), (2, 0, 3)]
+    assert starts.tolist() == [0, 2, 5, 7, 10, 12, 14, 17]
+    # one process, or a count already a multiple: the buckets the rows need
+    assert pm.bucket_plan([10, 7, 3], 4)[1] == pm.bucket_plan([10, 7, 3], 4, processes=3)[1]
+    assert len(pm.bucket_plan([10, 7, 3], 4)[1]) == 6
+
+
+def _claim_until(n: int) -> list:
+    got = []
+    while (k := pm.claim()) < n:
+        got.append(k)
+        time.sleep(0.01)
+    return got
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_tasks_of_a_stage_claim_each_number_once_across_workers_from_0_each_stage(workers):
+    pool = pm._Pool(workers, 1 << 20)
+    try:
+        for stage in ("one", "two"):
+            got = pool.run(stage, [(str(i), _claim_until, (100,)) for i in range(2)])
+            assert sorted(got["0"] + got["1"]) == list(range(100))
+            if workers == 2:  # side by side, each took its share as it got to them
+                assert got["0"] and got["1"]
+            else:  # one after the other: the first took them all
+                assert got["1"] == []
+    finally:
+        pool.close()
 
 
 @pytest.mark.parametrize("workers", [1, 2])

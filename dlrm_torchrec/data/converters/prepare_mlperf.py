@@ -173,7 +173,7 @@ PARTS = (("dense", NUM_DENSE), ("sparse", NUM_SPARSE), ("labels", 1))
 OUT_DTYPES = {"dense": np.dtype("<f4"), "labels": np.dtype("<i4")}
 # the layout of the work files (the parsed rows, the records); a work folder of another
 # layout is not resumed
-WORK_FORMAT = 3
+WORK_FORMAT = 4
 # the stages in order; `--stage all` runs them all, with a barrier between two
 STAGES = ("parse", "vocab", "scatter", "place", "multi_hot", "meta")
 
@@ -1009,6 +1009,12 @@ class _DayRows:
     def at(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
+    @staticmethod
+    def rows_of(parse_dir: str, day: int) -> int:
+        """Day `day`'s rows (its stats), without reading its pack table."""
+        with open(os.path.join(parse_dir, f"day_{day}", "stats.json")) as f:
+            return json.load(f)["rows"]
+
     def chunks(self, most_rows: int) -> List[Tuple[int, int]]:
         """The rows (lo, hi) of each chunk of at most `most_rows` rows. A chunk need not
         start or end with a pack: a pack's rows all have its row bytes."""
@@ -1148,18 +1154,35 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
     (its row in its bucket, then its shifted dense values and its ids, each column in
     `record_widths` bytes: the bytes its largest needs, so the records cross the disk
     twice in fewer bytes) grouped
-    by bucket within its chunk (`_DayRows`). The chunks of all the days are one stream:
+    by bucket within its chunk (`_DayRows`). The days are taken from `days` as the task
+    gets to them, each claimed (`claim`) so that the stage's other tasks, which share the
+    list, pass it over: a worker that is ahead takes more. The chunks of the days a task
+    takes are one stream:
     chunk j+1 (the next day's first, with that day's maps) is read while chunk j is worked
     on and chunk j-1 written, so a day starts without waiting for its reads, nor the next
     for this one's last write. A day's rows are removed once its records are complete: a
     scatter killed half-way starts the day again."""
     widths = record_widths(work)
     record_size = native.record_bytes(widths)
-    todo = [_DayScatter(d, work, len(bucket_starts), chunk_rows) for d in days]
-    steps = [(day, c) for day in todo for c in range(len(day.chunks))]
-    if not steps:
+    parse_dir = os.path.join(work, "parse")
+    todo: List[_DayScatter] = []  # the days claimed, in turn
+    steps: List[Tuple[_DayScatter, int]] = []  # their chunks, as far as claimed
+
+    def step(j: int) -> Optional[Tuple[_DayScatter, int]]:
+        """The task's j-th chunk (day, chunk), a day claimed when j reaches its first;
+        None once every day is claimed."""
+        if j == len(steps):
+            k = claim()
+            if k >= len(days):
+                return None
+            todo.append(_DayScatter(days[k], work, len(bucket_starts), chunk_rows))
+            steps.extend((todo[-1], c) for c in range(len(todo[-1].chunks)))
+        return steps[j]
+
+    if step(0) is None:
         return
-    most = max(hi - lo for day in todo for lo, hi in day.chunks)
+    # sized for any of the days this task may take
+    most = min(chunk_rows, max(_DayRows.rows_of(parse_dir, d) for d in days))
     # two pairs of arenas taking turns: chunk j+1 is read (the I/O thread) while chunk j
     # is transformed and chunk j-1's records written (the writer thread). A records arena
     # is reset only once the records it held two chunks before are written. Each arena
@@ -1168,9 +1191,7 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
     write_need = most * SCATTER_WRITE_BYTES_PER_ROW + 64 * 4 + direct_io.PAGE
     block = _scratch("scatter block", Arena)
     inputs, outputs = (ARENA, SPARE_ARENA), (RECORDS_ARENA, SPARE_RECORDS_ARENA)
-    parse_dir = os.path.join(work, "parse")
-    maps_need = max(maps_bytes(np.diff(_day_firsts_offsets(parse_dir, day.day)))
-                    for day in todo)
+    maps_need = max(maps_bytes(np.diff(_day_firsts_offsets(parse_dir, d))) for d in days)
     for arena, need in ((inputs[0], read_need), (inputs[1], read_need),
                         (outputs[0], write_need), (outputs[1], write_need),
                         (MAP_ARENAS[0], maps_need), (MAP_ARENAS[1], maps_need)):
@@ -1181,7 +1202,7 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
     written: List[Tuple[_DayScatter, int]] = []  # days all written out: (day, its last write)
 
     def start(j: int):
-        day, c = steps[j]
+        day, c = step(j)
         if c == 0:  # not in `handed`, which would keep every day's maps to the end
             day.maps = io.submit(day_maps, work, day.day, MAP_ARENAS[todo.index(day) % 2])
         lo, hi = day.chunks[c]
@@ -1196,11 +1217,13 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
 
     try:
         ahead = start(0)
-        for j, (day, c) in enumerate(steps):
+        j = 0
+        while (at_step := step(j)) is not None:
+            day, c = at_step
             packed, dest, reads = ahead
             for r in reads:
                 r.result()
-            if j + 1 < len(steps):
+            if step(j + 1) is not None:
                 ahead = start(j + 1)
             if j >= 2:
                 writes[j - 2].result()  # so every write before it is done, and succeeded
@@ -1233,6 +1256,7 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
             handed.append(writes[-1])
             if c == len(day.chunks) - 1:
                 written.append((day, j))
+            j += 1
         _settle(handed)
     except BaseException:
         _settle(handed + [day.maps for day in todo if day.maps is not None], drop=True)
@@ -1398,6 +1422,24 @@ def _kill_hook(stage: str, done: int, at_least: bool = False) -> None:
         os.killpg(os.getpgrp(), signal.SIGKILL)
 
 
+_CLAIMS = None  # the count `claim` takes from: a multiprocessing Value the pool's workers share
+
+
+def claim() -> int:
+    """The next number of the stage's count, from 0: no other task of the stage, in any
+    worker of the pool, gets the same (`_Pool.run` sets the count back as a stage starts)."""
+    with _CLAIMS.get_lock():
+        number = _CLAIMS.value
+        _CLAIMS.value = number + 1
+    return number
+
+
+def _worker_start(owner_pid: int, claims) -> None:
+    global _CLAIMS
+    exit_with_parent(owner_pid)
+    _CLAIMS = claims
+
+
 def _stage_task(stage: str, share: int, fn: Callable, *args):
     """`fn(*args)`, a task of `stage`, in a process whose tasks hold `share` bytes."""
     MEMORY.begin(stage, share)
@@ -1410,18 +1452,21 @@ class _Pool:
     run: each keeps its memory (`StageMemory`, `share` bytes) from one stage to the next."""
 
     def __init__(self, workers: int, share: int):
+        global _CLAIMS
+        import multiprocessing as mp
+
         self.workers, self.share = workers, share
         self.ex = None
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        self.claims = _CLAIMS = ctx.Value("q", 0)  # where the tasks run inline, this process's
         if workers > 1:
-            import multiprocessing as mp
-
-            ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=exit_with_parent,
-                                          initargs=(os.getpid(),))
+            self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start,
+                                          initargs=(os.getpid(), self.claims))
 
     def run(self, stage: str, tasks: Iterable[Tuple[str, Callable, tuple]]) -> Dict[str, object]:
         results: Dict[str, object] = {}
         tasks = list(tasks)
+        self.claims.value = 0  # no task is running: the stage's count starts afresh
         if self.ex is None:
             for key, fn, args in tasks:
                 results[key] = _stage_task(stage, self.share, fn, *args)
@@ -1449,11 +1494,19 @@ class _Pool:
         MEMORY.end()  # this process's, where it ran the tasks itself
 
 
-def bucket_plan(rows_per_day: List[int], bucket_rows: int) -> Tuple[np.ndarray, List[Tuple[int, int, int]]]:
-    """Global first rows of the buckets, and per bucket (output day, first row in it, rows)."""
+def bucket_plan(rows_per_day: List[int], bucket_rows: int, processes: int = 1
+                ) -> Tuple[np.ndarray, List[Tuple[int, int, int]]]:
+    """Global first rows of the buckets, and per bucket (output day, first row in it, rows).
+    A day has as many buckets of equal rows (within one) as keep them at most `bucket_rows`,
+    and then more, one at a time to the day whose buckets are largest, until the buckets'
+    count is a multiple of `processes`: the place stage's last round of tasks then keeps
+    every process busy, instead of one placing the last bucket while the others wait."""
+    per_day = [max(1, -(-rows // bucket_rows)) for rows in rows_per_day]
+    while sum(per_day) % processes:
+        largest = max(range(len(per_day)), key=lambda d: rows_per_day[d] / per_day[d])
+        per_day[largest] += 1
     starts, buckets, base = [], [], 0
-    for day, rows in enumerate(rows_per_day):
-        k = max(1, -(-rows // bucket_rows))
+    for (day, rows), k in zip(enumerate(rows_per_day), per_day):
         cuts = [rows * i // k for i in range(k + 1)]
         for lo, hi in zip(cuts, cuts[1:]):
             starts.append(base + lo)
@@ -1520,8 +1573,8 @@ class _Run:
     def buckets(self, stage: str):
         rows = self.rows(stage)
         with open(os.path.join(self.work, "buckets.json")) as f:
-            bucket_rows = json.load(f)["bucket_rows"]
-        return bucket_plan(rows[:TRAIN_DAYS], bucket_rows)
+            plan = json.load(f)
+        return bucket_plan(rows[:TRAIN_DAYS], plan["bucket_rows"], plan["processes"])
 
     # -- the stages
     def parse(self) -> None:
@@ -1534,7 +1587,8 @@ class _Run:
             # the bucket plan of the first run is kept, so resumed scatters agree
             plan_path = os.path.join(self.work, "buckets.json")
             if not os.path.exists(plan_path):
-                write_json(plan_path, {"bucket_rows": max(1, self.budget // PLACE_BYTES_PER_ROW)})
+                write_json(plan_path, {"bucket_rows": max(1, self.budget // PLACE_BYTES_PER_ROW),
+                                       "processes": s.world_size * s.workers})
         else:
             os.makedirs(self.parse_dir, exist_ok=True)
         stats_path = lambda d: os.path.join(self.parse_dir, f"day_{d}", "stats.json")  # noqa: E731
@@ -1589,15 +1643,18 @@ class _Run:
         starts, buckets = self.buckets("scatter")
         out, work = self.out, self.work
         tasks = [("eval", write_eval_day, (work, out, self.scatter_rows), self.eval_written)]
-        # a task per worker, each a run of days whose chunks it streams through (the
-        # eval task first: the run after it has a day fewer)
-        runs = self.s.world_size * self.s.workers
-        tasks += [(f"days {k}", scatter_days,
-                   ([d for d in range(k, TRAIN_DAYS, runs) if not scattered(self.parse_dir, d)],
-                    work, starts, self.s.exact_ids, self.scatter_rows),
-                   lambda k=k: all(scattered(self.parse_dir, d)
-                                   for d in range(k, TRAIN_DAYS, runs)))
-                  for k in range(runs)]
+        # a task per worker of each rank, streaming through the chunks of the days it
+        # claims from its rank's (task i is rank i mod world_size's; the eval task first,
+        # so rank 0, which runs it, has a day fewer where the days do not divide evenly)
+        ranks = self.s.world_size
+        rank_days = [[d for d in range(TRAIN_DAYS) if (d + 1) % ranks == r]
+                     for r in range(ranks)]
+        for k in range(1, 1 + ranks * self.s.workers):
+            days = rank_days[k % ranks]
+            tasks.append((f"days {k}", scatter_days,
+                          ([d for d in days if not scattered(self.parse_dir, d)], work, starts,
+                           self.s.exact_ids, self.scatter_rows),
+                          lambda days=days: all(scattered(self.parse_dir, d) for d in days)))
         if self.s.rank == 0:
             # the place stage writes into these at offsets; made here, before it starts on
             # any rank, because making them there could replace a file another rank fills
@@ -1648,9 +1705,11 @@ class _Run:
             cleaner.start()
         try:
             most_rows = max(rows for _, _, rows in buckets)
+            # the largest first, so the stage ends on the smallest (`bucket_plan`)
+            order = sorted(range(len(buckets)), key=lambda b: -buckets[b][2])
             self.share("place", [(str(b), place_bucket, (b, work, out, widths, most_rows)
                                   + buckets[b],
-                                  lambda b=b: done(b)) for b in range(len(buckets))])
+                                  lambda b=b: done(b)) for b in order])
         finally:
             if cleaner is not None:
                 cleaner.join()
