@@ -536,6 +536,20 @@ def test_buckets_split_the_largest_days_further_until_each_process_has_as_many()
     assert len(pm.bucket_plan([10, 7, 3], 4)[1]) == 6
 
 
+def test_a_placed_bucket_frees_the_pages_no_unplaced_bucket_or_the_header_shares():
+    # records of 1000 bytes after the 128-byte header; chunk 0 holds rows 0-15 (buckets
+    # 0, 1, 2: 5, 3 and 8 rows), chunk 1 rows 16-19 (bucket 1: 4 rows; bucket 0 none)
+    index = np.array([[0, 5, 3, 8], [16, 0, 4, 0]])
+    # bytes: bucket 0 128-5128, 1 5128-8128, 2 8128-16128, 1 16128-20128; pages of 4096
+    # bucket 2 alone: not page 1 (buckets 0 and 1 in it), nor page 3 (bucket 1)
+    assert pm._freed_pages(index, 1000, 2, {2}) == [(8192, 12288)]
+    # then bucket 1: page 3 (with bucket 2) and page 4; page 1 waits for bucket 0
+    assert pm._freed_pages(index, 1000, 1, {1, 2}) == [(12288, 20480)]
+    # the last placed frees the pages it shares with the others, never the header's
+    assert pm._freed_pages(index, 1000, 0, {0, 1, 2}) == [(4096, 8192)]
+    assert pm._freed_pages(index, 1000, 2, {0, 1, 2}) == [(4096, 16384)]
+
+
 def _claim_until(n: int) -> list:
     got = []
     while (k := pm.claim()) < n:

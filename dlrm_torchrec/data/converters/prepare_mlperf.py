@@ -104,7 +104,7 @@ import time
 import zlib
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Set, Tuple
 
 import numpy as np
 
@@ -1307,9 +1307,11 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
     size = native.record_bytes(widths)
     parse_dir = os.path.join(work, "parse")
     segments = []  # (records file, offset, bytes): the bucket's part of each chunk
+    indexes = []  # (records file, its index)
     for d in range(TRAIN_DAYS):
         path = os.path.join(parse_dir, f"day_{d}", "records.npy")
         index = np.load(os.path.join(parse_dir, f"day_{d}", "index.npy"))
+        indexes.append((path, index))
         first, counts = index[:, 0], index[:, 1:]
         before = counts[:, :b].sum(axis=1)  # per chunk: its rows of the buckets before b
         # a chunk's records follow the chunks before it's, each of size
@@ -1367,7 +1369,10 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
         direct_io.write_at(_part_path(out, day, part), data, at)
     write_json(os.path.join(work, "place", f"bucket_{b}.done"),
                {"rows": rows, "largest_ids": top.tolist()}, sync=False)
-    direct_io.thread(PUNCH_THREAD).submit(_punch_out, segments)  # placed for good
+    placed = _placed_buckets(work)  # listed after this bucket's marker: see `_freed_pages`
+    direct_io.thread(PUNCH_THREAD).submit(_punch_out, [
+        (path, lo, hi - lo) for path, index in indexes
+        for lo, hi in _freed_pages(index, size, b, placed)])
 
 
 def _read_batches(segments: List[Tuple[str, int, int]], size: int
@@ -1390,8 +1395,49 @@ def _read_batches(segments: List[Tuple[str, int, int]], size: int
     return batches, most + PLACE_BATCH_PARTS * (direct_io.PAGE + Arena.ALIGN)
 
 
+def _placed_buckets(work: str) -> Set[int]:
+    """The buckets whose place markers are written."""
+    names = os.listdir(os.path.join(work, "place"))
+    return {int(n[len("bucket_"):-len(".done")]) for n in names
+            if n.startswith("bucket_") and n.endswith(".done")}
+
+
+def _freed_pages(index: np.ndarray, size: int, b: int, placed: Set[int]
+                 ) -> List[Tuple[int, int]]:
+    """The byte ranges (start, end), whole pages, of a day's records file (chunk index
+    `index`, `_DayRows`; records of `size` bytes) that bucket b, placed, frees: the pages
+    its parts cover, less those holding bytes of the header or of a bucket not in
+    `placed`. A page that two buckets share is thus freed by the second to be placed, or
+    by both where each lists the other's marker: each lists the markers after writing its
+    own, so at least one sees the other's. Freeing only whole pages leaves no page for the
+    file system to read and zero in part, and the file few extents: with a page kept at
+    each part's ends, unlinking the 23 files took 0.2 s at the run's end."""
+    first, counts = index[:, 0], index[:, 1:]
+    # every part of the file in file order (chunk by chunk, bucket by bucket), empty ones out
+    starts = HEADER_BYTES + (first[:, None] + np.cumsum(counts, axis=1) - counts) * size
+    kept = counts.reshape(-1) > 0
+    starts = starts.reshape(-1)[kept]
+    ends = starts + counts.reshape(-1)[kept] * size
+    owners = np.broadcast_to(np.arange(counts.shape[1]), counts.shape).reshape(-1)[kept]
+    done = np.isin(owners, list(placed))
+    page = direct_io.PAGE
+
+    def free(at: int) -> bool:  # the page from `at`: no header, every part in it placed
+        inside = slice(np.searchsorted(ends, at, "right"), np.searchsorted(starts, at + page))
+        return at >= HEADER_BYTES and bool(done[inside].all())
+
+    out: List[Tuple[int, int]] = []
+    for lo, hi in zip(starts[owners == b].tolist(), ends[owners == b].tolist()):
+        lo_page, hi_page = lo // page * page, -(-hi // page) * page
+        lo = lo_page if free(lo_page) else lo_page + page
+        hi = hi_page if free(hi_page - page) else hi_page - page
+        if lo < hi:
+            out.append((lo, hi))
+    return out
+
+
 def _punch_out(segments: List[Tuple[str, int, int]]) -> None:
-    """Free the disk blocks of record parts (file, offset, bytes) placed for good. Only
+    """Free the disk blocks of records placed for good (file, offset, bytes). Only
     frees space early (the work files go at the end in any case), so a file already gone
     is passed over. A file's parts are consecutive in `segments` (gathered day by day)."""
     for path, parts in itertools.groupby(segments, key=lambda segment: segment[0]):
