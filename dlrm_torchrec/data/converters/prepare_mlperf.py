@@ -45,17 +45,20 @@ C (`native`); the rules that decide the bytes stay here.
    each day's distinct values (`map_{f}.npy`: the days' parts one after another, each in
    the day's order, so a day-local number indexes it); TorchRec's permutation of days
    0-22 and, per day, where each of its rows goes (`destinations/day_{d}.npy`, uint32).
-3. scatter (one task per run of days, one run per worker): transform each row (dense
+3. scatter (one task per worker of each rank, which claims the next of its rank's days
+   as it gets to it: `claim`): transform each row (dense
    values shifted by the day's smallest, ids through the day's part of the maps) into a
    record (each column in as many bytes as its largest needs, `record_widths`) with its
    row in the bucket of its destination range (buckets are cut so one fits the memory
    share of a worker, and never span two output days), grouped by bucket within each
    chunk, into the day's records file; then the day's rows are removed. Day 23 is one
    more task: written as it is.
-4. place (one task per bucket): read the bucket's records from every day (a few batches
-   of about 8 MB at a time, the next read while one is placed), put each at its
-   destination, take the dense values' logarithm, write them into the output day files at
-   their offset, note each feature's largest id, punch the records out.
+4. place (one task per bucket, the largest first; as many buckets as a multiple of the
+   processes): read the bucket's records from every day (a few batches of about 8 MB at
+   a time, two reads at once, the next batches read while one is placed), put each at
+   its destination, take the dense values' logarithm, write them into the output day
+   files at their offset, note each feature's largest id, punch the records' whole pages
+   out (those no bucket still to be placed shares).
 5. multi_hot (with --multi-hot; one task per day): MLPerf's multi-hot bags of the day
    (`mlperf_multi_hot`), from lookup tables drawn by one more task of the parse stage.
 6. meta: `from_torchrec.adopt` checks the output files' shapes and writes meta.json with
