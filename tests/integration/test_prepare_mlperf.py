@@ -560,9 +560,10 @@ def _claim_until(n: int) -> list:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_tasks_of_a_stage_claim_each_number_once_across_workers_from_0_each_stage(workers):
-    pool = pm._Pool(workers, 1 << 20)
+    pool, other = pm._Pool(workers, 1 << 20), pm._Pool(1, 1 << 20)
     try:
         for stage in ("one", "two"):
+            other.run(stage, [("x", _claim_until, (3,))])  # a pool's count is its own
             got = pool.run(stage, [(str(i), _claim_until, (100,)) for i in range(2)])
             assert sorted(got["0"] + got["1"]) == list(range(100))
             if workers == 2:  # side by side, each took its share as it got to them
@@ -571,6 +572,7 @@ def test_tasks_of_a_stage_claim_each_number_once_across_workers_from_0_each_stag
                 assert got["1"] == []
     finally:
         pool.close()
+        other.close()
 
 
 @pytest.mark.parametrize("workers", [1, 2])

@@ -1501,13 +1501,12 @@ class _Pool:
     run: each keeps its memory (`StageMemory`, `share` bytes) from one stage to the next."""
 
     def __init__(self, workers: int, share: int):
-        global _CLAIMS
         import multiprocessing as mp
 
         self.workers, self.share = workers, share
         self.ex = None
         ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-        self.claims = _CLAIMS = ctx.Value("q", 0)  # where the tasks run inline, this process's
+        self.claims = ctx.Value("q", 0)
         if workers > 1:
             self.ex = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_start,
                                           initargs=(os.getpid(), self.claims))
@@ -1517,6 +1516,8 @@ class _Pool:
         tasks = list(tasks)
         self.claims.value = 0  # no task is running: the stage's count starts afresh
         if self.ex is None:
+            global _CLAIMS
+            _CLAIMS = self.claims  # the tasks run here
             for key, fn, args in tasks:
                 results[key] = _stage_task(stage, self.share, fn, *args)
                 _kill_hook(stage, len(results))
