@@ -540,14 +540,17 @@ def test_a_placed_bucket_frees_the_pages_no_unplaced_bucket_or_the_header_shares
     # records of 1000 bytes after the 128-byte header; chunk 0 holds rows 0-15 (buckets
     # 0, 1, 2: 5, 3 and 8 rows), chunk 1 rows 16-19 (bucket 1: 4 rows; bucket 0 none)
     index = np.array([[0, 5, 3, 8], [16, 0, 4, 0]])
+    parts = pm._record_parts(index, 1000)
     # bytes: bucket 0 128-5128, 1 5128-8128, 2 8128-16128, 1 16128-20128; pages of 4096
+    assert [a.tolist() for a in parts] == [[128, 5128, 8128, 16128],
+                                           [5128, 8128, 16128, 20128], [0, 1, 2, 1]]
     # bucket 2 alone: not page 1 (buckets 0 and 1 in it), nor page 3 (bucket 1)
-    assert pm._freed_pages(index, 1000, 2, {2}) == [(8192, 12288)]
+    assert pm._freed_pages(parts, 2, {2}) == [(8192, 12288)]
     # then bucket 1: page 3 (with bucket 2) and page 4; page 1 waits for bucket 0
-    assert pm._freed_pages(index, 1000, 1, {1, 2}) == [(12288, 20480)]
+    assert pm._freed_pages(parts, 1, {1, 2}) == [(12288, 20480)]
     # the last placed frees the pages it shares with the others, never the header's
-    assert pm._freed_pages(index, 1000, 0, {0, 1, 2}) == [(4096, 8192)]
-    assert pm._freed_pages(index, 1000, 2, {0, 1, 2}) == [(4096, 16384)]
+    assert pm._freed_pages(parts, 0, {0, 1, 2}) == [(4096, 8192)]
+    assert pm._freed_pages(parts, 2, {0, 1, 2}) == [(4096, 16384)]
 
 
 def _claim_until(n: int) -> list:

@@ -1012,12 +1012,6 @@ class _DayRows:
     def at(self, name: str) -> str:
         return os.path.join(self.folder, name)
 
-    @staticmethod
-    def rows_of(parse_dir: str, day: int) -> int:
-        """Day `day`'s rows (its stats), without reading its pack table."""
-        with open(os.path.join(parse_dir, f"day_{day}", "stats.json")) as f:
-            return json.load(f)["rows"]
-
     def chunks(self, most_rows: int) -> List[Tuple[int, int]]:
         """The rows (lo, hi) of each chunk of at most `most_rows` rows. A chunk need not
         start or end with a pack: a pack's rows all have its row bytes."""
@@ -1152,7 +1146,7 @@ class _DayScatter:
 
 
 def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: bool,
-                 chunk_rows: int) -> None:
+                 chunk_rows: int, most_rows: int) -> None:
     """Stage 3 for training days, one after another: each row, transformed, as a record
     (its row in its bucket, then its shifted dense values and its ids, each column in
     `record_widths` bytes: the bytes its largest needs, so the records cross the disk
@@ -1164,7 +1158,8 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
     chunk j+1 (the next day's first, with that day's maps) is read while chunk j is worked
     on and chunk j-1 written, so a day starts without waiting for its reads, nor the next
     for this one's last write. A day's rows are removed once its records are complete: a
-    scatter killed half-way starts the day again."""
+    scatter killed half-way starts the day again. `most_rows`: the largest chunk of any day
+    in `days`, which the arenas are sized for."""
     widths = record_widths(work)
     record_size = native.record_bytes(widths)
     parse_dir = os.path.join(work, "parse")
@@ -1184,14 +1179,12 @@ def scatter_days(days: List[int], work: str, bucket_starts: np.ndarray, exact: b
 
     if step(0) is None:
         return
-    # sized for any of the days this task may take
-    most = min(chunk_rows, max(_DayRows.rows_of(parse_dir, d) for d in days))
     # two pairs of arenas taking turns: chunk j+1 is read (the I/O thread) while chunk j
     # is transformed and chunk j-1's records written (the writer thread). A records arena
     # is reset only once the records it held two chunks before are written. Each arena
     # grows here, to the largest chunk, so no later reset frees memory in use.
-    read_need = most * SCATTER_READ_BYTES_PER_ROW + 64 * 4 + 2 * direct_io.PAGE + native.PACK_ROOM
-    write_need = most * SCATTER_WRITE_BYTES_PER_ROW + 64 * 4 + direct_io.PAGE
+    read_need = most_rows * SCATTER_READ_BYTES_PER_ROW + 64 * 4 + 2 * direct_io.PAGE + native.PACK_ROOM
+    write_need = most_rows * SCATTER_WRITE_BYTES_PER_ROW + 64 * 4 + direct_io.PAGE
     block = _scratch("scatter block", Arena)
     inputs, outputs = (ARENA, SPARE_ARENA), (RECORDS_ARENA, SPARE_RECORDS_ARENA)
     maps_need = max(maps_bytes(np.diff(_day_firsts_offsets(parse_dir, d))) for d in days)
@@ -1310,17 +1303,15 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
     size = native.record_bytes(widths)
     parse_dir = os.path.join(work, "parse")
     segments = []  # (records file, offset, bytes): the bucket's part of each chunk
-    indexes = []  # (records file, its index)
+    files = []  # (records file, its parts: `_record_parts`)
     for d in range(TRAIN_DAYS):
         path = os.path.join(parse_dir, f"day_{d}", "records.npy")
-        index = np.load(os.path.join(parse_dir, f"day_{d}", "index.npy"))
-        indexes.append((path, index))
-        first, counts = index[:, 0], index[:, 1:]
-        before = counts[:, :b].sum(axis=1)  # per chunk: its rows of the buckets before b
-        # a chunk's records follow the chunks before it's, each of size
-        segments += [(path, HEADER_BYTES + (int(first[c]) + int(before[c])) * size,
-                      int(counts[c, b]) * size)
-                     for c in np.flatnonzero(counts[:, b]).tolist()]
+        parts = _record_parts(np.load(os.path.join(parse_dir, f"day_{d}", "index.npy")), size)
+        files.append((path, parts))
+        starts, ends, owners = parts
+        mine = owners == b
+        segments += [(path, lo, hi - lo)
+                     for lo, hi in zip(starts[mine].tolist(), ends[mine].tolist())]
     scattered_rows = sum(part for _, _, part in segments) // size
     if scattered_rows != rows:
         raise RuntimeError(f"bucket {b}: {scattered_rows} rows scattered to it, expected {rows}")
@@ -1374,8 +1365,8 @@ def place_bucket(b: int, work: str, out: str, widths: np.ndarray, most_rows: int
                {"rows": rows, "largest_ids": top.tolist()}, sync=False)
     placed = _placed_buckets(work)  # listed after this bucket's marker: see `_freed_pages`
     direct_io.thread(PUNCH_THREAD).submit(_punch_out, [
-        (path, lo, hi - lo) for path, index in indexes
-        for lo, hi in _freed_pages(index, size, b, placed)])
+        (path, lo, hi - lo) for path, parts in files
+        for lo, hi in _freed_pages(parts, b, placed)])
 
 
 def _read_batches(segments: List[Tuple[str, int, int]], size: int
@@ -1405,23 +1396,30 @@ def _placed_buckets(work: str) -> Set[int]:
             if n.startswith("bucket_") and n.endswith(".done")}
 
 
-def _freed_pages(index: np.ndarray, size: int, b: int, placed: Set[int]
-                 ) -> List[Tuple[int, int]]:
-    """The byte ranges (start, end), whole pages, of a day's records file (chunk index
-    `index`, `_DayRows`; records of `size` bytes) that bucket b, placed, frees: the pages
-    its parts cover, less those holding bytes of the header or of a bucket not in
-    `placed`. A page that two buckets share is thus freed by the second to be placed, or
-    by both where each lists the other's marker: each lists the markers after writing its
-    own, so at least one sees the other's. Freeing only whole pages leaves no page for the
-    file system to read and zero in part, and the file few extents: with a page kept at
-    each part's ends, unlinking the 23 files took 0.2 s at the run's end."""
+def _record_parts(index: np.ndarray, size: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A day's records file as its parts, in file order (chunk by chunk, bucket by bucket;
+    empty ones left out), from its chunk index (`_DayRows`; records of `size` bytes): each
+    part's first byte, its end and its bucket."""
     first, counts = index[:, 0], index[:, 1:]
-    # every part of the file in file order (chunk by chunk, bucket by bucket), empty ones out
+    # a chunk's records follow the chunks' before it, its buckets' one after another
     starts = HEADER_BYTES + (first[:, None] + np.cumsum(counts, axis=1) - counts) * size
     kept = counts.reshape(-1) > 0
     starts = starts.reshape(-1)[kept]
     ends = starts + counts.reshape(-1)[kept] * size
     owners = np.broadcast_to(np.arange(counts.shape[1]), counts.shape).reshape(-1)[kept]
+    return starts, ends, owners
+
+
+def _freed_pages(parts: Tuple[np.ndarray, np.ndarray, np.ndarray], b: int, placed: Set[int]
+                 ) -> List[Tuple[int, int]]:
+    """The byte ranges (start, end), whole pages, of a day's records file (its `parts`:
+    `_record_parts`) that bucket b, placed, frees: the pages its parts cover, less those
+    holding bytes of the header or of a bucket not in `placed`. A page that two buckets share is thus freed by the second to be placed, or
+    by both where each lists the other's marker: each lists the markers after writing its
+    own, so at least one sees the other's. Freeing only whole pages leaves no page for the
+    file system to read and zero in part, and the file few extents: with a page kept at
+    each part's ends, unlinking the 23 files took 0.2 s at the run's end."""
+    starts, ends, owners = parts
     done = np.isin(owners, list(placed))
     page = direct_io.PAGE
 
@@ -1701,9 +1699,10 @@ class _Run:
                      for r in range(ranks)]
         for k in range(1, 1 + ranks * self.s.workers):
             days = rank_days[k % ranks]
+            todo = [d for d in days if not scattered(self.parse_dir, d)]
+            most_rows = min(self.scatter_rows, max((rows[d] for d in todo), default=0))
             tasks.append((f"days {k}", scatter_days,
-                          ([d for d in days if not scattered(self.parse_dir, d)], work, starts,
-                           self.s.exact_ids, self.scatter_rows),
+                          (todo, work, starts, self.s.exact_ids, self.scatter_rows, most_rows),
                           lambda days=days: all(scattered(self.parse_dir, d) for d in days)))
         if self.s.rank == 0:
             # the place stage writes into these at offsets; made here, before it starts on
